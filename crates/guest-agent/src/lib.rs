@@ -1,0 +1,1 @@
+//! The vmcp guest agent: `/init` of the micro-VM.

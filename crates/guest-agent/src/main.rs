@@ -1,0 +1,2 @@
+//! `vmcp-agent`: the guest's `/init`.
+fn main() {}

@@ -1,0 +1,40 @@
+//! The host <-> guest agent protocol of vmcp.
+//!
+//! Every message travels in one frame:
+//!
+//! ```text
+//! +----------------+---------+-----------------------------+
+//! | length: u32 LE | version | payload (postcard, `length`) |
+//! +----------------+---------+-----------------------------+
+//! ```
+//!
+//! `version` is [`FRAME_VERSION`]; the payload is a [`HostMsg`] (host to guest) or a
+//! [`GuestMsg`] (guest to host) encoded with `postcard`. A payload is never larger than
+//! [`MAX_PAYLOAD`]: bulk data (process output, files) is split into chunks of at most
+//! [`CHUNK_SIZE`] bytes. The decoder checks the length before it allocates, so any byte
+//! sequence yields a message or an error, never a panic or an unbounded allocation.
+//!
+//! After the channel is connected the guest sends [`GuestMsg::Hello`] with its
+//! [`PROTOCOL_VERSION`], its capabilities and the channel token it was given on the kernel
+//! command line; the host checks both before it sends any request. Requests carry a
+//! host-chosen [`RequestId`]; every answer names the request it belongs to, so many execs and
+//! file transfers share one channel.
+//!
+//! The crate is sans-IO at its core ([`encode`], [`decode`]) with small blocking helpers
+//! ([`read_msg`], [`write_msg`]) for the guest and async ones for the host (feature `tokio`).
+
+mod codec;
+mod message;
+#[cfg(feature = "tokio")]
+mod tokio_io;
+
+pub use codec::{
+    decode, encode, encode_into, read_msg, write_msg, ProtoError, CHUNK_SIZE, FRAME_VERSION,
+    HEADER_LEN, MAX_PAYLOAD,
+};
+pub use message::{
+    Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, RequestId,
+    PROTOCOL_VERSION,
+};
+#[cfg(feature = "tokio")]
+pub use tokio_io::{read_msg_async, write_msg_async};

@@ -1,0 +1,1 @@
+//! Guest image builder: kernel + initramfs from pinned inputs into a cache directory.

@@ -1,0 +1,1 @@
+//! MCP client: JSON-RPC over stdio and Streamable HTTP(S).

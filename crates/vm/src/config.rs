@@ -1,0 +1,263 @@
+//! VM configuration and its validation.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::error::{ConfigError, VmError};
+
+/// Smallest guest memory vmcp accepts: the initramfs is unpacked into RAM and the kernel needs
+/// room of its own.
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Largest vCPU count accepted.
+pub const MAX_CPUS: u32 = 64;
+
+/// Guest CPU architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// x86_64.
+    X86_64,
+    /// arm64.
+    Aarch64,
+}
+
+impl Arch {
+    /// The architecture vmcp itself was built for.
+    pub fn host() -> Arch {
+        if cfg!(target_arch = "aarch64") {
+            Arch::Aarch64
+        } else {
+            Arch::X86_64
+        }
+    }
+    /// The name used in target triples and QEMU binaries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+}
+
+impl FromStr for Arch {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "aarch64" | "arm64" => Ok(Arch::Aarch64),
+            other => Err(ConfigError::UnknownArch(other.to_string())),
+        }
+    }
+}
+
+/// Hardware accelerator for backends that offer a choice (QEMU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Accel {
+    /// Linux KVM.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+    /// macOS Hypervisor.framework.
+    Hvf,
+    /// Windows Hypervisor Platform.
+    Whpx,
+}
+
+impl Accel {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::Hvf => "hvf",
+            Accel::Whpx => "whpx",
+        }
+    }
+}
+
+impl FromStr for Accel {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            "hvf" => Ok(Accel::Hvf),
+            "whpx" => Ok(Accel::Whpx),
+            other => Err(ConfigError::UnknownAccel(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A disk image attached as virtio-block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmConfig {
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Virtual CPUs (1..=[`MAX_CPUS`]).
+    pub cpus: u32,
+    /// Guest memory in MiB (at least [`MIN_MEMORY_MIB`]).
+    pub memory_mib: u32,
+    /// Kernel image (bzImage on x86_64, uncompressed `Image` on arm64).
+    pub kernel: PathBuf,
+    /// Initramfs holding the guest agent as `/init`.
+    pub initrd: PathBuf,
+    /// Extra kernel command-line arguments, appended after vmcp's own.
+    pub cmdline_extra: Vec<String>,
+    /// Root filesystem image attached as virtio-block and mounted by the agent.
+    pub rootfs: Option<DiskConfig>,
+    /// Where the guest console goes; `console.log` in the runtime directory when `None`.
+    pub console_log: Option<PathBuf>,
+    /// Accelerator override; probed when `None`.
+    pub accel: Option<Accel>,
+    /// Give the guest a network device (off by default).
+    pub network: bool,
+}
+
+impl VmConfig {
+    /// A config with defaults (1 vCPU, 256 MiB, host arch) for the given kernel and initrd.
+    pub fn new(kernel: impl Into<PathBuf>, initrd: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            arch: Arch::host(),
+            cpus: 1,
+            memory_mib: 256,
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            cmdline_extra: Vec::new(),
+            rootfs: None,
+            console_log: None,
+            accel: None,
+            network: false,
+        }
+    }
+
+    /// Checks the config; the error names the field and what to do.
+    pub fn validate(&self) -> Result<(), VmError> {
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(ConfigError::Cpus(self.cpus).into());
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib).into());
+        }
+        check_file("kernel", &self.kernel)?;
+        check_file("initrd", &self.initrd)?;
+        if let Some(disk) = &self.rootfs {
+            check_file("rootfs", &disk.path)?;
+        }
+        for arg in &self.cmdline_extra {
+            if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(ConfigError::CmdlineArg(arg.clone()).into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        }
+        .into()),
+        Err(source) => Err(ConfigError::Missing {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (tempfile::TempDir, VmConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("kernel");
+        let i = dir.path().join("initrd");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        (dir, VmConfig::new(k, i))
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let (_d, c) = files();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn zero_cpus_rejected() {
+        let (_d, mut c) = files();
+        c.cpus = 0;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("vCPU"), "{e}");
+    }
+
+    #[test]
+    fn small_memory_rejected() {
+        let (_d, mut c) = files();
+        c.memory_mib = 16;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("16 MiB"), "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_rejected() {
+        let (_d, mut c) = files();
+        c.kernel = "/nonexistent/vmlinuz".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("kernel") && e.contains("/nonexistent/vmlinuz"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn directory_rootfs_rejected() {
+        let (d, mut c) = files();
+        c.rootfs = Some(DiskConfig {
+            path: d.path().to_path_buf(),
+            read_only: true,
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn bad_cmdline_rejected() {
+        let (_d, mut c) = files();
+        c.cmdline_extra = vec!["a b".into()];
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn parse_accel_and_arch() {
+        assert_eq!("tcg".parse::<Accel>().unwrap(), Accel::Tcg);
+        assert_eq!("whpx".parse::<Accel>().unwrap().to_string(), "whpx");
+        assert!("xen"
+            .parse::<Accel>()
+            .unwrap_err()
+            .to_string()
+            .contains("xen"));
+        assert_eq!("arm64".parse::<Arch>().unwrap(), Arch::Aarch64);
+        assert!("mips".parse::<Arch>().is_err());
+    }
+}

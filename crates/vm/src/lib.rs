@@ -1,0 +1,144 @@
+//! The VM lifecycle API of vmcp.
+//!
+//! A [`VmConfig`] goes in, a running VM with a guest agent comes out:
+//!
+//! ```text
+//! Backend::probe()        -> is this backend usable here, and if not why
+//! Backend::create(config) -> Box<dyn Vm>      (validated, runtime dir made, nothing running)
+//! Vm::start()                                 (hypervisor process / framework VM running)
+//! Vm::wait_ready(timeout) -> AgentInfo        (guest agent said hello on the channel)
+//! Vm::agent()             -> AgentClient      (exec, files, ping; cheap to clone, concurrent)
+//! Vm::shutdown(timeout)                       (poweroff request, hard kill on timeout)
+//! drop                                        (kills whatever still runs, removes runtime dir)
+//! ```
+//!
+//! Backends live in one module each, compiled only where they can run (`cfg` on the `mod` line):
+//! [`qemu`] everywhere QEMU exists (KVM/TCG on Linux, HVF on macOS, WHPX on Windows). The
+//! macOS Virtualization.framework and Windows Hypervisor Platform backends implement the same
+//! traits. [`fake`] is an in-process backend for tests of the generic logic.
+//!
+//! The host side of the guest channel, [`agent::AgentClient`], is backend-neutral: a backend
+//! hands it a byte stream (Unix socket, vsock, TCP, named pipe) and it does the handshake and
+//! multiplexes requests.
+
+pub mod agent;
+mod config;
+mod error;
+pub mod fake;
+pub mod qemu;
+mod runtime_dir;
+
+pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
+pub use error::VmError;
+pub use runtime_dir::{new_vm_id, RuntimeDir};
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// Whether a backend can run VMs on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Probe {
+    /// Usable; `detail` says how (e.g. `"qemu 10.0.2, accel tcg"`).
+    Usable {
+        /// Human-readable details.
+        detail: String,
+    },
+    /// Not usable here, with the reason and what to do about it.
+    Unusable {
+        /// Why not, and the fix, in one sentence.
+        reason: String,
+    },
+}
+
+/// A hypervisor backend: probes the host and creates VMs.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Short stable name (`"qemu"`, `"vz"`, `"whp"`, `"fake"`).
+    fn name(&self) -> &'static str;
+    /// Whether this backend can run VMs here.
+    async fn probe(&self) -> Probe;
+    /// Validates `config` and prepares a VM (runtime directory, command line); starts nothing.
+    async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError>;
+}
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmState {
+    /// Created, not started.
+    Created,
+    /// Hypervisor running, agent not ready yet.
+    Starting,
+    /// Agent ready.
+    Running,
+    /// Paused (where supported).
+    Paused,
+    /// Shutting down.
+    Stopping,
+    /// Stopped (cleanly or killed).
+    Stopped,
+}
+
+/// Optional features of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct VmCapabilities {
+    /// Snapshot save/restore.
+    pub snapshot: bool,
+    /// Pause/resume.
+    pub pause: bool,
+    /// Agent channel over vsock (else virtio-serial or similar).
+    pub vsock: bool,
+}
+
+/// What the guest agent announced when it became ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Agent protocol version.
+    pub protocol_version: u16,
+    /// Agent build version.
+    pub agent_version: String,
+    /// Agent capabilities.
+    pub capabilities: vmcp_guest_proto::Capabilities,
+    /// Guest boot clock when the agent said hello.
+    pub guest_boot: Duration,
+    /// Host wall time from [`Vm::start`] to the hello.
+    pub ready_after: Duration,
+}
+
+/// How [`Vm::shutdown`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// The guest powered off by itself after the request.
+    Graceful,
+    /// The guest did not stop in time (or could not be asked) and was killed.
+    Killed,
+    /// It was not running.
+    AlreadyStopped,
+}
+
+/// One VM. Dropping it kills the VM and removes its runtime directory.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    /// Unique id (also the runtime directory's name).
+    fn id(&self) -> &str;
+    /// Current state.
+    fn state(&self) -> VmState;
+    /// Optional features.
+    fn capabilities(&self) -> VmCapabilities;
+    /// The VM's private runtime directory (sockets, logs).
+    fn runtime_dir(&self) -> &Path;
+    /// Starts the VM.
+    async fn start(&mut self) -> Result<(), VmError>;
+    /// Waits until the guest agent is ready, at most `timeout`.
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError>;
+    /// A session with the guest agent; cheap to clone, usable concurrently.
+    fn agent(&self) -> Result<agent::AgentClient, VmError>;
+    /// Asks the guest to power off; kills the VM if it has not stopped after `timeout`.
+    async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError>;
+    /// Stops the VM at once.
+    async fn kill(&mut self) -> Result<(), VmError>;
+}
