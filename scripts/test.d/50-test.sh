@@ -1,0 +1,2 @@
+# Unit and integration tests of the whole workspace.
+cargo test --workspace --locked
