@@ -529,3 +529,6 @@ impl ProcessControl {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests;
