@@ -102,6 +102,10 @@ pub enum VmError {
     /// The agent channel failed.
     #[error("guest agent channel failed")]
     Agent(#[from] crate::agent::AgentError),
+    /// The backend (or this OS version) does not offer the operation; see
+    /// [`crate::VmCapabilities`].
+    #[error("this backend cannot {0} here")]
+    Unsupported(&'static str),
     /// A hypervisor-specific failure.
     #[error("{backend}: {message}")]
     Backend {

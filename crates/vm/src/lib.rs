@@ -141,4 +141,26 @@ pub trait Vm: Send + Sync {
     async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError>;
     /// Stops the VM at once.
     async fn kill(&mut self) -> Result<(), VmError>;
+    /// Freezes the guest's vCPUs (capability `pause`). The default says the backend cannot.
+    async fn pause(&mut self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("pause a VM"))
+    }
+    /// Lets a paused guest run again (capability `pause`).
+    async fn resume(&mut self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("resume a VM"))
+    }
+    /// Writes the state of a running or paused VM to `path` (capability `snapshot`); the VM
+    /// is left in the state it was in. The snapshot can only be restored by a VM created from
+    /// the same [`VmConfig`] on the same host.
+    async fn save_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        let _ = path;
+        Err(VmError::Unsupported("save a VM snapshot"))
+    }
+    /// Instead of [`Vm::start`]: brings a VM that was never started up from a snapshot written
+    /// by [`Vm::save_snapshot`]. Follow with [`Vm::wait_ready`]: the restored agent reconnects
+    /// its channel and says hello again.
+    async fn restore_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        let _ = path;
+        Err(VmError::Unsupported("restore a VM snapshot"))
+    }
 }
