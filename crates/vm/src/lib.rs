@@ -27,6 +27,7 @@ mod error;
 pub mod fake;
 pub mod qemu;
 mod runtime_dir;
+pub mod select;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;

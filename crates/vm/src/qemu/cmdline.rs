@@ -1,0 +1,382 @@
+//! The QEMU command line as a pure function of a [`QemuPlan`].
+//!
+//! Nothing here touches the host: the plan says which binary, accelerator, host OS flavour,
+//! files and channel endpoints to use, and [`QemuPlan::argv`] turns it into arguments. This
+//! keeps every platform's command line unit-testable on every platform; the thin OS layers
+//! only decide what goes *into* the plan (file descriptors on Linux, named pipes or loopback
+//! TCP on Windows).
+//!
+//! Choices, and why:
+//! - `microvm` on x86_64 (no firmware tables to walk, no PCI scan unless asked), `virt` on
+//!   arm64. `-nodefaults -no-user-config -display none -no-reboot`: no default devices, no
+//!   config files, no window, and a guest reboot ends QEMU instead of looping.
+//! - The guest sees: one serial console, one virtio-serial port for the agent, optionally one
+//!   virtio-blk disk and a user-mode network card. No other device, no host file sharing.
+//! - `-sandbox` (seccomp) only where QEMU supports it (Linux).
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::{Accel, Arch};
+
+/// Host operating system the plan is for; decides device and option spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostOs {
+    /// Linux (KVM or TCG).
+    Linux,
+    /// macOS (HVF or TCG).
+    MacOs,
+    /// Windows (WHPX or TCG).
+    Windows,
+}
+
+/// How a file reaches QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileRef {
+    /// By path.
+    Path(PathBuf),
+    /// An open descriptor inherited by QEMU, opened again through `/dev/fd/N`. Lets an
+    /// unprivileged QEMU read a file in a directory only vmcp can enter.
+    Fd(i32),
+}
+
+impl FileRef {
+    fn to_arg(&self) -> OsString {
+        match self {
+            FileRef::Path(p) => p.clone().into_os_string(),
+            FileRef::Fd(fd) => format!("/dev/fd/{fd}").into(),
+        }
+    }
+}
+
+/// Where a disk image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// By path.
+    Path(PathBuf),
+    /// Descriptors handed over with `-add-fd` as fd set `set` (QEMU picks the one whose
+    /// access mode fits; read-write disks need a read-only and a read-write descriptor,
+    /// since QEMU opens the image read-only first).
+    FdSet {
+        /// The fd set number.
+        set: u32,
+        /// Inherited descriptors in the set.
+        fds: Vec<i32>,
+    },
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPlan {
+    /// The raw image.
+    pub source: DiskSource,
+    /// Attach read-only.
+    pub read_only: bool,
+}
+
+/// One end of a character device (QMP, console, agent channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// An already connected stream socket inherited by QEMU (a socketpair end). No path in the
+    /// file system, so nothing else on the host can connect, and nothing is left behind.
+    Fd(i32),
+    /// QEMU connects to a Unix socket that vmcp listens on.
+    UnixConnect(PathBuf),
+    /// QEMU connects to a TCP address that vmcp listens on (loopback only; Windows).
+    TcpConnect(SocketAddr),
+    /// QEMU connects to a Windows named pipe vmcp created.
+    NamedPipe(String),
+}
+
+impl Endpoint {
+    fn chardev(&self, id: &str) -> String {
+        match self {
+            Endpoint::Fd(fd) => format!("socket,id={id},fd={fd}"),
+            Endpoint::UnixConnect(p) => {
+                format!("socket,id={id},path={}", escape_opt(&p.to_string_lossy()))
+            }
+            Endpoint::TcpConnect(a) => {
+                format!("socket,id={id},host={},port={}", a.ip(), a.port())
+            }
+            Endpoint::NamedPipe(name) => format!("pipe,id={id},path={}", escape_opt(name)),
+        }
+    }
+}
+
+/// How virtio devices are attached to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VirtioTransport {
+    /// virtio-mmio (`virtio-*-device`): no PCI bus to scan; the kernel must have
+    /// `virtio_mmio`.
+    Mmio,
+    /// virtio-pci (`virtio-*-pci`); on x86 `microvm` this turns on its PCIe host bridge.
+    Pci,
+}
+
+/// Everything that decides one QEMU command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QemuPlan {
+    /// QEMU binary (argv\[0\]).
+    pub binary: PathBuf,
+    /// Guest architecture.
+    pub arch: Arch,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Host OS flavour.
+    pub host: HostOs,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Kernel image.
+    pub kernel: FileRef,
+    /// Initramfs.
+    pub initrd: FileRef,
+    /// Full kernel command line (see [`KernelArgs`]).
+    pub append: String,
+    /// Root filesystem disk.
+    pub rootfs: Option<DiskPlan>,
+    /// QMP control channel.
+    pub qmp: Endpoint,
+    /// Serial console.
+    pub console: Endpoint,
+    /// Guest agent channel (a virtio-serial port).
+    pub agent: Endpoint,
+    /// Name of the agent's virtio-serial port (`/dev/virtio-ports/<name>` in the guest).
+    pub agent_port: String,
+    /// virtio transport.
+    pub virtio: VirtioTransport,
+    /// Add a user-mode (NAT) network card.
+    pub network: bool,
+    /// Turn on QEMU's seccomp sandbox.
+    pub sandbox: bool,
+}
+
+/// The `-sandbox` value: deny everything QEMU does not need once it runs.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Default name of the agent's virtio-serial port.
+pub const AGENT_PORT: &str = "vmcp.agent";
+
+impl QemuPlan {
+    /// Whether the host OS can sandbox QEMU with seccomp.
+    pub fn sandbox_supported(host: HostOs) -> bool {
+        host == HostOs::Linux
+    }
+
+    fn machine(&self) -> String {
+        match self.arch {
+            Arch::X86_64 => match self.virtio {
+                VirtioTransport::Mmio => "microvm".into(),
+                VirtioTransport::Pci => "microvm,pcie=on".into(),
+            },
+            Arch::Aarch64 => match self.accel {
+                // GICv3 emulation is fine under TCG; with hardware virtualization let QEMU pick
+                // what the host supports.
+                Accel::Tcg => "virt,gic-version=3".into(),
+                _ => "virt,gic-version=max".into(),
+            },
+        }
+    }
+
+    fn accel_arg(&self) -> String {
+        match self.accel {
+            // Windows' WHPX cannot run the in-kernel irqchip QEMU would ask for by default.
+            Accel::Whpx => "whpx,kernel-irqchip=off".into(),
+            other => other.as_str().into(),
+        }
+    }
+
+    fn cpu_model(&self) -> Option<&'static str> {
+        match (self.arch, self.accel) {
+            (_, Accel::Kvm | Accel::Hvf) => Some("host"),
+            (Arch::Aarch64, _) => Some("max"),
+            (Arch::X86_64, _) => None,
+        }
+    }
+
+    fn device(&self, kind: &str) -> String {
+        let suffix = match self.virtio {
+            VirtioTransport::Mmio => "device",
+            VirtioTransport::Pci => "pci",
+        };
+        format!("{kind}-{suffix}")
+    }
+
+    /// The full argument vector, `argv[0]` included.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::with_capacity(48);
+        let mut push = |s: &str| a.push(s.into());
+        push("-accel");
+        push(&self.accel_arg());
+        push("-M");
+        push(&self.machine());
+        if let Some(cpu) = self.cpu_model() {
+            push("-cpu");
+            push(cpu);
+        }
+        for fixed in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ] {
+            push(fixed);
+        }
+        push("-smp");
+        push(&self.cpus.to_string());
+        push("-m");
+        push(&format!("{}M", self.memory_mib));
+        if self.sandbox {
+            push("-sandbox");
+            push(SANDBOX);
+        }
+        // Control.
+        push("-chardev");
+        push(&self.qmp.chardev("qmp"));
+        push("-mon");
+        push("chardev=qmp,mode=control");
+        // Console.
+        push("-chardev");
+        push(&self.console.chardev("console"));
+        push("-serial");
+        push("chardev:console");
+        // Agent channel.
+        push("-chardev");
+        push(&self.agent.chardev("agent"));
+        push("-device");
+        push(&self.device("virtio-serial"));
+        push("-device");
+        push(&format!(
+            "virtserialport,chardev=agent,name={}",
+            escape_opt(&self.agent_port)
+        ));
+        if let Some(disk) = &self.rootfs {
+            let file = match &disk.source {
+                DiskSource::Path(p) => escape_opt(&p.to_string_lossy()),
+                DiskSource::FdSet { set, fds } => {
+                    for fd in fds {
+                        push("-add-fd");
+                        push(&format!("fd={fd},set={set}"));
+                    }
+                    format!("/dev/fdset/{set}")
+                }
+            };
+            push("-drive");
+            push(&format!(
+                "file={file},format=raw,if=none,id=rootfs,read-only={}",
+                if disk.read_only { "on" } else { "off" }
+            ));
+            push("-device");
+            push(&format!("{},drive=rootfs", self.device("virtio-blk")));
+        }
+        if self.network {
+            push("-netdev");
+            push("user,id=net0");
+            push("-device");
+            push(&format!("{},netdev=net0", self.device("virtio-net")));
+        }
+        let mut out = Vec::with_capacity(a.len() + 7);
+        out.push(self.binary.clone().into_os_string());
+        out.append(&mut a);
+        out.push("-kernel".into());
+        out.push(self.kernel.to_arg());
+        out.push("-initrd".into());
+        out.push(self.initrd.to_arg());
+        out.push("-append".into());
+        out.push(self.append.clone().into());
+        out
+    }
+}
+
+/// Doubles commas, QEMU's escape inside `key=value,...` option strings.
+fn escape_opt(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+/// The kernel command line vmcp passes: speed and console settings, then the agent contract
+/// (`vmcp.*`, see `docs/guest.md`), then the caller's extra arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct KernelArgs {
+    /// Guest architecture (console device name).
+    pub arch: Arch,
+    /// Accelerator (timer settings differ under emulation).
+    pub accel: Accel,
+    /// Host TSC frequency in kHz, when known; lets an emulated x86 guest skip calibration.
+    pub tsc_khz: Option<u64>,
+    /// Channel token the agent must present.
+    pub token: String,
+    /// Agent port name.
+    pub agent_port: String,
+    /// Guest device of the root filesystem, when one is attached.
+    pub rootfs: Option<RootfsArg>,
+    /// Caller's extra arguments (already validated: no whitespace).
+    pub extra: Vec<String>,
+}
+
+/// The `vmcp.rootfs=` and `vmcp.rootfs_ro=` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootfsArg {
+    /// Guest block device (`/dev/vda`).
+    pub device: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// Initcalls that cost > 15 ms each under TCG and do nothing vmcp needs (measured, see
+/// `qemu-tcg-baseline.md`).
+const TCG_INITCALL_BLACKLIST: &str = "bpf_tcp_ca_kfunc_init,load_system_certificate_list,jent_mod_init,bpf_dummy_struct_ops_init,trace_eval_init,init_encrypted,crypto_kdf108_init,bpf_sockmap_iter_init,lockup_detector_check";
+
+impl KernelArgs {
+    /// The command line as one string.
+    pub fn render(&self) -> String {
+        let mut v: Vec<String> = Vec::with_capacity(24 + self.extra.len());
+        let console = match self.arch {
+            Arch::X86_64 => "ttyS0",
+            Arch::Aarch64 => "ttyAMA0",
+        };
+        v.push(format!("console={console}"));
+        for s in [
+            "quiet",
+            "panic=-1",
+            "mitigations=off",
+            "random.trust_cpu=on",
+        ] {
+            v.push(s.into());
+        }
+        for s in ["cryptomgr.notests", "audit=0", "nokaslr"] {
+            v.push(s.into());
+        }
+        if self.arch == Arch::X86_64 {
+            for s in ["8250.nr_uarts=1", "i8042.noaux", "i8042.nokbd"] {
+                v.push(s.into());
+            }
+            if self.accel == Accel::Tcg {
+                if let Some(khz) = self.tsc_khz {
+                    // Without a known TSC frequency, PIT calibration under TCG sometimes fails
+                    // and hangs the boot; `tsc=reliable` keeps the watchdog from switching to
+                    // jiffies later.
+                    v.push(format!("tsc_early_khz={khz}"));
+                    v.push("tsc=reliable".into());
+                    v.push("no_timer_check".into());
+                }
+                v.push(format!("initcall_blacklist={TCG_INITCALL_BLACKLIST}"));
+            }
+        }
+        v.push(format!("vmcp.token={}", self.token));
+        v.push(format!("vmcp.channel=virtio-serial:{}", self.agent_port));
+        if let Some(r) = &self.rootfs {
+            v.push(format!("vmcp.rootfs={}", r.device));
+            v.push(format!("vmcp.rootfs_ro={}", u8::from(r.read_only)));
+        }
+        v.extend(self.extra.iter().cloned());
+        v.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,152 @@
+//! Capture of the guest serial console and of QEMU's own stderr.
+//!
+//! vmcp reads the console itself (QEMU writes to a socket, not a file) and appends it to the
+//! log file. So the log file is created with vmcp's permissions even when QEMU runs as an
+//! unprivileged user, and the last bytes stay in memory for error messages
+//! ([`Tail::lines`]) without rereading the file.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+/// How many bytes of console output are kept in memory.
+pub const TAIL_BYTES: usize = 16 * 1024;
+
+/// The last bytes of a stream, shared between the capture task and readers.
+#[derive(Debug, Clone, Default)]
+pub struct Tail {
+    buf: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl Tail {
+    /// Appends `data`, dropping the oldest bytes beyond [`TAIL_BYTES`].
+    pub fn push(&self, data: &[u8]) {
+        let mut b = self
+            .buf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let data = &data[data.len().saturating_sub(TAIL_BYTES)..];
+        let overflow = (b.len() + data.len()).saturating_sub(TAIL_BYTES);
+        b.drain(..overflow);
+        b.extend(data);
+    }
+
+    /// The last `n` non-empty lines, lossily decoded, control characters other than tab
+    /// removed (the console is guest output: it must not drive the user's terminal).
+    pub fn lines(&self, n: usize) -> String {
+        let bytes: Vec<u8> = {
+            let b = self
+                .buf
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            b.iter().copied().collect()
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<String> = text
+            .split(['\n', '\r'])
+            .map(|l| {
+                l.chars()
+                    .filter(|c| *c == '\t' || !c.is_control())
+                    .collect::<String>()
+            })
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+/// Copies `stream` into `tail` and, when given, appends it to the file at `log` (created if
+/// missing). Ends at end of stream or on a read error.
+pub async fn capture<R: AsyncRead + Unpin>(mut stream: R, tail: Tail, log: Option<&Path>) {
+    let mut file = match log {
+        Some(p) => match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .await
+        {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "cannot open the console log");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        tail.push(&buf[..n]);
+        if let Some(f) = file.as_mut() {
+            if let Err(e) = f.write_all(&buf[..n]).await {
+                tracing::warn!(error = %e, "cannot write the console log; keeping only the tail");
+                file = None;
+            }
+        }
+    }
+    if let Some(mut f) = file {
+        let _ = f.flush().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_only_the_last_bytes_and_lines() {
+        let t = Tail::default();
+        t.push(b"first\r\nsecond\n\n");
+        t.push(b"third \x1b[31mred\x07\n");
+        assert_eq!(t.lines(2), "second\nthird [31mred");
+        assert_eq!(t.lines(10), "first\nsecond\nthird [31mred");
+        t.push(&vec![b'a'; TAIL_BYTES * 2]);
+        let all = t.lines(100);
+        assert_eq!(all.len(), TAIL_BYTES);
+        assert!(!all.contains("first"));
+        assert_eq!(Tail::default().lines(5), "");
+    }
+
+    #[tokio::test]
+    async fn capture_writes_log_and_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        std::fs::write(&log, b"old\n").unwrap();
+        let (mut w, r) = tokio::io::duplex(64);
+        let tail = Tail::default();
+        let task = tokio::spawn({
+            let tail = tail.clone();
+            let log = log.clone();
+            async move { capture(r, tail, Some(&log)).await }
+        });
+        w.write_all(b"Linux version 6.1\nkernel panic\n")
+            .await
+            .unwrap();
+        drop(w);
+        task.await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "old\nLinux version 6.1\nkernel panic\n"
+        );
+        assert_eq!(tail.lines(1), "kernel panic");
+    }
+
+    #[tokio::test]
+    async fn unwritable_log_still_fills_tail() {
+        let (mut w, r) = tokio::io::duplex(64);
+        let tail = Tail::default();
+        let t2 = tail.clone();
+        let task = tokio::spawn(async move {
+            capture(r, t2, Some(Path::new("/nonexistent/dir/console.log"))).await
+        });
+        w.write_all(b"hello\n").await.unwrap();
+        drop(w);
+        task.await.unwrap();
+        assert_eq!(tail.lines(1), "hello");
+    }
+}

@@ -1,0 +1,123 @@
+//! Stand-in OS layer where the QEMU backend cannot launch VMs yet (macOS and Windows until
+//! their launch code lands). The pure parts of the backend (command line, accelerator choice,
+//! QMP) still build and are tested here; creating a VM reports the backend as unavailable.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::Path;
+
+use super::cmdline::HostOs;
+
+/// The host OS this module serves.
+pub fn host_os() -> HostOs {
+    match std::env::consts::OS {
+        "macos" => HostOs::MacOs,
+        "windows" => HostOs::Windows,
+        _ => HostOs::Linux,
+    }
+}
+
+/// Whether the QEMU backend can launch VMs on this OS.
+pub const LAUNCH_SUPPORTED: Result<(), &str> =
+    Err("launching QEMU is not implemented on this OS yet");
+
+/// The host end of a channel to QEMU.
+pub type HostStream = tokio::io::DuplexStream;
+
+/// A descriptor QEMU would inherit.
+#[derive(Debug)]
+pub struct ChildFd(i32);
+
+impl ChildFd {
+    /// Its number.
+    pub fn raw(&self) -> i32 {
+        self.0
+    }
+}
+
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "launching QEMU is not implemented on this OS yet",
+    )
+}
+
+/// Not available here.
+pub fn stream_pair() -> io::Result<(HostStream, ChildFd)> {
+    Err(unsupported())
+}
+
+/// Not available here.
+pub fn open_for_child(_path: &Path, _write: bool) -> io::Result<ChildFd> {
+    Err(unsupported())
+}
+
+/// User and groups QEMU runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ids {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+/// What to launch and how.
+#[derive(Debug)]
+pub struct SpawnSpec {
+    /// Full argv.
+    pub argv: Vec<OsString>,
+    /// Descriptors QEMU inherits.
+    pub inherit: Vec<i32>,
+    /// Drop to these ids before exec.
+    pub drop_to: Option<Ids>,
+}
+
+/// Never root here.
+pub fn is_root() -> bool {
+    false
+}
+
+/// Not used here.
+pub fn unprivileged_ids(_with_kvm_group: bool) -> Ids {
+    Ids {
+        uid: 0,
+        gid: 0,
+        groups: Vec::new(),
+    }
+}
+
+/// Not available here.
+pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
+    let SpawnSpec {
+        argv,
+        inherit,
+        drop_to,
+    } = spec;
+    tracing::debug!(
+        ?argv,
+        ?inherit,
+        ?drop_to,
+        "QEMU launch requested on an unsupported OS"
+    );
+    Err(unsupported())
+}
+
+/// Nothing to kill here.
+pub fn kill_group(_pgid: u32) {}
+
+/// Unknown here.
+pub fn start_time(_pid: u32) -> Option<u64> {
+    None
+}
+
+/// Unknown here.
+pub fn rss_kib(_pid: u32) -> Option<u64> {
+    None
+}
+
+/// Never claims a directory here (stale directories are not swept).
+pub fn dir_is_mine(_path: &Path) -> bool {
+    false
+}

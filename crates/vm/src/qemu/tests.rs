@@ -1,0 +1,255 @@
+//! Lifecycle tests of the QEMU backend against a scripted stand-in for QEMU
+//! (`tests/fixtures/fake_qemu.py`); real boots are in `tests/`.
+
+use super::*;
+
+fn fake_qemu() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_qemu.py");
+    let python_ok = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !python_ok {
+        eprintln!("SKIPPED: python3 is needed for the scripted QEMU stand-in");
+        return None;
+    }
+    Some(script)
+}
+
+struct Fixture {
+    _files: tempfile::TempDir,
+    backend: QemuBackend,
+    config: VmConfig,
+}
+
+fn fixture(mode: &str) -> Option<Fixture> {
+    let script = fake_qemu()?;
+    let files = tempfile::tempdir().ok()?;
+    let k = files.path().join("kernel");
+    let i = files.path().join("initrd");
+    std::fs::write(&k, b"k").ok()?;
+    std::fs::write(&i, b"i").ok()?;
+    let mut config = VmConfig::new(k, i);
+    config.cmdline_extra = vec![format!("fake={mode}")];
+    config.accel = Some(crate::Accel::Tcg);
+    let backend = QemuBackend::with_options(QemuOptions {
+        qemu_binary: Some(script),
+        qmp_timeout: Duration::from_secs(10),
+        // The stand-in is a script: no sandbox flags matter, but keep the privilege drop off
+        // so it can read its own file under /root.
+        drop_privileges: false,
+        ..QemuOptions::default()
+    });
+    Some(Fixture {
+        _files: files,
+        backend,
+        config,
+    })
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has /proc/<pid>; we only call this after reaping.
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test]
+async fn full_lifecycle_against_the_stand_in() {
+    let Some(f) = fixture("agent") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    assert_eq!(vm.state(), VmState::Created);
+    assert!(vm.agent().is_err());
+    let dir = vm.runtime_dir().to_path_buf();
+    assert!(dir.join(stale::OWNER_FILE).is_file());
+    vm.start().await.unwrap();
+    assert_eq!(vm.state(), VmState::Starting);
+    let pid = vm.pid().unwrap();
+    assert!(vm.rss_kib().is_some());
+    assert!(matches!(
+        vm.start().await.unwrap_err(),
+        VmError::InvalidState { op: "start", .. }
+    ));
+    let info = vm.wait_ready(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(info.agent_version, "fake-0");
+    assert_eq!(info.guest_boot, Duration::from_millis(1500));
+    assert_eq!(vm.state(), VmState::Running);
+    vm.agent().unwrap().ping().await.unwrap();
+    // Waiting again is a state error, not a hang.
+    assert!(vm.wait_ready(Duration::from_secs(1)).await.is_err());
+    let argv: Vec<String> = vm
+        .command_line()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert!(argv
+        .iter()
+        .any(|a| a.starts_with("vmcp.token=") || a.contains(" vmcp.token=")));
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(10)).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert!(!alive(pid));
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(1)).await.unwrap(),
+        ShutdownOutcome::AlreadyStopped
+    );
+    // The console went to the log file and the tail.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log = std::fs::read_to_string(vm.console_log()).unwrap();
+    assert!(log.contains("fake console: booting"), "{log}");
+    drop(vm);
+    assert!(!dir.exists(), "runtime dir must be removed on drop");
+}
+
+#[tokio::test]
+async fn ignored_poweroff_ends_in_kill() {
+    let Some(f) = fixture("stubborn") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let pid = vm.pid().unwrap();
+    let t = Instant::now();
+    assert_eq!(
+        vm.shutdown(Duration::from_millis(500)).await.unwrap(),
+        ShutdownOutcome::Killed
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(!alive(pid));
+    assert_eq!(vm.state(), VmState::Stopped);
+}
+
+#[tokio::test]
+async fn early_exit_reports_qemu_stderr() {
+    let Some(f) = fixture("exit") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    let e = vm.start().await.unwrap_err();
+    let s = e.to_string();
+    assert!(matches!(e, VmError::EarlyExit { .. }), "{s}");
+    assert!(s.contains("fake failure for the test"), "{s}");
+    assert_eq!(vm.state(), VmState::Stopped);
+}
+
+#[tokio::test]
+async fn ready_timeout_quotes_the_console_and_drop_kills() {
+    let Some(f) = fixture("hang") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let pid = vm.pid().unwrap();
+    let e = vm.wait_ready(Duration::from_millis(700)).await.unwrap_err();
+    let s = e.to_string();
+    assert!(matches!(e, VmError::ReadyTimeout { .. }), "{s}");
+    assert!(s.contains("fake console: mode hang"), "{s}");
+    assert!(vm.console_tail().contains("booting"));
+    let dir = vm.runtime_dir().to_path_buf();
+    drop(vm);
+    assert!(!alive(pid), "QEMU must not outlive a dropped VM");
+    assert!(!dir.exists());
+}
+
+#[tokio::test]
+async fn kill_stops_at_once() {
+    let Some(f) = fixture("hang") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let pid = vm.pid().unwrap();
+    vm.kill().await.unwrap();
+    assert!(!alive(pid));
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert!(vm.pid().is_none());
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn wrong_token_is_refused() {
+    let Some(f) = fixture("badtoken") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let e = vm.wait_ready(Duration::from_secs(10)).await.unwrap_err();
+    assert!(matches!(e, VmError::Agent(AgentError::BadToken)), "{e}");
+}
+
+#[tokio::test]
+async fn qemu_that_never_answers_qmp_is_killed() {
+    let Some(mut f) = fixture("agent") else {
+        return;
+    };
+    f.backend.options.qemu_binary = Some("/bin/sleep".into());
+    f.backend.options.qmp_timeout = Duration::from_millis(300);
+    // `sleep` ignores all those arguments... and fails on them: either way start must fail
+    // cleanly and leave no process.
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    let e = vm.start().await.unwrap_err();
+    assert!(
+        matches!(e, VmError::EarlyExit { .. } | VmError::Backend { .. }),
+        "{e}"
+    );
+    assert!(vm.pid().is_none());
+}
+
+#[tokio::test]
+async fn bad_inputs_fail_before_anything_runs() {
+    let Some(f) = fixture("agent") else { return };
+    let mut c = f.config.clone();
+    c.kernel = "/nonexistent/kernel".into();
+    let e = f.backend.create_qemu(c).await.unwrap_err();
+    let chain = error_chain(&e);
+    assert!(
+        chain.contains("kernel") && chain.contains("/nonexistent/kernel"),
+        "{chain}"
+    );
+    let mut c = f.config.clone();
+    c.accel = Some(crate::Accel::Hvf);
+    let e = f.backend.create_qemu(c).await.unwrap_err();
+    let chain = error_chain(&e);
+    assert!(chain.contains("hvf") && chain.contains("macOS"), "{chain}");
+    let b = QemuBackend::with_options(QemuOptions {
+        qemu_binary: None,
+        ..QemuOptions::default()
+    });
+    assert_eq!(b.name(), "qemu");
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[tokio::test]
+async fn stale_dirs_of_dead_owners_are_swept_on_create() {
+    let Some(f) = fixture("agent") else { return };
+    let vm = f.backend.create_qemu(f.config.clone()).await.unwrap();
+    let base = vm.runtime_dir().parent().unwrap().to_path_buf();
+    drop(vm);
+    let stale_dir = base.join("vmcp-stale-test-dir");
+    std::fs::create_dir_all(&stale_dir).unwrap();
+    // pid 1's start time is never u64::MAX: an owner that is gone.
+    std::fs::write(
+        stale_dir.join(stale::OWNER_FILE),
+        stale::owner_line(1, u64::MAX),
+    )
+    .unwrap();
+    let vm = f.backend.create_qemu(f.config).await.unwrap();
+    assert!(!stale_dir.exists());
+    drop(vm);
+}
+
+#[tokio::test]
+async fn probe_reports_something() {
+    match QemuBackend::new().probe().await {
+        Probe::Usable { detail } => assert!(detail.contains("accel"), "{detail}"),
+        Probe::Unusable { reason } => assert!(!reason.is_empty()),
+    }
+    let facts = QemuBackend::new().host_facts();
+    assert_eq!(facts.os, HostOs::Linux);
+    let c = QemuBackend::new()
+        .choose_accel(Arch::host(), Some(crate::Accel::Tcg))
+        .unwrap();
+    assert_eq!(c.accel, crate::Accel::Tcg);
+}
