@@ -1,4 +1,5 @@
 //! TLS policy against real loopback TLS servers with a CA made in the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "common/pki.rs"]
 mod pki;
