@@ -1,0 +1,78 @@
+//! Shared set-up of the VM integration tests: prerequisites, one-VM-at-a-time lock, boot.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vmcp_vm::qemu::{QemuBackend, QemuVm};
+use vmcp_vm::{AgentInfo, Arch, Vm, VmConfig};
+
+/// Generous: a TCG boot takes ~2 s alone, but CI machines are shared.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A bootable image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub kernel_release: String,
+}
+
+impl Image {
+    pub fn config(&self) -> VmConfig {
+        let mut c = VmConfig::new(&self.kernel, &self.initrd);
+        c.memory_mib = 256;
+        c
+    }
+}
+
+fn skip(reason: &str) -> Option<Image> {
+    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
+        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    None
+}
+
+/// The image to boot, or `None` after printing why the test is skipped.
+pub fn prerequisites() -> Option<Image> {
+    if vmcp_vm::qemu::launch_supported().is_err() {
+        return skip("this OS cannot launch QEMU yet");
+    }
+    if let Err(e) = vmcp_vm::qemu::binary::find(Arch::host()) {
+        return skip(&e.to_string());
+    }
+    if let (Some(k), Some(i)) = (
+        std::env::var_os("VMCP_TEST_KERNEL"),
+        std::env::var_os("VMCP_TEST_INITRD"),
+    ) {
+        return Some(Image {
+            kernel: k.into(),
+            initrd: i.into(),
+            kernel_release: std::env::var("VMCP_TEST_KERNEL_RELEASE").unwrap_or_default(),
+        });
+    }
+    image_from_cache()
+}
+
+fn image_from_cache() -> Option<Image> {
+    skip("no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL and VMCP_TEST_INITRD)")
+}
+
+/// Serialises VM boots within this test binary.
+pub async fn vm_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Creates, starts and waits for a VM.
+pub async fn boot(img: &Image, backend: QemuBackend) -> (QemuVm, AgentInfo) {
+    let mut vm = backend.create_qemu(img.config()).await.unwrap();
+    vm.start().await.unwrap();
+    let info = match vm.wait_ready(READY_TIMEOUT).await {
+        Ok(info) => info,
+        Err(e) => panic!("boot failed: {e}"),
+    };
+    (vm, info)
+}

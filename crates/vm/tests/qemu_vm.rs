@@ -1,0 +1,279 @@
+//! Real QEMU boots of the guest image (TCG here). One test binary; the tests take a global
+//! lock so only one VM boots at a time (each boot costs a CPU core for ~2 s). Behaviour that
+//! is not about the lifecycle shares one VM (`exec_behaviour`).
+//!
+//! Prerequisites: `qemu-system-<arch>` and a built image (`vmcp image build`). Without them
+//! each test prints `SKIPPED: <reason>`; with `VMCP_REQUIRE_VM=1` (set in CI) it fails instead.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{boot, prerequisites, vm_lock, READY_TIMEOUT};
+use vmcp_guest_proto::ExitStatus;
+use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
+use vmcp_vm::qemu::QemuBackend;
+use vmcp_vm::{ShutdownOutcome, Vm, VmError, VmState};
+
+fn proc_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_behaviour() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let (mut vm, info) = boot(&img, QemuBackend::new()).await;
+    assert!(info.protocol_version >= 1);
+    assert!(info.ready_after > Duration::ZERO);
+    let agent = vm.agent().unwrap();
+    let rtt = agent.ping().await.unwrap();
+    assert!(rtt < Duration::from_secs(1), "{rtt:?}");
+
+    // Separate streams and exit code.
+    let out = agent
+        .exec(ExecSpec::new([
+            "sh",
+            "-c",
+            "uname -r; echo to-stderr >&2; exit 3",
+        ]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(3));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&img.kernel_release),
+        "stdout {:?}, release {}",
+        String::from_utf8_lossy(&out.stdout),
+        img.kernel_release
+    );
+
+    // Environment and working directory.
+    let mut spec = ExecSpec::new(["sh", "-c", "echo \"$GREETING\"; pwd"]);
+    spec.env = vec![("GREETING".into(), "hello vm".into())];
+    spec.cwd = Some("/tmp".into());
+    let out = agent
+        .exec(spec)
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello vm\n/tmp\n");
+    assert_eq!(out.status, ExitStatus::Code(0));
+
+    // Stdin streamed in, EOF closes it.
+    let mut spec = ExecSpec::new(["sh", "-c", "tr a-z A-Z; echo done"]);
+    spec.stdin = true;
+    let mut p = agent.exec(spec).await.unwrap();
+    let ctl = p.control().clone();
+    let big: Vec<u8> = b"abc\n".repeat(50_000);
+    let writer = tokio::spawn(async move {
+        ctl.write_stdin(&big).await.unwrap();
+        ctl.close_stdin().await.unwrap();
+    });
+    let mut stdout = Vec::new();
+    loop {
+        match p.next_event().await.unwrap() {
+            Some(ProcessEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+            Some(ProcessEvent::Stderr(d)) => panic!("stderr: {}", String::from_utf8_lossy(&d)),
+            Some(ProcessEvent::Exited(s)) => {
+                assert_eq!(s, ExitStatus::Code(0));
+                break;
+            }
+            None => break,
+        }
+    }
+    writer.await.unwrap();
+    let mut want = b"ABC\n".repeat(50_000);
+    want.extend_from_slice(b"done\n");
+    assert_eq!(stdout.len(), want.len());
+    assert!(stdout == want);
+
+    // Missing and non-executable programs are classified.
+    match agent.exec(ExecSpec::new(["/no/such/program"])).await {
+        Err(AgentError::Failed { kind, .. }) => {
+            assert_eq!(kind, vmcp_guest_proto::FailureKind::NotFound)
+        }
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    agent
+        .write_file("/tmp/notexec", b"data", 0o644)
+        .await
+        .unwrap();
+    match agent.exec(ExecSpec::new(["/tmp/notexec"])).await {
+        Err(AgentError::Failed { kind, .. }) => {
+            assert_eq!(kind, vmcp_guest_proto::FailureKind::PermissionDenied)
+        }
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+
+    // Signals: a killed process reports the signal.
+    let p = agent.exec(ExecSpec::new(["sleep", "100"])).await.unwrap();
+    p.control().signal(9).await.unwrap();
+    let out = p.wait_with_output().await.unwrap();
+    assert_eq!(out.status, ExitStatus::Signal(9));
+
+    // Concurrent execs on one channel.
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let a = agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let cmd = format!("sleep 0.5; echo {i}; echo e{i} >&2; exit {i}");
+            a.exec(ExecSpec::new(["sh", "-c", cmd.as_str()]))
+                .await
+                .unwrap()
+                .wait_with_output()
+                .await
+                .unwrap()
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").into_bytes());
+        assert_eq!(out.stderr, format!("e{i}\n").into_bytes());
+        assert_eq!(out.status, ExitStatus::Code(i as i32));
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "8 × 0.5 s sleeps ran one after another: {:?}",
+        t.elapsed()
+    );
+
+    // File round trip, larger than one chunk, binary content.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    agent.write_file("/tmp/blob", &data, 0o600).await.unwrap();
+    assert_eq!(agent.read_file("/tmp/blob").await.unwrap(), data);
+    let out = agent
+        .exec(ExecSpec::new([
+            "sh",
+            "-c",
+            "wc -c < /tmp/blob; stat -c %a /tmp/blob",
+        ]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["300000", "600"]
+    );
+    assert!(agent.read_file("/no/such/file").await.is_err());
+
+    // No network device unless asked.
+    let out = agent
+        .exec(ExecSpec::new(["sh", "-c", "ls /sys/class/net"]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    let nics: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|n| *n != "lo")
+        .map(str::to_string)
+        .collect();
+    assert!(nics.is_empty(), "unexpected network devices {nics:?}");
+
+    let pid = vm.pid().unwrap();
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(20)).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    assert!(!proc_alive(pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_then_drop_cleans_up() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let (mut vm, _) = boot(&img, QemuBackend::new()).await;
+    let pid = vm.pid().unwrap();
+    let dir = vm.runtime_dir().to_path_buf();
+    let agent = vm.agent().unwrap();
+    let t = Instant::now();
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(20)).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    eprintln!("graceful shutdown took {:?}", t.elapsed());
+    assert_eq!(vm.state(), VmState::Stopped);
+    assert!(!proc_alive(pid));
+    // The old session notices the channel is gone.
+    assert!(matches!(agent.ping().await, Err(AgentError::Closed)));
+    assert!(vm.agent().is_err());
+    assert!(dir.exists());
+    drop(vm);
+    assert!(!dir.exists(), "runtime dir left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_and_drop_leave_nothing_running() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let (mut vm, _) = boot(&img, QemuBackend::new()).await;
+    let pid = vm.pid().unwrap();
+    let agent = vm.agent().unwrap();
+    let p = agent.exec(ExecSpec::new(["sleep", "100"])).await.unwrap();
+    vm.kill().await.unwrap();
+    assert!(!proc_alive(pid));
+    assert_eq!(vm.state(), VmState::Stopped);
+    // A process waiting on the dead VM fails instead of hanging.
+    let r = tokio::time::timeout(Duration::from_secs(5), p.wait_with_output()).await;
+    assert!(matches!(r, Ok(Err(AgentError::Closed))), "{r:?}");
+
+    // Dropping a running VM (no shutdown) kills and reaps QEMU and removes its directory.
+    let (vm, _) = boot(&img, QemuBackend::new()).await;
+    let pid = vm.pid().unwrap();
+    let dir = vm.runtime_dir().to_path_buf();
+    drop(vm);
+    assert!(!proc_alive(pid), "QEMU {pid} outlived its dropped handle");
+    assert!(!dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_failures_are_reported_with_the_console() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    // Too short a ready timeout: the error quotes the console, and the VM is still killable.
+    let backend = QemuBackend::new();
+    let mut vm = backend.create_qemu(img.config()).await.unwrap();
+    vm.start().await.unwrap();
+    let e = vm.wait_ready(Duration::from_millis(50)).await.unwrap_err();
+    assert!(matches!(e, VmError::ReadyTimeout { .. }), "{e}");
+    vm.kill().await.unwrap();
+
+    // A kernel QEMU cannot load: QEMU's own message comes back from start().
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad-kernel");
+    std::fs::write(&bad, vec![0u8; 4096]).unwrap();
+    let mut c = img.config();
+    c.kernel = bad;
+    let mut vm = backend.create_qemu(c).await.unwrap();
+    let e = match vm.start().await {
+        Err(e) => e,
+        Ok(()) => vm.wait_ready(READY_TIMEOUT).await.unwrap_err(),
+    };
+    let text = e.to_string();
+    assert!(matches!(e, VmError::EarlyExit { .. }), "{text}");
+    assert!(vm.pid().is_none());
+
+    // A kernel panic (no init can run): the console tail shows it.
+    let mut c = img.config();
+    let empty = dir.path().join("empty.cpio");
+    std::fs::write(&empty, b"").unwrap();
+    c.initrd = empty;
+    let mut vm = backend.create_qemu(c).await.unwrap();
+    vm.start().await.unwrap();
+    let e = vm.wait_ready(READY_TIMEOUT).await.unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, VmError::EarlyExit { .. }), "{text}");
+    assert!(text.to_lowercase().contains("panic"), "{text}");
+}
