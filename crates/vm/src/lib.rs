@@ -28,6 +28,7 @@ pub mod fake;
 pub mod qemu;
 mod runtime_dir;
 pub mod select;
+pub mod windows;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;

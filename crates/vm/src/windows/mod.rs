@@ -1,0 +1,39 @@
+//! Windows host support for the QEMU backend (QEMU with WHPX, or TCG).
+//!
+//! Layout — logic is pure and compiled and tested on every host; the OS is touched only in
+//! `sys_windows.rs` (compiled on Windows only, all `unsafe` there with `SAFETY` comments):
+//!
+//! - [`qemu_args`]: the Windows pieces of a QEMU command line (option-value quoting, Windows
+//!   paths, loopback-TCP and named-pipe chardevs, WHPX flags, where QEMU is installed).
+//! - [`facts`]: what a probe found (Windows version, Hypervisor Platform status, QEMU).
+//! - [`accel`]: the accelerator choice from those facts (WHPX, else TCG with a notice).
+//! - [`doctor`]: the Windows section of `vmcp doctor` from those facts.
+//! - [`probe`]: gathers the facts (OS layer + running QEMU with timeouts).
+//! - [`channel`]: loopback TCP listeners for QMP and the token-checked agent channel.
+//! - [`KillOnCloseJob`]: a Job Object that kills QEMU when vmcp exits or is killed.
+//!
+//! `WinHvPlatform.dll` is loaded at run time, never imported, so `vmcp.exe` starts on every
+//! Windows machine and can say what to turn on. See docs/windows.md.
+
+pub mod accel;
+pub mod channel;
+pub mod doctor;
+pub mod facts;
+pub mod probe;
+pub mod qemu_args;
+
+#[cfg(not(windows))]
+#[path = "sys_other.rs"]
+mod sys;
+#[cfg(windows)]
+#[path = "sys_windows.rs"]
+mod sys;
+
+pub use sys::KillOnCloseJob;
+
+/// Gathers the facts for this host and builds the Windows doctor report (QEMU for the host's
+/// architecture, found through this process's `PATH` and `%ProgramFiles%`).
+pub async fn doctor_report() -> doctor::Report {
+    let facts = probe::gather(&probe::HostEnv::current(), crate::Arch::host()).await;
+    doctor::build(&facts)
+}
