@@ -1,0 +1,101 @@
+# Windows: lint both Windows targets, link vmcp.exe with mingw-w64, check that it does not
+# import WinHvPlatform.dll, then run it and the Windows unit tests of the vm crate under wine.
+# Needs what `VMCP_INSTALL_CROSS=1 scripts/install-deps` installs (mingw-w64, wine64, the two
+# rustup targets). Set VMCP_SKIP_WINDOWS=1 to skip loudly on a machine without them.
+# Run by scripts/test-all (bash -euo pipefail), or by hand: bash scripts/test.d/40-windows.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+win_log() { printf '   [windows] %s\n' "$*" >&2; }
+win_fail() { printf '   [windows] FAILED: %s\n' "$*" >&2; exit 1; }
+win_t0=$(date +%s)
+win_lap() { local now; now=$(date +%s); win_log "$1 took $((now - win_t0))s"; win_t0=$now; }
+
+if [ "${VMCP_SKIP_WINDOWS:-0}" = "1" ]; then
+  echo "SKIPPED: Windows cross checks (VMCP_SKIP_WINDOWS=1)" >&2
+  exit 0
+fi
+
+WINE=""
+for w in wine64 /usr/lib/wine/wine64 wine; do
+  if command -v "$w" >/dev/null 2>&1; then WINE=$(command -v "$w"); break; fi
+done
+WINESERVER=""
+for w in wineserver /usr/lib/wine/wineserver64 /usr/lib/wine/wineserver; do
+  if command -v "$w" >/dev/null 2>&1; then WINESERVER=$(command -v "$w"); break; fi
+done
+command -v x86_64-w64-mingw32-gcc >/dev/null || win_fail "x86_64-w64-mingw32-gcc missing: run VMCP_INSTALL_CROSS=1 scripts/install-deps (or VMCP_SKIP_WINDOWS=1)"
+[ -n "$WINE" ] || win_fail "wine64 missing: run VMCP_INSTALL_CROSS=1 scripts/install-deps (or VMCP_SKIP_WINDOWS=1)"
+for t in x86_64-pc-windows-msvc x86_64-pc-windows-gnu; do
+  rustup target list --installed | grep -qx "$t" || win_fail "rustup target $t missing: rustup target add $t"
+done
+
+# 1. Lint the whole workspace for both Windows targets.
+for t in x86_64-pc-windows-msvc x86_64-pc-windows-gnu; do
+  cargo clippy --workspace --all-targets --locked --target "$t" -- -D warnings
+done
+win_lap "clippy for both Windows targets"
+
+# 2. Link vmcp.exe and the vm crate's unit tests for windows-gnu.
+cargo build -p vmcp-cli --locked --target x86_64-pc-windows-gnu
+exe=target/x86_64-pc-windows-gnu/debug/vmcp.exe
+tests_exe=$(cargo test -p vmcp-vm --lib --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*vmcp_vm[^"]*\.exe\)".*/\1/p' | tail -n1)
+[ -f "$exe" ] || win_fail "$exe was not built"
+[ -f "$tests_exe" ] || win_fail "the vmcp-vm unit test executable was not built"
+win_lap "building vmcp.exe and the vm unit tests (windows-gnu)"
+
+# 3. The import table: WinHvPlatform.dll must be loaded at run time, never imported.
+imports=$(x86_64-w64-mingw32-objdump -p "$exe" | awk '/DLL Name:/ {print tolower($3)}' | sort -u)
+win_log "vmcp.exe imports: $(echo "$imports" | tr '\n' ' ')"
+if echo "$imports" | grep -q 'winhvplatform'; then
+  win_fail "vmcp.exe imports WinHvPlatform.dll: it would not start where the Hypervisor Platform is off"
+fi
+echo "$imports" | grep -qx 'kernel32.dll' || win_fail "objdump shows no import table for $exe"
+
+# 4. Under wine, from a private temp folder: the ProcessPrng stub beside copies of the exes.
+tmp=$(mktemp -d)
+cleanup() {
+  if [ -n "$WINESERVER" ]; then WINEPREFIX="$tmp/prefix" "$WINESERVER" -k >/dev/null 2>&1 || true; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+mkdir -p "$tmp/bin" "$tmp/prefix"
+x86_64-w64-mingw32-gcc -shared -O2 -s -o "$tmp/bin/bcryptprimitives.dll" \
+  packaging/windows/processprng-stub.c -ladvapi32
+cp "$exe" "$tests_exe" "$tmp/bin/"
+tests_bin="$tmp/bin/$(basename "$tests_exe")"
+export WINEPREFIX="$tmp/prefix" WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml=" DISPLAY="" WAYLAND_DISPLAY=""
+win_lap "stub DLL and copies"
+
+# First start creates the prefix (slow); its own output is noise.
+timeout 180 "$WINE" "$tmp/bin/vmcp.exe" --help >"$tmp/help.txt" 2>"$tmp/help.err" \
+  || { cat "$tmp/help.err" >&2; win_fail "vmcp.exe --help under wine exited with $?"; }
+grep -q '^Usage: vmcp' "$tmp/help.txt" || { cat "$tmp/help.txt" >&2; win_fail "vmcp.exe --help printed no usage"; }
+win_lap "vmcp.exe --help under wine (first start, makes the prefix)"
+
+set +e
+timeout 60 "$WINE" "$tmp/bin/vmcp.exe" doctor >"$tmp/doctor.txt" 2>"$tmp/doctor.err"
+rc=$?
+set -e
+sed 's/^/   | /' "$tmp/doctor.txt" >&2
+[ "$rc" -eq 1 ] || { cat "$tmp/doctor.err" >&2; win_fail "vmcp.exe doctor exited with $rc under wine, expected 1 (cannot run VMs, no crash)"; }
+for want in \
+  '[ok] Windows version: Windows' \
+  '[--] WinHvPlatform.dll: WinHvPlatform.dll cannot be loaded (' \
+  'Enable-WindowsOptionalFeature -Online -FeatureName HypervisorPlatform' \
+  '[--] QEMU: not found (looked in: ' \
+  'qemu.org/download' \
+  'vmcp cannot run VMs here'; do
+  grep -qF -- "$want" "$tmp/doctor.txt" || win_fail "vmcp.exe doctor output lacks: $want"
+done
+win_lap "vmcp.exe doctor under wine"
+
+# The Windows unit tests, on (wine's) Windows: the OS layer for real (RtlGetVersion, WHP
+# probe, Job Object kill-on-close) and the pure logic compiled for Windows.
+timeout 120 "$WINE" "$tests_bin" windows:: --test-threads=2 >"$tmp/tests.txt" 2>&1 \
+  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm windows:: unit tests failed under wine"; }
+grep -E '^test result:' "$tmp/tests.txt" >&2
+grep -q 'windows::sys::tests::job_kills_its_process_on_drop ... ok' "$tmp/tests.txt" \
+  || win_fail "the Job Object test did not run under wine"
+win_lap "vmcp-vm windows:: unit tests under wine"
