@@ -30,9 +30,10 @@ for t in x86_64-pc-windows-msvc x86_64-pc-windows-gnu; do
   rustup target list --installed | grep -qx "$t" || win_fail "rustup target $t missing: rustup target add $t"
 done
 
-# 1. Lint the whole workspace for both Windows targets.
+# 1. Lint the whole workspace for both Windows targets (scripts/cross-clippy explains the MSVC
+# build-script override for ring).
 for t in x86_64-pc-windows-msvc x86_64-pc-windows-gnu; do
-  cargo clippy --workspace --all-targets --locked --target "$t" -- -D warnings
+  bash scripts/cross-clippy "$t" --locked
 done
 win_lap "clippy for both Windows targets"
 
