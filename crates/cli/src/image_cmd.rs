@@ -1,15 +1,89 @@
-//! `vmcp image ...`.
+//! `vmcp image ...`: build the guest image and show where it is.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use vmcp_image::{Arch, BuildOptions};
+
+/// Options shared by the `vmcp image` subcommands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImageArgs {
+    /// Guest architecture (default: the host's).
+    #[arg(long, value_parser = parse_arch)]
+    arch: Option<Arch>,
+    /// Cache directory (default: $XDG_CACHE_HOME/vmcp or ~/.cache/vmcp).
+    #[arg(long, env = "VMCP_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Agent binary to install as /init (default: looked up next to vmcp and in the cargo
+    /// target directory).
+    #[arg(long, env = "VMCP_AGENT")]
+    agent: Option<PathBuf>,
+}
 
 /// `vmcp image` subcommands.
 #[derive(clap::Subcommand)]
 pub enum ImageCommand {
-    /// Build the guest image into the cache directory.
-    Build {},
+    /// Build the guest image (kernel + initramfs) into the cache directory.
+    Build {
+        #[command(flatten)]
+        args: ImageArgs,
+        /// Rebuild even if the image is already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the kernel and initramfs paths of the built image (fails if not built).
+    Path {
+        #[command(flatten)]
+        args: ImageArgs,
+    },
+}
+
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse()
+        .map_err(|e: vmcp_image::UnknownArch| e.to_string())
+}
+
+fn options(args: &ImageArgs) -> anyhow::Result<BuildOptions> {
+    let arch = match args.arch.or_else(Arch::host) {
+        Some(a) => a,
+        None => anyhow::bail!("this host's architecture is not a guest architecture: pass --arch x86_64 or --arch aarch64"),
+    };
+    let mut opts = BuildOptions::new(arch);
+    opts.cache_dir = args.cache_dir.clone();
+    opts.agent = args.agent.clone();
+    Ok(opts)
 }
 
 /// Runs a `vmcp image` subcommand.
-pub async fn run(_cmd: ImageCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`vmcp image` is not available in this build yet")
+pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ImageCommand::Build { args, force } => {
+            let mut opts = options(&args)?;
+            opts.force = force;
+            let paths = tokio::task::spawn_blocking(move || {
+                vmcp_image::build(&opts, &|line| eprintln!("vmcp: {line}"))
+            })
+            .await
+            .context("the image build task failed")?
+            .context("cannot build the guest image")?;
+            println!("kernel {}", paths.kernel.display());
+            println!("initrd {}", paths.initrd.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Path { args } => {
+            let opts = options(&args)?;
+            match vmcp_image::find_image(&opts).context("cannot look up the guest image")? {
+                Some(paths) => {
+                    println!("kernel {}", paths.kernel.display());
+                    println!("initrd {}", paths.initrd.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => anyhow::bail!(
+                    "the guest image for {} is not built yet: run `vmcp image build`",
+                    opts.arch
+                ),
+            }
+        }
+    }
 }

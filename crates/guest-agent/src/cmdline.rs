@@ -1,0 +1,358 @@
+//! The kernel command-line contract between the host backend and the agent.
+//!
+//! The host puts `vmcp.*` parameters on the kernel command line; the agent reads them from
+//! `/proc/cmdline` (the kernel does not pass dotted parameters to `/init`). Parsing is pure
+//! and runs on every platform so that host code and tests can use it too.
+//!
+//! | parameter | meaning | default |
+//! |---|---|---|
+//! | `vmcp.token=<string>` | echoed in the hello so the host knows who connected | empty |
+//! | `vmcp.channel=virtio-serial:<name>` | the virtio-serial port whose name is `<name>` | `virtio-serial:vmcp.agent` |
+//! | `vmcp.channel=vsock:<port>` | connect to the host (CID 2) on vsock `<port>` | |
+//! | `vmcp.channel=serial:<dev>` | a tty such as `/dev/hvc0` or `/dev/ttyS1`, set to raw mode | |
+//! | `vmcp.rootfs=<dev>` | block device to mount as the root of every process, e.g. `/dev/vda` | none |
+//! | `vmcp.rootfs_ro=1` | mount it read-only (`0`: read-write) | `0` |
+//! | `vmcp.rootfs_fstype=<type>` | its filesystem type | `ext4` |
+//! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
+//!
+//! Values may be double-quoted (`vmcp.token="a b"`). Unknown `vmcp.*` keys are reported as
+//! warnings (printed to the console) but do not stop the boot, so an older agent still boots
+//! with a newer host.
+
+use std::fmt;
+
+/// Port name used when `vmcp.channel` is absent.
+pub const DEFAULT_PORT_NAME: &str = "vmcp.agent";
+/// Host CID a vsock channel connects to.
+pub const HOST_CID: u32 = 2;
+
+/// Where the agent finds its channel to the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChannelSpec {
+    /// A virtio-serial port with this name (`/sys/class/virtio-ports/*/name`).
+    VirtioSerial {
+        /// Port name.
+        name: String,
+    },
+    /// An `AF_VSOCK` stream to the host.
+    Vsock {
+        /// Context id to connect to (the host is 2).
+        cid: u32,
+        /// Port.
+        port: u32,
+    },
+    /// A tty device, switched to raw mode.
+    Serial {
+        /// Device path.
+        path: String,
+    },
+}
+
+impl fmt::Display for ChannelSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelSpec::VirtioSerial { name } => write!(f, "virtio-serial:{name}"),
+            ChannelSpec::Vsock { cid, port } if *cid == HOST_CID => write!(f, "vsock:{port}"),
+            ChannelSpec::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            ChannelSpec::Serial { path } => write!(f, "serial:{path}"),
+        }
+    }
+}
+
+/// A block device to mount as the processes' root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RootfsSpec {
+    /// Device path, e.g. `/dev/vda`.
+    pub device: String,
+    /// Filesystem type.
+    pub fstype: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// Everything the agent takes from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BootConfig {
+    /// Token echoed in the hello.
+    pub token: String,
+    /// The channel to the host.
+    pub channel: ChannelSpec,
+    /// Root filesystem to mount, if any.
+    pub rootfs: Option<RootfsSpec>,
+    /// Verbose console output.
+    pub debug: bool,
+    /// Problems that did not stop parsing (unknown keys), for the console.
+    pub warnings: Vec<String>,
+}
+
+/// A kernel command line the agent cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CmdlineError {
+    /// `vmcp.channel` has an unknown kind or a bad argument.
+    #[error(
+        "bad vmcp.channel={0:?}: expected virtio-serial:<name>, vsock:<port> or serial:<device>"
+    )]
+    Channel(String),
+    /// A boolean parameter is neither `0` nor `1`.
+    #[error("bad {key}={value:?}: expected 0 or 1")]
+    Bool {
+        /// Parameter.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// A parameter that needs a value has an empty one.
+    #[error("{0} needs a value")]
+    Empty(String),
+    /// A device path is not absolute.
+    #[error("bad {key}={value:?}: expected an absolute device path such as /dev/vda")]
+    Path {
+        /// Parameter.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+}
+
+/// Splits a kernel command line into words, honouring double quotes like the kernel does.
+pub fn split_words(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut has_word = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                has_word = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if has_word {
+                    words.push(std::mem::take(&mut cur));
+                    has_word = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                has_word = true;
+            }
+        }
+    }
+    if has_word {
+        words.push(cur);
+    }
+    words
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, CmdlineError> {
+    match value {
+        "1" | "" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(CmdlineError::Bool {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+    }
+}
+
+/// Parses a `vmcp.channel` value.
+pub fn parse_channel(value: &str) -> Result<ChannelSpec, CmdlineError> {
+    let bad = || CmdlineError::Channel(value.to_string());
+    let (kind, arg) = value.split_once(':').ok_or_else(bad)?;
+    match kind {
+        "virtio-serial" if !arg.is_empty() => Ok(ChannelSpec::VirtioSerial {
+            name: arg.to_string(),
+        }),
+        "vsock" => {
+            let (cid, port) = match arg.split_once(':') {
+                Some((cid, port)) => (cid.parse().map_err(|_| bad())?, port),
+                None => (HOST_CID, arg),
+            };
+            let port = port.parse().map_err(|_| bad())?;
+            Ok(ChannelSpec::Vsock { cid, port })
+        }
+        "serial" if arg.starts_with('/') => Ok(ChannelSpec::Serial {
+            path: arg.to_string(),
+        }),
+        _ => Err(bad()),
+    }
+}
+
+/// Parses the whole kernel command line (the contents of `/proc/cmdline`).
+pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
+    let mut cfg = BootConfig {
+        token: String::new(),
+        channel: ChannelSpec::VirtioSerial {
+            name: DEFAULT_PORT_NAME.to_string(),
+        },
+        rootfs: None,
+        debug: false,
+        warnings: Vec::new(),
+    };
+    let mut rootfs_dev = None;
+    let mut fstype = "ext4".to_string();
+    let mut read_only = false;
+    for word in split_words(cmdline) {
+        let Some(rest) = word.strip_prefix("vmcp.") else {
+            continue;
+        };
+        let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+        match key {
+            "token" => cfg.token = value.to_string(),
+            "channel" => cfg.channel = parse_channel(value)?,
+            "rootfs" => {
+                if !value.starts_with('/') {
+                    return Err(CmdlineError::Path {
+                        key: "vmcp.rootfs".into(),
+                        value: value.to_string(),
+                    });
+                }
+                rootfs_dev = Some(value.to_string());
+            }
+            "rootfs_ro" => read_only = parse_bool("vmcp.rootfs_ro", value)?,
+            "rootfs_fstype" => {
+                if value.is_empty() {
+                    return Err(CmdlineError::Empty("vmcp.rootfs_fstype".into()));
+                }
+                fstype = value.to_string();
+            }
+            "debug" => cfg.debug = parse_bool("vmcp.debug", value)?,
+            _ => cfg
+                .warnings
+                .push(format!("unknown kernel parameter vmcp.{key} ignored")),
+        }
+    }
+    cfg.rootfs = rootfs_dev.map(|device| RootfsSpec {
+        device,
+        fstype,
+        read_only,
+    });
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_nothing_given() {
+        let cfg = parse_cmdline("console=ttyS0 quiet panic=-1").unwrap();
+        assert_eq!(cfg.token, "");
+        assert_eq!(
+            cfg.channel,
+            ChannelSpec::VirtioSerial {
+                name: "vmcp.agent".into()
+            }
+        );
+        assert_eq!(cfg.rootfs, None);
+        assert!(!cfg.debug);
+        assert!(cfg.warnings.is_empty());
+    }
+
+    #[test]
+    fn full_contract() {
+        let cfg = parse_cmdline(
+            "quiet vmcp.token=abc123 vmcp.channel=vsock:1024 vmcp.rootfs=/dev/vda \
+             vmcp.rootfs_ro=1 vmcp.rootfs_fstype=ext2 vmcp.debug=1\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.token, "abc123");
+        assert_eq!(cfg.channel, ChannelSpec::Vsock { cid: 2, port: 1024 });
+        assert_eq!(
+            cfg.rootfs,
+            Some(RootfsSpec {
+                device: "/dev/vda".into(),
+                fstype: "ext2".into(),
+                read_only: true
+            })
+        );
+        assert!(cfg.debug);
+    }
+
+    #[test]
+    fn rootfs_defaults_to_ext4_read_write() {
+        let cfg = parse_cmdline("vmcp.rootfs=/dev/vdb").unwrap();
+        let r = cfg.rootfs.unwrap();
+        assert_eq!((r.fstype.as_str(), r.read_only), ("ext4", false));
+        // Flags without a device mount nothing.
+        assert_eq!(parse_cmdline("vmcp.rootfs_ro=1").unwrap().rootfs, None);
+    }
+
+    #[test]
+    fn channels() {
+        assert_eq!(
+            parse_channel("serial:/dev/hvc0").unwrap(),
+            ChannelSpec::Serial {
+                path: "/dev/hvc0".into()
+            }
+        );
+        assert_eq!(
+            parse_channel("virtio-serial:ch0").unwrap(),
+            ChannelSpec::VirtioSerial { name: "ch0".into() }
+        );
+        assert_eq!(
+            parse_channel("vsock:3:99").unwrap(),
+            ChannelSpec::Vsock { cid: 3, port: 99 }
+        );
+        for bad in [
+            "",
+            "vsock",
+            "vsock:x",
+            "vsock:-1",
+            "serial:hvc0",
+            "virtio-serial:",
+            "pipe:/x",
+        ] {
+            let err = parse_channel(bad).unwrap_err();
+            assert!(err.to_string().contains("vmcp.channel"), "{err}");
+        }
+        for spec in [
+            "virtio-serial:a.b",
+            "vsock:5",
+            "vsock:7:5",
+            "serial:/dev/ttyS1",
+        ] {
+            assert_eq!(parse_channel(spec).unwrap().to_string(), spec);
+        }
+    }
+
+    #[test]
+    fn quotes_and_bad_values() {
+        let cfg = parse_cmdline(r#"a "vmcp.token=x y" vmcp.token="p q""#).unwrap();
+        assert_eq!(cfg.token, "p q");
+        assert_eq!(split_words(r#" a  "b c"d "" e"#), ["a", "b cd", "", "e"]);
+        assert!(matches!(
+            parse_cmdline("vmcp.rootfs_ro=yes"),
+            Err(CmdlineError::Bool { .. })
+        ));
+        assert!(matches!(
+            parse_cmdline("vmcp.rootfs=vda"),
+            Err(CmdlineError::Path { .. })
+        ));
+        assert!(matches!(
+            parse_cmdline("vmcp.rootfs_fstype="),
+            Err(CmdlineError::Empty(_))
+        ));
+        let cfg = parse_cmdline("vmcp.frobnicate=1 vmcp.debug").unwrap();
+        assert!(cfg.debug);
+        assert_eq!(cfg.warnings.len(), 1);
+        assert!(cfg.warnings[0].contains("vmcp.frobnicate"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(s in ".{0,200}") {
+            let _ = parse_cmdline(&s);
+        }
+
+        #[test]
+        fn token_round_trips(tok in "[A-Za-z0-9_.-]{0,40}") {
+            let cfg = parse_cmdline(&format!("quiet vmcp.token={tok} x=y")).unwrap();
+            proptest::prop_assert_eq!(cfg.token, tok);
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! PID-1 duties: early mounts, kernel modules, the root filesystem, the channel, power-off.
+//!
+//! Boot order, tuned for a fast start under TCG:
+//! 1. mount `/proc`, `/sys`, `/dev` (devtmpfs, so device nodes appear without udev);
+//! 2. read `/proc/cmdline` (see [`crate::cmdline`]);
+//! 3. load the modules of [`crate::MODULES_LIST`] in order (missing or failing ones are
+//!    reported on the console and skipped: a module may be built into the kernel);
+//! 4. if `vmcp.rootfs` is set: wait for the device, mount it, move `/dev`, `/proc`, `/sys`
+//!    into it and make it `/` (`switch_root` without deleting the initramfs);
+//! 5. mount tmpfs on `/tmp`, `/run`, `/dev/shm` and devpts on `/dev/pts`;
+//! 6. open the channel (waiting up to [`CHANNEL_WAIT`] for it to appear), send the hello and
+//!    serve. If the host closes the channel the agent reopens it and says hello again;
+//!    after a power-off request it syncs and powers off.
+//!
+//! Any fatal error is printed to the console (which the host captures in its log) and the VM
+//! powers off, since PID 1 must never exit.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use crate::cmdline::{parse_cmdline, BootConfig, ChannelSpec, CmdlineError, RootfsSpec};
+use crate::serve::{serve, ServeEnd, ServeOptions};
+use crate::sys::linux::{self as os, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+
+/// How long the agent waits for its channel device or vsock listener.
+pub const CHANNEL_WAIT: Duration = Duration::from_secs(10);
+/// How long the agent waits for the root filesystem's block device.
+pub const ROOTFS_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors that stop the boot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InitError {
+    /// An early mount failed.
+    #[error("cannot mount {what} on {target}")]
+    Mount {
+        /// Filesystem.
+        what: String,
+        /// Mount point.
+        target: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// `/proc/cmdline` could not be read.
+    #[error("cannot read /proc/cmdline")]
+    ReadCmdline(#[source] io::Error),
+    /// The kernel command line is invalid.
+    #[error("bad kernel command line")]
+    Cmdline(#[from] CmdlineError),
+    /// The root filesystem could not be set up.
+    #[error("cannot use root filesystem {device}: {reason}")]
+    Rootfs {
+        /// Device.
+        device: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The channel to the host did not come up.
+    #[error("cannot open channel {channel}: {reason}")]
+    Channel {
+        /// Channel spec.
+        channel: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Entry point of `/init`.
+pub fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("--version") {
+        println!("vmcp-agent {}", crate::AGENT_VERSION);
+        return ExitCode::SUCCESS;
+    }
+    if std::process::id() != 1 {
+        eprintln!(
+            "vmcp-agent is the /init of a vmcp guest and only runs as PID 1 inside the VM \
+             (`vmcp image build` installs it)"
+        );
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = boot() {
+        let mut line = format!("vmcp-agent: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            line.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        eprintln!("{line}; powering off");
+    }
+    os::sync();
+    let err = os::power_off();
+    eprintln!("vmcp-agent: power-off failed: {err}");
+    // PID 1 must not exit (the kernel would panic); wait for the host to kill the VM.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn mount(
+    what: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), InitError> {
+    let _ = std::fs::create_dir_all(target);
+    os::mount(what, target, Some(fstype), flags, data).map_err(|source| InitError::Mount {
+        what: fstype.to_string(),
+        target: target.to_string(),
+        source,
+    })
+}
+
+fn mount_early() -> Result<(), InitError> {
+    let common = MS_NOSUID | MS_NODEV | MS_NOEXEC;
+    mount("proc", "/proc", "proc", common, None)?;
+    mount("sysfs", "/sys", "sysfs", common, None)?;
+    mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, Some("mode=0755"))
+}
+
+/// Mounts that are nice to have; failures (e.g. a read-only rootfs without the mount point)
+/// are reported and skipped.
+fn mount_late() {
+    let nosuid_nodev = MS_NOSUID | MS_NODEV;
+    let mounts: [(&str, &str, &str, libc::c_ulong, &str); 4] = [
+        ("tmpfs", "/tmp", "tmpfs", nosuid_nodev, "mode=1777"),
+        ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
+        ("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MS_NOSUID | MS_NOEXEC,
+            "mode=0620,ptmxmode=0666",
+        ),
+    ];
+    for (what, target, fstype, flags, data) in mounts {
+        if let Err(e) = mount(what, target, fstype, flags, Some(data)) {
+            eprintln!("vmcp-agent: warning: {e}: {}", source_text(&e));
+        }
+    }
+}
+
+fn source_text(e: &InitError) -> String {
+    std::error::Error::source(e).map_or_else(String::new, ToString::to_string)
+}
+
+fn load_modules(debug: bool) {
+    let Ok(list) = std::fs::read_to_string(crate::MODULES_LIST) else {
+        return;
+    };
+    for path in list
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let t = Instant::now();
+        let res = File::open(path).and_then(|f| os::finit_module(&f));
+        match res {
+            Ok(_) if debug => eprintln!("vmcp-agent: loaded {path} in {:?}", t.elapsed()),
+            Ok(_) => {}
+            Err(e) => eprintln!("vmcp-agent: warning: cannot load module {path}: {e}"),
+        }
+    }
+}
+
+fn wait_for(path: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while !Path::new(path).exists() {
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
+fn switch_root(spec: &RootfsSpec) -> Result<(), InitError> {
+    let fail = |reason: String| InitError::Rootfs {
+        device: spec.device.clone(),
+        reason,
+    };
+    if !wait_for(&spec.device, ROOTFS_WAIT) {
+        return Err(fail(format!(
+            "the device did not appear within {} s (is the disk attached?)",
+            ROOTFS_WAIT.as_secs()
+        )));
+    }
+    let newroot = "/newroot";
+    let _ = std::fs::create_dir_all(newroot);
+    let flags = if spec.read_only { MS_RDONLY } else { 0 };
+    os::mount(&spec.device, newroot, Some(&spec.fstype), flags, None)
+        .map_err(|e| fail(format!("mount as {} failed: {e}", spec.fstype)))?;
+    for m in ["/dev", "/proc", "/sys"] {
+        let target = format!("{newroot}{m}");
+        if !Path::new(&target).is_dir() {
+            eprintln!("vmcp-agent: warning: the root filesystem has no {m}; not mounted there");
+            continue;
+        }
+        os::mount(m, &target, None, MS_MOVE, None)
+            .map_err(|e| fail(format!("cannot move {m} into it: {e}")))?;
+    }
+    std::env::set_current_dir(newroot).map_err(|e| fail(e.to_string()))?;
+    os::mount(".", "/", None, MS_MOVE, None)
+        .map_err(|e| fail(format!("cannot move it to /: {e}")))?;
+    os::chroot(".").map_err(|e| fail(format!("chroot failed: {e}")))
+}
+
+fn find_virtio_port(name: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if port_name.trim_end() == name {
+            return Some(format!("/dev/{}", entry.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
+fn open_rw(path: &str) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).open(path)
+}
+
+/// Opens the channel, waiting up to [`CHANNEL_WAIT`] for it to appear.
+pub fn open_channel(spec: &ChannelSpec) -> Result<File, InitError> {
+    let fail = |reason: String| InitError::Channel {
+        channel: spec.to_string(),
+        reason,
+    };
+    let start = Instant::now();
+    let mut last_err = String::from("not found");
+    while start.elapsed() < CHANNEL_WAIT {
+        let res = match spec {
+            ChannelSpec::VirtioSerial { name } => match find_virtio_port(name) {
+                Some(dev) if Path::new(&dev).exists() => open_rw(&dev),
+                Some(dev) => Err(io::Error::other(format!("{dev} has no device node yet"))),
+                None => Err(io::Error::other(format!(
+                    "no virtio-serial port named {name} (is the virtserialport device there, \
+                     and virtio_console loaded?)"
+                ))),
+            },
+            ChannelSpec::Vsock { cid, port } => os::vsock_connect(*cid, *port),
+            ChannelSpec::Serial { path } => open_rw(path).and_then(|f| os::set_raw(&f).map(|()| f)),
+        };
+        match res {
+            Ok(f) => return Ok(f),
+            Err(e) => last_err = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Err(fail(format!(
+        "{last_err} (gave up after {} s)",
+        CHANNEL_WAIT.as_secs()
+    )))
+}
+
+fn boot() -> Result<(), InitError> {
+    mount_early()?;
+    let t_mounted = os::boottime_ns();
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(InitError::ReadCmdline)?;
+    let cfg: BootConfig = parse_cmdline(&cmdline)?;
+    for w in &cfg.warnings {
+        eprintln!("vmcp-agent: warning: {w}");
+    }
+    load_modules(cfg.debug);
+    let t_modules = os::boottime_ns();
+    if let Some(rootfs) = &cfg.rootfs {
+        switch_root(rootfs)?;
+    }
+    mount_late();
+    loop {
+        let channel = open_channel(&cfg.channel)?;
+        let reader = channel.try_clone().map_err(|e| InitError::Channel {
+            channel: cfg.channel.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut hello = crate::hello(&cfg.token, cfg.rootfs.is_some());
+        hello.boot_ns = os::boottime_ns();
+        if cfg.debug {
+            eprintln!(
+                "vmcp-agent: boot_ns mounted={t_mounted} modules={t_modules} hello={}",
+                hello.boot_ns
+            );
+        }
+        let mut options = ServeOptions::new(hello);
+        options.reap_orphans = true;
+        options.debug = cfg.debug;
+        match serve(reader, channel, &options) {
+            Ok(ServeEnd::Poweroff) => return Ok(()),
+            Ok(_) => {
+                if cfg.debug {
+                    eprintln!("vmcp-agent: host closed the channel; reopening");
+                }
+            }
+            Err(e) => {
+                let cause =
+                    std::error::Error::source(&e).map_or_else(String::new, |s| format!(": {s}"));
+                eprintln!("vmcp-agent: channel failed: {e}{cause}; reopening");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

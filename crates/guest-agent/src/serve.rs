@@ -1,0 +1,725 @@
+//! The request server: one blocking loop reads [`HostMsg`]s, helper threads run processes.
+//!
+//! Design:
+//! - The calling thread reads frames and handles quick requests (ping, signal, stdin, file
+//!   writes) inline. Everything that can block on a process or on a large file runs in its
+//!   own thread, so one slow process never stalls the channel.
+//! - All writes go through one mutex around the writer; a frame is written whole, so frames
+//!   from different threads never interleave.
+//! - Per exec: a thread per output stream reads the pipe in [`CHUNK_SIZE`] pieces, a thread
+//!   feeds stdin from an in-memory queue, and a waiter thread collects the exit status.
+//!   The waiter sends [`GuestMsg::Exited`] only after both output streams reached end of
+//!   file, so every byte of output comes before the exit. If the process exits but a
+//!   background child keeps its stdout or stderr open and idle for [`LINGER`], the exit is
+//!   reported anyway and later output of that background child is dropped.
+//! - Each process gets its own process group; [`HostMsg::Signal`] signals the whole group.
+//! - When `reap_orphans` is set (the agent is PID 1), one reaper thread peeks at every
+//!   zombie with `waitid(WNOWAIT)` and reaps it under the lock that also covers spawning:
+//!   our own children go to their waiter, orphans are just reaped. Without it (tests, a
+//!   library user with other children), each waiter waits for its own pid only.
+//! - When the loop ends (power-off, channel closed, broken frame) every process still
+//!   running is killed with SIGKILL.
+//!
+//! Limits: stdin chunks queue in memory until the process reads them; file reads and
+//! writes use the agent's own permissions (root in the guest).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use vmcp_guest_proto::{
+    encode, read_msg, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, ProtoError,
+    RequestId, CHUNK_SIZE,
+};
+
+use crate::sys::{self, WaitStatus};
+
+/// How long an exited process's output pipes may stay open and idle before its exit is
+/// reported without waiting for their end of file.
+pub const LINGER: Duration = Duration::from_millis(250);
+
+/// `PATH` of processes started by the agent unless the request overrides it.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How [`serve`] behaves.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// Sent as the first message.
+    pub hello: Hello,
+    /// Environment every process starts with; request variables are applied over it.
+    pub env: Vec<(String, String)>,
+    /// Working directory of processes whose request names none.
+    pub cwd: PathBuf,
+    /// Reap every zombie, not only our own children (set this when running as PID 1).
+    pub reap_orphans: bool,
+    /// Print each request to stderr.
+    pub debug: bool,
+}
+
+impl ServeOptions {
+    /// Options with the default environment (`PATH`, `HOME=/root`), cwd `/`, no orphan
+    /// reaping.
+    pub fn new(hello: Hello) -> Self {
+        ServeOptions {
+            hello,
+            env: vec![
+                ("PATH".into(), DEFAULT_PATH.into()),
+                ("HOME".into(), "/root".into()),
+            ],
+            cwd: PathBuf::from("/"),
+            reap_orphans: false,
+            debug: false,
+        }
+    }
+}
+
+/// Why [`serve`] returned normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServeEnd {
+    /// The host asked for power-off; [`GuestMsg::Done`] was sent. The caller powers off.
+    Poweroff,
+    /// The host closed the channel between frames.
+    Closed,
+}
+
+/// Why [`serve`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A frame from the host could not be read or decoded.
+    #[error("cannot read a request from the host")]
+    Read(#[source] ProtoError),
+    /// A message could not be written to the host.
+    #[error("cannot write to the host")]
+    Write(#[source] io::Error),
+}
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The writing half, shared by all threads.
+#[derive(Clone)]
+struct Out {
+    w: SharedWriter,
+}
+
+impl Out {
+    fn write_frame(w: &mut Box<dyn Write + Send>, msg: &GuestMsg) -> io::Result<()> {
+        let frame = encode(msg).map_err(io::Error::other)?;
+        w.write_all(&frame)?;
+        w.flush()
+    }
+
+    fn send(&self, msg: &GuestMsg) -> io::Result<()> {
+        Self::write_frame(&mut lock(&self.w), msg)
+    }
+
+    /// Sends `msg` unless `finished` is set; with `finish`, sets it in the same critical
+    /// section so no message can follow.
+    fn send_gated(&self, finished: &AtomicBool, msg: &GuestMsg, finish: bool) -> io::Result<()> {
+        let mut w = lock(&self.w);
+        if finished.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if finish {
+            finished.store(true, Ordering::Release);
+        }
+        Self::write_frame(&mut w, msg)
+    }
+
+    fn fail(&self, id: RequestId, kind: FailureKind, message: String) -> io::Result<()> {
+        self.send(&GuestMsg::Failed { id, kind, message })
+    }
+}
+
+/// A running process, by request id.
+struct Proc {
+    pid: i32,
+    stdin: Option<mpsc::Sender<Vec<u8>>>,
+}
+
+type Procs = Arc<Mutex<HashMap<RequestId, Proc>>>;
+
+/// Orphan reaper state: pids of our own children and where their status goes.
+struct Reaper {
+    waiting: Mutex<HashMap<i32, mpsc::Sender<WaitStatus>>>,
+    wake: Condvar,
+}
+
+impl Reaper {
+    fn start() -> io::Result<Arc<Reaper>> {
+        let reaper = Arc::new(Reaper {
+            waiting: Mutex::new(HashMap::new()),
+            wake: Condvar::new(),
+        });
+        let r = Arc::clone(&reaper);
+        std::thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || r.run())?;
+        Ok(reaper)
+    }
+
+    fn run(&self) {
+        loop {
+            match sys::peek_zombie() {
+                Ok(pid) => {
+                    let mut waiting = lock(&self.waiting);
+                    // Reaping under the lock: a spawn in progress holds it, so its child is
+                    // registered before we look it up.
+                    if let Ok(Some(status)) = sys::wait_pid(pid, true) {
+                        if let Some(tx) = waiting.remove(&pid) {
+                            let _ = tx.send(status);
+                        }
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    let waiting = lock(&self.waiting);
+                    let _ = self.wake.wait_timeout(waiting, Duration::from_secs(1));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+}
+
+struct Server<'a> {
+    out: Out,
+    procs: Procs,
+    reaper: Option<Arc<Reaper>>,
+    options: &'a ServeOptions,
+}
+
+/// Serves requests from `reader`, answering on `writer`, until power-off or the end of the
+/// channel.
+///
+/// Sends `options.hello` first. Returns [`ServeEnd::Poweroff`] after acknowledging a
+/// power-off request (the caller then powers off), [`ServeEnd::Closed`] when the host closes
+/// the channel, or an error on a malformed frame or a broken channel. Processes still
+/// running when it returns are killed.
+pub fn serve<R: Read, W: Write + Send + 'static>(
+    mut reader: R,
+    writer: W,
+    options: &ServeOptions,
+) -> Result<ServeEnd, ServeError> {
+    let out = Out {
+        w: Arc::new(Mutex::new(Box::new(writer))),
+    };
+    out.send(&GuestMsg::Hello(options.hello.clone()))
+        .map_err(ServeError::Write)?;
+    let reaper = if options.reap_orphans {
+        Some(Reaper::start().map_err(ServeError::Write)?)
+    } else {
+        None
+    };
+    let server = Server {
+        out,
+        procs: Arc::new(Mutex::new(HashMap::new())),
+        reaper,
+        options,
+    };
+    let result = server.run(&mut reader);
+    server.kill_all();
+    result
+}
+
+impl Server<'_> {
+    fn run<R: Read>(&self, reader: &mut R) -> Result<ServeEnd, ServeError> {
+        let mut scratch = Vec::new();
+        let mut files: HashMap<RequestId, File> = HashMap::new();
+        loop {
+            let msg = match read_msg::<HostMsg, _>(reader, &mut scratch) {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Ok(ServeEnd::Closed),
+                Err(e) => return Err(ServeError::Read(e)),
+            };
+            if self.options.debug {
+                eprintln!("vmcp-agent: request {}", describe(&msg));
+            }
+            let sent = match msg {
+                HostMsg::Ping { id } => self.out.send(&GuestMsg::Pong { id }),
+                HostMsg::Exec(req) => self.exec(req),
+                HostMsg::Stdin { id, data } => {
+                    if let Some(tx) = lock(&self.procs).get(&id).and_then(|p| p.stdin.as_ref()) {
+                        let _ = tx.send(data);
+                    }
+                    Ok(())
+                }
+                HostMsg::StdinEof { id } => {
+                    if let Some(p) = lock(&self.procs).get_mut(&id) {
+                        p.stdin = None;
+                    }
+                    Ok(())
+                }
+                HostMsg::Signal { id, signal } => {
+                    if let Some(p) = lock(&self.procs).get(&id) {
+                        if sys::kill(-p.pid, signal).is_err() {
+                            let _ = sys::kill(p.pid, signal);
+                        }
+                    }
+                    Ok(())
+                }
+                HostMsg::WriteFile {
+                    id,
+                    path,
+                    mode,
+                    offset,
+                    data,
+                    last,
+                } => {
+                    let res = write_chunk(&mut files, id, &path, mode, offset, &data, last);
+                    match res {
+                        Ok(()) => self.out.send(&GuestMsg::Done { id }),
+                        Err((kind, message)) => {
+                            files.remove(&id);
+                            self.out.fail(id, kind, message)
+                        }
+                    }
+                }
+                HostMsg::ReadFile { id, path } => self.read_file(id, path),
+                HostMsg::Poweroff { id } => {
+                    self.out
+                        .send(&GuestMsg::Done { id })
+                        .map_err(ServeError::Write)?;
+                    return Ok(ServeEnd::Poweroff);
+                }
+                other => {
+                    eprintln!("vmcp-agent: ignoring unsupported request {other:?}");
+                    Ok(())
+                }
+            };
+            sent.map_err(ServeError::Write)?;
+        }
+    }
+
+    fn kill_all(&self) {
+        let mut procs = lock(&self.procs);
+        for p in procs.values() {
+            let _ = sys::kill(-p.pid, libc::SIGKILL);
+            let _ = sys::kill(p.pid, libc::SIGKILL);
+        }
+        procs.clear();
+    }
+
+    fn exec(&self, req: ExecRequest) -> io::Result<()> {
+        let id = req.id;
+        match self.try_exec(req) {
+            Ok(()) => Ok(()),
+            Err((kind, message)) => self.out.fail(id, kind, message),
+        }
+    }
+
+    fn try_exec(&self, req: ExecRequest) -> Result<(), (FailureKind, String)> {
+        let invalid = |m: String| (FailureKind::InvalidRequest, m);
+        let id = req.id;
+        let Some(program) = req.argv.first() else {
+            return Err(invalid("exec request with an empty argv".into()));
+        };
+        if lock(&self.procs).contains_key(&id) {
+            return Err(invalid(format!("request id {id} is already running")));
+        }
+        for (k, _) in &req.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(invalid(format!("bad environment variable name {k:?}")));
+            }
+        }
+        let cwd = req
+            .cwd
+            .as_deref()
+            .map_or_else(|| self.options.cwd.clone(), PathBuf::from);
+        if !cwd.is_dir() {
+            return Err(invalid(format!(
+                "working directory {} does not exist",
+                cwd.display()
+            )));
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(&req.argv[1..])
+            .env_clear()
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&cwd)
+            .stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+
+        // Spawn and register under the reaper lock (see the module docs).
+        let mut waiting = self.reaper.as_ref().map(|r| lock(&r.waiting));
+        let mut child = cmd.spawn().map_err(|e| spawn_failure(program, &e))?;
+        let pid = child.id() as i32;
+        let status_rx = waiting.as_mut().map(|w| {
+            let (tx, rx) = mpsc::channel();
+            w.insert(pid, tx);
+            rx
+        });
+        drop(waiting);
+        if let Some(r) = &self.reaper {
+            r.wake.notify_all();
+        }
+
+        let stdin_tx = child.stdin.take().map(|mut stdin| {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let spawned = spawn_thread("stdin", move || {
+                for data in rx {
+                    if stdin.write_all(&data).is_err() {
+                        break;
+                    }
+                }
+            });
+            spawned.map(|()| tx)
+        });
+        let stdin_tx = match stdin_tx.transpose() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                return Err((FailureKind::Other, format!("cannot start a thread: {e}")));
+            }
+        };
+        lock(&self.procs).insert(
+            id,
+            Proc {
+                pid,
+                stdin: stdin_tx,
+            },
+        );
+        // From here on the process is announced; failures become its exit.
+        if self
+            .out
+            .send(&GuestMsg::Started {
+                id,
+                pid: pid as u32,
+            })
+            .is_err()
+        {
+            // The channel is gone; the serve loop notices on its next read or write.
+        }
+        let streams = Arc::new(Streams::default());
+        let finished = Arc::new(AtomicBool::new(false));
+        let pipes: [(Option<Box<dyn Read + Send>>, bool); 2] = [
+            (child.stdout.take().map(|p| Box::new(p) as _), true),
+            (child.stderr.take().map(|p| Box::new(p) as _), false),
+        ];
+        for (pipe, is_stdout) in pipes {
+            let Some(pipe) = pipe else { continue };
+            lock(&streams.state).open += 1;
+            let (out, streams2, finished2) = (
+                self.out.clone(),
+                Arc::clone(&streams),
+                Arc::clone(&finished),
+            );
+            let name = if is_stdout { "stdout" } else { "stderr" };
+            if spawn_thread(name, move || {
+                pump(pipe, id, is_stdout, &out, &streams2, &finished2)
+            })
+            .is_err()
+            {
+                // Without a reader the pipe closes when `pipe` drops; count it as done.
+                let mut st = lock(&streams.state);
+                st.open -= 1;
+            }
+        }
+        let (out, procs) = (self.out.clone(), Arc::clone(&self.procs));
+        let waiter = move || {
+            let status = match status_rx {
+                Some(rx) => rx.recv().ok(),
+                None => sys::wait_pid(pid, false).ok().flatten(),
+            };
+            streams.wait_drained();
+            lock(&procs).remove(&id);
+            let status = match status {
+                Some(WaitStatus::Exited(c)) => ExitStatus::Code(c),
+                Some(WaitStatus::Signaled(s)) => ExitStatus::Signal(s),
+                // Lost track of it (should not happen): report a kill.
+                None => ExitStatus::Signal(libc::SIGKILL),
+            };
+            let _ = out.send_gated(&finished, &GuestMsg::Exited { id, status }, true);
+        };
+        if let Err(e) = spawn_thread("waiter", waiter) {
+            let _ = sys::kill(-pid, libc::SIGKILL);
+            lock(&self.procs).remove(&id);
+            return Err((FailureKind::Other, format!("cannot start a thread: {e}")));
+        }
+        drop(child);
+        Ok(())
+    }
+
+    fn read_file(&self, id: RequestId, path: String) -> io::Result<()> {
+        let file = match open_for_read(&path) {
+            Ok(f) => f,
+            Err((kind, message)) => return self.out.fail(id, kind, message),
+        };
+        let out = self.out.clone();
+        let job = move || {
+            if let Err((kind, message)) = send_file(file, id, &path, &out) {
+                let _ = out.fail(id, kind, message);
+            }
+        };
+        match spawn_thread("read-file", job) {
+            Ok(()) => Ok(()),
+            Err(e) => self.out.fail(
+                id,
+                FailureKind::Other,
+                format!("cannot start a thread: {e}"),
+            ),
+        }
+    }
+}
+
+fn spawn_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .map(drop)
+}
+
+fn spawn_failure(program: &str, e: &io::Error) -> (FailureKind, String) {
+    match e.kind() {
+        io::ErrorKind::NotFound => (
+            FailureKind::NotFound,
+            format!("{program}: command not found"),
+        ),
+        io::ErrorKind::PermissionDenied => (
+            FailureKind::PermissionDenied,
+            format!("{program}: permission denied (not executable)"),
+        ),
+        io::ErrorKind::InvalidInput => (
+            FailureKind::InvalidRequest,
+            format!("cannot start {program}: {e}"),
+        ),
+        _ if e.raw_os_error() == Some(libc::ENOEXEC) => (
+            FailureKind::PermissionDenied,
+            format!("{program}: cannot execute (exec format error)"),
+        ),
+        _ => (FailureKind::Other, format!("cannot start {program}: {e}")),
+    }
+}
+
+/// Output-pipe bookkeeping of one process.
+#[derive(Default)]
+struct Streams {
+    state: Mutex<StreamState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct StreamState {
+    /// Pipes not yet at end of file.
+    open: u8,
+    /// Pipes whose reader holds data it is sending.
+    busy: u8,
+    /// Last time a reader finished sending.
+    last: Option<Instant>,
+}
+
+impl Streams {
+    /// Waits until every pipe reached end of file, or until the open ones have been idle for
+    /// [`LINGER`].
+    fn wait_drained(&self) {
+        let mut st = lock(&self.state);
+        let exited = Instant::now();
+        loop {
+            if st.open == 0 {
+                return;
+            }
+            let idle_since = st.last.map_or(exited, |l| l.max(exited));
+            let idle = idle_since.elapsed();
+            if st.busy == 0 && idle >= LINGER {
+                return;
+            }
+            let wait = if st.busy > 0 { LINGER } else { LINGER - idle };
+            st = self
+                .changed
+                .wait_timeout(st, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+fn pump(
+    mut pipe: Box<dyn Read + Send>,
+    id: RequestId,
+    is_stdout: bool,
+    out: &Out,
+    streams: &Streams,
+    finished: &AtomicBool,
+) {
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        lock(&streams.state).busy += 1;
+        let data = buf[..n].to_vec();
+        let msg = if is_stdout {
+            GuestMsg::Stdout { id, data }
+        } else {
+            GuestMsg::Stderr { id, data }
+        };
+        // On a broken channel keep draining so the process does not block on a full pipe.
+        let _ = out.send_gated(finished, &msg, false);
+        let mut st = lock(&streams.state);
+        st.busy -= 1;
+        st.last = Some(Instant::now());
+        streams.changed.notify_all();
+    }
+    let mut st = lock(&streams.state);
+    st.open -= 1;
+    streams.changed.notify_all();
+}
+
+type Failure = (FailureKind, String);
+
+fn io_failure(what: &str, path: &str, e: &io::Error) -> Failure {
+    let kind = match e.kind() {
+        io::ErrorKind::NotFound => FailureKind::NotFound,
+        io::ErrorKind::PermissionDenied => FailureKind::PermissionDenied,
+        _ => FailureKind::Other,
+    };
+    (kind, format!("cannot {what} {path}: {e}"))
+}
+
+fn check_absolute(path: &str) -> Result<(), Failure> {
+    if Path::new(path).is_absolute() {
+        Ok(())
+    } else {
+        Err((
+            FailureKind::InvalidRequest,
+            format!("guest path {path:?} is not absolute"),
+        ))
+    }
+}
+
+fn write_chunk(
+    files: &mut HashMap<RequestId, File>,
+    id: RequestId,
+    path: &str,
+    mode: u32,
+    offset: u64,
+    data: &[u8],
+    last: bool,
+) -> Result<(), Failure> {
+    check_absolute(path)?;
+    if offset == 0 {
+        let mode = mode & 0o7777;
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| io_failure("create", path, &e))?;
+        // The umask may have cleared bits; set exactly what was asked for.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| io_failure("set permissions of", path, &e))?;
+        files.insert(id, file);
+    }
+    let Some(file) = files.get_mut(&id) else {
+        return Err((
+            FailureKind::InvalidRequest,
+            format!("write of {path} at offset {offset} without a chunk at offset 0"),
+        ));
+    };
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.write_all(data))
+        .map_err(|e| io_failure("write", path, &e))?;
+    if last {
+        files.remove(&id);
+    }
+    Ok(())
+}
+
+fn open_for_read(path: &str) -> Result<File, Failure> {
+    check_absolute(path)?;
+    let file = File::open(path).map_err(|e| io_failure("open", path, &e))?;
+    match file.metadata() {
+        Ok(m) if m.is_dir() => Err((
+            FailureKind::InvalidRequest,
+            format!("{path} is a directory"),
+        )),
+        Ok(_) => Ok(file),
+        Err(e) => Err(io_failure("stat", path, &e)),
+    }
+}
+
+/// Fills `buf` as far as possible; returns the bytes read (less than its length only at
+/// end of file).
+fn fill(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn send_file(mut file: File, id: RequestId, path: &str, out: &Out) -> Result<(), Failure> {
+    let mut cur = vec![0u8; CHUNK_SIZE];
+    let mut next = vec![0u8; CHUNK_SIZE];
+    let mut n = fill(&mut file, &mut cur).map_err(|e| io_failure("read", path, &e))?;
+    loop {
+        // A short chunk means end of file; a full one needs a look ahead to know.
+        let (m, eof) = if n < CHUNK_SIZE {
+            (0, true)
+        } else {
+            let m = fill(&mut file, &mut next).map_err(|e| io_failure("read", path, &e))?;
+            (m, m == 0)
+        };
+        let msg = GuestMsg::FileData {
+            id,
+            data: cur[..n].to_vec(),
+            eof,
+        };
+        if out.send(&msg).is_err() || eof {
+            return Ok(());
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+    }
+}
+
+fn describe(msg: &HostMsg) -> String {
+    match msg {
+        HostMsg::Stdin { id, data } => format!("stdin id={id} {} bytes", data.len()),
+        HostMsg::WriteFile {
+            id,
+            path,
+            offset,
+            data,
+            ..
+        } => format!(
+            "write-file id={id} {path} offset={offset} {} bytes",
+            data.len()
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+#[path = "serve_tests.rs"]
+mod tests;

@@ -1,0 +1,164 @@
+//! Linux-only system calls of `/init`: mounts, modules, power-off, clocks, terminals, vsock,
+//! and peeking at zombies without reaping them.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in argument"))
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Mount flags used by the agent.
+pub use libc::{MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+
+/// mount(2).
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = cstr(source)?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    // SAFETY: every pointer is either null or a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |s| s.as_ptr().cast::<libc::c_void>()),
+        )
+    };
+    check(rc)
+}
+
+/// chroot(2) to `dir`, then chdir("/").
+pub fn chroot(dir: &str) -> io::Result<()> {
+    let dir = cstr(dir)?;
+    // SAFETY: `dir` is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::chroot(dir.as_ptr()) })?;
+    std::env::set_current_dir("/")
+}
+
+/// Loads the kernel module in `file` with no parameters. `Ok(false)` if it was already loaded.
+pub fn finit_module(file: &File) -> io::Result<bool> {
+    let params = c"";
+    // SAFETY: the fd is open for the duration of the call and `params` is a static C string.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            0 as libc::c_int,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EEXIST) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+/// Flushes all filesystems.
+pub fn sync() {
+    // SAFETY: sync(2) has no arguments and cannot fail.
+    unsafe { libc::sync() }
+}
+
+/// Powers the machine off. Only returns on failure.
+pub fn power_off() -> io::Error {
+    // SAFETY: reboot(2) with a valid command; if it succeeds the machine stops.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    io::Error::last_os_error()
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds (0 if unavailable).
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// Switches the terminal on `file` to raw mode (no echo, no line discipline, 8 bit).
+pub fn set_raw(file: &File) -> io::Result<()> {
+    // SAFETY: termios is plain old data; all-zero is a valid value to be overwritten.
+    let mut tio: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and `tio` is a valid, writable termios.
+    check(unsafe { libc::tcgetattr(file.as_raw_fd(), &mut tio) })?;
+    // SAFETY: `tio` is a valid termios.
+    unsafe { libc::cfmakeraw(&mut tio) };
+    // SAFETY: the fd is open and `tio` is a valid termios.
+    check(unsafe { libc::tcsetattr(file.as_raw_fd(), libc::TCSANOW, &tio) })
+}
+
+/// Connects an `AF_VSOCK` stream socket to `cid:port`.
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<File> {
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: `addr` is a valid sockaddr_vm and the length passed is its size.
+    let rc = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    check(rc)?;
+    Ok(File::from(owned))
+}
+
+/// Blocks until some child has terminated and returns its pid WITHOUT reaping it
+/// (`waitid(P_ALL, WEXITED | WNOWAIT)`), so the caller can decide who reaps it.
+pub fn peek_zombie() -> io::Result<i32> {
+    loop {
+        // SAFETY: siginfo_t is plain old data; all-zero is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable siginfo_t.
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // SAFETY: waitid succeeded for WEXITED, so the kernel filled in the child fields.
+        return Ok(unsafe { info.si_pid() });
+    }
+}
