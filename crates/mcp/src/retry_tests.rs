@@ -488,3 +488,15 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #[test]
+    fn retry_after_round_trips_and_never_panics(secs in 0u64..10_000_000_000, junk in ".{0,40}", date_secs in 0u64..4_000_000_000) {
+        prop_assert_eq!(RetryAfter::parse(&secs.to_string()), Some(RetryAfter::Delay(Duration::from_secs(secs))));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(date_secs);
+        prop_assert_eq!(RetryAfter::parse(&httpdate::fmt_http_date(at)), Some(RetryAfter::At(at)));
+        if let Some(ra) = RetryAfter::parse(&junk) {
+            let _ = ra.delay_from(now());
+        }
+    }
+}
