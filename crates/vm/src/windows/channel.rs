@@ -1,72 +1,82 @@
-//! Host channels over loopback TCP, for hosts without Unix sockets or vsock (Windows).
+//! Host channels over loopback TCP, for hosts without socketpairs that QEMU can inherit
+//! (Windows).
 //!
-//! vmcp listens on `127.0.0.1:<ephemeral>` *before* it starts QEMU; QEMU's chardev connects to
-//! it as a client. Any local process could connect to that port too, so the agent channel is
-//! authenticated: the guest sends the per-VM random token (given to it on the kernel command
-//! line) in its hello, and [`LoopbackListener::accept_agent`] keeps a connection only when the
-//! token matches ([`AgentClient::connect`] checks it in constant time). Connections with a
-//! wrong token, garbage, or silence are dropped; handshakes run concurrently, so a peer that
-//! connects and says nothing cannot delay the real guest. Only the deadline ends the wait.
+//! vmcp binds `127.0.0.1:<ephemeral>` *before* it starts QEMU, and QEMU's chardev connects to
+//! it as a client (`-chardev socket,host=127.0.0.1,port=N`). A [`PendingTcpStream`] is the
+//! host end: a byte stream that accepts its one connection the first time it is read or
+//! written, then closes the listener. So the QEMU backend's code, written for connected
+//! socketpairs, works unchanged: QMP, console and agent channel are each one such stream.
 //!
-//! Limits: QMP carries no token. [`LoopbackListener::accept_one`] takes the first loopback
-//! connection; a local process that wins the race could receive vmcp's QMP commands (which
-//! carry no secrets) and hold up graceful shutdown, after which vmcp kills QEMU through its
-//! process handle anyway. Tying the QMP connection to QEMU's process id is future work.
+//! Security: the port is reachable only from this machine (loopback; non-loopback peers are
+//! refused), but any local process could connect first. The agent channel is therefore
+//! authenticated: the guest sends the per-VM random token (on the kernel command line) in
+//! its hello and [`crate::agent::AgentClient::connect`] drops a peer with a wrong token
+//! ([`crate::agent::AgentError::BadToken`]). An impostor that wins the race can therefore
+//! make the VM fail to start (denial of service), but can neither drive the guest nor read
+//! its output. QMP and console carry no secret (the token is not sent over QMP; the console
+//! shows the guest's boot log). Tying each connection to QEMU's process id
+//! (`GetExtendedTcpTable`) would close the race; it is future work.
 
+use std::future::Future;
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
-use crate::agent::{AgentClient, AgentError};
+type Accept = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
-/// Errors of the loopback channels.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ChannelError {
-    /// Binding the listener failed.
-    #[error("cannot listen on 127.0.0.1")]
-    Bind(#[source] std::io::Error),
-    /// Accepting failed.
-    #[error("cannot accept a connection on {addr}")]
-    Accept {
-        /// Listening address.
-        addr: SocketAddr,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// No acceptable peer before the deadline.
-    #[error("no guest agent connected to {addr} with the right token within {timeout:?} ({rejected} other connection(s) rejected)")]
-    Timeout {
-        /// Listening address.
-        addr: SocketAddr,
-        /// The deadline.
-        timeout: Duration,
-        /// How many connections were dropped.
-        rejected: usize,
-    },
-    /// The right guest connected but the handshake failed for another reason (protocol
-    /// version).
-    #[error("guest agent handshake failed")]
-    Agent(#[source] AgentError),
+enum State {
+    Accepting(Accept),
+    Ready(TcpStream),
+    Failed(io::ErrorKind, String),
 }
 
-/// A listener on `127.0.0.1` with an ephemeral port.
-#[derive(Debug)]
-pub struct LoopbackListener {
-    listener: TcpListener,
+/// The host end of a loopback TCP channel: accepts one loopback connection on first use.
+pub struct PendingTcpStream {
     addr: SocketAddr,
+    state: State,
 }
 
-impl LoopbackListener {
-    /// Binds `127.0.0.1:0`.
-    pub async fn bind() -> Result<Self, ChannelError> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .map_err(ChannelError::Bind)?;
-        let addr = listener.local_addr().map_err(ChannelError::Bind)?;
-        Ok(LoopbackListener { listener, addr })
+impl std::fmt::Debug for PendingTcpStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Accepting(_) => "accepting",
+            State::Ready(_) => "connected",
+            State::Failed(..) => "failed",
+        };
+        f.debug_struct("PendingTcpStream")
+            .field("addr", &self.addr)
+            .field("state", &state)
+            .finish()
+    }
+}
+
+impl PendingTcpStream {
+    /// Binds `127.0.0.1:0`. Needs no async runtime; the first read or write must happen inside
+    /// one.
+    pub fn listen() -> io::Result<PendingTcpStream> {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let accept: Accept = Box::pin(async move {
+            let listener = TcpListener::from_std(listener)?;
+            loop {
+                let (stream, peer) = listener.accept().await?;
+                if peer.ip().is_loopback() {
+                    stream.set_nodelay(true)?;
+                    // The listener is dropped here: nobody else can connect afterwards.
+                    return Ok(stream);
+                }
+                tracing::warn!(%peer, %addr, "refused a non-loopback connection");
+            }
+        });
+        Ok(PendingTcpStream {
+            addr,
+            state: State::Accepting(accept),
+        })
     }
 
     /// The address QEMU must connect to.
@@ -74,78 +84,62 @@ impl LoopbackListener {
         self.addr
     }
 
-    /// The first loopback connection within `timeout` (for QMP; see the module docs).
-    pub async fn accept_one(&self, timeout: Duration) -> Result<TcpStream, ChannelError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut rejected = 0;
-        loop {
-            let (stream, peer) = tokio::time::timeout_at(deadline, self.listener.accept())
-                .await
-                .map_err(|_| ChannelError::Timeout {
-                    addr: self.addr,
-                    timeout,
-                    rejected,
-                })?
-                .map_err(|source| ChannelError::Accept {
-                    addr: self.addr,
-                    source,
-                })?;
-            if peer.ip().is_loopback() {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
+    /// Whether the connection has been accepted.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.state, State::Ready(_))
+    }
+
+    fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut TcpStream>> {
+        if let State::Accepting(accept) = &mut self.state {
+            self.state = match ready!(accept.as_mut().poll(cx)) {
+                Ok(stream) => State::Ready(stream),
+                Err(e) => State::Failed(e.kind(), e.to_string()),
+            };
+        }
+        match &mut self.state {
+            State::Ready(stream) => Poll::Ready(Ok(stream)),
+            State::Failed(kind, message) => {
+                Poll::Ready(Err(io::Error::new(*kind, message.clone())))
             }
-            rejected += 1;
+            State::Accepting(_) => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for PendingTcpStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let stream = ready!(self.get_mut().poll_connected(cx))?;
+        Pin::new(stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PendingTcpStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let stream = ready!(self.get_mut().poll_connected(cx))?;
+        Pin::new(stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().state {
+            State::Ready(stream) => Pin::new(stream).poll_flush(cx),
+            // Nothing was written yet, so there is nothing to flush.
+            State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
         }
     }
 
-    /// Accepts connections until one presents `token` in a valid agent hello, within
-    /// `timeout`; returns the connected client. Other connections are dropped.
-    pub async fn accept_agent(
-        &self,
-        token: &str,
-        timeout: Duration,
-    ) -> Result<AgentClient, ChannelError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut handshakes: JoinSet<Result<AgentClient, AgentError>> = JoinSet::new();
-        let mut rejected = 0usize;
-        let timed_out = |rejected| ChannelError::Timeout {
-            addr: self.addr,
-            timeout,
-            rejected,
-        };
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return Err(timed_out(rejected)),
-                accepted = self.listener.accept() => {
-                    let (stream, peer) = accepted.map_err(|source| ChannelError::Accept {
-                        addr: self.addr,
-                        source,
-                    })?;
-                    if !peer.ip().is_loopback() {
-                        rejected += 1;
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
-                    let token = token.to_string();
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    handshakes.spawn(async move { AgentClient::connect(stream, &token, left).await });
-                }
-                Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
-                    match done {
-                        Ok(Ok(client)) => return Ok(client),
-                        // The token matched, so this is our guest; its protocol is wrong.
-                        Ok(Err(e @ AgentError::Version { .. })) => return Err(ChannelError::Agent(e)),
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer_error = %e, addr = %self.addr, "dropped a connection on the agent channel");
-                            rejected += 1;
-                        }
-                        Err(join) => {
-                            tracing::warn!(error = %join, "agent handshake task failed");
-                            rejected += 1;
-                        }
-                    }
-                }
-            }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().state {
+            State::Ready(stream) => Pin::new(stream).poll_shutdown(cx),
+            // Never connected: shutting down must not wait for a peer.
+            State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
         }
     }
 }
@@ -153,12 +147,16 @@ impl LoopbackListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use vmcp_guest_proto::{write_msg_async, Capabilities, GuestMsg, Hello, PROTOCOL_VERSION};
 
-    fn hello(token: &str, version: u16) -> GuestMsg {
+    use crate::agent::{AgentClient, AgentError};
+
+    fn hello(token: &str) -> GuestMsg {
         GuestMsg::Hello(Hello {
-            protocol_version: version,
+            protocol_version: PROTOCOL_VERSION,
             agent_version: "test".into(),
             capabilities: Capabilities::default(),
             token: token.into(),
@@ -166,23 +164,21 @@ mod tests {
         })
     }
 
-    async fn guest(addr: SocketAddr, msg: GuestMsg) -> TcpStream {
+    /// A guest that connects like QEMU's chardev and sends a hello.
+    async fn guest(addr: SocketAddr, token: &str) -> TcpStream {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        write_msg_async(&mut s, &msg).await.unwrap();
+        write_msg_async(&mut s, &hello(token)).await.unwrap();
         s
     }
 
-    const TOKEN: &str = "3f9c0a51d2b8e7f4";
+    const TOKEN: &str = "3f9c0a51d2b8e7f4a0b1c2d3e4f50617";
 
     #[tokio::test]
-    async fn wrong_token_is_rejected_by_the_handshake() {
-        // The agent client itself, on a TCP loopback pair.
-        let l = LoopbackListener::bind().await.unwrap();
-        let addr = l.addr();
-        assert!(addr.ip().is_loopback() && addr.port() != 0);
-        let g = tokio::spawn(guest(addr, hello("not-the-token", PROTOCOL_VERSION)));
-        let (s, _) = l.listener.accept().await.unwrap();
-        let e = AgentClient::connect(s, TOKEN, Duration::from_secs(5))
+    async fn wrong_token_is_rejected_over_tcp() {
+        let host = PendingTcpStream::listen().unwrap();
+        assert!(host.addr().ip().is_loopback() && host.addr().port() != 0);
+        let g = tokio::spawn(guest(host.addr(), "guessed-token"));
+        let e = AgentClient::connect(host, TOKEN, Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::BadToken), "{e:?}");
@@ -190,78 +186,54 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_right_token_is_kept() {
-        let l = LoopbackListener::bind().await.unwrap();
-        let addr = l.addr();
-        let peers = tokio::spawn(async move {
-            // A silent peer, a garbage peer, an impostor, then the real guest.
-            let silent = TcpStream::connect(addr).await.unwrap();
-            let mut garbage = TcpStream::connect(addr).await.unwrap();
-            garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-            let impostor = guest(addr, hello("guess", PROTOCOL_VERSION)).await;
-            let real = guest(addr, hello(TOKEN, PROTOCOL_VERSION)).await;
-            (silent, garbage, impostor, real)
-        });
-        let client = l
-            .accept_agent(TOKEN, Duration::from_secs(10))
+    async fn right_token_connects_over_tcp() {
+        let host = PendingTcpStream::listen().unwrap();
+        let g = tokio::spawn(guest(host.addr(), TOKEN));
+        let client = AgentClient::connect(host, TOKEN, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(client.hello().token, TOKEN);
-        assert_eq!(client.hello().agent_version, "test");
-        drop(peers.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn impostors_only_means_timeout_with_count() {
-        let l = LoopbackListener::bind().await.unwrap();
-        let addr = l.addr();
-        let peers = tokio::spawn(async move {
-            let a = guest(addr, hello("wrong", PROTOCOL_VERSION)).await;
-            let b = guest(addr, hello("", PROTOCOL_VERSION)).await;
-            (a, b)
-        });
-        let e = l
-            .accept_agent(TOKEN, Duration::from_millis(700))
-            .await
-            .unwrap_err();
-        let text = e.to_string();
-        assert!(
-            matches!(e, ChannelError::Timeout { rejected: 2, .. }),
-            "{text}"
-        );
-        assert!(
-            text.contains("right token") && text.contains("127.0.0.1"),
-            "{text}"
-        );
-        drop(peers.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn right_token_wrong_version_is_an_error() {
-        let l = LoopbackListener::bind().await.unwrap();
-        let g = tokio::spawn(guest(l.addr(), hello(TOKEN, PROTOCOL_VERSION + 1)));
-        let e = l
-            .accept_agent(TOKEN, Duration::from_secs(5))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, ChannelError::Agent(AgentError::Version { .. })),
-            "{e:?}"
-        );
         drop(g.await.unwrap());
     }
 
     #[tokio::test]
-    async fn accept_one_for_qmp() {
-        let l = LoopbackListener::bind().await.unwrap();
-        let e = l.accept_one(Duration::from_millis(100)).await.unwrap_err();
-        assert!(matches!(e, ChannelError::Timeout { rejected: 0, .. }));
-        let addr = l.addr();
-        let c = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
-        let s = l.accept_one(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(
-            s.peer_addr().unwrap(),
-            c.await.unwrap().local_addr().unwrap()
+    async fn one_connection_then_the_port_is_closed() {
+        let mut host = PendingTcpStream::listen().unwrap();
+        let addr = host.addr();
+        assert!(!host.is_connected());
+        // Before anything connects, flush and shutdown do not wait.
+        host.flush().await.unwrap();
+        let mut peer = TcpStream::connect(addr).await.unwrap();
+        peer.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        host.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        assert!(host.is_connected());
+        host.write_all(b"pong").await.unwrap();
+        host.flush().await.unwrap();
+        peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        // The listener is gone: a second connection is refused.
+        assert!(TcpStream::connect(addr).await.is_err());
+        host.shutdown().await.unwrap();
+        assert_eq!(peer.read(&mut buf).await.unwrap(), 0);
+        assert!(format!("{host:?}").contains("connected"));
+    }
+
+    #[tokio::test]
+    async fn unused_stream_shuts_down_at_once() {
+        let mut host = PendingTcpStream::listen().unwrap();
+        assert!(format!("{host:?}").contains("accepting"));
+        tokio::time::timeout(Duration::from_secs(1), host.shutdown())
+            .await
+            .unwrap()
+            .unwrap();
+        // A read waits for a peer; with none it is still pending after a while.
+        let mut b = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), host.read(&mut b))
+                .await
+                .is_err()
         );
     }
 }
