@@ -36,10 +36,14 @@ pub mod stale;
 mod platform_linux;
 #[cfg(target_os = "linux")]
 use platform_linux as platform;
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", windows)))]
 mod platform_unsupported;
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", windows)))]
 use platform_unsupported as platform;
+#[cfg(windows)]
+mod platform_windows;
+#[cfg(windows)]
+use platform_windows as platform;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -285,10 +289,24 @@ struct Inherited {
 }
 
 impl Inherited {
-    fn keep(&mut self, fd: platform::ChildFd) -> i32 {
-        let raw = fd.raw();
+    /// Keeps `fd` open until QEMU runs; returns how the plan names it (the platform decides:
+    /// an inherited descriptor on Linux, a path or loopback address on Windows).
+    fn file(&mut self, fd: platform::ChildFd) -> FileRef {
+        let r = fd.file_ref();
         self.fds.push(fd);
-        raw
+        r
+    }
+
+    fn endpoint(&mut self, fd: platform::ChildFd) -> Endpoint {
+        let e = fd.endpoint();
+        self.fds.push(fd);
+        e
+    }
+
+    fn disk(&mut self, fds: Vec<platform::ChildFd>) -> DiskSource {
+        let source = platform::disk_source(1, &fds);
+        self.fds.extend(fds);
+        source
     }
 }
 
@@ -423,30 +441,27 @@ impl QemuVm {
         let initrd = platform::open_for_child(&self.config.initrd, false).map_err(host_err(
             format!("open initrd {}", self.config.initrd.display()),
         ))?;
-        let rootfs =
-            match &self.config.rootfs {
-                None => None,
-                Some(d) => {
-                    let what = format!("open rootfs {}", d.path.display());
-                    let mut fds = vec![inherited
-                        .keep(platform::open_for_child(&d.path, false).map_err(host_err(&what))?)];
-                    if !d.read_only {
-                        fds.push(inherited.keep(
-                            platform::open_for_child(&d.path, true).map_err(host_err(&what))?,
-                        ));
-                    }
-                    Some(DiskPlan {
-                        source: DiskSource::FdSet { set: 1, fds },
-                        read_only: d.read_only,
-                    })
+        let rootfs = match &self.config.rootfs {
+            None => None,
+            Some(d) => {
+                let what = format!("open rootfs {}", d.path.display());
+                let mut fds =
+                    vec![platform::open_for_child(&d.path, false).map_err(host_err(&what))?];
+                if !d.read_only {
+                    fds.push(platform::open_for_child(&d.path, true).map_err(host_err(&what))?);
                 }
-            };
+                Some(DiskPlan {
+                    source: inherited.disk(fds),
+                    read_only: d.read_only,
+                })
+            }
+        };
         let mut hosts = Vec::with_capacity(3);
         let mut endpoint = |name: &str| -> Result<Endpoint, VmError> {
             let (host, child) =
                 platform::stream_pair().map_err(host_err(format!("create the {name} channel")))?;
             hosts.push(host);
-            Ok(Endpoint::Fd(inherited.keep(child)))
+            Ok(inherited.endpoint(child))
         };
         let qmp = endpoint("QMP")?;
         let console = endpoint("console")?;
@@ -458,8 +473,8 @@ impl QemuVm {
             host: self.host,
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
-            kernel: FileRef::Fd(inherited.keep(kernel)),
-            initrd: FileRef::Fd(inherited.keep(initrd)),
+            kernel: inherited.file(kernel),
+            initrd: inherited.file(initrd),
             append: self.kernel_args().render(),
             rootfs,
             qmp,

@@ -26,6 +26,12 @@ pub enum FindError {
         /// Package that provides it on Debian/Ubuntu.
         package: &'static str,
     },
+    /// Not in `PATH` nor in `%ProgramFiles%\\qemu` (Windows).
+    #[error("{name} was not found in PATH or in %ProgramFiles%\\qemu: install QEMU for Windows from {url} or set ${QEMU_ENV}", url = crate::windows::qemu_args::QEMU_DOWNLOAD_URL)]
+    NotFoundWindows {
+        /// Binary name looked for.
+        name: String,
+    },
 }
 
 /// The binary name for `arch` (with the host's executable suffix).
@@ -86,12 +92,25 @@ fn search_path(
 
 /// Finds the QEMU binary for `arch` on this host.
 pub fn find(arch: Arch) -> Result<PathBuf, FindError> {
-    find_with(
+    let found = find_with(
         arch,
         std::env::var_os(QEMU_ENV).as_deref(),
         std::env::var_os("PATH").as_deref(),
         is_executable_file,
-    )
+    );
+    match found {
+        // Windows: the QEMU installer does not add itself to PATH; try its default folder.
+        Err(FindError::NotFound { name, .. }) if cfg!(windows) => {
+            crate::windows::qemu_args::find_qemu(
+                arch,
+                None,
+                std::env::var_os("ProgramFiles").as_deref(),
+                is_executable_file,
+            )
+            .ok_or(FindError::NotFoundWindows { name })
+        }
+        other => other,
+    }
 }
 
 fn is_executable_file(p: &Path) -> bool {

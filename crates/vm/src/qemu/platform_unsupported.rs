@@ -33,6 +33,24 @@ impl ChildFd {
     pub fn raw(&self) -> i32 {
         self.0
     }
+
+    /// How the plan names this file: by inherited descriptor.
+    pub fn file_ref(&self) -> super::cmdline::FileRef {
+        super::cmdline::FileRef::Fd(self.raw())
+    }
+
+    /// How the plan names this channel end: by inherited descriptor.
+    pub fn endpoint(&self) -> super::cmdline::Endpoint {
+        super::cmdline::Endpoint::Fd(self.raw())
+    }
+}
+
+/// A disk handed over as descriptors in fd set `set`.
+pub fn disk_source(set: u32, fds: &[ChildFd]) -> super::cmdline::DiskSource {
+    super::cmdline::DiskSource::FdSet {
+        set,
+        fds: fds.iter().map(ChildFd::raw).collect(),
+    }
 }
 
 fn unsupported() -> io::Error {

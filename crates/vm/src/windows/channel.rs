@@ -17,7 +17,6 @@
 //! shows the guest's boot log). Tying each connection to QEMU's process id
 //! (`GetExtendedTcpTable`) would close the race; it is future work.
 
-use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -26,10 +25,10 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-type Accept = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
-
 enum State {
-    Accepting(Accept),
+    /// Bound, not yet registered with the runtime (binding needs no runtime).
+    Bound(std::net::TcpListener),
+    Accepting(TcpListener),
     Ready(TcpStream),
     Failed(io::ErrorKind, String),
 }
@@ -43,7 +42,7 @@ pub struct PendingTcpStream {
 impl std::fmt::Debug for PendingTcpStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let state = match &self.state {
-            State::Accepting(_) => "accepting",
+            State::Bound(_) | State::Accepting(_) => "accepting",
             State::Ready(_) => "connected",
             State::Failed(..) => "failed",
         };
@@ -61,21 +60,9 @@ impl PendingTcpStream {
         let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
-        let accept: Accept = Box::pin(async move {
-            let listener = TcpListener::from_std(listener)?;
-            loop {
-                let (stream, peer) = listener.accept().await?;
-                if peer.ip().is_loopback() {
-                    stream.set_nodelay(true)?;
-                    // The listener is dropped here: nobody else can connect afterwards.
-                    return Ok(stream);
-                }
-                tracing::warn!(%peer, %addr, "refused a non-loopback connection");
-            }
-        });
         Ok(PendingTcpStream {
             addr,
-            state: State::Accepting(accept),
+            state: State::Bound(listener),
         })
     }
 
@@ -90,18 +77,36 @@ impl PendingTcpStream {
     }
 
     fn poll_connected(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut TcpStream>> {
-        if let State::Accepting(accept) = &mut self.state {
-            self.state = match ready!(accept.as_mut().poll(cx)) {
-                Ok(stream) => State::Ready(stream),
-                Err(e) => State::Failed(e.kind(), e.to_string()),
+        loop {
+            let next = match &mut self.state {
+                State::Ready(_) | State::Failed(..) => break,
+                State::Bound(std_listener) => {
+                    match std_listener.try_clone().and_then(TcpListener::from_std) {
+                        Ok(listener) => State::Accepting(listener),
+                        Err(e) => State::Failed(e.kind(), e.to_string()),
+                    }
+                }
+                State::Accepting(listener) => match ready!(listener.poll_accept(cx)) {
+                    Ok((stream, peer)) if peer.ip().is_loopback() => {
+                        let _ = stream.set_nodelay(true);
+                        // The listener is dropped here: nobody else can connect afterwards.
+                        State::Ready(stream)
+                    }
+                    Ok((_, peer)) => {
+                        tracing::warn!(%peer, addr = %self.addr, "refused a non-loopback connection");
+                        continue;
+                    }
+                    Err(e) => State::Failed(e.kind(), e.to_string()),
+                },
             };
+            self.state = next;
         }
         match &mut self.state {
             State::Ready(stream) => Poll::Ready(Ok(stream)),
             State::Failed(kind, message) => {
                 Poll::Ready(Err(io::Error::new(*kind, message.clone())))
             }
-            State::Accepting(_) => Poll::Pending,
+            State::Bound(_) | State::Accepting(_) => Poll::Pending,
         }
     }
 }
@@ -131,7 +136,7 @@ impl AsyncWrite for PendingTcpStream {
         match &mut self.get_mut().state {
             State::Ready(stream) => Pin::new(stream).poll_flush(cx),
             // Nothing was written yet, so there is nothing to flush.
-            State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
+            State::Bound(_) | State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
         }
     }
 
@@ -139,7 +144,7 @@ impl AsyncWrite for PendingTcpStream {
         match &mut self.get_mut().state {
             State::Ready(stream) => Pin::new(stream).poll_shutdown(cx),
             // Never connected: shutting down must not wait for a peer.
-            State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
+            State::Bound(_) | State::Accepting(_) | State::Failed(..) => Poll::Ready(Ok(())),
         }
     }
 }

@@ -31,9 +31,39 @@ mod sys;
 
 pub use sys::KillOnCloseJob;
 
+/// `Ok` when the Windows Hypervisor Platform can be used here, else why not and what to do,
+/// in one line (the QEMU backend's `HostFacts::whpx`).
+pub fn whpx_fact() -> Result<(), String> {
+    let status = sys::whp_status();
+    if status.usable() {
+        return Ok(());
+    }
+    let fix = status.fix();
+    Err(if fix.is_empty() {
+        status.reason()
+    } else {
+        format!("{}; to fix: {fix}", status.reason())
+    })
+}
+
 /// Gathers the facts for this host and builds the Windows doctor report (QEMU for the host's
 /// architecture, found through this process's `PATH` and `%ProgramFiles%`).
 pub async fn doctor_report() -> doctor::Report {
     let facts = probe::gather(&probe::HostEnv::current(), crate::Arch::host()).await;
     doctor::build(&facts)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn whpx_fact_explains() {
+        match super::whpx_fact() {
+            // Linux: "this is not a Windows host"; Windows/wine without WHP: reason and fix.
+            Err(e) => assert!(
+                e.contains("not a Windows host") || e.contains("to fix:"),
+                "{e}"
+            ),
+            Ok(()) => assert_eq!(std::env::consts::OS, "windows"),
+        }
+    }
 }

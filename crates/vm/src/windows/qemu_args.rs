@@ -211,4 +211,76 @@ mod tests {
         assert!(a.windows(2).any(|w| w == ["-machine", "none"]));
         assert!(a.windows(2).any(|w| w == ["-qmp", "stdio"]));
     }
+
+    #[test]
+    fn windows_command_line_quotes_paths_and_uses_loopback_tcp() {
+        use crate::qemu::{
+            DiskPlan, DiskSource, Endpoint, FileRef, HostOs, QemuPlan, VirtioTransport, AGENT_PORT,
+        };
+        let tcp = |port| Endpoint::TcpConnect(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+        let kernel = r"C:\Users\Ann Lee\AppData\Local\vmcp\cache\img,v1\vmlinuz";
+        let plan = QemuPlan {
+            binary: r"C:\Program Files\qemu\qemu-system-x86_64.exe".into(),
+            arch: Arch::X86_64,
+            accel: Accel::Whpx,
+            host: HostOs::Windows,
+            cpus: 2,
+            memory_mib: 512,
+            kernel: FileRef::Path(kernel.into()),
+            initrd: FileRef::Path(r"C:\Users\Ann Lee\initrd.img".into()),
+            append: "console=ttyS0 vmcp.token=00ff".into(),
+            rootfs: Some(DiskPlan {
+                source: DiskSource::Path(r"D:\disks, old\root.img".into()),
+                read_only: false,
+            }),
+            qmp: tcp(50001),
+            console: tcp(50002),
+            agent: tcp(50003),
+            agent_port: AGENT_PORT.into(),
+            virtio: VirtioTransport::Pci,
+            network: false,
+            sandbox: QemuPlan::sandbox_supported(HostOs::Windows),
+        };
+        let argv: Vec<String> = plan
+            .argv()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| {
+            let i = argv.iter().position(|a| a == flag).unwrap();
+            argv[i + 1].clone()
+        };
+        assert_eq!(argv[0], r"C:\Program Files\qemu\qemu-system-x86_64.exe");
+        assert_eq!(after("-accel"), "whpx,kernel-irqchip=off");
+        // -kernel is not an option list: the path goes through untouched (one argv entry;
+        // Command quotes the space for the C runtime).
+        assert_eq!(after("-kernel"), kernel);
+        assert_eq!(after("-initrd"), r"C:\Users\Ann Lee\initrd.img");
+        // -drive is an option list: the comma is doubled, spaces and backslashes stay.
+        let drive = after("-drive");
+        assert!(
+            drive.starts_with(r"file=D:\disks,, old\root.img,"),
+            "{drive}"
+        );
+        assert!(drive.contains("read-only=off"), "{drive}");
+        let chardevs: Vec<&String> = argv
+            .iter()
+            .zip(argv.iter().skip(1))
+            .filter(|(f, _)| *f == "-chardev")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            chardevs,
+            [
+                "socket,id=qmp,host=127.0.0.1,port=50001",
+                "socket,id=console,host=127.0.0.1,port=50002",
+                "socket,id=agent,host=127.0.0.1,port=50003"
+            ]
+        );
+        // Nothing Linux-only: no seccomp sandbox, no inherited descriptors.
+        assert!(!argv.iter().any(|a| a == "-sandbox" || a == "-add-fd"));
+        assert!(!argv
+            .iter()
+            .any(|a| a.contains("/dev/fd") || a.contains("fd=")));
+    }
 }
