@@ -1,12 +1,254 @@
-//! `vmcp bench`.
+//! `vmcp bench`: cold start, exec and ping latency, and idle memory of QEMU VMs.
+//!
+//! What is measured (host wall clock unless noted):
+//! - **kernel → userspace**: QEMU spawn until QEMU exits, booting the same kernel and
+//!   initramfs with `rdinit=/bin/true`: the first userspace program exits at once, the kernel
+//!   panics ("attempted to kill init") and, with `panic=-1 -no-reboot`, QEMU exits. This is the
+//!   time the kernel needs to reach its first userspace instruction, plus QEMU start and a
+//!   few milliseconds of panic path; the baseline the agent-ready time is compared with.
+//! - **cold start → agent ready**: `Vm::start` (spawn, QMP handshake) until the agent's hello.
+//! - **guest clock at hello**: the guest's `CLOCK_BOOTTIME` in the hello (guest view of the
+//!   same; under TCG the guest clock is only roughly right).
+//! - **exec `true`** round trip on one running VM, and **ping** round trip.
+//! - **idle RSS**: QEMU's `VmRSS` one second after the agent became ready.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use vmcp_vm::agent::ExecSpec;
+use vmcp_vm::qemu::{QemuBackend, QemuVm};
+use vmcp_vm::{Accel, Arch, Vm, VmConfig, VmError};
 
 /// Arguments of `vmcp bench`.
-#[derive(clap::Args)]
-pub struct BenchArgs {}
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Cold boots to time (at least 10 for the report's percentiles to mean something).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub runs: usize,
+    /// Round trips of `true` and of ping on one VM.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub iterations: usize,
+    /// Accelerator (probed when absent).
+    #[arg(long, value_parser = parse_accel)]
+    pub accel: Option<Accel>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub memory: u32,
+    /// Kernel to boot instead of the built image's (needs --initrd).
+    #[arg(long, value_name = "FILE", requires = "initrd")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Initramfs to boot instead of the built image's (needs --kernel).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
+}
+
+fn parse_accel(s: &str) -> Result<Accel, String> {
+    s.parse::<Accel>().map_err(|e| e.to_string())
+}
+
+/// Sorted samples with percentile helpers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples(Vec<Duration>);
+
+impl Samples {
+    /// Sorts `v`.
+    pub fn new(mut v: Vec<Duration>) -> Self {
+        v.sort();
+        Samples(v)
+    }
+    /// The `p`-th percentile (nearest rank), `p` in 0..=100.
+    pub fn pct(&self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+    /// Smallest sample.
+    pub fn min(&self) -> Duration {
+        self.0.first().copied().unwrap_or_default()
+    }
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
 
 /// Runs `vmcp bench`.
-pub async fn run(_args: BenchArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`vmcp bench` is not available in this build yet")
+pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.runs == 0 || args.iterations == 0 {
+        anyhow::bail!("--runs and --iterations must be at least 1");
+    }
+    let (kernel, initrd) = match (&args.kernel, &args.initrd) {
+        (Some(k), Some(i)) => (k.clone(), i.clone()),
+        _ => crate::run::ensure_image(Arch::host()).await?,
+    };
+    let backend = QemuBackend::new();
+    let mut config = VmConfig::new(kernel, initrd);
+    config.memory_mib = args.memory;
+    let choice = backend.choose_accel(config.arch, args.accel)?;
+    if let Some(n) = &choice.notice {
+        eprintln!("vmcp: notice: {n}");
+    }
+    config.accel = Some(choice.accel);
+    eprintln!(
+        "vmcp bench: {} runs, {} iterations, accel {}, {} MiB",
+        args.runs, args.iterations, choice.accel, args.memory
+    );
+
+    // Interleave the two boots so host drift hits both alike.
+    let mut to_userspace = Vec::with_capacity(args.runs);
+    let mut ready = Vec::with_capacity(args.runs);
+    let mut guest_ready = Vec::with_capacity(args.runs);
+    for i in 0..args.runs {
+        to_userspace.push(kernel_to_userspace(&backend, &config).await?);
+        let (vm, wall, guest) = boot(&backend, &config).await?;
+        ready.push(wall);
+        guest_ready.push(guest);
+        drop(vm);
+        eprintln!(
+            "  run {}: kernel→userspace {}, agent ready {}",
+            i + 1,
+            ms(to_userspace[i]),
+            ms(wall)
+        );
+    }
+    let to_userspace = Samples::new(to_userspace);
+    let ready = Samples::new(ready);
+    let guest_ready = Samples::new(guest_ready);
+
+    let (mut vm, _, _) = boot(&backend, &config).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss = vm.rss_kib();
+    let agent = vm.agent()?;
+    // The first exec pages busybox in and warms TCG's translation cache; report it apart.
+    let t = Instant::now();
+    agent
+        .exec(ExecSpec::new(["true"]))
+        .await?
+        .wait_with_output()
+        .await?;
+    let first_exec = t.elapsed();
+    let mut exec = Vec::with_capacity(args.iterations);
+    for _ in 0..args.iterations {
+        let t = Instant::now();
+        let out = agent
+            .exec(ExecSpec::new(["true"]))
+            .await?
+            .wait_with_output()
+            .await?;
+        exec.push(t.elapsed());
+        anyhow::ensure!(
+            out.status == vmcp_guest_proto::ExitStatus::Code(0),
+            "`true` failed in the guest: {:?}",
+            out.status
+        );
+    }
+    let mut ping = Vec::with_capacity(args.iterations);
+    for _ in 0..args.iterations {
+        ping.push(agent.ping().await?);
+    }
+    drop(agent);
+    vm.shutdown(Duration::from_secs(5)).await?;
+    let exec = Samples::new(exec);
+    let ping = Samples::new(ping);
+
+    let ratio = ready.pct(50.0).as_secs_f64() / to_userspace.pct(50.0).as_secs_f64().max(1e-9);
+    println!("| metric | p50 | min / p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| kernel → first userspace (QEMU spawn → exit with rdinit=/bin/true), {} runs | {} | min {} |",
+        to_userspace.len(),
+        ms(to_userspace.pct(50.0)),
+        ms(to_userspace.min())
+    );
+    println!(
+        "| cold start → agent ready, {} runs | {} | min {} |",
+        ready.len(),
+        ms(ready.pct(50.0)),
+        ms(ready.min())
+    );
+    println!(
+        "| guest CLOCK_BOOTTIME at agent hello | {} | min {} |",
+        ms(guest_ready.pct(50.0)),
+        ms(guest_ready.min())
+    );
+    println!("| first exec `true` after boot | {} | |", ms(first_exec));
+    println!(
+        "| exec `true` round trip, {} iterations | {} | p99 {} |",
+        exec.len(),
+        ms(exec.pct(50.0)),
+        ms(exec.pct(99.0))
+    );
+    println!(
+        "| ping round trip, {} iterations | {} | p99 {} |",
+        ping.len(),
+        us(ping.pct(50.0)),
+        us(ping.pct(99.0))
+    );
+    match rss {
+        Some(kib) => println!(
+            "| QEMU RSS, idle VM ({} MiB guest) | {:.0} MiB | |",
+            args.memory,
+            kib as f64 / 1024.0
+        ),
+        None => println!("| QEMU RSS, idle VM | unknown on this OS | |"),
+    }
+    println!("agent ready / kernel→userspace (p50): {ratio:.2}× (target ≤ 1.5×)");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates, starts and waits for a VM; returns it with the host and guest ready times.
+async fn boot(
+    backend: &QemuBackend,
+    config: &VmConfig,
+) -> anyhow::Result<(QemuVm, Duration, Duration)> {
+    let mut vm = backend.create_qemu(config.clone()).await?;
+    let t = Instant::now();
+    vm.start().await?;
+    let info = vm.wait_ready(Duration::from_secs(60)).await?;
+    Ok((vm, t.elapsed(), info.guest_boot))
+}
+
+/// QEMU spawn → exit for the same kernel and initramfs with `rdinit=/bin/true`.
+async fn kernel_to_userspace(backend: &QemuBackend, config: &VmConfig) -> anyhow::Result<Duration> {
+    let mut c = config.clone();
+    c.cmdline_extra.push("rdinit=/bin/true".into());
+    let mut vm = backend.create_qemu(c).await?;
+    let t = Instant::now();
+    vm.start().await?;
+    match vm.wait_ready(Duration::from_secs(60)).await {
+        Err(VmError::EarlyExit { .. }) => Ok(t.elapsed()),
+        Err(e) => Err(anyhow::Error::new(e).context("the rdinit=/bin/true boot did not end")),
+        Ok(_) => anyhow::bail!("the rdinit=/bin/true boot unexpectedly started the agent"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let s = Samples::new((1..=100).rev().map(Duration::from_millis).collect());
+        assert_eq!(s.pct(50.0), Duration::from_millis(50));
+        assert_eq!(s.pct(99.0), Duration::from_millis(99));
+        assert_eq!(s.pct(100.0), Duration::from_millis(100));
+        assert_eq!(s.pct(0.0), Duration::from_millis(1));
+        assert_eq!(s.min(), Duration::from_millis(1));
+        let one = Samples::new(vec![Duration::from_millis(7)]);
+        assert_eq!(one.pct(50.0), Duration::from_millis(7));
+        assert_eq!(one.pct(99.0), Duration::from_millis(7));
+        assert_eq!(Samples::new(vec![]).pct(50.0), Duration::ZERO);
+        assert_eq!(ms(Duration::from_micros(1500)), "1.5 ms");
+        assert_eq!(us(Duration::from_micros(190)), "190 µs");
+    }
 }

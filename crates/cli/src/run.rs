@@ -1,12 +1,328 @@
-//! `vmcp run`.
+//! `vmcp run`: one program in a fresh micro-VM, with the exit status of the program.
+//!
+//! Flow: find (or build) the guest image, pick the accelerator (a notice on stderr when it
+//! falls back to emulation), boot, exec, pump stdin/stdout/stderr, power off. The VM lives
+//! inside one future; Ctrl-C, SIGTERM and `--timeout` drop that future, and dropping the VM
+//! kills QEMU and removes its runtime directory, so no path leaves anything behind.
+//!
+//! Exit status (the docker convention): the program's own code; 128+N when it was killed by
+//! signal N; 124 on `--timeout`; 125 when vmcp itself failed; 126 when the program cannot be
+//! executed; 127 when it does not exist; 130/143 when vmcp got SIGINT/SIGTERM.
+//!
+//! Stdin is forwarded when it is not a terminal (pipes, files, `/dev/null`) or with
+//! `--interactive`; from a terminal without `-i` the program reads an empty stdin, as with
+//! `docker run` without `-i`. There is no pseudo-terminal in the guest.
 
+#[cfg(unix)]
+#[path = "run/signal_unix.rs"]
+mod signal;
+#[cfg(not(unix))]
+#[path = "run/signal_other.rs"]
+mod signal;
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use vmcp_guest_proto::{ExitStatus, FailureKind};
+use vmcp_vm::agent::{AgentClient, AgentError, ExecSpec, ProcessEvent};
+use vmcp_vm::qemu::QemuBackend;
+use vmcp_vm::{Accel, Arch, DiskConfig, Vm, VmConfig};
+
+use crate::EXIT_VMCP_FAILED;
+
+/// Exit status when `--timeout` expired.
+pub const EXIT_TIMEOUT: u8 = 124;
+/// The program exists but cannot be executed.
+pub const EXIT_NOT_EXECUTABLE: u8 = 126;
+/// The program does not exist in the guest.
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+/// How long the guest may take to boot.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest may take to power off before it is killed.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Arguments of `vmcp run`.
-#[derive(clap::Args)]
-pub struct RunArgs {}
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub memory: u32,
+    /// Raw disk image (ext4) to attach as the guest's root filesystem.
+    #[arg(long, value_name = "IMG")]
+    pub rootfs: Option<PathBuf>,
+    /// Attach the root filesystem read-write (default: read-only).
+    #[arg(long, requires = "rootfs")]
+    pub rootfs_rw: bool,
+    /// Environment variable for the program (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Destroy the VM and exit 124 when the program runs longer (seconds, decimals allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Option<Duration>,
+    /// Accelerator: kvm, tcg, hvf or whpx (probed when absent).
+    #[arg(long, value_parser = parse_accel)]
+    pub accel: Option<Accel>,
+    /// Forward stdin even when it is a terminal.
+    #[arg(long, short = 'i')]
+    pub interactive: bool,
+    /// Kernel to boot instead of the built image's (needs --initrd).
+    #[arg(long, value_name = "FILE", requires = "initrd")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to boot instead of the built image's (needs --kernel).
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Also write the guest console to this file.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
+    /// The program and its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("expected K=V with a non-empty name, got {s:?}")),
+    }
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("expected seconds such as 30 or 0.5, got {s:?}"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs < 1.0e9) {
+        return Err(format!("the timeout must be a positive number of seconds, got {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_accel(s: &str) -> Result<Accel, String> {
+    s.parse::<Accel>().map_err(|e| e.to_string())
+}
+
+/// Kernel and initrd to boot.
+struct BootFiles {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+/// The built image for `arch` (kernel, initrd), if there is one; never builds.
+pub fn find_image(arch: Arch) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    anyhow::bail!(
+        "no image builder for {} in this build yet",
+        arch.as_str()
+    )
+}
+
+/// The built image for `arch`, building it on first use (with progress on stderr).
+pub async fn ensure_image(arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
+    anyhow::bail!(
+        "no guest image for {} in this build yet: pass --kernel and --initrd",
+        arch.as_str()
+    )
+}
+
+async fn boot_files(args: &RunArgs) -> anyhow::Result<BootFiles> {
+    if let (Some(kernel), Some(initrd)) = (&args.kernel, &args.initrd) {
+        return Ok(BootFiles {
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+        });
+    }
+    let (kernel, initrd) = ensure_image(Arch::host()).await?;
+    Ok(BootFiles { kernel, initrd })
+}
 
 /// Runs `vmcp run`.
-pub async fn run(_args: RunArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`vmcp run` is not available in this build yet")
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let forward_stdin = args.interactive || !std::io::stdin().is_terminal();
+    tokio::select! {
+        r = run_in_vm(args, forward_stdin) => r,
+        sig = signal::termination() => {
+            // Dropping `run_in_vm` dropped the VM: QEMU is killed and reaped, its directory
+            // removed.
+            eprintln!("vmcp: got {}, destroyed the VM", sig.name);
+            Ok(ExitCode::from(128 + sig.number))
+        }
+    }
+}
+
+async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
+    let files = boot_files(&args).await?;
+    let mut config = VmConfig::new(files.kernel, files.initrd);
+    config.cpus = args.cpus;
+    config.memory_mib = args.memory;
+    config.rootfs = args.rootfs.clone().map(|path| DiskConfig {
+        path,
+        read_only: !args.rootfs_rw,
+    });
+    config.console_log = args.console_log.clone();
+    config.accel = args.accel;
+    let backend = QemuBackend::new();
+    let choice = backend.choose_accel(config.arch, config.accel)?;
+    config.accel = Some(choice.accel);
+    let mut vm = backend.create_qemu(config).await?;
+    // After validation, so a bad input gets exactly one line.
+    if let Some(notice) = &choice.notice {
+        eprintln!("vmcp: notice: {notice}");
+    }
+    vm.start().await?;
+    vm.wait_ready(READY_TIMEOUT).await?;
+    let agent = vm.agent()?;
+    let spec = ExecSpec {
+        argv: args.command.clone(),
+        env: args.env.clone(),
+        cwd: args.workdir.clone(),
+        stdin: forward_stdin,
+    };
+    let program = args.command.first().cloned().unwrap_or_default();
+    let code = match args.timeout {
+        Some(t) => match tokio::time::timeout(t, exec(&agent, spec, &program)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                drop(vm);
+                eprintln!(
+                    "vmcp: {program} still ran after the {}s timeout; destroyed the VM",
+                    t.as_secs_f64()
+                );
+                return Ok(ExitCode::from(EXIT_TIMEOUT));
+            }
+        },
+        None => exec(&agent, spec, &program).await?,
+    };
+    drop(agent);
+    if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
+        tracing::warn!(error = %e, "VM shutdown failed; it was killed");
+    }
+    Ok(ExitCode::from(code))
+}
+
+/// Runs the program and streams its I/O; returns vmcp's exit status.
+async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
+    let forward_stdin = spec.stdin;
+    let mut process = match agent.exec(spec).await {
+        Ok(p) => p,
+        Err(AgentError::Failed { kind, message }) => {
+            let code = match kind {
+                FailureKind::NotFound => EXIT_NOT_FOUND,
+                FailureKind::PermissionDenied => EXIT_NOT_EXECUTABLE,
+                _ => EXIT_VMCP_FAILED,
+            };
+            eprintln!("vmcp: cannot run {program} in the guest: {message}");
+            return Ok(code);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot run {program}"))),
+    };
+    let stdin_task = forward_stdin.then(|| {
+        let ctl = process.control().clone();
+        let mut rx = stdin_reader();
+        tokio::spawn(async move {
+            while let Some(chunk) = rx.recv().await {
+                if ctl.write_stdin(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = ctl.close_stdin().await;
+        })
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let status = loop {
+        match process.next_event().await {
+            Ok(Some(ProcessEvent::Stdout(d))) => {
+                // A closed stdout (e.g. `| head`) must not stop the program's other stream.
+                let _ = stdout.write_all(&d).await;
+                let _ = stdout.flush().await;
+            }
+            Ok(Some(ProcessEvent::Stderr(d))) => {
+                let _ = stderr.write_all(&d).await;
+                let _ = stderr.flush().await;
+            }
+            Ok(Some(ProcessEvent::Exited(s))) => break s,
+            Ok(None) => anyhow::bail!("the guest agent ended {program} without an exit status"),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("lost {program}"))),
+        }
+    };
+    if let Some(t) = stdin_task {
+        t.abort();
+    }
+    Ok(exit_code(status))
+}
+
+/// Maps a guest exit status to vmcp's exit status.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match status {
+        ExitStatus::Code(c) => u8::try_from(c).unwrap_or(EXIT_VMCP_FAILED),
+        ExitStatus::Signal(n) => u8::try_from(128 + n.clamp(0, 127)).unwrap_or(255),
+    }
+}
+
+/// Reads our stdin on a plain thread (not tokio's blocking pool, which would keep the
+/// runtime from shutting down while a read blocks) and hands chunks over; the channel
+/// closes at end of input.
+fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let spawned = std::thread::Builder::new()
+        .name("vmcp-stdin".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot read stdin; the program gets an empty stdin");
+    }
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_docker() {
+        assert_eq!(exit_code(ExitStatus::Code(0)), 0);
+        assert_eq!(exit_code(ExitStatus::Code(3)), 3);
+        assert_eq!(exit_code(ExitStatus::Code(255)), 255);
+        assert_eq!(exit_code(ExitStatus::Code(-1)), EXIT_VMCP_FAILED);
+        assert_eq!(exit_code(ExitStatus::Signal(9)), 137);
+        assert_eq!(exit_code(ExitStatus::Signal(15)), 143);
+        assert_eq!(exit_code(ExitStatus::Signal(500)), 255);
+    }
+
+    #[test]
+    fn flag_parsers() {
+        assert_eq!(parse_env("A=b=c").unwrap(), ("A".into(), "b=c".into()));
+        assert_eq!(parse_env("A=").unwrap(), ("A".into(), String::new()));
+        assert!(parse_env("=x").unwrap_err().contains("K=V"));
+        assert!(parse_env("noequals").is_err());
+        assert_eq!(parse_secs("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
+        for bad in ["0", "-1", "nan", "inf", "x"] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);
+        assert!(parse_accel("xen").unwrap_err().contains("kvm, tcg"));
+    }
 }

@@ -1,0 +1,383 @@
+//! `vmcp run`, `doctor` and `bench` as a user runs them: the real binary, real VMs (TCG here).
+//!
+//! Each test gives vmcp its own `XDG_RUNTIME_DIR`, so "nothing left behind" is checked
+//! exactly: the directory must be empty after vmcp exits. Tests that boot take a global lock
+//! (one VM at a time). Without QEMU or a built image they print `SKIPPED: <reason>`; with
+//! `VMCP_REQUIRE_VM=1` (CI) they fail instead.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
+
+fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Boot inputs passed explicitly, when the environment names them.
+fn image_args() -> Vec<String> {
+    match (
+        std::env::var("VMCP_TEST_KERNEL"),
+        std::env::var("VMCP_TEST_INITRD"),
+    ) {
+        (Ok(k), Ok(i)) => vec!["--kernel".into(), k, "--initrd".into(), i],
+        _ => Vec::new(),
+    }
+}
+
+fn skip(reason: &str) -> bool {
+    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
+        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
+    }
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// Whether VMs can boot here; prints SKIPPED (or fails under VMCP_REQUIRE_VM=1) if not.
+fn vm_ready() -> bool {
+    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    if !doctor.status.success() {
+        return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
+    }
+    if image_args().is_empty() && !text.contains("ok   image") {
+        return skip("no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL/VMCP_TEST_INITRD)");
+    }
+    true
+}
+
+struct Env {
+    runtime: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            runtime: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(VMCP);
+        c.env("XDG_RUNTIME_DIR", self.runtime.path());
+        c
+    }
+
+    fn run(&self, flags: &[&str], program: &[&str], stdin: &[u8]) -> Output {
+        let mut c = self.cmd();
+        c.arg("run")
+            .args(image_args())
+            .args(flags)
+            .arg("--")
+            .args(program)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    /// Nothing of any VM is left in the runtime directory.
+    fn assert_clean(&self) {
+        let left: Vec<PathBuf> = std::fs::read_dir(self.runtime.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// stderr without vmcp's accelerator notice.
+fn stderr_wo_notice(out: &Output) -> String {
+    text(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("vmcp: notice:"))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn readme_example_streams_and_exit_codes() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(
+        &[],
+        &["sh", "-c", "uname -r; echo to-stderr >&2; exit 3"],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let release = text(&out.stdout);
+    assert!(
+        release.trim().chars().next().is_some_and(|c| c.is_ascii_digit()),
+        "{release:?}"
+    );
+    assert_eq!(stderr_wo_notice(&out), "to-stderr\n");
+    env.assert_clean();
+
+    // stdin forwarded (EOF closes it), env, workdir, more vCPUs and memory.
+    let out = env.run(
+        &["--cpus", "2", "--memory", "320", "-e", "X=y z", "--workdir", "/tmp"],
+        &["sh", "-c", "tr a-z A-Z; echo \"$X\"; pwd; nproc"],
+        b"piped input\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "PIPED INPUT\ny z\n/tmp\n2\n");
+
+    // Program missing → 127, not executable → 126, killed by a signal → 128+N.
+    let out = env.run(&[], &["/no/such/program"], b"");
+    assert_eq!(out.status.code(), Some(127));
+    let err = stderr_wo_notice(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("/no/such/program"), "{err}");
+    let out = env.run(&[], &["/etc/passwd"], b"");
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+    let out = env.run(&[], &["sh", "-c", "kill -TERM $$"], b"");
+    assert_eq!(out.status.code(), Some(143));
+    env.assert_clean();
+}
+
+#[test]
+fn timeout_destroys_the_vm_and_exits_124() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let t = Instant::now();
+    let out = env.run(&["--timeout", "1.5"], &["sleep", "60"], b"");
+    assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
+    assert!(t.elapsed() < Duration::from_secs(40));
+    assert!(stderr_wo_notice(&out).contains("timeout"), "{}", text(&out.stderr));
+    env.assert_clean();
+}
+
+/// QEMU children of process `parent` (by /proc ppid).
+fn qemu_children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid: u32 = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid == parent && comm.starts_with("qemu-system") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Starts `vmcp run -- sh -c 'echo started; sleep 600'` and waits for "started"; returns
+/// the vmcp child and its QEMU pid.
+fn start_sleeper(env: &Env) -> (std::process::Child, u32) {
+    let mut c = env.cmd();
+    c.arg("run")
+        .args(image_args())
+        .args(["--", "sh", "-c", "echo started; sleep 600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "started\n");
+    let qemu = qemu_children(child.id());
+    assert_eq!(qemu.len(), 1, "expected one QEMU child, found {qemu:?}");
+    (child, qemu[0])
+}
+
+#[test]
+fn sigkill_of_vmcp_takes_qemu_down_and_the_next_start_sweeps_its_dir() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let (mut child, qemu) = start_sleeper(&env);
+    child.kill().unwrap(); // SIGKILL: no destructor runs in vmcp
+    child.wait().unwrap();
+    assert!(
+        gone_within(qemu, Duration::from_secs(5)),
+        "QEMU {qemu} survived the SIGKILL of its owner"
+    );
+    // The runtime dir of a SIGKILLed vmcp stays until the next VM start sweeps it.
+    let left: Vec<_> = std::fs::read_dir(env.runtime.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "expected the dead run's runtime dir");
+    let out = env.run(&[], &["true"], b"");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    env.assert_clean();
+}
+
+#[test]
+fn sigterm_and_sigint_destroy_the_vm() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    for (sig, code) in [("-TERM", 143), ("-INT", 130)] {
+        let (mut child, qemu) = start_sleeper(&env);
+        let st = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code));
+        assert!(gone_within(qemu, Duration::from_secs(2)), "QEMU {qemu} left running");
+        env.assert_clean();
+    }
+}
+
+#[test]
+fn bad_input_gives_one_line_and_leaves_nothing() {
+    let _l = lock();
+    let env = Env::new();
+    let check = |out: Output, code: i32, needle: &str| {
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{err}");
+        assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        // Our own errors are one line; clap's usage errors add a hint line after an empty one.
+        let first = err.lines().next().unwrap_or("");
+        assert!(
+            first.contains(needle) || needle == "PROGRAM",
+            "the first line must say what is wrong: {err:?}"
+        );
+        env.assert_clean();
+    };
+    // No such kernel.
+    check(
+        env.cmd()
+            .args(["run", "--kernel", "/nonexistent/vmlinuz", "--initrd", "/nonexistent/initrd", "--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "/nonexistent/vmlinuz",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let k = dir.path().join("k");
+    let i = dir.path().join("i");
+    std::fs::write(&k, b"k").unwrap();
+    std::fs::write(&i, b"i").unwrap();
+    let files = [
+        "--kernel".to_string(),
+        k.display().to_string(),
+        "--initrd".into(),
+        i.display().to_string(),
+    ];
+    // QEMU missing.
+    check(
+        env.cmd()
+            .env("VMCP_QEMU", "/nonexistent/qemu")
+            .arg("run")
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "VMCP_QEMU",
+    );
+    // Unknown flag values.
+    check(
+        env.cmd().args(["run", "--accel", "xen", "--", "true"]).output().unwrap(),
+        125,
+        "xen",
+    );
+    check(
+        env.cmd().args(["run", "--cpus", "0"]).args(&files).args(["--", "true"]).output().unwrap(),
+        125,
+        "vCPU",
+    );
+    check(
+        env.cmd().args(["run", "--memory", "8"]).args(&files).args(["--", "true"]).output().unwrap(),
+        125,
+        "8 MiB",
+    );
+    check(
+        env.cmd().args(["run", "--timeout=0", "--", "true"]).output().unwrap(),
+        125,
+        "timeout",
+    );
+    check(
+        env.cmd().args(["run", "-e", "NOEQUALS", "--", "true"]).output().unwrap(),
+        125,
+        "K=V",
+    );
+    // No program.
+    check(env.cmd().args(["run"]).output().unwrap(), 125, "PROGRAM");
+}
+
+#[test]
+fn doctor_reports_backends() {
+    let out = Command::new(VMCP).arg("doctor").output().unwrap();
+    let t = text(&out.stdout);
+    assert!(t.contains("qemu:"), "{t}");
+    assert!(t.contains("accel tcg"), "{t}");
+    assert!(t.contains("image"), "{t}");
+    match out.status.code() {
+        Some(0) => assert!(t.contains("can run VMs here")),
+        Some(1) => assert!(t.contains("cannot run VMs")),
+        other => panic!("doctor exited {other:?}"),
+    }
+}
+
+#[test]
+fn bench_reports_every_metric() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let out = Command::new(VMCP)
+        .args(["bench", "--runs", "1", "--iterations", "20"])
+        .args(image_args())
+        .output()
+        .unwrap();
+    let t = text(&out.stdout);
+    assert!(out.status.success(), "{}{t}", text(&out.stderr));
+    for needle in ["kernel → first userspace", "agent ready", "exec `true`", "ping", "RSS", "target"] {
+        assert!(t.contains(needle), "{needle} missing in {t}");
+    }
+}
