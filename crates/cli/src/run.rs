@@ -21,10 +21,12 @@ mod signal;
 mod signal;
 
 use std::io::{IsTerminal, Read};
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_vm::agent::{AgentClient, AgentError, ExecSpec, ProcessEvent};
@@ -85,7 +87,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
     /// The program and its arguments (after `--`).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
     pub command: Vec<String>,
 }
 
@@ -103,7 +110,9 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("expected seconds such as 30 or 0.5, got {s:?}"))?;
     if !(secs.is_finite() && secs > 0.0 && secs < 1.0e9) {
-        return Err(format!("the timeout must be a positive number of seconds, got {s:?}"));
+        return Err(format!(
+            "the timeout must be a positive number of seconds, got {s:?}"
+        ));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -118,20 +127,34 @@ struct BootFiles {
     initrd: PathBuf,
 }
 
+fn image_arch(arch: Arch) -> anyhow::Result<vmcp_image::Arch> {
+    arch.as_str()
+        .parse()
+        .map_err(|e: vmcp_image::UnknownArch| anyhow::anyhow!("{e}"))
+}
+
 /// The built image for `arch` (kernel, initrd), if there is one; never builds.
 pub fn find_image(arch: Arch) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
-    anyhow::bail!(
-        "no image builder for {} in this build yet",
-        arch.as_str()
-    )
+    let opts = vmcp_image::BuildOptions::new(image_arch(arch)?);
+    Ok(vmcp_image::find_image(&opts)
+        .context("cannot look up the guest image")?
+        .map(|p| (p.kernel, p.initrd)))
 }
 
 /// The built image for `arch`, building it on first use (with progress on stderr).
 pub async fn ensure_image(arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
-    anyhow::bail!(
-        "no guest image for {} in this build yet: pass --kernel and --initrd",
-        arch.as_str()
-    )
+    if let Some(found) = find_image(arch)? {
+        return Ok(found);
+    }
+    let arch = image_arch(arch)?;
+    eprintln!("vmcp: the guest image is not built yet; building it now (one time)");
+    let paths = tokio::task::spawn_blocking(move || {
+        vmcp_image::ensure_image(arch, &|line: &str| eprintln!("vmcp: image: {line}"))
+    })
+    .await
+    .context("the image build task failed")?
+    .context("cannot build the guest image (try `vmcp image build` for details)")?;
+    Ok((paths.kernel, paths.initrd))
 }
 
 async fn boot_files(args: &RunArgs) -> anyhow::Result<BootFiles> {

@@ -17,7 +17,8 @@ const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
 fn lock() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Boot inputs passed explicitly, when the environment names them.
@@ -47,7 +48,9 @@ fn vm_ready() -> bool {
         return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
     }
     if image_args().is_empty() && !text.contains("ok   image") {
-        return skip("no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL/VMCP_TEST_INITRD)");
+        return skip(
+            "no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL/VMCP_TEST_INITRD)",
+        );
     }
     true
 }
@@ -128,7 +131,11 @@ fn readme_example_streams_and_exit_codes() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let release = text(&out.stdout);
     assert!(
-        release.trim().chars().next().is_some_and(|c| c.is_ascii_digit()),
+        release
+            .trim()
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit()),
         "{release:?}"
     );
     assert_eq!(stderr_wo_notice(&out), "to-stderr\n");
@@ -136,7 +143,16 @@ fn readme_example_streams_and_exit_codes() {
 
     // stdin forwarded (EOF closes it), env, workdir, more vCPUs and memory.
     let out = env.run(
-        &["--cpus", "2", "--memory", "320", "-e", "X=y z", "--workdir", "/tmp"],
+        &[
+            "--cpus",
+            "2",
+            "--memory",
+            "320",
+            "-e",
+            "X=y z",
+            "--workdir",
+            "/tmp",
+        ],
         &["sh", "-c", "tr a-z A-Z; echo \"$X\"; pwd; nproc"],
         b"piped input\n",
     );
@@ -167,7 +183,11 @@ fn timeout_destroys_the_vm_and_exits_124() {
     let out = env.run(&["--timeout", "1.5"], &["sleep", "60"], b"");
     assert_eq!(out.status.code(), Some(124), "{}", text(&out.stderr));
     assert!(t.elapsed() < Duration::from_secs(40));
-    assert!(stderr_wo_notice(&out).contains("timeout"), "{}", text(&out.stderr));
+    assert!(
+        stderr_wo_notice(&out).contains("timeout"),
+        "{}",
+        text(&out.stderr)
+    );
     env.assert_clean();
 }
 
@@ -267,7 +287,10 @@ fn sigterm_and_sigint_destroy_the_vm() {
         assert!(st.success());
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(code));
-        assert!(gone_within(qemu, Duration::from_secs(2)), "QEMU {qemu} left running");
+        assert!(
+            gone_within(qemu, Duration::from_secs(2)),
+            "QEMU {qemu} left running"
+        );
         env.assert_clean();
     }
 }
@@ -291,7 +314,15 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
     // No such kernel.
     check(
         env.cmd()
-            .args(["run", "--kernel", "/nonexistent/vmlinuz", "--initrd", "/nonexistent/initrd", "--", "true"])
+            .args([
+                "run",
+                "--kernel",
+                "/nonexistent/vmlinuz",
+                "--initrd",
+                "/nonexistent/initrd",
+                "--",
+                "true",
+            ])
             .output()
             .unwrap(),
         125,
@@ -322,27 +353,46 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
     );
     // Unknown flag values.
     check(
-        env.cmd().args(["run", "--accel", "xen", "--", "true"]).output().unwrap(),
+        env.cmd()
+            .args(["run", "--accel", "xen", "--", "true"])
+            .output()
+            .unwrap(),
         125,
         "xen",
     );
     check(
-        env.cmd().args(["run", "--cpus", "0"]).args(&files).args(["--", "true"]).output().unwrap(),
+        env.cmd()
+            .args(["run", "--cpus", "0"])
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
         125,
         "vCPU",
     );
     check(
-        env.cmd().args(["run", "--memory", "8"]).args(&files).args(["--", "true"]).output().unwrap(),
+        env.cmd()
+            .args(["run", "--memory", "8"])
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
         125,
         "8 MiB",
     );
     check(
-        env.cmd().args(["run", "--timeout=0", "--", "true"]).output().unwrap(),
+        env.cmd()
+            .args(["run", "--timeout=0", "--", "true"])
+            .output()
+            .unwrap(),
         125,
         "timeout",
     );
     check(
-        env.cmd().args(["run", "-e", "NOEQUALS", "--", "true"]).output().unwrap(),
+        env.cmd()
+            .args(["run", "-e", "NOEQUALS", "--", "true"])
+            .output()
+            .unwrap(),
         125,
         "K=V",
     );
@@ -377,7 +427,14 @@ fn bench_reports_every_metric() {
         .unwrap();
     let t = text(&out.stdout);
     assert!(out.status.success(), "{}{t}", text(&out.stderr));
-    for needle in ["kernel → first userspace", "agent ready", "exec `true`", "ping", "RSS", "target"] {
+    for needle in [
+        "kernel → first userspace",
+        "agent ready",
+        "exec `true`",
+        "ping",
+        "RSS",
+        "target",
+    ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }
 }

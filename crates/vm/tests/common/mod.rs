@@ -57,7 +57,19 @@ pub fn prerequisites() -> Option<Image> {
 }
 
 fn image_from_cache() -> Option<Image> {
-    skip("no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL and VMCP_TEST_INITRD)")
+    let arch: vmcp_image::Arch = match Arch::host().as_str().parse() {
+        Ok(a) => a,
+        Err(e) => return skip(&format!("{e}")),
+    };
+    match vmcp_image::find_image(&vmcp_image::BuildOptions::new(arch)) {
+        Ok(Some(p)) => Some(Image {
+            kernel: p.kernel,
+            initrd: p.initrd,
+            kernel_release: p.kernel_release,
+        }),
+        Ok(None) => skip("no guest image: run `vmcp image build`"),
+        Err(e) => skip(&format!("no guest image: {e}")),
+    }
 }
 
 /// Serialises VM boots within this test binary.
