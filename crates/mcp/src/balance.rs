@@ -255,6 +255,16 @@ impl<E: Clone + fmt::Display> Balancer<E> {
         self.pick_excluding(now, &[])
     }
 
+    /// Whether [`Self::pick_excluding`] would find an endpoint, without picking one (no
+    /// round-robin step, no pick counted).
+    pub fn any_available(&self, now: Instant, exclude: &[EndpointId]) -> bool {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| !exclude.contains(&EndpointId(i)) && available(s, now))
+    }
+
     /// Like [`Self::pick`], skipping the endpoints in `exclude`.
     pub fn pick_excluding(
         &self,

@@ -152,6 +152,9 @@ fn fail_over_with_a_single_endpoint_reports_all_down() {
 fn pick_excluding_skips_and_explains() {
     let b = Balancer::new(vec!["x".to_owned(), "y".to_owned()], cfg()).unwrap();
     let t = Instant::now();
+    assert!(b.any_available(t, &[EndpointId(0)]));
+    assert!(!b.any_available(t, &[EndpointId(0), EndpointId(1)]));
+    assert_eq!(b.status(t)[1].picks, 0, "any_available picks nothing");
     let (id, e) = b.pick_excluding(t, &[EndpointId(0)]).unwrap();
     assert_eq!((id, e.as_str()), (EndpointId(1), "y"));
     let err = b
@@ -273,6 +276,7 @@ proptest! {
                     let avail: HashSet<usize> = b.status(t).iter()
                         .filter(|s| matches!(s.state, EndpointState::Available | EndpointState::Probation))
                         .map(|s| s.id.0).collect();
+                    prop_assert_eq!(b.any_available(t, &[]), !avail.is_empty());
                     match b.pick(t) {
                         Ok((id, _)) => prop_assert!(avail.contains(&id.0)),
                         Err(_) => prop_assert!(avail.is_empty()),
