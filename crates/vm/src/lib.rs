@@ -29,6 +29,7 @@ pub mod qemu;
 mod runtime_dir;
 pub mod select;
 pub mod windows;
+pub mod vz;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;
