@@ -28,8 +28,8 @@ pub mod fake;
 pub mod qemu;
 mod runtime_dir;
 pub mod select;
-pub mod windows;
 pub mod vz;
+pub mod windows;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;

@@ -12,7 +12,10 @@ use crate::{Accel, Arch, Backend, Probe, VmError};
 
 /// The backends compiled for this OS, most preferred first.
 pub fn backends() -> Vec<Box<dyn Backend>> {
-    vec![Box::new(QemuBackend::new())]
+    // The OS's own hypervisor framework first (macOS: Virtualization.framework), QEMU after.
+    let mut all = crate::vz::native_backends();
+    all.push(Box::new(QemuBackend::new()));
+    all
 }
 
 /// The first usable backend; the error lists why each one is not.
@@ -169,7 +172,16 @@ pub async fn doctor() -> DoctorReport {
         },
         Err(e) => Err(e.to_string()),
     };
-    report_from(&facts, found, qemu::launch_supported())
+    let mut report = report_from(&facts, found, qemu::launch_supported());
+    for b in crate::vz::native_backends() {
+        let (ok, detail) = match b.probe().await {
+            Probe::Usable { detail } => (true, detail),
+            Probe::Unusable { reason } => (false, reason),
+        };
+        report.can_run_vms |= ok;
+        report.checks.insert(0, Check::new(b.name(), ok, detail));
+    }
+    report
 }
 
 #[cfg(test)]

@@ -42,7 +42,18 @@ mod objc;
 #[cfg(test)]
 mod tests;
 
+#[cfg(not(target_os = "macos"))]
+pub use elsewhere::native_backends;
 pub use framework::{classify, Framework, FwError, FwState, Machine};
 #[cfg(target_os = "macos")]
-pub use objc::{apple_backend, AppleFramework};
+pub use objc::{apple_backend, native_backends, AppleFramework};
+
+/// Off macOS there is no Virtualization.framework.
+#[cfg(not(target_os = "macos"))]
+mod elsewhere {
+    /// The framework backends of this OS, for [`crate::select::backends`]: none here.
+    pub fn native_backends() -> Vec<Box<dyn crate::Backend>> {
+        Vec::new()
+    }
+}
 pub use vm::{VzBackend, VzVm, NAME};

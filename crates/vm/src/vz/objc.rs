@@ -58,6 +58,11 @@ pub fn apple_backend() -> VzBackend<AppleFramework> {
     VzBackend::new(AppleFramework, Arch::host())
 }
 
+/// The framework backends of this OS, for [`crate::select::backends`].
+pub fn native_backends() -> Vec<Box<dyn crate::Backend>> {
+    vec![Box::new(apple_backend())]
+}
+
 /// Virtualization.framework of this process.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AppleFramework;
