@@ -179,7 +179,14 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
     if config.arch == Arch::Aarch64 {
         check_arm64_image(&config.kernel, inputs.kernel_head)?;
     }
-    let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &config.cmdline_extra)?;
+    let mut extra = Vec::new();
+    if let Some(disk) = &config.rootfs {
+        // The one virtio-block device is the guest's first disk.
+        extra.push("vmcp.rootfs=/dev/vda".to_string());
+        extra.push(format!("vmcp.rootfs_ro={}", u8::from(disk.read_only)));
+    }
+    extra.extend(config.cmdline_extra.iter().cloned());
+    let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {
         cpus: config.cpus,
         memory_bytes,
@@ -317,7 +324,8 @@ mod tests {
         );
         assert_eq!(
             p.cmdline,
-            "console=hvc0 panic=-1 quiet vmcp.token=tok123 vmcp.channel=vsock:7000 loglevel=4"
+            "console=hvc0 panic=-1 quiet vmcp.token=tok123 vmcp.channel=vsock:7000 \
+             vmcp.rootfs=/dev/vda vmcp.rootfs_ro=1 loglevel=4"
         );
         assert_eq!(cmdline_value(&p.cmdline, "vmcp.token"), Some("tok123"));
         assert_eq!(
@@ -333,9 +341,17 @@ mod tests {
         let mut c = config();
         c.console_log = Some("/tmp/mine.log".into());
         c.network = true;
+        c.rootfs = Some(DiskConfig {
+            path: "/img/rw.ext4".into(),
+            read_only: false,
+        });
         let p = plan(&c, inputs(&head, &log)).unwrap();
         assert_eq!(p.console_log, PathBuf::from("/tmp/mine.log"));
         assert!(p.network);
+        assert_eq!(cmdline_value(&p.cmdline, "vmcp.rootfs_ro"), Some("0"));
+        assert!(!p.cmdline.contains(
+            "vmcp.token=tok123 vmcp.channel=vsock:7000 vmcp.rootfs=/dev/vda vmcp.rootfs_ro=1"
+        ));
     }
 
     #[test]
