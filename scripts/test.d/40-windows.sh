@@ -130,3 +130,17 @@ for f in "$host_kernel" "$host_initrd"; do
 done
 win_log "vmcp.exe image build under wine: $(basename "$image_dir") identical to the Linux build"
 win_lap "vmcp.exe image build under wine"
+
+# 6. `vmcp run` on Windows without QEMU: the image is there (step 5), so the error must be the
+# missing QEMU with the download page, exit 125, and nothing left in the runtime folder.
+set +e
+VMCP_CACHE_DIR="Z:$win_cache" timeout 60 "$WINE" "$tmp/bin/vmcp.exe" run -- uname -a \
+  >"$tmp/run.txt" 2>"$tmp/run.err"
+rc=$?
+set -e
+sed 's/^/   | /' "$tmp/run.err" >&2
+[ "$rc" -eq 125 ] || win_fail "vmcp.exe run without QEMU exited with $rc under wine, expected 125"
+grep -qF 'qemu-system-x86_64.exe was not found in PATH or in %ProgramFiles%\qemu' "$tmp/run.err" \
+  || win_fail "vmcp.exe run without QEMU did not say where it looked"
+grep -qF 'qemu.org/download' "$tmp/run.err" || win_fail "vmcp.exe run without QEMU did not name the download page"
+win_lap "vmcp.exe run without QEMU under wine"
