@@ -4,7 +4,10 @@
 //! 1. mount `/proc`, `/sys`, `/dev` (devtmpfs, so device nodes appear without udev);
 //! 2. read `/proc/cmdline` (see [`crate::cmdline`]);
 //! 3. load the modules of [`crate::MODULES_LIST`] in order (missing or failing ones are
-//!    reported on the console and skipped: a module may be built into the kernel);
+//!    reported on the console and skipped: a module may be built into the kernel). The disk
+//!    and vsock modules wait until the channel is open unless this boot needs them first
+//!    (a rootfs, a vsock channel), so a disk that is not the rootfs shows up a few
+//!    milliseconds after the hello;
 //! 4. if `vmcp.rootfs` is set: wait for the device, mount it, move `/dev`, `/proc`, `/sys`
 //!    into it and make it `/` (`switch_root` without deleting the initramfs);
 //! 5. mount tmpfs on `/tmp`, `/run`, `/dev/shm` and devpts on `/dev/pts`;
@@ -149,17 +152,48 @@ fn source_text(e: &InitError) -> String {
     std::error::Error::source(e).map_or_else(String::new, ToString::to_string)
 }
 
-fn load_modules(debug: bool) {
+/// Modules that only a disk or a vsock channel needs. Unless this boot needs them before
+/// the hello, they load in the background after the channel is open, which keeps ~15 ms of
+/// TCG time off the critical path.
+const DEFERRABLE: &[&str] = &[
+    "virtio_blk",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+];
+
+fn module_name(path: &str) -> &str {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file)
+}
+
+fn needed_before_hello(name: &str, cfg: &BootConfig) -> bool {
+    match name {
+        "virtio_blk" => cfg.rootfs.is_some(),
+        n if n.contains("vsock") => matches!(cfg.channel, ChannelSpec::Vsock { .. }),
+        n => !DEFERRABLE.contains(&n),
+    }
+}
+
+/// A module file, opened before a root switch can hide the initramfs.
+type ModuleFile = (String, io::Result<File>);
+
+/// Reads the module list and splits it into (load now, load later).
+fn plan_modules(cfg: &BootConfig) -> (Vec<ModuleFile>, Vec<ModuleFile>) {
     let Ok(list) = std::fs::read_to_string(crate::MODULES_LIST) else {
-        return;
+        return (Vec::new(), Vec::new());
     };
-    for path in list
-        .lines()
+    list.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
+        .map(|p| (p.to_string(), File::open(p)))
+        .partition(|(p, _)| needed_before_hello(module_name(p), cfg))
+}
+
+fn load_modules(modules: Vec<ModuleFile>, debug: bool) {
+    for (path, file) in modules {
         let t = Instant::now();
-        let res = File::open(path).and_then(|f| os::finit_module(&f));
+        let res = file.and_then(|f| os::finit_module(&f));
         match res {
             Ok(_) if debug => eprintln!("vmcp-agent: loaded {path} in {:?}", t.elapsed()),
             Ok(_) => {}
@@ -265,7 +299,8 @@ fn boot() -> Result<(), InitError> {
     for w in &cfg.warnings {
         eprintln!("vmcp-agent: warning: {w}");
     }
-    load_modules(cfg.debug);
+    let (now, mut later) = plan_modules(&cfg);
+    load_modules(now, cfg.debug);
     let t_modules = os::boottime_ns();
     if let Some(rootfs) = &cfg.rootfs {
         switch_root(rootfs)?;
@@ -273,6 +308,16 @@ fn boot() -> Result<(), InitError> {
     mount_late();
     loop {
         let channel = open_channel(&cfg.channel)?;
+        if !later.is_empty() {
+            let paths = std::mem::take(&mut later);
+            let debug = cfg.debug;
+            let spawned = std::thread::Builder::new()
+                .name("modules".into())
+                .spawn(move || load_modules(paths, debug));
+            if let Err(e) = spawned {
+                eprintln!("vmcp-agent: warning: cannot load the remaining modules: {e}");
+            }
+        }
         let reader = channel.try_clone().map_err(|e| InitError::Channel {
             channel: cfg.channel.to_string(),
             reason: e.to_string(),
@@ -302,5 +347,28 @@ fn boot() -> Result<(), InitError> {
             }
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline::parse_cmdline;
+
+    #[test]
+    fn disk_and_vsock_modules_wait_unless_needed() {
+        let plain = parse_cmdline("quiet").unwrap();
+        assert_eq!(module_name("/lib/modules/x/virtio_blk.ko"), "virtio_blk");
+        assert!(needed_before_hello("virtio_console", &plain));
+        assert!(needed_before_hello("virtio_pci", &plain));
+        assert!(!needed_before_hello("virtio_blk", &plain));
+        assert!(!needed_before_hello("vmw_vsock_virtio_transport", &plain));
+        let disk = parse_cmdline("vmcp.rootfs=/dev/vda").unwrap();
+        assert!(needed_before_hello("virtio_blk", &disk));
+        assert!(!needed_before_hello("vsock", &disk));
+        let vsock = parse_cmdline("vmcp.channel=vsock:1024").unwrap();
+        assert!(needed_before_hello("vsock", &vsock));
+        assert!(needed_before_hello("vmw_vsock_virtio_transport_common", &vsock));
+        assert!(!needed_before_hello("virtio_blk", &vsock));
     }
 }
