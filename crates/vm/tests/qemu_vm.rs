@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{boot, prerequisites, vm_lock, READY_TIMEOUT};
 use vmcp_guest_proto::ExitStatus;
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::qemu::QemuBackend;
+use vmcp_vm::qemu::{QemuBackend, QemuVm};
 use vmcp_vm::{ShutdownOutcome, Vm, VmError, VmState};
 
 fn proc_alive(pid: u32) -> bool {
@@ -276,4 +276,93 @@ async fn boot_failures_are_reported_with_the_console() {
     let text = e.to_string();
     assert!(matches!(e, VmError::EarlyExit { .. }), "{text}");
     assert!(text.to_lowercase().contains("panic"), "{text}");
+}
+
+/// A small ext4 image holding a static busybox and a marker file, or `None` (printed SKIPPED)
+/// when the host lacks `mkfs.ext4` or a static busybox.
+fn make_rootfs(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.is_file())?;
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    for d in ["tmp", "dev", "proc", "sys", "run"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
+    for applet in ["sh", "cat", "echo", "touch", "sync"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(tree.join("marker"), b"from the rootfs\n").unwrap();
+    let img = dir.join("rootfs.ext4");
+    let ok = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg("16M")
+        .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(img)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rootfs_read_only_and_read_write() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = make_rootfs(dir.path()) else {
+        eprintln!("SKIPPED: needs mkfs.ext4 and a static busybox on the host");
+        return;
+    };
+    let run = |vm: &QemuVm, cmd: &'static str| {
+        let agent = vm.agent().unwrap();
+        async move {
+            agent
+                .exec(ExecSpec::new(["sh", "-c", cmd]))
+                .await
+                .unwrap()
+                .wait_with_output()
+                .await
+                .unwrap()
+        }
+    };
+    let boot_with = |read_only: bool| {
+        let mut c = img.config();
+        c.rootfs = Some(vmcp_vm::DiskConfig {
+            path: disk.clone(),
+            read_only,
+        });
+        c
+    };
+    // Read-only: the marker is there, writes fail.
+    let backend = QemuBackend::new();
+    let mut vm = backend.create_qemu(boot_with(true)).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    let out = run(&vm, "cat /marker; echo x > /new 2>/dev/null && echo wrote").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the rootfs\n");
+    vm.shutdown(Duration::from_secs(20)).await.unwrap();
+    drop(vm);
+
+    // Read-write: a write survives a graceful shutdown and the next boot.
+    let mut vm = backend.create_qemu(boot_with(false)).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    let out = run(&vm, "echo persisted > /new && echo ok").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{out:?}");
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(20)).await.unwrap(),
+        ShutdownOutcome::Graceful
+    );
+    drop(vm);
+    // Booted read-write again: the guest's poweroff syncs but leaves the ext4 journal to be
+    // replayed, which a read-only device cannot do (see the agent's poweroff path).
+    let mut vm = backend.create_qemu(boot_with(false)).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    let out = run(&vm, "cat /new").await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "persisted\n");
+    vm.shutdown(Duration::from_secs(20)).await.unwrap();
 }
