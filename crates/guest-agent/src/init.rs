@@ -258,15 +258,15 @@ fn open_rw(path: &str) -> io::Result<File> {
     OpenOptions::new().read(true).write(true).open(path)
 }
 
-/// Opens the channel, waiting up to [`CHANNEL_WAIT`] for it to appear.
-pub fn open_channel(spec: &ChannelSpec) -> Result<File, InitError> {
+/// Opens the channel, waiting up to `wait` ([`CHANNEL_WAIT`] at boot) for it to appear.
+pub fn open_channel(spec: &ChannelSpec, wait: Duration) -> Result<File, InitError> {
     let fail = |reason: String| InitError::Channel {
         channel: spec.to_string(),
         reason,
     };
     let start = Instant::now();
-    let mut last_err = String::from("not found");
-    while start.elapsed() < CHANNEL_WAIT {
+    let mut last_err;
+    loop {
         let res = match spec {
             ChannelSpec::VirtioSerial { name } => match find_virtio_port(name) {
                 Some(dev) if Path::new(&dev).exists() => open_rw(&dev),
@@ -283,12 +283,11 @@ pub fn open_channel(spec: &ChannelSpec) -> Result<File, InitError> {
             Ok(f) => return Ok(f),
             Err(e) => last_err = e.to_string(),
         }
+        if start.elapsed() >= wait {
+            return Err(fail(format!("{last_err} (gave up after {wait:?})")));
+        }
         std::thread::sleep(Duration::from_millis(2));
     }
-    Err(fail(format!(
-        "{last_err} (gave up after {} s)",
-        CHANNEL_WAIT.as_secs()
-    )))
 }
 
 fn boot() -> Result<(), InitError> {
@@ -307,7 +306,7 @@ fn boot() -> Result<(), InitError> {
     }
     mount_late();
     loop {
-        let channel = open_channel(&cfg.channel)?;
+        let channel = open_channel(&cfg.channel, CHANNEL_WAIT)?;
         if !later.is_empty() {
             let paths = std::mem::take(&mut later);
             let debug = cfg.debug;
@@ -368,7 +367,51 @@ mod tests {
         assert!(!needed_before_hello("vsock", &disk));
         let vsock = parse_cmdline("vmcp.channel=vsock:1024").unwrap();
         assert!(needed_before_hello("vsock", &vsock));
-        assert!(needed_before_hello("vmw_vsock_virtio_transport_common", &vsock));
+        assert!(needed_before_hello(
+            "vmw_vsock_virtio_transport_common",
+            &vsock
+        ));
         assert!(!needed_before_hello("virtio_blk", &vsock));
+    }
+
+    #[test]
+    fn absent_channels_fail_with_a_clear_error_after_the_wait() {
+        let wait = Duration::from_millis(50);
+        let specs = [
+            ChannelSpec::VirtioSerial {
+                name: "vmcp.no-such-port".into(),
+            },
+            ChannelSpec::Serial {
+                path: "/nonexistent/tty".into(),
+            },
+            // Nothing listens on this port (or the host has no vsock at all).
+            ChannelSpec::Vsock {
+                cid: 2,
+                port: 0x7fff_fff3,
+            },
+        ];
+        for spec in specs {
+            let t = Instant::now();
+            let err = open_channel(&spec, wait).unwrap_err().to_string();
+            assert!(t.elapsed() >= wait, "{spec}: gave up too early");
+            assert!(
+                err.contains(&spec.to_string()) && err.contains("gave up"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn serial_channel_is_opened_raw() {
+        // /dev/ptmx is a terminal any user can open; raw mode must apply to it.
+        if !Path::new("/dev/ptmx").exists() {
+            eprintln!("SKIPPED: no /dev/ptmx");
+            return;
+        }
+        let spec = ChannelSpec::Serial {
+            path: "/dev/ptmx".into(),
+        };
+        let f = open_channel(&spec, Duration::from_millis(50)).unwrap();
+        drop(f);
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! <cache>/downloads/<package>_<version>_<arch>.deb       verified inputs
+//! <cache>/inputs/<arch>-<16 hex>.cpio                     files taken out of them (reused)
 //! <cache>/images/<arch>-<16 hex>/vmlinuz                  kernel, as the VMM loads it
 //! <cache>/images/<arch>-<16 hex>/initrd.cpio              initramfs (newc, uncompressed)
 //! <cache>/images/<arch>-<16 hex>/manifest.txt             what went in
@@ -218,37 +219,11 @@ pub fn build(opts: &BuildOptions, progress: &dyn Fn(&str)) -> Result<ImagePaths,
         plan.key,
         paths.dir.display()
     ));
-    let downloads = plan.cache.join("downloads");
     let inputs = plan.inputs;
-    let kernel_deb = ensure_deb(&inputs.kernel, &downloads, progress)?;
-    let busybox_deb = ensure_deb(&inputs.busybox, &downloads, progress)?;
-
-    progress(&format!("unpacking {}", inputs.kernel.file_name()));
-    let kernel_files = deb::extract(&kernel_deb, &|p| {
-        p == inputs.kernel_path || p.starts_with(inputs.modules_dir)
-    })?;
-    let missing = |file: &str, package: &str| ImageError::Missing {
-        file: file.to_string(),
-        package: package.to_string(),
-    };
-    let kernel = kernel_files
-        .get(inputs.kernel_path)
-        .ok_or_else(|| missing(inputs.kernel_path, inputs.kernel.name))?;
-    let kernel_bytes = match inputs.kernel_format {
-        KernelFormat::BzImage => kernel.data.clone(),
-        KernelFormat::GzipImage => gunzip(&kernel.data)
-            .map_err(|e| ImageError::Decompress(inputs.kernel_path.to_string(), e))?,
-    };
-    let modules = select_modules(inputs, &kernel_files, progress)?;
-
-    progress(&format!("unpacking {}", inputs.busybox.file_name()));
-    let busybox_files = deb::extract(&busybox_deb, &|p| p == inputs.busybox_path)?;
-    let busybox = busybox_files
-        .get(inputs.busybox_path)
-        .ok_or_else(|| missing(inputs.busybox_path, inputs.busybox.name))?;
+    let unpacked = unpacked_inputs(inputs, &plan.cache, progress)?;
 
     progress("writing the initramfs");
-    let entries = initramfs_entries(inputs, &plan.agent, &busybox.data, &modules);
+    let entries = initramfs_entries(inputs, &plan.agent, &unpacked.busybox, &unpacked.modules);
     let images = plan.cache.join("images");
     std::fs::create_dir_all(&images).map_err(io_err(&images))?;
     let tmp = tempfile::Builder::new()
@@ -259,7 +234,7 @@ pub fn build(opts: &BuildOptions, progress: &dyn Fn(&str)) -> Result<ImagePaths,
     let file = std::fs::File::create(&initrd_tmp).map_err(io_err(&initrd_tmp))?;
     cpio::write(&entries, io::BufWriter::new(file))?;
     let kernel_tmp = tmp.path().join("vmlinuz");
-    std::fs::write(&kernel_tmp, &kernel_bytes).map_err(io_err(&kernel_tmp))?;
+    std::fs::write(&kernel_tmp, &unpacked.kernel).map_err(io_err(&kernel_tmp))?;
     let manifest_tmp = tmp.path().join("manifest.txt");
     let manifest = format!("{}agent sha256 {}\n", inputs.canonical(), plan.agent_sha256);
     std::fs::write(&manifest_tmp, manifest).map_err(io_err(&manifest_tmp))?;
@@ -282,6 +257,115 @@ pub fn build(opts: &BuildOptions, progress: &dyn Fn(&str)) -> Result<ImagePaths,
         paths.initrd.display()
     ));
     Ok(paths)
+}
+
+/// The files taken out of the packages: what an image needs besides the agent.
+struct Unpacked {
+    kernel: Vec<u8>,
+    busybox: Vec<u8>,
+    modules: Vec<Module>,
+}
+
+impl Unpacked {
+    fn to_entries(&self) -> Vec<Entry> {
+        let mut e = vec![
+            Entry::file("vmlinuz", 0o644, self.kernel.clone()),
+            Entry::file("busybox", 0o755, self.busybox.clone()),
+            Entry::dir("modules", 0o755),
+        ];
+        for m in &self.modules {
+            e.push(Entry::file(
+                &format!("modules/{}", m.name),
+                0o644,
+                m.data.clone(),
+            ));
+        }
+        e
+    }
+
+    fn from_entries(entries: Vec<Entry>) -> Option<Unpacked> {
+        let (mut kernel, mut busybox, mut modules) = (None, None, Vec::new());
+        for e in entries {
+            match (e.path.as_str(), e.kind) {
+                ("vmlinuz", cpio::Kind::File(d)) => kernel = Some(d),
+                ("busybox", cpio::Kind::File(d)) => busybox = Some(d),
+                (p, cpio::Kind::File(data)) => modules.push(Module {
+                    name: p.strip_prefix("modules/")?.to_string(),
+                    data,
+                }),
+                (_, cpio::Kind::Dir) => {}
+                _ => return None,
+            }
+        }
+        Some(Unpacked {
+            kernel: kernel?,
+            busybox: busybox?,
+            modules,
+        })
+    }
+}
+
+/// Unpacks the packages, or reuses `<cache>/inputs/<arch>-<hash>.cpio` from an earlier build
+/// (unpacking the kernel package's xz data costs seconds; the agent changes far more often).
+fn unpacked_inputs(
+    inputs: &ArchInputs,
+    cache: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<Unpacked, ImageError> {
+    let dir = cache.join("inputs");
+    let saved = dir.join(format!("{}.cpio", inputs.image_key("")));
+    if let Ok(bytes) = std::fs::read(&saved) {
+        if let Some(u) = cpio::read(&bytes).ok().and_then(Unpacked::from_entries) {
+            return Ok(u);
+        }
+        progress(&format!("{} is damaged; unpacking again", saved.display()));
+    }
+    let unpacked = unpack(inputs, &cache.join("downloads"), progress)?;
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(io_err(&dir))?;
+    cpio::write(&unpacked.to_entries(), io::BufWriter::new(tmp.as_file()))?;
+    tmp.persist(&saved)
+        .map_err(|e| ImageError::Io(saved.display().to_string(), e.error))?;
+    Ok(unpacked)
+}
+
+fn unpack(
+    inputs: &ArchInputs,
+    downloads: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<Unpacked, ImageError> {
+    let kernel_deb = ensure_deb(&inputs.kernel, downloads, progress)?;
+    let busybox_deb = ensure_deb(&inputs.busybox, downloads, progress)?;
+
+    progress(&format!("unpacking {}", inputs.kernel.file_name()));
+    let kernel_files = deb::extract(&kernel_deb, &|p| {
+        p == inputs.kernel_path || p.starts_with(inputs.modules_dir)
+    })?;
+    let missing = |file: &str, package: &str| ImageError::Missing {
+        file: file.to_string(),
+        package: package.to_string(),
+    };
+    let kernel = kernel_files
+        .get(inputs.kernel_path)
+        .ok_or_else(|| missing(inputs.kernel_path, inputs.kernel.name))?;
+    let kernel = match inputs.kernel_format {
+        KernelFormat::BzImage => kernel.data.clone(),
+        KernelFormat::GzipImage => gunzip(&kernel.data)
+            .map_err(|e| ImageError::Decompress(inputs.kernel_path.to_string(), e))?,
+    };
+    let modules = select_modules(inputs, &kernel_files, progress)?;
+
+    progress(&format!("unpacking {}", inputs.busybox.file_name()));
+    let mut busybox_files = deb::extract(&busybox_deb, &|p| p == inputs.busybox_path)?;
+    let busybox = busybox_files
+        .remove(inputs.busybox_path)
+        .ok_or_else(|| missing(inputs.busybox_path, inputs.busybox.name))?
+        .data;
+    Ok(Unpacked {
+        kernel,
+        busybox,
+        modules,
+    })
 }
 
 fn gunzip(data: &[u8]) -> Result<Vec<u8>, String> {

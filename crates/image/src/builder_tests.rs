@@ -179,9 +179,21 @@ fn full_build_from_the_pinned_packages() {
     // Built once: a second call reuses it silently; --force rebuilds the same bytes.
     let again = build(&opts, &|l| panic!("unexpected progress {l}")).unwrap();
     assert_eq!(again, paths);
+    // The unpacked inputs are reused, so the rebuild does not unpack the packages again.
     opts.force = true;
-    let rebuilt = build(&opts, &|_| {}).unwrap();
+    let lines = std::cell::RefCell::new(Vec::new());
+    let rebuilt = build(&opts, &|l| lines.borrow_mut().push(l.to_string())).unwrap();
     assert_eq!(std::fs::read(&rebuilt.initrd).unwrap(), initrd);
+    assert_eq!(std::fs::read(&rebuilt.kernel).unwrap(), kernel);
+    let lines = lines.into_inner();
+    assert!(
+        !lines.iter().any(|l| l.starts_with("unpacking")),
+        "{lines:?}"
+    );
+    let saved = std::fs::read_dir(cache.path().join("inputs"))
+        .unwrap()
+        .count();
+    assert_eq!(saved, 1);
     // No temporary directories are left behind.
     let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("images"))
         .unwrap()
@@ -190,4 +202,26 @@ fn full_build_from_the_pinned_packages() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn saved_inputs_round_trip_and_reject_strange_archives() {
+    let u = Unpacked {
+        kernel: b"K".to_vec(),
+        busybox: b"B".to_vec(),
+        modules: fake_modules(),
+    };
+    let back = Unpacked::from_entries(u.to_entries()).unwrap();
+    assert_eq!((&back.kernel, &back.busybox), (&u.kernel, &u.busybox));
+    assert_eq!(back.modules, u.modules);
+    // Missing kernel, a stray symlink, a file outside modules/: not a saved-inputs archive.
+    let mut no_kernel = u.to_entries();
+    no_kernel.remove(0);
+    assert!(Unpacked::from_entries(no_kernel).is_none());
+    let mut link = u.to_entries();
+    link.push(Entry::symlink("x", "y"));
+    assert!(Unpacked::from_entries(link).is_none());
+    let mut stray = u.to_entries();
+    stray.push(Entry::file("etc/x", 0o644, vec![]));
+    assert!(Unpacked::from_entries(stray).is_none());
 }
