@@ -1,15 +1,245 @@
-//! `vmcp mcp ...`.
+//! `vmcp mcp ...`: talk to an MCP server over Streamable HTTP(S) or stdio.
+//!
+//! `list-tools` prints one tool per line (name and description) or the raw JSON list;
+//! `call` prints the text of the tool result, or the raw `CallToolResult` with `--json`.
+//! Failures (TLS rejected, all endpoints down, JSON-RPC error, tool error) end with a
+//! one-line error on stderr and a non-zero exit: 1 when the tool itself reported an error,
+//! 125 for everything else.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTransport};
+use vmcp_mcp::stdio::{StdioConfig, StdioTransport};
+use vmcp_mcp::tls::{ClientIdentity, TlsOptions, TlsRejection};
+use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
 
 /// `vmcp mcp` subcommands.
 #[derive(clap::Subcommand)]
 pub enum McpCommand {
     /// List the tools of an MCP server.
-    ListTools {},
+    ListTools {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Print the tools as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call a tool and print its result.
+    Call {
+        /// Tool name.
+        tool: String,
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Tool arguments, a JSON object.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        args: String,
+        /// Print the raw CallToolResult JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How to reach the server (shared by every subcommand).
+#[derive(clap::Args)]
+pub struct ServerArgs {
+    /// Streamable HTTP endpoint; repeat for several endpoints of one server (load balanced).
+    #[arg(long, value_name = "URL")]
+    url: Vec<String>,
+    /// Start the server as a child process: the command follows `--`.
+    #[arg(long)]
+    stdio: bool,
+    /// Trust the CA certificates in this PEM file (in addition to the system roots).
+    #[arg(long, value_name = "PEM")]
+    ca_file: Vec<PathBuf>,
+    /// Client certificate for mutual TLS (PEM; needs --client-key).
+    #[arg(long, value_name = "PEM", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Private key of --client-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Extra HTTP header, e.g. 'Authorization: Bearer TOKEN' (repeatable).
+    #[arg(long, value_name = "'K: V'")]
+    header: Vec<String>,
+    /// Time limit of each request, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    timeout: f64,
+    /// DANGEROUS: accept any server certificate (no verification). Warns on every connection.
+    #[arg(long)]
+    insecure_skip_tls_verify: bool,
+    /// Protocol generation: auto (detect), legacy (initialize, sessions) or 2026-07-28.
+    #[arg(long, value_name = "auto|legacy|2026-07-28", default_value = "auto")]
+    protocol: String,
+    /// Server command and arguments (with --stdio).
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
 }
 
 /// Runs a `vmcp mcp` subcommand.
-pub async fn run(_cmd: McpCommand) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`vmcp mcp` is not available in this build yet")
+pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        McpCommand::ListTools { server, json } => {
+            with_client(&server, |c| async move { list_tools(&c, json).await }).await
+        }
+        McpCommand::Call {
+            server,
+            tool,
+            args,
+            json,
+        } => {
+            let args: Value = serde_json::from_str(&args)
+                .with_context(|| format!("--args is not valid JSON: {args:?}"))?;
+            if !args.is_object() {
+                bail!("--args must be a JSON object, like '{{\"message\": \"hi\"}}'");
+            }
+            with_client(&server, |c| async move { call(&c, &tool, &args, json).await }).await
+        }
+    }
+}
+
+fn client_config(server: &ServerArgs) -> anyhow::Result<ClientConfig> {
+    if !(server.timeout.is_finite() && server.timeout > 0.0) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let lifecycle = match server.protocol.as_str() {
+        "auto" => Lifecycle::Auto,
+        "legacy" => Lifecycle::Initialize,
+        "2026-07-28" | "modern" => Lifecycle::Discover,
+        other => bail!("unknown --protocol {other:?}: use auto, legacy or 2026-07-28"),
+    };
+    Ok(ClientConfig::default()
+        .with_lifecycle(lifecycle)
+        .with_request_timeout(Some(Duration::from_secs_f64(server.timeout))))
+}
+
+/// Connects as `server` says, runs `f`, closes, and explains failures in one line.
+async fn with_client<F, Fut>(server: &ServerArgs, f: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(AnyClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let config = client_config(server)?;
+    let client = match (server.url.is_empty(), server.stdio, server.command.is_empty()) {
+        (false, false, true) => {
+            let mut tls = TlsOptions::new().danger_accept_invalid_certs(server.insecure_skip_tls_verify);
+            for ca in &server.ca_file {
+                tls = tls.with_extra_ca_file(ca);
+            }
+            if let (Some(cert), Some(key)) = (&server.client_cert, &server.client_key) {
+                tls = tls.with_client_identity(ClientIdentity::new(cert, key));
+            }
+            let tls = vmcp_mcp::tls::client_config(&tls)?;
+            let http = ReqwestClient::new(&ReqwestOptions::default().with_tls(tls))?;
+            let mut hc = HttpConfig::new(server.url.iter().cloned());
+            for h in &server.header {
+                hc = hc
+                    .with_header_line(h)
+                    .with_context(|| "--header wants 'Name: value'".to_owned())?;
+            }
+            let transport = StreamableHttpTransport::new(http, hc)?;
+            if server.url.len() > 1 {
+                transport.start_health_checks();
+            }
+            AnyClient::Http(Client::connect(transport, config).await.map_err(explain)?)
+        }
+        (true, true, false) => {
+            let cfg = StdioConfig::new(&server.command[0], &server.command[1..]);
+            let transport = StdioTransport::spawn(&cfg)?;
+            AnyClient::Stdio(Client::connect(transport, config).await.map_err(explain)?)
+        }
+        (true, true, true) => bail!("--stdio needs the server command after `--`"),
+        (false, true, _) => bail!("give either --url or --stdio, not both"),
+        (true, false, _) => bail!("give --url URL or --stdio -- CMD ARGS... to say which server to use"),
+        (false, false, false) => bail!("a command after `--` needs --stdio"),
+    };
+    let closer = client.clone();
+    let result = f(client).await;
+    closer.close().await;
+    result
+}
+
+/// A client over either transport.
+#[derive(Clone)]
+enum AnyClient {
+    Http(Client<StreamableHttpTransport<ReqwestClient>>),
+    Stdio(Client<StdioTransport>),
+}
+
+impl AnyClient {
+    async fn close(&self) {
+        match self {
+            AnyClient::Http(c) => c.close().await,
+            AnyClient::Stdio(c) => c.close().await,
+        }
+    }
+}
+
+/// Adds a TLS hint to an error when a certificate was rejected.
+fn explain(e: vmcp_mcp::ClientError) -> anyhow::Error {
+    match TlsRejection::find(&e) {
+        Some(r) => anyhow::Error::new(e).context(r.to_string()),
+        None => anyhow::Error::new(e),
+    }
+}
+
+async fn list_tools(c: &AnyClient, json: bool) -> anyhow::Result<ExitCode> {
+    let tools = match c {
+        AnyClient::Http(c) => c.list_tools().await,
+        AnyClient::Stdio(c) => c.list_tools().await,
+    }
+    .map_err(explain)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&tools)?);
+    } else {
+        for t in &tools {
+            let desc = t.description.as_deref().unwrap_or("").lines().next().unwrap_or("");
+            if desc.is_empty() {
+                println!("{}", t.name);
+            } else {
+                println!("{}\t{desc}", t.name);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn call_on<T: Transport>(
+    c: &Client<T>,
+    tool: &str,
+    args: &Value,
+) -> Result<Box<serde_json::value::RawValue>, vmcp_mcp::ClientError> {
+    c.call_tool_raw(tool, Some(args)).await
+}
+
+async fn call(c: &AnyClient, tool: &str, args: &Value, json: bool) -> anyhow::Result<ExitCode> {
+    let raw = match c {
+        AnyClient::Http(c) => call_on(c, tool, args).await,
+        AnyClient::Stdio(c) => call_on(c, tool, args).await,
+    }
+    .map_err(explain)?;
+    let result: vmcp_mcp::model::CallToolResult = serde_json::from_str(raw.get())
+        .with_context(|| format!("the server's result of tool {tool:?} is malformed"))?;
+    if json {
+        println!("{}", raw.get());
+    } else {
+        for block in &result.content {
+            match block.as_text() {
+                Some(t) => println!("{t}"),
+                None => println!("{}", serde_json::to_string(block)?),
+            }
+        }
+        if result.content.is_empty() {
+            if let Some(s) = &result.structured_content {
+                println!("{s}");
+            }
+        }
+    }
+    if result.is_error() {
+        eprintln!("vmcp: tool {tool:?} reported an error");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }

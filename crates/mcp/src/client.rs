@@ -1,0 +1,878 @@
+//! The MCP client: lifecycle, request/response matching, server requests and notifications.
+//!
+//! [`Client::connect`] takes any [`Transport`], starts one dispatcher task that reads every
+//! incoming message, and runs the lifecycle ([`Lifecycle`]):
+//!
+//! * `Initialize` (legacy, 2025-03-26 .. 2025-11-25): `initialize`, then
+//!   `notifications/initialized`.
+//! * `Discover` (2026-07-28): `server/discover`; every later request carries the per-request
+//!   `_meta` (protocol version, client info, capabilities). An `UnsupportedProtocolVersion`
+//!   answer is retried with a version from its `supported` list if we speak one.
+//! * `Auto`: the generation the transport already knows for this server, else `Discover`,
+//!   falling back to `Initialize` when the answer is not a modern one (a JSON-RPC error with
+//!   a non-modern code, an HTTP 4xx without one, or no answer within
+//!   [`ClientConfig::probe_timeout`] on stdio). The HTTP transport caches the result per
+//!   endpoint.
+//!
+//! Requests: each gets a fresh integer id and a slot in the pending map; the dispatcher
+//! completes the slot when the answer arrives. [`ClientConfig::request_timeout`] bounds each
+//! call; when it expires, or when the caller drops the call's future, the slot is removed and
+//! `notifications/cancelled` is sent (except on transports where closing the request's own
+//! stream is the cancellation, i.e. 2026-07-28 over HTTP).
+//!
+//! Server-to-client requests (`ping`, `roots/list`, `sampling/createMessage`,
+//! `elicitation/create`, ...) are answered by the [`ServerRequestHandler`] if one is set;
+//! `ping` is always answered; anything unhandled gets JSON-RPC error -32601 (method not
+//! found). Notifications are logged (`notifications/message` at the level the server gave,
+//! progress at debug) and forwarded to [`Client::notifications`] if taken.
+//!
+//! Limits: no multi-round-trip (MRTR) input requests of 2026-07-28: a result of type
+//! `input_required` is an error ([`ClientError::InputRequired`]); no `subscriptions/listen`;
+//! `x-mcp-header` parameter mirroring (`Mcp-Param-*`) is not implemented.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::jsonrpc::{self, ErrorResponse, Message, Notification, Request, RequestId, Response, RpcError};
+use crate::model::{
+    self, CallToolParams, CallToolResult, GetPromptResult, Implementation, InitializeParams,
+    ListPromptsResult, ListResourcesResult, ListToolsResult, Prompt, ReadResourceResult, Resource,
+    ServerInfo, Tool,
+};
+use crate::transport::{Era, ProtocolState, Transport, TransportError};
+
+/// How the client starts talking to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Lifecycle {
+    /// Legacy `initialize` handshake (protocol 2025-11-25 requested).
+    Initialize,
+    /// 2026-07-28 `server/discover`, stateless.
+    Discover,
+    /// Detect: the known generation, else discover with fallback to initialize.
+    #[default]
+    Auto,
+}
+
+/// A boxed future answering a server request.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
+
+/// Answers requests the server sends to the client.
+pub trait ServerRequestHandler: Send + Sync + 'static {
+    /// The answer to `request`, or `None` when this handler does not serve its method (the
+    /// client then answers "method not found").
+    fn handle(&self, request: &Request) -> Option<HandlerFuture>;
+}
+
+/// Client settings.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Our name and version.
+    pub client_info: Implementation,
+    /// Our capabilities (advertise only what the handler serves).
+    pub capabilities: Value,
+    /// How to start.
+    pub lifecycle: Lifecycle,
+    /// Time limit of each request, end to end; `None` = unlimited.
+    pub request_timeout: Option<Duration>,
+    /// How long `Auto` waits for a `server/discover` answer on transports where a legacy
+    /// server may stay silent.
+    pub probe_timeout: Duration,
+    /// Server request handler.
+    pub handler: Option<Arc<dyn ServerRequestHandler>>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            client_info: Implementation::vmcp(),
+            capabilities: Value::Object(serde_json::Map::new()),
+            lifecycle: Lifecycle::Auto,
+            request_timeout: Some(Duration::from_secs(60)),
+            probe_timeout: Duration::from_secs(5),
+            handler: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("client_info", &self.client_info)
+            .field("lifecycle", &self.lifecycle)
+            .field("request_timeout", &self.request_timeout)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
+}
+
+impl ClientConfig {
+    /// Sets the lifecycle.
+    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.lifecycle = lifecycle;
+        self
+    }
+
+    /// Sets the per-request timeout.
+    pub fn with_request_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the server request handler and the capabilities it serves.
+    pub fn with_handler(mut self, handler: Arc<dyn ServerRequestHandler>, capabilities: Value) -> Self {
+        self.handler = Some(handler);
+        self.capabilities = capabilities;
+        self
+    }
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The server answered with a JSON-RPC error.
+    #[error("the server answered {method} with error {}: {}", error.code, error.message)]
+    Rpc {
+        /// The request's method.
+        method: String,
+        /// The error.
+        error: RpcError,
+    },
+    /// No answer in time.
+    #[error("{method} got no answer within {:.1} s (cancelled)", after.as_secs_f64())]
+    Timeout {
+        /// The request's method.
+        method: String,
+        /// The limit.
+        after: Duration,
+    },
+    /// The connection ended before the answer.
+    #[error("the MCP connection closed before {method} was answered")]
+    Closed {
+        /// The request's method.
+        method: String,
+    },
+    /// The answer does not have the expected shape.
+    #[error("the server's answer to {method} is malformed")]
+    Decode {
+        /// The request's method.
+        method: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No protocol version both sides speak.
+    #[error("the server speaks protocol versions {server:?}; this client speaks {client:?}")]
+    NoCommonVersion {
+        /// The server's versions.
+        server: Vec<String>,
+        /// Ours.
+        client: Vec<String>,
+    },
+    /// The server asked for client input (2026-07-28 multi-round-trip), unsupported here.
+    #[error("the server needs client input to complete {method} (multi round-trip requests are not supported)")]
+    InputRequired {
+        /// The request's method.
+        method: String,
+    },
+    /// The server's result has a `resultType` this client does not know.
+    #[error("the server's answer to {method} has unknown resultType {result_type:?}")]
+    UnknownResultType {
+        /// The request's method.
+        method: String,
+        /// What it said.
+        result_type: String,
+    },
+}
+
+type Slot = oneshot::Sender<Result<Box<RawValue>, RpcError>>;
+
+struct Inner<T> {
+    transport: T,
+    pending: Mutex<HashMap<i64, Slot>>,
+    next_id: AtomicI64,
+    config: ClientConfig,
+    /// `"_meta":{...}` for 2026-07-28 requests, set once discovery chose the version.
+    meta: OnceLock<String>,
+    modern: std::sync::atomic::AtomicBool,
+    notifications: Mutex<Option<mpsc::UnboundedSender<Notification>>>,
+}
+
+/// A connected MCP client. Cheap to clone; all clones share the connection.
+pub struct Client<T: Transport> {
+    inner: Arc<Inner<T>>,
+    server: Arc<ServerInfo>,
+    dispatcher: Arc<DispatcherGuard>,
+}
+
+impl<T: Transport> Clone for Client<T> {
+    fn clone(&self) -> Self {
+        Client {
+            inner: self.inner.clone(),
+            server: self.server.clone(),
+            dispatcher: self.dispatcher.clone(),
+        }
+    }
+}
+
+struct DispatcherGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for DispatcherGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T: Transport> Client<T> {
+    /// Starts the dispatcher and runs the lifecycle.
+    pub async fn connect(transport: T, config: ClientConfig) -> Result<Self, ClientError> {
+        let inner = Arc::new(Inner {
+            transport,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicI64::new(1),
+            config,
+            meta: OnceLock::new(),
+            modern: std::sync::atomic::AtomicBool::new(false),
+            notifications: Mutex::new(None),
+        });
+        let dispatcher = Arc::new(DispatcherGuard(tokio::spawn(dispatch(Arc::downgrade(&inner)))));
+        let server = match lifecycle(&inner).await {
+            Ok(s) => s,
+            Err(e) => {
+                inner.transport.close().await;
+                return Err(e);
+            }
+        };
+        Ok(Client {
+            inner,
+            server: Arc::new(server),
+            dispatcher,
+        })
+    }
+
+    /// What the server said about itself.
+    pub fn server_info(&self) -> &ServerInfo {
+        &self.server
+    }
+
+    /// The generation in use.
+    pub fn era(&self) -> Era {
+        if self.inner.modern.load(Ordering::Relaxed) {
+            Era::Modern
+        } else {
+            Era::Legacy
+        }
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
+    /// Notifications from the server, from now on (one receiver; a second call replaces it).
+    pub fn notifications(&self) -> mpsc::UnboundedReceiver<Notification> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut n) = self.inner.notifications.lock() {
+            *n = Some(tx);
+        }
+        rx
+    }
+
+    /// Sends a request with raw params and returns the raw result.
+    pub async fn request_raw(
+        &self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+    ) -> Result<Box<RawValue>, ClientError> {
+        request(&self.inner, method, params).await
+    }
+
+    /// Sends a request and parses the result.
+    pub async fn request<P: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: &P,
+    ) -> Result<R, ClientError> {
+        let raw = jsonrpc::to_raw(params).map_err(|source| ClientError::Decode {
+            method: method.to_owned(),
+            source,
+        })?;
+        let result = request(&self.inner, method, Some(raw)).await?;
+        decode(method, &result)
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, method: &str, params: Option<Box<RawValue>>) -> Result<(), ClientError> {
+        self.inner
+            .transport
+            .send(&Message::notification(method, params))
+            .await
+            .map_err(ClientError::Transport)
+    }
+
+    /// `ping`.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        request(&self.inner, "ping", None).await.map(|_| ())
+    }
+
+    /// `tools/list`, all pages.
+    pub async fn list_tools(&self) -> Result<Vec<Tool>, ClientError> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page: ListToolsResult = self.request("tools/list", &Cursor::new(&cursor)).await?;
+            out.extend(page.tools);
+            match page.next_cursor {
+                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// `tools/call`, the raw result (for printing it as the server sent it).
+    pub async fn call_tool_raw(
+        &self,
+        name: &str,
+        arguments: Option<&Value>,
+    ) -> Result<Box<RawValue>, ClientError> {
+        let params = jsonrpc::to_raw(&CallToolParams { name, arguments }).map_err(|source| {
+            ClientError::Decode {
+                method: "tools/call".into(),
+                source,
+            }
+        })?;
+        request(&self.inner, "tools/call", Some(params)).await
+    }
+
+    /// `tools/call`.
+    pub async fn call_tool(&self, name: &str, arguments: Option<&Value>) -> Result<CallToolResult, ClientError> {
+        let raw = self.call_tool_raw(name, arguments).await?;
+        decode("tools/call", &raw)
+    }
+
+    /// `resources/list`, all pages.
+    pub async fn list_resources(&self) -> Result<Vec<Resource>, ClientError> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page: ListResourcesResult =
+                self.request("resources/list", &Cursor::new(&cursor)).await?;
+            out.extend(page.resources);
+            match page.next_cursor {
+                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// `resources/read`.
+    pub async fn read_resource(&self, uri: &str) -> Result<ReadResourceResult, ClientError> {
+        self.request("resources/read", &serde_json::json!({ "uri": uri })).await
+    }
+
+    /// `prompts/list`, all pages.
+    pub async fn list_prompts(&self) -> Result<Vec<Prompt>, ClientError> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page: ListPromptsResult = self.request("prompts/list", &Cursor::new(&cursor)).await?;
+            out.extend(page.prompts);
+            match page.next_cursor {
+                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// `prompts/get`.
+    pub async fn get_prompt(
+        &self,
+        name: &str,
+        arguments: Option<&Value>,
+    ) -> Result<GetPromptResult, ClientError> {
+        let mut p = serde_json::json!({ "name": name });
+        if let (Some(a), Value::Object(m)) = (arguments, &mut p) {
+            m.insert("arguments".into(), a.clone());
+        }
+        self.request("prompts/get", &p).await
+    }
+
+    /// Closes the connection (ends the session, stops a stdio server).
+    pub async fn close(&self) {
+        self.inner.transport.close().await;
+    }
+}
+
+#[derive(Serialize)]
+struct Cursor<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<&'a str>,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(c: &'a Option<String>) -> Self {
+        Cursor { cursor: c.as_deref() }
+    }
+}
+
+fn decode<R: DeserializeOwned>(method: &str, raw: &RawValue) -> Result<R, ClientError> {
+    serde_json::from_str(raw.get()).map_err(|source| ClientError::Decode {
+        method: method.to_owned(),
+        source,
+    })
+}
+
+/// Removes the pending slot when a call ends early (timeout, dropped future) and tells the
+/// server to stop.
+struct PendingGuard<'a, T: Transport> {
+    inner: &'a Arc<Inner<T>>,
+    id: i64,
+    done: bool,
+}
+
+impl<T: Transport> Drop for PendingGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let removed = self
+            .inner
+            .pending
+            .lock()
+            .map(|mut p| p.remove(&self.id).is_some())
+            .unwrap_or(false);
+        if removed && !self.inner.transport.cancels_by_disconnect() {
+            let inner = self.inner.clone();
+            let id = self.id;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let params = jsonrpc::to_raw(&serde_json::json!({
+                        "requestId": id,
+                        "reason": "cancelled by the client"
+                    }))
+                    .ok();
+                    let _ = inner
+                        .transport
+                        .send(&Message::notification("notifications/cancelled", params))
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+async fn request<T: Transport>(
+    inner: &Arc<Inner<T>>,
+    method: &str,
+    params: Option<Box<RawValue>>,
+) -> Result<Box<RawValue>, ClientError> {
+    let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+    let params = match inner.meta.get() {
+        Some(meta) => Some(with_meta(params, meta)),
+        None => params,
+    };
+    let (tx, rx) = oneshot::channel();
+    if let Ok(mut p) = inner.pending.lock() {
+        p.insert(id, tx);
+    }
+    let mut guard = PendingGuard {
+        inner,
+        id,
+        done: false,
+    };
+    let msg = Message::request(id, method, params);
+    let exchange = async {
+        inner.transport.send(&msg).await?;
+        Ok::<_, TransportError>(rx.await)
+    };
+    let outcome = match inner.config.request_timeout {
+        Some(t) => match tokio::time::timeout(t, exchange).await {
+            Ok(r) => r,
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    method: method.to_owned(),
+                    after: t,
+                })
+            }
+        },
+        None => exchange.await,
+    };
+    let answer = match outcome {
+        Ok(a) => a,
+        Err(e) => {
+            // The send failed: nothing to cancel.
+            guard.done = true;
+            if let Ok(mut p) = inner.pending.lock() {
+                p.remove(&id);
+            }
+            return Err(ClientError::Transport(e));
+        }
+    };
+    guard.done = true;
+    let result = match answer {
+        Ok(Ok(r)) => r,
+        Ok(Err(error)) => {
+            return Err(ClientError::Rpc {
+                method: method.to_owned(),
+                error,
+            })
+        }
+        Err(_) => {
+            return Err(ClientError::Closed {
+                method: method.to_owned(),
+            })
+        }
+    };
+    if inner.modern.load(Ordering::Relaxed) {
+        check_result_type(method, &result)?;
+    }
+    Ok(result)
+}
+
+fn check_result_type(method: &str, result: &RawValue) -> Result<(), ClientError> {
+    let probe: model::ResultTypeProbe<'_> =
+        serde_json::from_str(result.get()).map_err(|source| ClientError::Decode {
+            method: method.to_owned(),
+            source,
+        })?;
+    match probe.result_type {
+        None | Some("complete") => Ok(()),
+        Some("input_required") => Err(ClientError::InputRequired {
+            method: method.to_owned(),
+        }),
+        Some(other) => Err(ClientError::UnknownResultType {
+            method: method.to_owned(),
+            result_type: other.to_owned(),
+        }),
+    }
+}
+
+/// Puts `"_meta":{...}` (given as `meta`, without braces around it) into a params object.
+fn with_meta(params: Option<Box<RawValue>>, meta: &str) -> Box<RawValue> {
+    let raw = params.as_deref().map(RawValue::get).unwrap_or("{}");
+    let trimmed = raw.trim_start();
+    let spliced = if raw.contains("\"_meta\"") || !trimmed.starts_with('{') {
+        merge_meta(raw, meta)
+    } else {
+        let body = trimmed[1..].trim_start();
+        if body.starts_with('}') {
+            format!("{{{meta}}}")
+        } else {
+            format!("{{{meta},{body}")
+        }
+    };
+    RawValue::from_string(spliced)
+        .or_else(|_| RawValue::from_string(format!("{{{meta}}}")))
+        .unwrap_or_else(|_| params.unwrap_or_default())
+}
+
+/// Slow path: params that already have `_meta` (or are not an object).
+fn merge_meta(raw: &str, meta: &str) -> String {
+    let ours: Value = serde_json::from_str(&format!("{{{meta}}}")).unwrap_or_default();
+    let mut params: Value = serde_json::from_str(raw).unwrap_or_else(|_| Value::Object(Default::default()));
+    if let (Value::Object(p), Some(Value::Object(add))) = (&mut params, ours.get("_meta")) {
+        let entry = p
+            .entry("_meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(m) = entry {
+            for (k, v) in add {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    params.to_string()
+}
+
+fn meta_fragment(version: &str, config: &ClientConfig) -> String {
+    let meta = serde_json::json!({
+        model::META_PROTOCOL_VERSION: version,
+        model::META_CLIENT_INFO: config.client_info,
+        model::META_CLIENT_CAPABILITIES: config.capabilities,
+    });
+    format!("\"_meta\":{meta}")
+}
+
+async fn lifecycle<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, ClientError> {
+    let mode = match inner.config.lifecycle {
+        Lifecycle::Auto => match inner.transport.known_era() {
+            Some(Era::Legacy) => Lifecycle::Initialize,
+            Some(Era::Modern) => Lifecycle::Discover,
+            None => Lifecycle::Auto,
+        },
+        other => other,
+    };
+    match mode {
+        Lifecycle::Initialize => initialize(inner).await,
+        Lifecycle::Discover => discover(inner, None).await,
+        Lifecycle::Auto => {
+            let limit = if inner.transport.may_ignore_unknown_requests() {
+                inner.config.probe_timeout
+            } else {
+                Duration::MAX
+            };
+            let probe = tokio::time::timeout(limit, discover(inner, Some(())));
+            match probe.await {
+                Ok(Ok(info)) => Ok(info),
+                Ok(Err(e)) if is_legacy_sign(&e) => {
+                    tracing::debug!("server/discover failed ({e}); falling back to initialize");
+                    initialize(inner).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => {
+                    tracing::debug!("no answer to server/discover; falling back to initialize");
+                    initialize(inner).await
+                }
+            }
+        }
+    }
+}
+
+/// Does this failure of `server/discover` say the server is legacy?
+fn is_legacy_sign(e: &ClientError) -> bool {
+    match e {
+        ClientError::Rpc { error, .. } => !error.is_modern_error(),
+        ClientError::Transport(TransportError::Http(crate::http::HttpTransportError::Status {
+            status,
+            ..
+        })) => (400..500).contains(status),
+        ClientError::Decode { .. } => true,
+        _ => false,
+    }
+}
+
+async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, ClientError> {
+    inner.transport.set_protocol(&ProtocolState {
+        era: Era::Legacy,
+        version: None,
+    });
+    let params = InitializeParams {
+        protocol_version: model::V_2025_11_25,
+        capabilities: &inner.config.capabilities,
+        client_info: &inner.config.client_info,
+    };
+    let raw = jsonrpc::to_raw(&params).map_err(|source| ClientError::Decode {
+        method: "initialize".into(),
+        source,
+    })?;
+    let result = request(inner, "initialize", Some(raw)).await?;
+    let info: ServerInfo = decode("initialize", &result)?;
+    if !model::LEGACY_VERSIONS.contains(&info.protocol_version.as_str()) {
+        return Err(ClientError::NoCommonVersion {
+            server: vec![info.protocol_version.clone()],
+            client: model::LEGACY_VERSIONS.iter().map(|s| (*s).to_owned()).collect(),
+        });
+    }
+    inner.transport.set_protocol(&ProtocolState {
+        era: Era::Legacy,
+        version: Some(info.protocol_version.clone()),
+    });
+    inner
+        .transport
+        .send(&Message::notification("notifications/initialized", None))
+        .await?;
+    Ok(info)
+}
+
+async fn discover<T: Transport>(inner: &Arc<Inner<T>>, _probe: Option<()>) -> Result<ServerInfo, ClientError> {
+    let mut version = model::V_2026_07_28.to_owned();
+    for _ in 0..2 {
+        inner.transport.set_protocol(&ProtocolState {
+            era: Era::Modern,
+            version: Some(version.clone()),
+        });
+        let meta = meta_fragment(&version, &inner.config);
+        let params = with_meta(None, &meta);
+        match request(inner, "server/discover", Some(params)).await {
+            Ok(raw) => {
+                let mut info: ServerInfo = decode("server/discover", &raw)?;
+                if !info.supported_versions.is_empty() && !info.supported_versions.contains(&version) {
+                    let Some(v) = pick_modern(&info.supported_versions) else {
+                        return Err(no_common(info.supported_versions));
+                    };
+                    version = v;
+                    continue;
+                }
+                info.protocol_version = version.clone();
+                let _ = inner.meta.set(meta);
+                inner.modern.store(true, Ordering::Relaxed);
+                return Ok(info);
+            }
+            Err(ClientError::Rpc { error, .. }) if error.code == jsonrpc::UNSUPPORTED_PROTOCOL_VERSION => {
+                let supported: Vec<String> = error
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("supported"))
+                    .and_then(|s| serde_json::from_value(s.clone()).ok())
+                    .unwrap_or_default();
+                match pick_modern(&supported) {
+                    Some(v) if v != version => version = v,
+                    _ => return Err(no_common(supported)),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(no_common(Vec::new()))
+}
+
+fn pick_modern(supported: &[String]) -> Option<String> {
+    model::MODERN_VERSIONS
+        .iter()
+        .find(|v| supported.iter().any(|s| s == *v))
+        .map(|v| (*v).to_owned())
+}
+
+fn no_common(server: Vec<String>) -> ClientError {
+    ClientError::NoCommonVersion {
+        server,
+        client: model::MODERN_VERSIONS
+            .iter()
+            .chain(model::LEGACY_VERSIONS)
+            .map(|s| (*s).to_owned())
+            .collect(),
+    }
+}
+
+/// Reads every incoming message until the transport ends.
+async fn dispatch<T: Transport>(weak: std::sync::Weak<Inner<T>>) {
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let Some(item) = inner.transport.receive().await else {
+            break;
+        };
+        match item {
+            Ok(Message::Response(Response { id, result })) => complete(&inner, &id, Ok(result)),
+            Ok(Message::Error(ErrorResponse { id: Some(id), error })) => complete(&inner, &id, Err(error)),
+            Ok(Message::Error(ErrorResponse { id: None, error })) => {
+                tracing::warn!("MCP server reported an error: {error}");
+            }
+            Ok(Message::Request(req)) => {
+                let inner = inner.clone();
+                tokio::spawn(async move { answer(&inner, req).await });
+            }
+            Ok(Message::Notification(n)) => on_notification(&inner, n),
+            Err(e) => tracing::warn!("MCP transport: {e}"),
+        }
+    }
+    // The connection ended: fail everything still waiting.
+    if let Some(inner) = weak.upgrade() {
+        if let Ok(mut p) = inner.pending.lock() {
+            p.clear();
+        }
+    }
+}
+
+fn complete<T: Transport>(inner: &Inner<T>, id: &RequestId, result: Result<Box<RawValue>, RpcError>) {
+    let RequestId::Number(n) = id else {
+        tracing::debug!("ignoring an answer to unknown request {id}");
+        return;
+    };
+    let slot = inner.pending.lock().ok().and_then(|mut p| p.remove(n));
+    match slot {
+        Some(tx) => {
+            let _ = tx.send(result);
+        }
+        None => tracing::debug!("ignoring an answer to unknown or cancelled request {id}"),
+    }
+}
+
+async fn answer<T: Transport>(inner: &Arc<Inner<T>>, req: Request) {
+    let result = if req.method == "ping" {
+        Ok(Value::Object(Default::default()))
+    } else {
+        match inner.config.handler.as_ref().and_then(|h| h.handle(&req)) {
+            Some(fut) => fut.await,
+            None => Err(RpcError::new(
+                jsonrpc::METHOD_NOT_FOUND,
+                format!("method not found: {}", req.method),
+            )),
+        }
+    };
+    let msg = match result.and_then(|v| {
+        jsonrpc::to_raw(&v).map_err(|e| RpcError::new(jsonrpc::INTERNAL_ERROR, e.to_string()))
+    }) {
+        Ok(result) => Message::Response(Response { id: req.id, result }),
+        Err(error) => Message::Error(ErrorResponse {
+            id: Some(req.id),
+            error,
+        }),
+    };
+    if let Err(e) = inner.transport.send(&msg).await {
+        tracing::warn!("cannot answer the server's {} request: {e}", req.method);
+    }
+}
+
+fn on_notification<T: Transport>(inner: &Inner<T>, n: Notification) {
+    match n.method.as_str() {
+        "notifications/message" => {
+            let text = n.params.as_ref().map(|p| p.get()).unwrap_or("");
+            tracing::info!(target: "vmcp_mcp::server_log", "{text}");
+        }
+        "notifications/progress" => {
+            tracing::debug!("progress: {}", n.params.as_ref().map(|p| p.get()).unwrap_or(""));
+        }
+        "notifications/cancelled" => {
+            tracing::debug!("the server cancelled one of its requests");
+        }
+        _ => tracing::debug!("notification {}", n.method),
+    }
+    let tx = inner.notifications.lock().ok().and_then(|g| g.clone());
+    if let Some(tx) = tx {
+        let _ = tx.send(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_splice() {
+        let meta = "\"_meta\":{\"k\":1}";
+        assert_eq!(with_meta(None, meta).get(), "{\"_meta\":{\"k\":1}}");
+        let p = jsonrpc::to_raw(&serde_json::json!({"name":"x"})).unwrap();
+        assert_eq!(with_meta(Some(p), meta).get(), "{\"_meta\":{\"k\":1},\"name\":\"x\"}");
+        let p = jsonrpc::to_raw(&serde_json::json!({"_meta":{"progressToken":3},"name":"x"})).unwrap();
+        let v: Value = serde_json::from_str(with_meta(Some(p), meta).get()).unwrap();
+        assert_eq!(v["_meta"]["progressToken"], 3);
+        assert_eq!(v["_meta"]["k"], 1);
+        assert_eq!(v["name"], "x");
+    }
+
+    #[test]
+    fn result_types() {
+        let ok = RawValue::from_string("{\"resultType\":\"complete\"}".into()).unwrap();
+        assert!(check_result_type("m", &ok).is_ok());
+        let ir = RawValue::from_string("{\"resultType\":\"input_required\"}".into()).unwrap();
+        assert!(matches!(check_result_type("m", &ir), Err(ClientError::InputRequired { .. })));
+        let odd = RawValue::from_string("{\"resultType\":\"odd\"}".into()).unwrap();
+        assert!(matches!(check_result_type("m", &odd), Err(ClientError::UnknownResultType { .. })));
+    }
+
+    #[test]
+    fn legacy_signs() {
+        let rpc = |code| ClientError::Rpc {
+            method: "server/discover".into(),
+            error: RpcError::new(code, "x"),
+        };
+        assert!(is_legacy_sign(&rpc(jsonrpc::METHOD_NOT_FOUND)));
+        assert!(!is_legacy_sign(&rpc(jsonrpc::HEADER_MISMATCH)));
+        assert!(pick_modern(&["2026-07-28".into()]).is_some());
+        assert!(pick_modern(&["2025-11-25".into()]).is_none());
+    }
+}

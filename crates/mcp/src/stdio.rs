@@ -1,0 +1,260 @@
+//! Stdio transport: the MCP server is a child process; one JSON-RPC message per line on its
+//! stdin and stdout.
+//!
+//! The child is started in its own process group (Unix) with stdin and stdout piped and
+//! stderr passed through to ours, logged line by line (`tracing`, target `vmcp_mcp::stderr`)
+//! or dropped ([`StderrMode`]). It dies with its owner: on Linux through `PR_SET_PDEATHSIG`
+//! (even when vmcp is SIGKILLed), everywhere when the transport is dropped or closed (the
+//! whole process group is killed on Unix, so `npx`-style launchers do not leave their node
+//! behind). [`StdioTransport::close`] first closes the child's stdin and gives it
+//! [`StdioConfig::shutdown_grace`] to exit, as the MCP spec suggests.
+//!
+//! Limits: lines longer than [`MAX_LINE`] end the connection with an error; lines that are
+//! no JSON-RPC message are logged and skipped (some servers print banners on stdout).
+
+#[cfg(target_os = "linux")]
+mod sys_linux;
+#[cfg(not(target_os = "linux"))]
+mod sys_other;
+#[cfg(target_os = "linux")]
+use sys_linux as sys;
+#[cfg(not(target_os = "linux"))]
+use sys_other as sys;
+
+use std::ffi::OsString;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::Mutex;
+
+use crate::jsonrpc::{self, Message};
+use crate::transport::{Transport, TransportError};
+
+/// Longest line accepted from the server.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// What happens to the child's stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum StderrMode {
+    /// Passed through to our stderr.
+    #[default]
+    Inherit,
+    /// Logged line by line at info level.
+    Log,
+    /// Discarded.
+    Null,
+}
+
+/// How to start the server.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StdioConfig {
+    /// Program.
+    pub program: OsString,
+    /// Arguments.
+    pub args: Vec<OsString>,
+    /// Extra environment variables.
+    pub env: Vec<(OsString, OsString)>,
+    /// Stderr handling.
+    pub stderr: StderrMode,
+    /// How long `close` waits for the child to exit after closing its stdin.
+    pub shutdown_grace: Duration,
+}
+
+impl StdioConfig {
+    /// A server started as `program args...`.
+    pub fn new(program: impl Into<OsString>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        StdioConfig {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            stderr: StderrMode::Inherit,
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+
+    /// Sets the stderr mode.
+    pub fn with_stderr(mut self, mode: StderrMode) -> Self {
+        self.stderr = mode;
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// A running stdio MCP server.
+pub struct StdioTransport {
+    stdin: Mutex<Option<ChildStdin>>,
+    stdout: Mutex<StdoutReader>,
+    child: Mutex<Option<Child>>,
+    pid: Option<u32>,
+    grace: Duration,
+}
+
+struct StdoutReader {
+    reader: BufReader<ChildStdout>,
+    line: Vec<u8>,
+    done: bool,
+}
+
+impl StdioTransport {
+    /// Starts the server process.
+    pub fn spawn(config: &StdioConfig) -> Result<Self, TransportError> {
+        let mut cmd = Command::new(&config.program);
+        cmd.args(&config.args)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(match config.stderr {
+                StderrMode::Inherit => Stdio::inherit(),
+                StderrMode::Log => Stdio::piped(),
+                StderrMode::Null => Stdio::null(),
+            })
+            .kill_on_drop(true);
+        sys::prepare(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| TransportError::Spawn {
+            program: config.program.to_string_lossy().into_owned(),
+            source,
+        })?;
+        let pid = child.id();
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(TransportError::Closed);
+        };
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    tracing::info!(target: "vmcp_mcp::stderr", "{line}");
+                }
+            });
+        }
+        Ok(StdioTransport {
+            stdin: Mutex::new(Some(stdin)),
+            stdout: Mutex::new(StdoutReader {
+                reader: BufReader::with_capacity(64 << 10, stdout),
+                line: Vec::with_capacity(4096),
+                done: false,
+            }),
+            child: Mutex::new(Some(child)),
+            pid,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+impl Transport for StdioTransport {
+    async fn send(&self, msg: &Message) -> Result<(), TransportError> {
+        let mut buf = Vec::with_capacity(256);
+        msg.write_to(&mut buf);
+        buf.push(b'\n');
+        let mut guard = self.stdin.lock().await;
+        let stdin = guard.as_mut().ok_or(TransportError::Closed)?;
+        stdin.write_all(&buf).await?;
+        stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn receive(&self) -> Option<Result<Message, TransportError>> {
+        let mut r = self.stdout.lock().await;
+        let r = &mut *r;
+        loop {
+            if r.done {
+                return None;
+            }
+            r.line.clear();
+            let n = match read_line(&mut r.reader, &mut r.line).await {
+                Ok(n) => n,
+                Err(e) => {
+                    r.done = true;
+                    return Some(Err(e.into()));
+                }
+            };
+            if n == 0 {
+                r.done = true;
+                return None;
+            }
+            let line = r.line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            match jsonrpc::parse_message(line) {
+                Ok(m) => return Some(Ok(m)),
+                Err(e) => {
+                    tracing::warn!(
+                        "skipping a line from the MCP server that is no JSON-RPC message ({e}): {}",
+                        String::from_utf8_lossy(&line[..line.len().min(200)])
+                    );
+                }
+            }
+        }
+    }
+
+    async fn close(&self) {
+        // Closing stdin asks the server to exit.
+        drop(self.stdin.lock().await.take());
+        let Some(mut child) = self.child.lock().await.take() else {
+            return;
+        };
+        if tokio::time::timeout(self.grace, child.wait()).await.is_err() {
+            tracing::debug!("MCP server did not exit within {:?}; killing it", self.grace);
+        }
+        if let Some(pid) = self.pid {
+            sys::kill_group(pid);
+        }
+        let _ = child.kill().await;
+    }
+}
+
+impl Drop for StdioTransport {
+    fn drop(&mut self) {
+        // The child itself is killed by kill_on_drop; its process group goes too.
+        if let Some(pid) = self.pid {
+            sys::kill_group(pid);
+        }
+    }
+}
+
+async fn read_line(
+    reader: &mut BufReader<ChildStdout>,
+    out: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let mut total = 0;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let (take, found) = match memchr_newline(buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if out.len() + take > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("MCP server sent a line longer than {MAX_LINE} bytes"),
+            ));
+        }
+        out.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        total += take;
+        if found {
+            return Ok(total);
+        }
+    }
+}
+
+fn memchr_newline(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
