@@ -95,7 +95,11 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
             if !args.is_object() {
                 bail!("--args must be a JSON object, like '{{\"message\": \"hi\"}}'");
             }
-            with_client(&server, |c| async move { call(&c, &tool, &args, json).await }).await
+            with_client(
+                &server,
+                |c| async move { call(&c, &tool, &args, json).await },
+            )
+            .await
         }
     }
 }
@@ -122,9 +126,14 @@ where
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
     let config = client_config(server)?;
-    let client = match (server.url.is_empty(), server.stdio, server.command.is_empty()) {
+    let client = match (
+        server.url.is_empty(),
+        server.stdio,
+        server.command.is_empty(),
+    ) {
         (false, false, true) => {
-            let mut tls = TlsOptions::new().danger_accept_invalid_certs(server.insecure_skip_tls_verify);
+            let mut tls =
+                TlsOptions::new().danger_accept_invalid_certs(server.insecure_skip_tls_verify);
             for ca in &server.ca_file {
                 tls = tls.with_extra_ca_file(ca);
             }
@@ -152,7 +161,9 @@ where
         }
         (true, true, true) => bail!("--stdio needs the server command after `--`"),
         (false, true, _) => bail!("give either --url or --stdio, not both"),
-        (true, false, _) => bail!("give --url URL or --stdio -- CMD ARGS... to say which server to use"),
+        (true, false, _) => {
+            bail!("give --url URL or --stdio -- CMD ARGS... to say which server to use")
+        }
         (false, false, false) => bail!("a command after `--` needs --stdio"),
     };
     let closer = client.clone();
@@ -195,7 +206,13 @@ async fn list_tools(c: &AnyClient, json: bool) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&tools)?);
     } else {
         for t in &tools {
-            let desc = t.description.as_deref().unwrap_or("").lines().next().unwrap_or("");
+            let desc = t
+                .description
+                .as_deref()
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("");
             if desc.is_empty() {
                 println!("{}", t.name);
             } else {

@@ -43,7 +43,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::jsonrpc::{self, ErrorResponse, Message, Notification, Request, RequestId, Response, RpcError};
+use crate::jsonrpc::{
+    self, ErrorResponse, Message, Notification, Request, RequestId, Response, RpcError,
+};
 use crate::model::{
     self, CallToolParams, CallToolResult, GetPromptResult, Implementation, InitializeParams,
     ListPromptsResult, ListResourcesResult, ListToolsResult, Prompt, ReadResourceResult, Resource,
@@ -131,7 +133,11 @@ impl ClientConfig {
     }
 
     /// Sets the server request handler and the capabilities it serves.
-    pub fn with_handler(mut self, handler: Arc<dyn ServerRequestHandler>, capabilities: Value) -> Self {
+    pub fn with_handler(
+        mut self,
+        handler: Arc<dyn ServerRequestHandler>,
+        capabilities: Value,
+    ) -> Self {
         self.handler = Some(handler);
         self.capabilities = capabilities;
         self
@@ -250,7 +256,9 @@ impl<T: Transport> Client<T> {
             modern: std::sync::atomic::AtomicBool::new(false),
             notifications: Mutex::new(None),
         });
-        let dispatcher = Arc::new(DispatcherGuard(tokio::spawn(dispatch(Arc::downgrade(&inner)))));
+        let dispatcher = Arc::new(DispatcherGuard(tokio::spawn(dispatch(Arc::downgrade(
+            &inner,
+        )))));
         let server = match lifecycle(&inner).await {
             Ok(s) => s,
             Err(e) => {
@@ -317,7 +325,11 @@ impl<T: Transport> Client<T> {
     }
 
     /// Sends a notification.
-    pub async fn notify(&self, method: &str, params: Option<Box<RawValue>>) -> Result<(), ClientError> {
+    pub async fn notify(
+        &self,
+        method: &str,
+        params: Option<Box<RawValue>>,
+    ) -> Result<(), ClientError> {
         self.inner
             .transport
             .send(&Message::notification(method, params))
@@ -360,7 +372,11 @@ impl<T: Transport> Client<T> {
     }
 
     /// `tools/call`.
-    pub async fn call_tool(&self, name: &str, arguments: Option<&Value>) -> Result<CallToolResult, ClientError> {
+    pub async fn call_tool(
+        &self,
+        name: &str,
+        arguments: Option<&Value>,
+    ) -> Result<CallToolResult, ClientError> {
         let raw = self.call_tool_raw(name, arguments).await?;
         decode("tools/call", &raw)
     }
@@ -370,8 +386,9 @@ impl<T: Transport> Client<T> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let page: ListResourcesResult =
-                self.request("resources/list", &Cursor::new(&cursor)).await?;
+            let page: ListResourcesResult = self
+                .request("resources/list", &Cursor::new(&cursor))
+                .await?;
             out.extend(page.resources);
             match page.next_cursor {
                 Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
@@ -382,7 +399,8 @@ impl<T: Transport> Client<T> {
 
     /// `resources/read`.
     pub async fn read_resource(&self, uri: &str) -> Result<ReadResourceResult, ClientError> {
-        self.request("resources/read", &serde_json::json!({ "uri": uri })).await
+        self.request("resources/read", &serde_json::json!({ "uri": uri }))
+            .await
     }
 
     /// `prompts/list`, all pages.
@@ -390,7 +408,8 @@ impl<T: Transport> Client<T> {
         let mut out = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let page: ListPromptsResult = self.request("prompts/list", &Cursor::new(&cursor)).await?;
+            let page: ListPromptsResult =
+                self.request("prompts/list", &Cursor::new(&cursor)).await?;
             out.extend(page.prompts);
             match page.next_cursor {
                 Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
@@ -426,7 +445,9 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn new(c: &'a Option<String>) -> Self {
-        Cursor { cursor: c.as_deref() }
+        Cursor {
+            cursor: c.as_deref(),
+        }
     }
 }
 
@@ -584,7 +605,8 @@ fn with_meta(params: Option<Box<RawValue>>, meta: &str) -> Box<RawValue> {
 /// Slow path: params that already have `_meta` (or are not an object).
 fn merge_meta(raw: &str, meta: &str) -> String {
     let ours: Value = serde_json::from_str(&format!("{{{meta}}}")).unwrap_or_default();
-    let mut params: Value = serde_json::from_str(raw).unwrap_or_else(|_| Value::Object(Default::default()));
+    let mut params: Value =
+        serde_json::from_str(raw).unwrap_or_else(|_| Value::Object(Default::default()));
     if let (Value::Object(p), Some(Value::Object(add))) = (&mut params, ours.get("_meta")) {
         let entry = p
             .entry("_meta")
@@ -674,7 +696,10 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
     if !model::LEGACY_VERSIONS.contains(&info.protocol_version.as_str()) {
         return Err(ClientError::NoCommonVersion {
             server: vec![info.protocol_version.clone()],
-            client: model::LEGACY_VERSIONS.iter().map(|s| (*s).to_owned()).collect(),
+            client: model::LEGACY_VERSIONS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
         });
     }
     inner.transport.set_protocol(&ProtocolState {
@@ -688,7 +713,10 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
     Ok(info)
 }
 
-async fn discover<T: Transport>(inner: &Arc<Inner<T>>, _probe: Option<()>) -> Result<ServerInfo, ClientError> {
+async fn discover<T: Transport>(
+    inner: &Arc<Inner<T>>,
+    _probe: Option<()>,
+) -> Result<ServerInfo, ClientError> {
     let mut version = model::V_2026_07_28.to_owned();
     for _ in 0..2 {
         inner.transport.set_protocol(&ProtocolState {
@@ -700,7 +728,9 @@ async fn discover<T: Transport>(inner: &Arc<Inner<T>>, _probe: Option<()>) -> Re
         match request(inner, "server/discover", Some(params)).await {
             Ok(raw) => {
                 let mut info: ServerInfo = decode("server/discover", &raw)?;
-                if !info.supported_versions.is_empty() && !info.supported_versions.contains(&version) {
+                if !info.supported_versions.is_empty()
+                    && !info.supported_versions.contains(&version)
+                {
                     let Some(v) = pick_modern(&info.supported_versions) else {
                         return Err(no_common(info.supported_versions));
                     };
@@ -712,7 +742,9 @@ async fn discover<T: Transport>(inner: &Arc<Inner<T>>, _probe: Option<()>) -> Re
                 inner.modern.store(true, Ordering::Relaxed);
                 return Ok(info);
             }
-            Err(ClientError::Rpc { error, .. }) if error.code == jsonrpc::UNSUPPORTED_PROTOCOL_VERSION => {
+            Err(ClientError::Rpc { error, .. })
+                if error.code == jsonrpc::UNSUPPORTED_PROTOCOL_VERSION =>
+            {
                 let supported: Vec<String> = error
                     .data
                     .as_ref()
@@ -757,7 +789,10 @@ async fn dispatch<T: Transport>(weak: std::sync::Weak<Inner<T>>) {
         };
         match item {
             Ok(Message::Response(Response { id, result })) => complete(&inner, &id, Ok(result)),
-            Ok(Message::Error(ErrorResponse { id: Some(id), error })) => complete(&inner, &id, Err(error)),
+            Ok(Message::Error(ErrorResponse {
+                id: Some(id),
+                error,
+            })) => complete(&inner, &id, Err(error)),
             Ok(Message::Error(ErrorResponse { id: None, error })) => {
                 tracing::warn!("MCP server reported an error: {error}");
             }
@@ -777,7 +812,11 @@ async fn dispatch<T: Transport>(weak: std::sync::Weak<Inner<T>>) {
     }
 }
 
-fn complete<T: Transport>(inner: &Inner<T>, id: &RequestId, result: Result<Box<RawValue>, RpcError>) {
+fn complete<T: Transport>(
+    inner: &Inner<T>,
+    id: &RequestId,
+    result: Result<Box<RawValue>, RpcError>,
+) {
     let RequestId::Number(n) = id else {
         tracing::debug!("ignoring an answer to unknown request {id}");
         return;
@@ -824,7 +863,10 @@ fn on_notification<T: Transport>(inner: &Inner<T>, n: Notification) {
             tracing::info!(target: "vmcp_mcp::server_log", "{text}");
         }
         "notifications/progress" => {
-            tracing::debug!("progress: {}", n.params.as_ref().map(|p| p.get()).unwrap_or(""));
+            tracing::debug!(
+                "progress: {}",
+                n.params.as_ref().map(|p| p.get()).unwrap_or("")
+            );
         }
         "notifications/cancelled" => {
             tracing::debug!("the server cancelled one of its requests");
@@ -846,8 +888,12 @@ mod tests {
         let meta = "\"_meta\":{\"k\":1}";
         assert_eq!(with_meta(None, meta).get(), "{\"_meta\":{\"k\":1}}");
         let p = jsonrpc::to_raw(&serde_json::json!({"name":"x"})).unwrap();
-        assert_eq!(with_meta(Some(p), meta).get(), "{\"_meta\":{\"k\":1},\"name\":\"x\"}");
-        let p = jsonrpc::to_raw(&serde_json::json!({"_meta":{"progressToken":3},"name":"x"})).unwrap();
+        assert_eq!(
+            with_meta(Some(p), meta).get(),
+            "{\"_meta\":{\"k\":1},\"name\":\"x\"}"
+        );
+        let p =
+            jsonrpc::to_raw(&serde_json::json!({"_meta":{"progressToken":3},"name":"x"})).unwrap();
         let v: Value = serde_json::from_str(with_meta(Some(p), meta).get()).unwrap();
         assert_eq!(v["_meta"]["progressToken"], 3);
         assert_eq!(v["_meta"]["k"], 1);
@@ -859,9 +905,15 @@ mod tests {
         let ok = RawValue::from_string("{\"resultType\":\"complete\"}".into()).unwrap();
         assert!(check_result_type("m", &ok).is_ok());
         let ir = RawValue::from_string("{\"resultType\":\"input_required\"}".into()).unwrap();
-        assert!(matches!(check_result_type("m", &ir), Err(ClientError::InputRequired { .. })));
+        assert!(matches!(
+            check_result_type("m", &ir),
+            Err(ClientError::InputRequired { .. })
+        ));
         let odd = RawValue::from_string("{\"resultType\":\"odd\"}".into()).unwrap();
-        assert!(matches!(check_result_type("m", &odd), Err(ClientError::UnknownResultType { .. })));
+        assert!(matches!(
+            check_result_type("m", &odd),
+            Err(ClientError::UnknownResultType { .. })
+        ));
     }
 
     #[test]

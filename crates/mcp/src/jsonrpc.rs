@@ -311,10 +311,7 @@ pub fn parse_message(bytes: &[u8]) -> Result<Message, Error> {
 }
 
 /// Parses one message or a batch (a JSON array of messages), calling `each` per message.
-pub fn parse_messages(
-    bytes: &[u8],
-    mut each: impl FnMut(Message),
-) -> Result<(), Error> {
+pub fn parse_messages(bytes: &[u8], mut each: impl FnMut(Message)) -> Result<(), Error> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
         let batch: Vec<RawMessage<'_>> = serde_json::from_slice(bytes)?;
@@ -359,7 +356,9 @@ mod tests {
     #[test]
     fn classifies() {
         let m = parse_message(br#"{"jsonrpc":"2.0","id":3,"method":"ping"}"#).unwrap();
-        assert!(matches!(m, Message::Request(ref r) if r.method == "ping" && r.id == RequestId::Number(3)));
+        assert!(
+            matches!(m, Message::Request(ref r) if r.method == "ping" && r.id == RequestId::Number(3))
+        );
         assert_eq!(m.method(), Some("ping"));
         let m = parse_message(br#"{"jsonrpc":"2.0","id":3,"result":{}}"#).unwrap();
         assert!(matches!(m, Message::Response(_)));
@@ -378,7 +377,11 @@ mod tests {
             b"not json",
             b"[]",
         ] {
-            assert!(parse_messages(bad, |_| {}).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_messages(bad, |_| {}).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -1,8 +1,4 @@
 //! MCP client: JSON-RPC over stdio and Streamable HTTP(S).
-
-pub mod balance;
-pub mod retry;
-pub mod tls;
 //!
 //! Layers, each behind its own seam:
 //! - [`jsonrpc`] and [`model`]: messages and the MCP types a client needs (our own types).
@@ -13,7 +9,9 @@ pub mod tls;
 //!   policies.
 //! - [`client::Client`]: lifecycle (initialize / discover / detect), request matching,
 //!   timeouts and cancellation, server requests and notifications.
+//!
 //! Platforms: Linux, macOS, Windows (stdio child death-with-parent is strongest on Linux).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use vmcp_mcp::client::{Client, ClientConfig};
@@ -29,12 +27,15 @@ pub mod tls;
 //! # Ok(()) }
 //! ```
 
+pub mod balance;
 pub mod client;
 pub mod http;
 pub mod jsonrpc;
 pub mod model;
+pub mod retry;
 pub mod sse;
 pub mod stdio;
+pub mod tls;
 pub mod transport;
 
 pub use client::{Client, ClientConfig, ClientError, Lifecycle};

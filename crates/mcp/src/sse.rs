@@ -74,7 +74,11 @@ impl Parser {
     }
 
     /// Feeds a chunk; calls `on_event` for every completed event.
-    pub fn feed(&mut self, mut chunk: &[u8], mut on_event: impl FnMut(Event)) -> Result<(), SseError> {
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        mut on_event: impl FnMut(Event),
+    ) -> Result<(), SseError> {
         if !self.started && !chunk.is_empty() {
             // A BOM is only recognised when the first chunk holds all of it.
             if let Some(rest) = chunk.strip_prefix(b"\xEF\xBB\xBF") {
@@ -125,7 +129,11 @@ impl Parser {
         Ok(())
     }
 
-    fn process_line(&mut self, line: &[u8], on_event: &mut impl FnMut(Event)) -> Result<(), SseError> {
+    fn process_line(
+        &mut self,
+        line: &[u8],
+        on_event: &mut impl FnMut(Event),
+    ) -> Result<(), SseError> {
         if line.is_empty() {
             if self.has_data {
                 let mut data = std::mem::take(&mut self.data);
@@ -164,11 +172,7 @@ impl Parser {
                 self.has_data = true;
             }
             b"event" => self.event = Some(value.to_owned()),
-            b"id" => {
-                if !value.contains('\0') {
-                    self.last_id = Some(value.to_owned());
-                }
-            }
+            b"id" if !value.contains('\0') => self.last_id = Some(value.to_owned()),
             b"retry" => {
                 if let Ok(ms) = value.parse() {
                     self.retry_ms = Some(ms);
@@ -207,8 +211,15 @@ mod tests {
 
     #[test]
     fn line_endings_and_splits() {
-        let ev = all(&[b"\xEF\xBB\xBFdata:x\r", b"\n\r", b"\ndata: y\r\rretry: 50\n"]);
-        assert_eq!(ev.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["x", "y"]);
+        let ev = all(&[
+            b"\xEF\xBB\xBFdata:x\r",
+            b"\n\r",
+            b"\ndata: y\r\rretry: 50\n",
+        ]);
+        assert_eq!(
+            ev.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["x", "y"]
+        );
         let mut p = Parser::new(100);
         p.feed(b"retry: 50\nid: 7\n\n", |_| {}).unwrap();
         assert_eq!(p.retry_ms(), Some(50));
@@ -228,9 +239,15 @@ mod tests {
     #[test]
     fn limit() {
         let mut p = Parser::new(8);
-        assert_eq!(p.feed(b"data: 0123456789\n", |_| {}), Err(SseError::TooLarge(8)));
+        assert_eq!(
+            p.feed(b"data: 0123456789\n", |_| {}),
+            Err(SseError::TooLarge(8))
+        );
         let mut p = Parser::new(8);
-        assert_eq!(p.feed(b"data: 0123456789", |_| {}), Err(SseError::TooLarge(8)));
+        assert_eq!(
+            p.feed(b"data: 0123456789", |_| {}),
+            Err(SseError::TooLarge(8))
+        );
     }
 
     proptest! {

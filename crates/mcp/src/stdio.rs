@@ -66,7 +66,10 @@ pub struct StdioConfig {
 
 impl StdioConfig {
     /// A server started as `program args...`.
-    pub fn new(program: impl Into<OsString>, args: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+    pub fn new(
+        program: impl Into<OsString>,
+        args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Self {
         StdioConfig {
             program: program.into(),
             args: args.into_iter().map(Into::into).collect(),
@@ -207,8 +210,14 @@ impl Transport for StdioTransport {
         let Some(mut child) = self.child.lock().await.take() else {
             return;
         };
-        if tokio::time::timeout(self.grace, child.wait()).await.is_err() {
-            tracing::debug!("MCP server did not exit within {:?}; killing it", self.grace);
+        if tokio::time::timeout(self.grace, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                "MCP server did not exit within {:?}; killing it",
+                self.grace
+            );
         }
         if let Some(pid) = self.pid {
             sys::kill_group(pid);

@@ -62,12 +62,20 @@ fn parse() -> Result<Opts, String> {
                             "legacy" => Lifecycle::Initialize,
                             "2026-07-28" | "2026" => Lifecycle::Discover,
                             "auto" => Lifecycle::Auto,
-                            _ => return Err(format!("unknown --mode {v:?} (legacy, 2026-07-28, auto)")),
+                            _ => {
+                                return Err(format!(
+                                    "unknown --mode {v:?} (legacy, 2026-07-28, auto)"
+                                ))
+                            }
                         };
                         o.mode_name = v.clone();
                     }
                     "--n" => o.n = v.parse().map_err(bad)?,
-                    "--secs" => o.secs = v.parse().map_err(|_| format!("bad value for --secs: {v:?}"))?,
+                    "--secs" => {
+                        o.secs = v
+                            .parse()
+                            .map_err(|_| format!("bad value for --secs: {v:?}"))?
+                    }
                     "--conc" => {
                         o.concs = v
                             .split(',')
@@ -185,15 +193,19 @@ async fn run(o: &Opts) -> Result<Vec<Phase>, String> {
         .with_request_timeout(Some(Duration::from_secs(30)));
     if let Some(url) = &o.url {
         let http = ReqwestClient::new(&ReqwestOptions::default().with_proxy_from_env(false))
-        .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?;
         let t = StreamableHttpTransport::new(http, HttpConfig::new([url.clone()]))
             .map_err(|e| e.to_string())?;
-        let c = Client::connect(t, config).await.map_err(|e| e.to_string())?;
+        let c = Client::connect(t, config)
+            .await
+            .map_err(|e| e.to_string())?;
         drive(c, o).await
     } else {
         let t = StdioTransport::spawn(&StdioConfig::new(&o.cmd[0], &o.cmd[1..]))
             .map_err(|e| e.to_string())?;
-        let c = Client::connect(t, config).await.map_err(|e| e.to_string())?;
+        let c = Client::connect(t, config)
+            .await
+            .map_err(|e| e.to_string())?;
         drive(c, o).await
     }
 }
@@ -206,7 +218,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vmcp-mcp-bench: cannot start the runtime: {e}");

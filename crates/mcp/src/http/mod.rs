@@ -9,7 +9,9 @@ mod client;
 mod reqwest_client;
 mod streamable;
 
-pub use client::{Delivery, HttpBody, HttpClient, HttpError, HttpErrorKind, HttpRequest, HttpResponse};
+pub use client::{
+    Delivery, HttpBody, HttpClient, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+};
 pub use reqwest_client::{ReqwestBody, ReqwestClient, ReqwestClientError, ReqwestOptions};
 pub use streamable::{
     encode_header_value, EraCache, HttpConfig, HttpTransportError, StreamableHttpTransport,

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::client::{Delivery, HttpBody, HttpClient, HttpError, HttpErrorKind, HttpRequest, HttpResponse};
+use super::client::{
+    Delivery, HttpBody, HttpClient, HttpError, HttpErrorKind, HttpRequest, HttpResponse,
+};
 
 /// Options of the reqwest client.
 #[derive(Debug, Clone)]
@@ -134,7 +136,11 @@ impl HttpClient for ReqwestClient {
 /// Maps a reqwest error to our classification. `in_body`: the head had arrived already.
 fn classify(e: reqwest::Error, in_body: bool) -> HttpError {
     if in_body {
-        let kind = if e.is_timeout() { HttpErrorKind::Timeout } else { HttpErrorKind::Io };
+        let kind = if e.is_timeout() {
+            HttpErrorKind::Timeout
+        } else {
+            HttpErrorKind::Io
+        };
         return HttpError::with_source(kind, Delivery::MaybeSent, e);
     }
     if e.is_builder() {
@@ -152,7 +158,11 @@ fn classify(e: reqwest::Error, in_body: bool) -> HttpError {
         };
         return HttpError::with_source(kind, Delivery::NotSent, e);
     }
-    let kind = if e.is_timeout() { HttpErrorKind::Timeout } else { HttpErrorKind::Io };
+    let kind = if e.is_timeout() {
+        HttpErrorKind::Timeout
+    } else {
+        HttpErrorKind::Io
+    };
     HttpError::with_source(kind, Delivery::MaybeSent, e)
 }
 
@@ -163,7 +173,10 @@ fn is_tls(e: &reqwest::Error) -> bool {
             return true;
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
                 return true;
             }
         }

@@ -171,7 +171,9 @@ pub enum HttpTransportError {
         source: jsonrpc::Error,
     },
     /// The session expired and could not be re-established.
-    #[error("the MCP session expired and initialize cannot be replayed (the client never sent one)")]
+    #[error(
+        "the MCP session expired and initialize cannot be replayed (the client never sent one)"
+    )]
     NoInitialize,
     /// A configured header is invalid.
     #[error("invalid header {0:?}")]
@@ -422,18 +424,25 @@ impl<C: HttpClient> Shared<C> {
             attempts += 1;
             let (backend, generation) = self.pick_backend()?;
             let outcome = match policy.attempt_timeout {
-                Some(t) => match tokio::time::timeout(t, self.attempt(msg, method, &body, backend, None)).await {
-                    Ok(o) => o,
-                    Err(_) => Attempt::Retry(AttemptFailure {
-                        error: HttpTransportError::Request {
-                            url: self.config.endpoints[backend].clone(),
-                            source: HttpError::new(super::client::HttpErrorKind::Timeout, Delivery::MaybeSent),
-                        },
-                        failure: Failure::Timeout(Phase::MaybeSent),
-                        backend_failed: true,
-                        reinit: false,
-                    }),
-                },
+                Some(t) => {
+                    match tokio::time::timeout(t, self.attempt(msg, method, &body, backend, None))
+                        .await
+                    {
+                        Ok(o) => o,
+                        Err(_) => Attempt::Retry(AttemptFailure {
+                            error: HttpTransportError::Request {
+                                url: self.config.endpoints[backend].clone(),
+                                source: HttpError::new(
+                                    super::client::HttpErrorKind::Timeout,
+                                    Delivery::MaybeSent,
+                                ),
+                            },
+                            failure: Failure::Timeout(Phase::MaybeSent),
+                            backend_failed: true,
+                            reinit: false,
+                        }),
+                    }
+                }
                 None => self.attempt(msg, method, &body, backend, None).await,
             };
             let f = match outcome {
@@ -456,8 +465,11 @@ impl<C: HttpClient> Shared<C> {
                 continue;
             }
             if f.backend_failed {
-                self.balancer
-                    .report_failure(EndpointId(backend), Instant::now(), &error_chain(&f.error));
+                self.balancer.report_failure(
+                    EndpointId(backend),
+                    Instant::now(),
+                    &error_chain(&f.error),
+                );
             }
             let decision = retry::classify(
                 policy,
@@ -477,8 +489,7 @@ impl<C: HttpClient> Shared<C> {
                 && self.config.endpoints.len() > 1
                 && self
                     .balancer
-                    .pick_excluding(Instant::now(), &[EndpointId(backend)])
-                    .is_ok();
+                    .any_available(Instant::now(), &[EndpointId(backend)]);
             tracing::debug!(
                 "retrying {} (attempt {}): {}",
                 kind.name,
@@ -890,7 +901,8 @@ impl<C: HttpClient> Shared<C> {
                 timeout: None,
             })
             .await?;
-        if resp.status.is_success() && content_type(&resp.headers).starts_with("text/event-stream") {
+        if resp.status.is_success() && content_type(&resp.headers).starts_with("text/event-stream")
+        {
             Ok(Some(resp.body))
         } else {
             Ok(None)
@@ -923,7 +935,9 @@ impl<C: HttpClient> Shared<C> {
                 if me.lock().generation != generation {
                     return;
                 }
-                let last = parser.as_ref().and_then(|p| p.last_event_id().map(str::to_owned));
+                let last = parser
+                    .as_ref()
+                    .and_then(|p| p.last_event_id().map(str::to_owned));
                 let mut body = match me.open_get(&url, last.as_deref()).await {
                     Ok(Some(b)) => b,
                     Ok(None) => return,
@@ -990,12 +1004,13 @@ impl<C: HttpClient> Shared<C> {
                     .0
                      .0
             }
-            (None, None) => self
-                .balancer
-                .pick(Instant::now())
-                .map_err(HttpTransportError::AllBackendsDown)?
-                .0
-                 .0,
+            (None, None) => {
+                self.balancer
+                    .pick(Instant::now())
+                    .map_err(HttpTransportError::AllBackendsDown)?
+                    .0
+                     .0
+            }
         };
         loop {
             let n = self.next_internal_id.fetch_add(1, Ordering::Relaxed);
@@ -1008,13 +1023,21 @@ impl<C: HttpClient> Shared<C> {
             let body = Bytes::from(init.to_vec());
             let mut answer = None;
             let err = match self
-                .attempt(&init, Some("initialize"), &body, backend, Some((&id, &mut answer)))
+                .attempt(
+                    &init,
+                    Some("initialize"),
+                    &body,
+                    backend,
+                    Some((&id, &mut answer)),
+                )
                 .await
             {
                 Attempt::Done if matches!(answer, Some(Message::Response(_))) => {
                     let note = Message::notification("notifications/initialized", None);
                     let nbody = Bytes::from(note.to_vec());
-                    let _ = self.attempt(&note, note.method(), &nbody, backend, None).await;
+                    let _ = self
+                        .attempt(&note, note.method(), &nbody, backend, None)
+                        .await;
                     tracing::info!(
                         "re-established the MCP session on {}",
                         self.config.endpoints[backend]
@@ -1129,8 +1152,10 @@ fn transport_failure(url: String, e: HttpError) -> AttemptFailure {
 }
 
 fn is_cert_rejection(e: &HttpError) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> =
-        e.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static));
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e
+        .source
+        .as_deref()
+        .map(|s| s as &(dyn std::error::Error + 'static));
     while let Some(err) = cur {
         if let Some(r) = crate::tls::TlsRejection::find(err) {
             return r.is_permanent();
@@ -1205,7 +1230,9 @@ fn snippet(text: &str) -> String {
 
 async fn read_all<B: HttpBody>(mut body: B, limit: usize) -> Result<Vec<u8>, HttpError> {
     let first = body.chunk().await?;
-    let Some(first) = first else { return Ok(Vec::new()) };
+    let Some(first) = first else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::with_capacity(first.len());
     out.extend_from_slice(&first);
     while let Some(c) = body.chunk().await? {
@@ -1255,10 +1282,12 @@ fn mcp_name(method: &str, params: Option<&serde_json::value::RawValue>) -> Optio
 /// trailing whitespace and not sentinel-shaped, else `=?base64?...?=`.
 pub fn encode_header_value(value: &str) -> Cow<'_, str> {
     let plain = !value.is_empty()
-        && value.bytes().all(|b| (0x20..=0x7e).contains(&b) || b == b'\t')
+        && value
+            .bytes()
+            .all(|b| (0x20..=0x7e).contains(&b) || b == b'\t')
         && !value.starts_with([' ', '\t'])
         && !value.ends_with([' ', '\t'])
-        && !(value.starts_with("=?base64?") && value.ends_with("?="));
+        && (!value.starts_with("=?base64?") || !value.ends_with("?="));
     if plain {
         Cow::Borrowed(value)
     } else {
@@ -1301,7 +1330,11 @@ impl<C: HttpClient> Transport for StreamableHttpTransport<C> {
             .as_deref()
             .and_then(|v| HeaderValue::from_str(v).ok());
         if let Some(v) = &state.version {
-            let era = if is_modern(v) { Era::Modern } else { Era::Legacy };
+            let era = if is_modern(v) {
+                Era::Modern
+            } else {
+                Era::Legacy
+            };
             if state.era == era {
                 for url in &self.shared.config.endpoints {
                     self.shared.config.era_cache.set(url, era);
@@ -1342,9 +1375,15 @@ mod tests {
     #[test]
     fn header_values() {
         assert_eq!(encode_header_value("echo"), "echo");
-        assert_eq!(encode_header_value("Hello, 世界"), "=?base64?SGVsbG8sIOS4lueVjA==?=");
+        assert_eq!(
+            encode_header_value("Hello, 世界"),
+            "=?base64?SGVsbG8sIOS4lueVjA==?="
+        );
         assert_eq!(encode_header_value(" padded "), "=?base64?IHBhZGRlZCA=?=");
-        assert_eq!(encode_header_value("line1\nline2"), "=?base64?bGluZTEKbGluZTI=?=");
+        assert_eq!(
+            encode_header_value("line1\nline2"),
+            "=?base64?bGluZTEKbGluZTI=?="
+        );
         assert_eq!(
             encode_header_value("=?base64?literal?="),
             "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="
@@ -1357,7 +1396,10 @@ mod tests {
         assert_eq!(mcp_name("tools/call", Some(&p)).as_deref(), Some("echo"));
         assert_eq!(mcp_name("tools/list", Some(&p)), None);
         let p = jsonrpc::to_raw(&serde_json::json!({"uri":"file:///a b"})).unwrap();
-        assert_eq!(mcp_name("resources/read", Some(&p)).as_deref(), Some("file:///a b"));
+        assert_eq!(
+            mcp_name("resources/read", Some(&p)).as_deref(),
+            Some("file:///a b")
+        );
     }
 
     #[test]
@@ -1366,8 +1408,12 @@ mod tests {
             .with_header_line("Authorization: Bearer abc")
             .unwrap();
         assert_eq!(c.headers["authorization"], "Bearer abc");
-        assert!(HttpConfig::new(["http://x"]).with_header_line("nocolon").is_err());
-        assert!(HttpConfig::new(["http://x"]).with_header_line("bad name: v").is_err());
+        assert!(HttpConfig::new(["http://x"])
+            .with_header_line("nocolon")
+            .is_err());
+        assert!(HttpConfig::new(["http://x"])
+            .with_header_line("bad name: v")
+            .is_err());
         assert_eq!(snippet(" a\nb "), "a b");
     }
 

@@ -10,12 +10,21 @@ pub(super) fn prepare(cmd: &mut Command) {
     // getppid(2), both async-signal-safe; it touches no memory shared with the parent.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             // The parent may have died between fork and prctl.
             if libc::getppid() == 1 {
-                return Err(std::io::Error::other("parent exited before the child started"));
+                return Err(std::io::Error::other(
+                    "parent exited before the child started",
+                ));
             }
             Ok(())
         });
