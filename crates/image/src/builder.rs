@@ -350,6 +350,8 @@ fn unpack(
         .ok_or_else(|| missing(inputs.kernel_path, inputs.kernel.name))?;
     let kernel = match inputs.kernel_format {
         KernelFormat::BzImage => kernel.data.clone(),
+        KernelFormat::Arm64Image => crate::arm64::plain_image(&kernel.data)
+            .map_err(|e| ImageError::Decompress(inputs.kernel_path.to_string(), e))?,
         KernelFormat::GzipImage => gunzip(&kernel.data)
             .map_err(|e| ImageError::Decompress(inputs.kernel_path.to_string(), e))?,
     };

@@ -51,7 +51,7 @@ pub enum FetchError {
         sha256: String,
     },
     /// apt-get failed.
-    #[error("`apt-get download {name}={version}` failed: {detail} (run `apt-get update`; if the version left the mirror, vmcp's manifest needs an update)")]
+    #[error("`apt-get download {name}={version}` failed: {detail} (run `apt-get update`, after `dpkg --add-architecture <arch>` for a foreign architecture; if the version left the mirror, vmcp's manifest needs an update)")]
     Apt {
         /// Package.
         name: String,
@@ -127,7 +127,9 @@ pub fn ensure_deb(
         .map_err(|e| FetchError::Io(dir.display().to_string(), e))?;
     let out = Command::new(apt)
         .args(["download", "-q"])
-        .arg(format!("{}={}", pin.name, pin.version))
+        // `name:arch=version`: also fetches another architecture's package once dpkg knows
+        // that architecture (`dpkg --add-architecture arm64 && apt-get update`).
+        .arg(format!("{}:{}={}", pin.name, pin.deb_arch, pin.version))
         .current_dir(tmp.path())
         .output()
         .map_err(|e| FetchError::Io("apt-get".into(), e))?;

@@ -20,6 +20,7 @@
 //! device nodes `/dev/console` and `/dev/null`, and minimal `/etc/passwd` and `/etc/group`.
 
 pub mod agent_bin;
+pub mod arm64;
 mod builder;
 pub mod cpio;
 pub mod deb;

@@ -117,6 +117,9 @@ pub enum KernelFormat {
     /// Compressed arm64 `Image.gz` that must be gunzipped into a plain `Image` (for VMMs
     /// such as Virtualization.framework that need it uncompressed).
     GzipImage,
+    /// arm64 `Image`, plain or gzip-compressed; always written out uncompressed and checked
+    /// for the arm64 header (see [`crate::arm64`]).
+    Arm64Image,
 }
 
 /// Everything pinned for one architecture.
@@ -155,39 +158,79 @@ pub fn busybox_applets() -> impl Iterator<Item = &'static str> {
 }
 
 /// The pinned inputs, one row per architecture. Keep all per-arch knowledge here.
-pub const INPUTS: &[ArchInputs] = &[ArchInputs {
-    arch: Arch::X86_64,
-    kernel: DebPin {
-        name: "linux-image-6.1.0-50-cloud-amd64",
-        version: "6.1.176-1",
-        deb_arch: "amd64",
-        sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
+pub const INPUTS: &[ArchInputs] = &[
+    ArchInputs {
+        arch: Arch::X86_64,
+        kernel: DebPin {
+            name: "linux-image-6.1.0-50-cloud-amd64",
+            version: "6.1.176-1",
+            deb_arch: "amd64",
+            sha256: "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791",
+        },
+        kernel_release: "6.1.0-50-cloud-amd64",
+        kernel_path: "boot/vmlinuz-6.1.0-50-cloud-amd64",
+        kernel_format: KernelFormat::BzImage,
+        modules_dir: "lib/modules/6.1.0-50-cloud-amd64",
+        modules: &[
+            "kernel/drivers/virtio/virtio.ko",
+            "kernel/drivers/virtio/virtio_ring.ko",
+            "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+            "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+            "kernel/drivers/virtio/virtio_pci.ko",
+            "kernel/drivers/virtio/virtio_mmio.ko",
+            "kernel/drivers/char/virtio_console.ko",
+            "kernel/drivers/block/virtio_blk.ko",
+            "kernel/net/vmw_vsock/vsock.ko",
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+        ],
+        busybox: DebPin {
+            name: "busybox-static",
+            version: "1:1.35.0-4+deb12u1+b1",
+            deb_arch: "amd64",
+            sha256: "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744",
+        },
+        busybox_path: "bin/busybox",
     },
-    kernel_release: "6.1.0-50-cloud-amd64",
-    kernel_path: "boot/vmlinuz-6.1.0-50-cloud-amd64",
-    kernel_format: KernelFormat::BzImage,
-    modules_dir: "lib/modules/6.1.0-50-cloud-amd64",
-    modules: &[
-        "kernel/drivers/virtio/virtio.ko",
-        "kernel/drivers/virtio/virtio_ring.ko",
-        "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-        "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-        "kernel/drivers/virtio/virtio_pci.ko",
-        "kernel/drivers/virtio/virtio_mmio.ko",
-        "kernel/drivers/char/virtio_console.ko",
-        "kernel/drivers/block/virtio_blk.ko",
-        "kernel/net/vmw_vsock/vsock.ko",
-        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
-        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
-    ],
-    busybox: DebPin {
-        name: "busybox-static",
-        version: "1:1.35.0-4+deb12u1+b1",
-        deb_arch: "amd64",
-        sha256: "3d3fdbe91d4660c873e14b092c213fe81c1da6362daa236eb25d0171eb108744",
+    // arm64 (Virtualization.framework on Apple Silicon; QEMU `virt`): the same Debian 6.1 cloud
+    // kernel release as x86_64. Its vmlinuz is a plain `Image` (EFI stub, no compression), which
+    // the framework needs. The module list is the x86_64 one plus virtio-rng for the framework's
+    // entropy device.
+    ArchInputs {
+        arch: Arch::Aarch64,
+        kernel: DebPin {
+            name: "linux-image-6.1.0-50-cloud-arm64",
+            version: "6.1.176-1",
+            deb_arch: "arm64",
+            sha256: "9d41a53f5d687ae1a33cf546d0ed8be955f72e5f9e97b2b4e45e41dff3353b97",
+        },
+        kernel_release: "6.1.0-50-cloud-arm64",
+        kernel_path: "boot/vmlinuz-6.1.0-50-cloud-arm64",
+        kernel_format: KernelFormat::Arm64Image,
+        modules_dir: "lib/modules/6.1.0-50-cloud-arm64",
+        modules: &[
+            "kernel/drivers/virtio/virtio.ko",
+            "kernel/drivers/virtio/virtio_ring.ko",
+            "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+            "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+            "kernel/drivers/virtio/virtio_pci.ko",
+            "kernel/drivers/virtio/virtio_mmio.ko",
+            "kernel/drivers/char/virtio_console.ko",
+            "kernel/drivers/block/virtio_blk.ko",
+            "kernel/net/vmw_vsock/vsock.ko",
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+            "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",
+            "kernel/drivers/char/hw_random/virtio-rng.ko",
+        ],
+        busybox: DebPin {
+            name: "busybox-static",
+            version: "1:1.35.0-4+deb12u1+b1",
+            deb_arch: "arm64",
+            sha256: "732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5",
+        },
+        busybox_path: "bin/busybox",
     },
-    busybox_path: "bin/busybox",
-}];
+];
 
 /// Errors looking up the inputs of an architecture.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

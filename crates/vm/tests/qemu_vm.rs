@@ -252,20 +252,26 @@ async fn boot_failures_are_reported_with_the_console() {
     assert!(matches!(e, VmError::ReadyTimeout { .. }), "{e}");
     vm.kill().await.unwrap();
 
-    // A kernel QEMU cannot load: QEMU's own message comes back from start().
     let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad-kernel");
-    std::fs::write(&bad, vec![0u8; 4096]).unwrap();
-    let mut c = img.config();
-    c.kernel = bad;
-    let mut vm = backend.create_qemu(c).await.unwrap();
-    let e = match vm.start().await {
-        Err(e) => e,
-        Ok(()) => vm.wait_ready(READY_TIMEOUT).await.unwrap_err(),
-    };
-    let text = e.to_string();
-    assert!(matches!(e, VmError::EarlyExit { .. }), "{text}");
-    assert!(vm.pid().is_none());
+    // A kernel QEMU cannot load: QEMU's own message comes back from start().
+    // (qemu-system-aarch64 loads any file as a raw image and jumps into it, so on arm64 there
+    // is no load error to report; the ready timeout above covers a guest that never answers.)
+    if common::test_arch() == vmcp_vm::Arch::Aarch64 {
+        eprintln!("SKIPPED (sub-case): unloadable kernel; qemu-system-aarch64 boots any file as a raw image");
+    } else {
+        let bad = dir.path().join("bad-kernel");
+        std::fs::write(&bad, vec![0u8; 4096]).unwrap();
+        let mut c = img.config();
+        c.kernel = bad;
+        let mut vm = backend.create_qemu(c).await.unwrap();
+        let e = match vm.start().await {
+            Err(e) => e,
+            Ok(()) => vm.wait_ready(READY_TIMEOUT).await.unwrap_err(),
+        };
+        let text = e.to_string();
+        assert!(matches!(e, VmError::EarlyExit { .. }), "{text}");
+        assert!(vm.pid().is_none());
+    }
 
     // A kernel panic (no init can run): the console tail shows it.
     let mut c = img.config();

@@ -19,9 +19,19 @@ pub struct Image {
     pub kernel_release: String,
 }
 
+/// Guest architecture under test: `VMCP_TEST_ARCH` (e.g. `aarch64` on an x86_64 host, run
+/// under TCG), else the host's.
+pub fn test_arch() -> Arch {
+    match std::env::var("VMCP_TEST_ARCH") {
+        Ok(a) => a.parse().expect("VMCP_TEST_ARCH must be x86_64 or aarch64"),
+        Err(_) => Arch::host(),
+    }
+}
+
 impl Image {
     pub fn config(&self) -> VmConfig {
         let mut c = VmConfig::new(&self.kernel, &self.initrd);
+        c.arch = test_arch();
         c.memory_mib = 256;
         c
     }
@@ -40,7 +50,7 @@ pub fn prerequisites() -> Option<Image> {
     if vmcp_vm::qemu::launch_supported().is_err() {
         return skip("this OS cannot launch QEMU yet");
     }
-    if let Err(e) = vmcp_vm::qemu::binary::find(Arch::host()) {
+    if let Err(e) = vmcp_vm::qemu::binary::find(test_arch()) {
         return skip(&e.to_string());
     }
     if let (Some(k), Some(i)) = (
@@ -57,7 +67,7 @@ pub fn prerequisites() -> Option<Image> {
 }
 
 fn image_from_cache() -> Option<Image> {
-    let arch: vmcp_image::Arch = match Arch::host().as_str().parse() {
+    let arch: vmcp_image::Arch = match test_arch().as_str().parse() {
         Ok(a) => a,
         Err(e) => return skip(&format!("{e}")),
     };
