@@ -289,16 +289,22 @@ async fn boot_failures_are_reported_with_the_console() {
 /// A small ext4 image holding a static busybox and a marker file, or `None` (printed SKIPPED)
 /// when the host lacks `mkfs.ext4` or a static busybox.
 fn make_rootfs(dir: &std::path::Path) -> Option<std::path::PathBuf> {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
-        .into_iter()
-        .map(std::path::Path::new)
-        .find(|p| p.is_file())?;
+    // `VMCP_TEST_BUSYBOX`: a static busybox for the guest architecture (needed when it is not
+    // the host's, e.g. VMCP_TEST_ARCH=aarch64 on x86_64).
+    let busybox: std::path::PathBuf = match std::env::var_os("VMCP_TEST_BUSYBOX") {
+        Some(p) => p.into(),
+        None if common::test_arch() != vmcp_vm::Arch::host() => return None,
+        None => ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.is_file())?,
+    };
     let tree = dir.join("tree");
     std::fs::create_dir_all(tree.join("bin")).unwrap();
     for d in ["tmp", "dev", "proc", "sys", "run"] {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
-    std::fs::copy(busybox, tree.join("bin/busybox")).unwrap();
+    std::fs::copy(&busybox, tree.join("bin/busybox")).unwrap();
     for applet in ["sh", "cat", "echo", "touch", "sync"] {
         std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
@@ -321,7 +327,9 @@ async fn rootfs_read_only_and_read_write() {
     let _lock = vm_lock().await;
     let dir = tempfile::tempdir().unwrap();
     let Some(disk) = make_rootfs(dir.path()) else {
-        eprintln!("SKIPPED: needs mkfs.ext4 and a static busybox on the host");
+        eprintln!(
+            "SKIPPED: needs mkfs.ext4 and a static busybox for the guest (VMCP_TEST_BUSYBOX)"
+        );
         return;
     };
     let run = |vm: &QemuVm, cmd: &'static str| {
