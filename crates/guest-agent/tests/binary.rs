@@ -6,7 +6,9 @@ use std::process::Command;
 
 #[test]
 fn refuses_to_run_outside_the_guest() {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmcp-agent")).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmcp-agent"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vmcp-agent"), "{err}");
@@ -21,5 +23,8 @@ fn prints_its_version() {
         .unwrap();
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(s.trim(), format!("vmcp-agent {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        s.trim(),
+        format!("vmcp-agent {}", env!("CARGO_PKG_VERSION"))
+    );
 }
