@@ -670,12 +670,15 @@ impl Vm for QemuVm {
         }
         self.state = VmState::Stopping;
         let deadline = Instant::now() + timeout;
-        if let Some(agent) = self.agent.take() {
-            match tokio::time::timeout(timeout, agent.poweroff()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::info!(error = %e, "the guest refused to power off"),
-                Err(_) => tracing::info!("the guest did not accept the poweroff request in time"),
-            }
+        let Some(agent) = self.agent.take() else {
+            // No agent to ask (not ready yet): nothing would power the guest off.
+            self.kill_now().await?;
+            return Ok(ShutdownOutcome::Killed);
+        };
+        match tokio::time::timeout(timeout, agent.poweroff()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::info!(error = %e, "the guest refused to power off"),
+            Err(_) => tracing::info!("the guest did not accept the poweroff request in time"),
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if self.wait_exit(left).await {

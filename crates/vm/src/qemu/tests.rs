@@ -161,6 +161,21 @@ async fn kill_stops_at_once() {
 }
 
 #[tokio::test]
+async fn shutdown_before_ready_kills_without_waiting() {
+    let Some(f) = fixture("hang") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let pid = vm.pid().unwrap();
+    let t = Instant::now();
+    assert_eq!(
+        vm.shutdown(Duration::from_secs(30)).await.unwrap(),
+        ShutdownOutcome::Killed
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(!alive(pid));
+}
+
+#[tokio::test]
 async fn wrong_token_is_refused() {
     let Some(f) = fixture("badtoken") else { return };
     let mut vm = f.backend.create_qemu(f.config).await.unwrap();
