@@ -13,6 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// How many bytes of console output are kept in memory.
 pub const TAIL_BYTES: usize = 16 * 1024;
+/// Most bytes one capture appends to the log file: the console is guest output, and a guest
+/// must not be able to fill the host's disk. Past it only the in-memory tail is kept.
+pub const MAX_LOG_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The last bytes of a stream, shared between the capture task and readers.
 #[derive(Debug, Clone, Default)]
@@ -57,9 +60,19 @@ impl Tail {
     }
 }
 
-/// Copies `stream` into `tail` and, when given, appends it to the file at `log` (created if
-/// missing). Ends at end of stream or on a read error.
-pub async fn capture<R: AsyncRead + Unpin>(mut stream: R, tail: Tail, log: Option<&Path>) {
+/// Copies `stream` into `tail` and, when given, appends at most [`MAX_LOG_BYTES`] of it to the
+/// file at `log` (created if missing). Ends at end of stream or on a read error.
+pub async fn capture<R: AsyncRead + Unpin>(stream: R, tail: Tail, log: Option<&Path>) {
+    capture_limited(stream, tail, log, MAX_LOG_BYTES).await
+}
+
+/// [`capture`] with an explicit log size limit.
+pub async fn capture_limited<R: AsyncRead + Unpin>(
+    mut stream: R,
+    tail: Tail,
+    log: Option<&Path>,
+    limit: u64,
+) {
     let mut file = match log {
         Some(p) => match tokio::fs::OpenOptions::new()
             .create(true)
@@ -76,6 +89,7 @@ pub async fn capture<R: AsyncRead + Unpin>(mut stream: R, tail: Tail, log: Optio
         None => None,
     };
     let mut buf = vec![0u8; 8192];
+    let mut written = 0u64;
     loop {
         let n = match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -83,7 +97,20 @@ pub async fn capture<R: AsyncRead + Unpin>(mut stream: R, tail: Tail, log: Optio
         };
         tail.push(&buf[..n]);
         if let Some(f) = file.as_mut() {
-            if let Err(e) = f.write_all(&buf[..n]).await {
+            let room = usize::try_from(limit.saturating_sub(written)).unwrap_or(usize::MAX);
+            let take = n.min(room);
+            let mut result = f.write_all(&buf[..take]).await;
+            written += take as u64;
+            if take < n && result.is_ok() {
+                result = f
+                    .write_all(
+                        b"\n[vmcp: console log limit reached; further output is not logged]\n",
+                    )
+                    .await;
+                let _ = f.flush().await;
+                file = None;
+            }
+            if let Err(e) = result {
                 tracing::warn!(error = %e, "cannot write the console log; keeping only the tail");
                 file = None;
             }
@@ -134,6 +161,28 @@ mod tests {
             "old\nLinux version 6.1\nkernel panic\n"
         );
         assert_eq!(tail.lines(1), "kernel panic");
+    }
+
+    #[tokio::test]
+    async fn log_file_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let (mut w, r) = tokio::io::duplex(64);
+        let tail = Tail::default();
+        let t2 = tail.clone();
+        let l2 = log.clone();
+        let task = tokio::spawn(async move { capture_limited(r, t2, Some(&l2), 10).await });
+        w.write_all(b"0123456789abcdef\n").await.unwrap();
+        w.write_all(b"more\n").await.unwrap();
+        drop(w);
+        task.await.unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.starts_with("0123456789\n[vmcp: console log limit reached"),
+            "{text:?}"
+        );
+        assert!(!text.contains("more"));
+        assert_eq!(tail.lines(1), "more");
     }
 
     #[tokio::test]
