@@ -40,6 +40,17 @@ pub struct BenchArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
+    /// Guest architecture (default: the host's; another one runs under TCG).
+    #[arg(long, value_parser = parse_arch)]
+    pub arch: Option<Arch>,
+    /// Backend to measure (default qemu); others are measured through the lifecycle traits,
+    /// with restore → agent ready where they can snapshot (see bench_backend.rs).
+    #[arg(long, value_name = "NAME")]
+    pub backend: Option<String>,
+}
+
+fn parse_arch(s: &str) -> Result<Arch, String> {
+    s.parse::<Arch>().map_err(|e| e.to_string())
 }
 
 fn parse_accel(s: &str) -> Result<Accel, String> {
@@ -87,13 +98,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.runs == 0 || args.iterations == 0 {
         anyhow::bail!("--runs and --iterations must be at least 1");
     }
+    let arch = args.arch.unwrap_or_else(Arch::host);
     let (kernel, initrd) = match (&args.kernel, &args.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
-        _ => crate::run::ensure_image(Arch::host()).await?,
+        _ => crate::run::ensure_image(arch).await?,
     };
-    let backend = QemuBackend::new();
     let mut config = VmConfig::new(kernel, initrd);
+    config.arch = arch;
     config.memory_mib = args.memory;
+    if let Some(name) = args.backend.as_deref().filter(|n| *n != "qemu") {
+        let backend = crate::bench_backend::find_backend(name)?;
+        config.accel = args.accel;
+        eprintln!(
+            "vmcp bench: backend {name}, {} runs, {} iterations, {} MiB",
+            args.runs, args.iterations, args.memory
+        );
+        let dir = tempfile::tempdir()?;
+        let report = crate::bench_backend::measure(
+            backend.as_ref(),
+            &config,
+            args.runs,
+            args.iterations,
+            dir.path(),
+        )
+        .await?;
+        print!("{}", crate::bench_backend::render(&report));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let backend = QemuBackend::new();
     let choice = backend.choose_accel(config.arch, args.accel)?;
     if let Some(n) = &choice.notice {
         eprintln!("vmcp: notice: {n}");

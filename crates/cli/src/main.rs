@@ -3,6 +3,7 @@
 //! A thin binary: each subcommand lives in its own module and calls the library crates.
 
 mod bench;
+mod bench_backend;
 mod doctor;
 mod image_cmd;
 mod mcp_cmd;
