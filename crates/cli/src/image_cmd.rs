@@ -37,6 +37,13 @@ pub enum ImageCommand {
         #[command(flatten)]
         args: ImageArgs,
     },
+    /// Remove cached images the current agent binaries no longer use (each rebuilt agent
+    /// leaves one) and leftovers of interrupted builds. Other checkouts sharing the cache
+    /// lose their images too; `vmcp run` rebuilds one in about a second.
+    Prune {
+        #[command(flatten)]
+        args: ImageArgs,
+    },
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -69,6 +76,32 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             .context("cannot build the guest image")?;
             println!("kernel {}", paths.kernel.display());
             println!("initrd {}", paths.initrd.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Prune { args } => {
+            let chosen = options(&args)?;
+            let cache = match &chosen.cache_dir {
+                Some(d) => d.clone(),
+                None => vmcp_image::default_cache_dir()?,
+            };
+            // Every architecture with pinned inputs keeps the image of its current agent;
+            // --agent names the agent of --arch (or the host's).
+            let keep: Vec<BuildOptions> = vmcp_image::manifest::INPUTS
+                .iter()
+                .map(|row| {
+                    let mut o = BuildOptions::new(row.arch);
+                    if row.arch == chosen.arch {
+                        o.agent = chosen.agent.clone();
+                    }
+                    o
+                })
+                .collect();
+            let removed =
+                vmcp_image::prune(&cache, &keep).context("cannot prune the image cache")?;
+            for p in &removed {
+                println!("removed {}", p.display());
+            }
+            eprintln!("vmcp: {} cache entries removed", removed.len());
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Path { args } => {

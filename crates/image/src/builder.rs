@@ -193,6 +193,83 @@ impl Plan {
     }
 }
 
+/// Leftovers of interrupted builds younger than this are left alone (a build may be running).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+fn is_stale(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age >= STALE_AFTER)
+}
+
+/// Removes what a rebuild left behind in `cache`: images of the architectures in `keep` other
+/// than the one each `BuildOptions` names (images are keyed by the agent binary, so every
+/// rebuilt agent leaves one), unpacked inputs of manifests no longer compiled in, and
+/// leftovers of builds interrupted more than an hour ago. Architectures not in `keep`, or whose
+/// agent binary cannot be found, are left alone. Returns what was removed.
+pub fn prune(cache: &Path, keep: &[BuildOptions]) -> Result<Vec<PathBuf>, ImageError> {
+    let mut keep_images = Vec::new();
+    let mut prunable_arches = Vec::new();
+    for opts in keep {
+        let mut opts = opts.clone();
+        opts.cache_dir = Some(cache.to_path_buf());
+        if let Ok(plan) = Plan::new(&opts) {
+            keep_images.push(plan.key);
+            prunable_arches.push(opts.arch);
+        }
+    }
+    let keep_inputs: Vec<String> = crate::manifest::INPUTS
+        .iter()
+        .map(|i| format!("{}.cpio", i.image_key("")))
+        .collect();
+    let mut removed = Vec::new();
+    let mut remove = |path: PathBuf| -> Result<(), ImageError> {
+        let res = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        res.map_err(io_err(&path))?;
+        removed.push(path);
+        Ok(())
+    };
+    let entries = |dir: &Path| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (name, path) in entries(&cache.join("images")) {
+        let unwanted = if name.starts_with('.') {
+            is_stale(&path)
+        } else {
+            let arch = name
+                .rsplit_once('-')
+                .and_then(|(a, _)| a.parse::<Arch>().ok());
+            arch.is_some_and(|a| prunable_arches.contains(&a)) && !keep_images.contains(&name)
+        };
+        if unwanted {
+            remove(path)?;
+        }
+    }
+    for (name, path) in entries(&cache.join("inputs")) {
+        let unwanted = if name.ends_with(".cpio") && !name.starts_with('.') {
+            !keep_inputs.contains(&name)
+        } else {
+            is_stale(&path)
+        };
+        if unwanted {
+            remove(path)?;
+        }
+    }
+    Ok(removed)
+}
+
 /// The image for `opts` if it is already built (never builds).
 pub fn find_image(opts: &BuildOptions) -> Result<Option<ImagePaths>, ImageError> {
     let plan = Plan::new(opts)?;

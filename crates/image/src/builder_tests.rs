@@ -225,3 +225,49 @@ fn saved_inputs_round_trip_and_reject_strange_archives() {
     stray.push(Entry::file("etc/x", 0o644, vec![]));
     assert!(Unpacked::from_entries(stray).is_none());
 }
+
+#[test]
+fn prune_keeps_the_current_image_and_foreign_arches() {
+    let cache = tempfile::tempdir().unwrap();
+    let agent = cache.path().join("agent");
+    std::fs::write(&agent, fake_agent()).unwrap();
+    let mut opts = BuildOptions::new(Arch::X86_64);
+    opts.cache_dir = Some(cache.path().to_path_buf());
+    opts.agent = Some(agent);
+    let current = Plan::new(&opts).unwrap().key;
+    let images = cache.path().join("images");
+    let inputs_dir = cache.path().join("inputs");
+    let current_inputs = format!("{}.cpio", INPUTS[0].image_key(""));
+    for d in [
+        images.join(&current),
+        images.join("x86_64-0000000000000000"),
+        images.join("aarch64-0000000000000000"),
+        images.join(".build-x86_64-fresh"),
+        images.join("not-an-image"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::create_dir_all(&inputs_dir).unwrap();
+    for f in [current_inputs.as_str(), "x86_64-1111111111111111.cpio"] {
+        std::fs::write(inputs_dir.join(f), b"x").unwrap();
+    }
+    let removed = prune(cache.path(), &[opts]).unwrap();
+    assert_eq!(
+        removed,
+        vec![
+            images.join("x86_64-0000000000000000"),
+            inputs_dir.join("x86_64-1111111111111111.cpio")
+        ]
+    );
+    assert!(images.join(&current).is_dir());
+    assert!(images.join("aarch64-0000000000000000").is_dir());
+    assert!(
+        images.join(".build-x86_64-fresh").is_dir(),
+        "a running build was removed"
+    );
+    assert!(inputs_dir.join(&current_inputs).is_file());
+    // Nothing to do the second time; an arch without an agent prunes nothing.
+    let mut no_agent = BuildOptions::new(Arch::X86_64);
+    no_agent.agent = Some(cache.path().join("missing"));
+    assert!(prune(cache.path(), &[no_agent]).unwrap().is_empty());
+}

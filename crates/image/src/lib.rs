@@ -28,7 +28,7 @@ pub mod fetch;
 pub mod manifest;
 
 pub use builder::{
-    build, default_cache_dir, ensure_image, find_image, initramfs_entries, module_depends,
+    build, default_cache_dir, ensure_image, find_image, initramfs_entries, module_depends, prune,
     BuildOptions, ImageError, ImagePaths, Module, MODULES_LIST,
 };
 pub use manifest::{Arch, ArchInputs, UnknownArch};
