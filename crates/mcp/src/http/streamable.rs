@@ -181,6 +181,9 @@ pub enum HttpTransportError {
     /// No endpoint configured.
     #[error("no MCP endpoint URL given")]
     NoEndpoint,
+    /// An endpoint URL is not an absolute http(s) URL.
+    #[error("{0:?} is not an http:// or https:// URL")]
+    BadUrl(String),
 }
 
 /// Remembers which generation each endpoint speaks. Clones share the map.
@@ -324,6 +327,14 @@ impl<C: HttpClient> StreamableHttpTransport<C> {
     pub fn new(client: C, config: HttpConfig) -> Result<Self, HttpTransportError> {
         if config.endpoints.is_empty() {
             return Err(HttpTransportError::NoEndpoint);
+        }
+        for url in &config.endpoints {
+            let ok = url.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(HttpTransportError::BadUrl(url.clone()));
+            }
         }
         let mut base_headers = config.headers.clone();
         base_headers.insert(ACCEPT, ACCEPT_BOTH);
@@ -1130,6 +1141,7 @@ fn answer_id(m: &Message) -> Option<&RequestId> {
 
 fn transport_failure(url: String, e: HttpError) -> AttemptFailure {
     let failure = match (e.delivery, e.kind) {
+        (_, super::client::HttpErrorKind::Other) => Failure::Permanent,
         (Delivery::NotSent, _) => Failure::NotSent,
         (_, super::client::HttpErrorKind::Timeout) => Failure::Timeout(Phase::MaybeSent),
         (_, super::client::HttpErrorKind::Tls) => Failure::Permanent,
