@@ -193,14 +193,22 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     });
     config.console_log = args.console_log.clone();
     config.accel = args.accel;
-    let backend = QemuBackend::new();
-    let choice = backend.choose_accel(config.arch, config.accel)?;
-    config.accel = Some(choice.accel);
-    let mut vm = backend.create_qemu(config).await?;
-    // After validation, so a bad input gets exactly one line.
-    if let Some(notice) = &choice.notice {
-        eprintln!("vmcp: notice: {notice}");
-    }
+    let mut vm: Box<dyn Vm> = match native_backend(&config).await {
+        // The OS's own framework (Virtualization.framework on macOS) when no QEMU accelerator
+        // was asked for; none exists on Linux.
+        Some(backend) => backend.create(config).await?,
+        None => {
+            let backend = QemuBackend::new();
+            let choice = backend.choose_accel(config.arch, config.accel)?;
+            config.accel = Some(choice.accel);
+            let vm = backend.create_qemu(config).await?;
+            // After validation, so a bad input gets exactly one line.
+            if let Some(notice) = &choice.notice {
+                eprintln!("vmcp: notice: {notice}");
+            }
+            Box::new(vm)
+        }
+    };
     vm.start().await?;
     vm.wait_ready(READY_TIMEOUT).await?;
     let agent = vm.agent()?;
@@ -230,6 +238,23 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
     Ok(ExitCode::from(code))
+}
+
+/// The first usable framework backend of this OS (`vz` on macOS), unless `--accel` asks for
+/// QEMU.
+async fn native_backend(config: &VmConfig) -> Option<Box<dyn vmcp_vm::Backend>> {
+    if config.accel.is_some() {
+        return None;
+    }
+    for b in vmcp_vm::vz::native_backends() {
+        match b.probe().await {
+            vmcp_vm::Probe::Usable { .. } => return Some(b),
+            other => {
+                tracing::info!(backend = b.name(), probe = ?other, "falling back to QEMU");
+            }
+        }
+    }
+    None
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.

@@ -53,10 +53,10 @@ impl FwState {
 #[non_exhaustive]
 pub enum FwError {
     /// The process lacks the virtualization entitlement.
-    #[error("this vmcp binary is not signed with the com.apple.security.virtualization entitlement: sign it with `packaging/macos/codesign.sh <path-to-vmcp>` (docs/macos.md), or use the qemu backend")]
+    #[error("this vmcp binary is not signed with the com.apple.security.virtualization entitlement: sign it with `packaging/macos/codesign.sh <path-to-vmcp>` (docs/macos.md), or pass `--accel hvf` to use QEMU instead")]
     Entitlement,
     /// Virtualization is not available on this Mac at all.
-    #[error("Virtualization.framework is not available on this Mac ({0}); use the qemu backend")]
+    #[error("Virtualization.framework is not available on this Mac ({0}); QEMU (`--accel hvf` or `--accel tcg`) is the fallback")]
     NotAvailable(String),
     /// `validateWithError` or a device initialiser rejected the configuration.
     #[error("Virtualization.framework rejected the VM configuration: {0}")]

@@ -75,7 +75,7 @@ pub enum PlanError {
         max_mib: u64,
     },
     /// The framework only runs guests of the host's architecture.
-    #[error("Virtualization.framework runs only {host} guests on this Mac, not {guest}: build the {host} image (`vmcp image build --arch {host}`) or use the qemu backend")]
+    #[error("Virtualization.framework runs only {host} guests on this Mac, not {guest}: build the {host} image (`vmcp image build --arch {host}`) or use QEMU (`--accel tcg`)")]
     Arch {
         /// Guest architecture asked for.
         guest: &'static str,

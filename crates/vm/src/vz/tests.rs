@@ -102,7 +102,7 @@ async fn probe_reports_unavailable_and_no_snapshots() {
         ..Faults::default()
     });
     match s.backend.probe().await {
-        Probe::Unusable { reason } => assert!(reason.contains("qemu backend"), "{reason}"),
+        Probe::Unusable { reason } => assert!(reason.contains("--accel hvf"), "{reason}"),
         other => panic!("{other:?}"),
     }
     let e = s.backend.create_vz(s.config.clone()).err().unwrap();
