@@ -62,6 +62,28 @@ fn options(args: &ImageArgs) -> anyhow::Result<BuildOptions> {
     Ok(opts)
 }
 
+fn image_lines(paths: &vmcp_image::ImagePaths) -> [String; 2] {
+    [
+        format!("kernel {}", paths.kernel.display()),
+        format!("initrd {}", paths.initrd.display()),
+    ]
+}
+
+/// Prints lines to stdout; a reader that went away (`vmcp image path | head -1`) is not an
+/// error.
+fn print_lines(lines: &[String]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        match writeln!(out, "{line}") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(anyhow::Error::new(e).context("cannot write to stdout")),
+        }
+    }
+    Ok(())
+}
+
 /// Runs a `vmcp image` subcommand.
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -74,8 +96,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             .await
             .context("the image build task failed")?
             .context("cannot build the guest image")?;
-            println!("kernel {}", paths.kernel.display());
-            println!("initrd {}", paths.initrd.display());
+            print_lines(&image_lines(&paths))?;
             Ok(ExitCode::SUCCESS)
         }
         ImageCommand::Prune { args } => {
@@ -98,9 +119,11 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 .collect();
             let removed =
                 vmcp_image::prune(&cache, &keep).context("cannot prune the image cache")?;
-            for p in &removed {
-                println!("removed {}", p.display());
-            }
+            let lines: Vec<String> = removed
+                .iter()
+                .map(|p| format!("removed {}", p.display()))
+                .collect();
+            print_lines(&lines)?;
             eprintln!("vmcp: {} cache entries removed", removed.len());
             Ok(ExitCode::SUCCESS)
         }
@@ -108,8 +131,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             let opts = options(&args)?;
             match vmcp_image::find_image(&opts).context("cannot look up the guest image")? {
                 Some(paths) => {
-                    println!("kernel {}", paths.kernel.display());
-                    println!("initrd {}", paths.initrd.display());
+                    print_lines(&image_lines(&paths))?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => anyhow::bail!(
