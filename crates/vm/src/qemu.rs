@@ -23,7 +23,7 @@
 //!
 //! # Limits
 //! - No vsock channel yet ([`VmCapabilities::vsock`] is false); virtio-serial works everywhere.
-//! - No snapshot or pause through this API yet.
+//! - Pause/resume are QMP `stop`/`cont`; no snapshot through this API yet.
 
 pub mod accel;
 pub mod binary;
@@ -346,6 +346,28 @@ impl QemuVm {
         self.pid.and_then(platform::rss_kib)
     }
 
+    /// Runs a QMP command without arguments, bounded by the QMP timeout.
+    async fn qmp_command(&mut self, command: &str) -> Result<(), VmError> {
+        let timeout = self.options.qmp_timeout;
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmError::Backend {
+                backend: BACKEND,
+                message: format!("no QMP connection for {command}"),
+            });
+        };
+        match tokio::time::timeout(timeout, q.execute(command, None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(VmError::Backend {
+                backend: BACKEND,
+                message: e.to_string(),
+            }),
+            Err(_) => Err(VmError::Backend {
+                backend: BACKEND,
+                message: format!("QEMU did not answer {command} within {timeout:?}"),
+            }),
+        }
+    }
+
     fn kernel_args(&self) -> KernelArgs {
         KernelArgs {
             arch: self.config.arch,
@@ -500,7 +522,9 @@ impl Vm for QemuVm {
     }
 
     fn capabilities(&self) -> VmCapabilities {
-        VmCapabilities::default()
+        let mut c = VmCapabilities::default();
+        c.pause = true;
+        c
     }
 
     fn runtime_dir(&self) -> &Path {
@@ -691,6 +715,30 @@ impl Vm for QemuVm {
     async fn kill(&mut self) -> Result<(), VmError> {
         self.agent = None;
         self.kill_now().await
+    }
+
+    async fn pause(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Running {
+            return Err(VmError::InvalidState {
+                op: "pause",
+                state: self.state,
+            });
+        }
+        self.qmp_command("stop").await?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Paused {
+            return Err(VmError::InvalidState {
+                op: "resume",
+                state: self.state,
+            });
+        }
+        self.qmp_command("cont").await?;
+        self.state = VmState::Running;
+        Ok(())
     }
 }
 

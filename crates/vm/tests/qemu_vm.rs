@@ -184,6 +184,18 @@ async fn exec_behaviour() {
         .collect();
     assert!(nics.is_empty(), "unexpected network devices {nics:?}");
 
+    // Pause freezes the guest (a ping gets no answer), resume lets it answer again.
+    vm.pause().await.unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), agent.ping())
+            .await
+            .is_err(),
+        "a paused guest answered"
+    );
+    vm.resume().await.unwrap();
+    agent.ping().await.unwrap();
+
     let pid = vm.pid().unwrap();
     assert_eq!(
         vm.shutdown(Duration::from_secs(20)).await.unwrap(),

@@ -74,6 +74,13 @@ async fn full_lifecycle_against_the_stand_in() {
     assert_eq!(info.guest_boot, Duration::from_millis(1500));
     assert_eq!(vm.state(), VmState::Running);
     vm.agent().unwrap().ping().await.unwrap();
+    assert!(vm.capabilities().pause);
+    assert!(vm.resume().await.is_err(), "resume of a running VM");
+    vm.pause().await.unwrap();
+    assert_eq!(vm.state(), VmState::Paused);
+    assert!(vm.pause().await.is_err(), "pause of a paused VM");
+    vm.resume().await.unwrap();
+    assert_eq!(vm.state(), VmState::Running);
     // Waiting again is a state error, not a hang.
     assert!(vm.wait_ready(Duration::from_secs(1)).await.is_err());
     let argv: Vec<String> = vm
