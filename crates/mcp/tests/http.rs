@@ -71,7 +71,10 @@ fn header(s: &McpServer, method: &str, name: &str) -> Option<String> {
 
 async fn legacy_session(sse: bool) {
     let s = McpServer::start(opts(Speaks::Legacy, sse)).await;
-    let c = connect(&[&s.url]).await;
+    let cfg = http_config(&[&s.url])
+        .with_header_line("Authorization: Bearer t0k")
+        .unwrap();
+    let c = connect_with(cfg, ClientConfig::default()).await;
     assert_eq!(c.era(), Era::Legacy);
     assert_eq!(c.server_info().protocol_version, "2025-11-25");
     assert_eq!(echo(&c, "hi").await, "hi@test-server");
@@ -98,6 +101,14 @@ async fn legacy_session(sse: bool) {
         header(&s, "tools/call", "accept").as_deref(),
         Some("application/json, text/event-stream")
     );
+    // Custom headers and the user agent ride on every request, the GET stream and DELETE too.
+    assert!(s
+        .requests()
+        .iter()
+        .all(|r| r.headers.get("authorization").map(String::as_str) == Some("Bearer t0k")));
+    assert!(header(&s, "tools/call", "user-agent")
+        .unwrap()
+        .starts_with("vmcp/"));
     // Auto detection tried server/discover first, then initialize + initialized.
     let m = s.methods();
     assert_eq!(

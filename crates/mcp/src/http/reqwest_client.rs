@@ -3,7 +3,6 @@
 //!
 //! reqwest is pinned to an exact version in the workspace and used only here.
 
-use std::error::Error as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -167,20 +166,5 @@ fn classify(e: reqwest::Error, in_body: bool) -> HttpError {
 }
 
 fn is_tls(e: &reqwest::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(err) = cur {
-        if err.is::<rustls::Error>() {
-            return true;
-        }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
+    crate::tls::TlsRejection::find(e).is_some()
 }

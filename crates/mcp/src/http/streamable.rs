@@ -1140,41 +1140,22 @@ fn answer_id(m: &Message) -> Option<&RequestId> {
 }
 
 fn transport_failure(url: String, e: HttpError) -> AttemptFailure {
-    let failure = match (e.delivery, e.kind) {
-        (_, super::client::HttpErrorKind::Other) => Failure::Permanent,
-        (Delivery::NotSent, _) => Failure::NotSent,
-        (_, super::client::HttpErrorKind::Timeout) => Failure::Timeout(Phase::MaybeSent),
-        (_, super::client::HttpErrorKind::Tls) => Failure::Permanent,
-        _ => Failure::Reset(Phase::MaybeSent),
-    };
     // A rejected certificate will be rejected again: no retry.
-    let failure = if e.kind == super::client::HttpErrorKind::Tls && is_cert_rejection(&e) {
-        Failure::Permanent
-    } else if e.kind == super::client::HttpErrorKind::Tls {
-        Failure::NotSent
-    } else {
-        failure
+    let rejection = crate::tls::TlsRejection::find(&e);
+    let failure = match (&rejection, e.delivery, e.kind) {
+        (Some(r), _, _) if r.is_permanent() => Failure::Permanent,
+        (_, _, super::client::HttpErrorKind::Other) => Failure::Permanent,
+        (_, Delivery::NotSent, _) => Failure::NotSent,
+        (_, _, super::client::HttpErrorKind::Timeout) => Failure::Timeout(Phase::MaybeSent),
+        _ => Failure::Reset(Phase::MaybeSent),
     };
     AttemptFailure {
         error: HttpTransportError::Request { url, source: e },
         failure,
-        backend_failed: true,
+        // A certificate problem is not a dead endpoint.
+        backend_failed: rejection.is_none(),
         reinit: false,
     }
-}
-
-fn is_cert_rejection(e: &HttpError) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = e
-        .source
-        .as_deref()
-        .map(|s| s as &(dyn std::error::Error + 'static));
-    while let Some(err) = cur {
-        if let Some(r) = crate::tls::TlsRejection::find(err) {
-            return r.is_permanent();
-        }
-        cur = err.source();
-    }
-    false
 }
 
 fn body_failure(url: &str, e: HttpError) -> AttemptFailure {
