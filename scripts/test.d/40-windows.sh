@@ -42,6 +42,12 @@ cargo build -p vmcp-cli --locked --target x86_64-pc-windows-gnu
 exe=target/x86_64-pc-windows-gnu/debug/vmcp.exe
 tests_exe=$(cargo test -p vmcp-vm --lib --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*vmcp_vm[^"]*\.exe\)".*/\1/p' | tail -n1)
+launch_exe=$(cargo test -p vmcp-vm --test windows_launch --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*windows_launch[^"]*\.exe\)".*/\1/p' | tail -n1)
+cargo build -p vmcp-vm --example fake_qemu --locked --target x86_64-pc-windows-gnu
+fake_qemu=target/x86_64-pc-windows-gnu/debug/examples/fake_qemu.exe
+[ -f "$launch_exe" ] || win_fail "the windows_launch test executable was not built"
+[ -f "$fake_qemu" ] || win_fail "$fake_qemu was not built"
 [ -f "$exe" ] || win_fail "$exe was not built"
 [ -f "$tests_exe" ] || win_fail "the vmcp-vm unit test executable was not built"
 win_lap "building vmcp.exe and the vm unit tests (windows-gnu)"
@@ -64,7 +70,7 @@ trap cleanup EXIT
 mkdir -p "$tmp/bin" "$tmp/prefix"
 x86_64-w64-mingw32-gcc -shared -O2 -s -o "$tmp/bin/bcryptprimitives.dll" \
   packaging/windows/processprng-stub.c -ladvapi32
-cp "$exe" "$tests_exe" "$tmp/bin/"
+cp "$exe" "$tests_exe" "$launch_exe" "$fake_qemu" "$tmp/bin/"
 tests_bin="$tmp/bin/$(basename "$tests_exe")"
 export WINEPREFIX="$tmp/prefix" WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml=" DISPLAY="" WAYLAND_DISPLAY=""
 win_lap "stub DLL and copies"
@@ -102,6 +108,18 @@ grep -q 'windows::sys::tests::job_kills_its_process_on_drop ... ok' "$tmp/tests.
 grep -q 'qemu::platform_windows::tests::spawned_child_is_in_the_job_and_killable ... ok' "$tmp/tests.txt" \
   || win_fail "the Windows QEMU spawn test did not run under wine"
 win_lap "vmcp-vm windows:: and qemu::platform_windows unit tests under wine"
+
+# The QEMU backend's Windows launch layer end to end, with a fake QEMU (examples/fake_qemu.rs):
+# job, loopback channels, QMP, token handshake, graceful shutdown, drop, and QEMU dying when
+# the process holding the VM is killed (TerminateProcess: only the Job Object can do that).
+VMCP_TEST_FAKE_QEMU="Z:$tmp/bin/fake_qemu.exe" timeout 120 "$WINE" "$tmp/bin/$(basename "$launch_exe")" --nocapture --skip child_holding_a_vm \
+  >"$tmp/launch.txt" 2>&1 || { cat "$tmp/launch.txt" >&2; win_fail "windows_launch tests failed under wine"; }
+grep -E '^test result:' "$tmp/launch.txt" >&2
+for t in windows_launch_with_a_fake_qemu qemu_dies_when_vmcp_is_killed; do
+  grep -q "^test $t ... ok" "$tmp/launch.txt" || win_fail "$t did not pass under wine"
+done
+if grep -q 'SKIPPED' "$tmp/launch.txt"; then cat "$tmp/launch.txt" >&2; win_fail "windows_launch skipped under wine"; fi
+win_lap "Windows launch layer with a fake QEMU under wine"
 
 # 5. `vmcp image build` on Windows without Linux tools: vmcp.exe under wine unpacks the pinned
 # .debs and writes the initramfs in Rust, from a folder with a space in its name; the result

@@ -67,27 +67,23 @@ pub async fn capture<R: AsyncRead + Unpin>(stream: R, tail: Tail, log: Option<&P
 }
 
 /// [`capture`] with an explicit log size limit.
+///
+/// The log is opened for each chunk and closed after it, so no handle outlives a write: on
+/// Windows an open handle keeps the VM's runtime folder from being removed when the VM is
+/// dropped (the capture task is only aborted, and drops its state later).
 pub async fn capture_limited<R: AsyncRead + Unpin>(
     mut stream: R,
     tail: Tail,
     log: Option<&Path>,
     limit: u64,
 ) {
-    let mut file = match log {
-        Some(p) => match tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .await
-        {
-            Ok(f) => Some(f),
-            Err(e) => {
-                tracing::warn!(path = %p.display(), error = %e, "cannot open the console log");
-                None
-            }
-        },
-        None => None,
-    };
+    let mut log = log.map(Path::to_path_buf);
+    if let Some(p) = log.clone() {
+        if let Err(e) = append(&p, &[], None).await {
+            tracing::warn!(path = %p.display(), error = %e, "cannot open the console log");
+            log = None;
+        }
+    }
     let mut buf = vec![0u8; 8192];
     let mut written = 0u64;
     loop {
@@ -96,29 +92,38 @@ pub async fn capture_limited<R: AsyncRead + Unpin>(
             Ok(n) => n,
         };
         tail.push(&buf[..n]);
-        if let Some(f) = file.as_mut() {
+        if let Some(p) = log.clone() {
             let room = usize::try_from(limit.saturating_sub(written)).unwrap_or(usize::MAX);
             let take = n.min(room);
-            let mut result = f.write_all(&buf[..take]).await;
+            let trailer: Option<&[u8]> = (take < n).then_some(
+                &b"\n[vmcp: console log limit reached; further output is not logged]\n"[..],
+            );
+            let result = append(&p, &buf[..take], trailer).await;
             written += take as u64;
-            if take < n && result.is_ok() {
-                result = f
-                    .write_all(
-                        b"\n[vmcp: console log limit reached; further output is not logged]\n",
-                    )
-                    .await;
-                let _ = f.flush().await;
-                file = None;
+            if take < n {
+                log = None;
             }
             if let Err(e) = result {
                 tracing::warn!(error = %e, "cannot write the console log; keeping only the tail");
-                file = None;
+                log = None;
             }
         }
     }
-    if let Some(mut f) = file {
-        let _ = f.flush().await;
+}
+
+/// Appends `data` (then `trailer`) to `path`, created if missing, and closes it again.
+async fn append(path: &Path, data: &[u8], trailer: Option<&[u8]>) -> std::io::Result<()> {
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await?;
+    f.write_all(data).await?;
+    if let Some(t) = trailer {
+        f.write_all(t).await?;
     }
+    // Waits for tokio's background write, so the handle is closed when `f` drops.
+    f.flush().await
 }
 
 #[cfg(test)]
