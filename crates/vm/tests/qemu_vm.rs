@@ -12,6 +12,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{boot, prerequisites, vm_lock, READY_TIMEOUT};
+#[cfg(unix)]
+use std::os::unix::fs::symlink;
+#[cfg(windows)]
+use std::os::windows::fs::symlink_file as symlink;
 use vmcp_guest_proto::ExitStatus;
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
@@ -318,7 +322,7 @@ fn make_rootfs(dir: &std::path::Path) -> Option<std::path::PathBuf> {
     }
     std::fs::copy(&busybox, tree.join("bin/busybox")).unwrap();
     for applet in ["sh", "cat", "echo", "touch", "sync"] {
-        std::os::unix::fs::symlink("busybox", tree.join("bin").join(applet)).unwrap();
+        symlink("busybox", tree.join("bin").join(applet)).unwrap();
     }
     std::fs::write(tree.join("marker"), b"from the rootfs\n").unwrap();
     let img = dir.join("rootfs.ext4");
