@@ -72,6 +72,7 @@ impl Safety {
             | "logging/setLevel"
             | "resources/subscribe"
             | "resources/unsubscribe"
+            | "subscriptions/listen"
             | "notifications/cancelled" => Self::Safe,
             _ => Self::Unsafe,
         }
