@@ -522,9 +522,10 @@ impl Vm for QemuVm {
     }
 
     fn capabilities(&self) -> VmCapabilities {
-        let mut c = VmCapabilities::default();
-        c.pause = true;
-        c
+        VmCapabilities {
+            pause: true,
+            ..VmCapabilities::default()
+        }
     }
 
     fn runtime_dir(&self) -> &Path {
