@@ -111,9 +111,22 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Starts `sdk`'s server and waits (up to 30 s) until it accepts connections.
+    /// Starts `sdk`'s server and waits (up to 30 s) until it accepts connections. The port is
+    /// chosen free, then released for the server to take: if another process got it in
+    /// between, the server exits and a new port is tried.
     pub async fn start(sdk: Sdk, mode: HttpMode) -> Result<Self, String> {
-        let port = free_port();
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::start_on(sdk, mode, free_port()).await {
+                Ok(s) => return Ok(s),
+                Err(e) if e.contains("exited early") => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    async fn start_on(sdk: Sdk, mode: HttpMode, port: u16) -> Result<Self, String> {
         let mut cmd = match sdk {
             Sdk::TypeScript => {
                 assert_eq!(
