@@ -23,8 +23,15 @@ pub fn skip(reason: &str) {
     eprintln!("SKIPPED: {reason} (run scripts/install-deps, or set VMCP_INTEROP_PREFIX)");
 }
 
+/// `crates/mcp/tests/interop`, from the mcp crate's tests or another crate's.
 fn test_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let own = here.join("tests/interop");
+    if own.is_dir() {
+        own
+    } else {
+        here.join("../mcp/tests/interop")
+    }
 }
 
 /// Which reference server.
