@@ -51,7 +51,7 @@ pub enum FetchError {
         sha256: String,
     },
     /// apt-get failed.
-    #[error("`apt-get download {name}={version}` failed: {detail} (run `apt-get update`, after `dpkg --add-architecture <arch>` for a foreign architecture; if the version left the mirror, vmcp's manifest needs an update)")]
+    #[error("`apt-get download {name}={version}` failed: {detail}; run `apt-get update` (after `dpkg --add-architecture <arch>` for a foreign architecture; the package is in Debian 12 \"bookworm\", other systems need that suite in their apt sources), or put {file} (sha256 {sha256}) into {dir} by hand")]
     Apt {
         /// Package.
         name: String,
@@ -59,6 +59,12 @@ pub enum FetchError {
         version: String,
         /// apt's last error line.
         detail: String,
+        /// Download directory.
+        dir: String,
+        /// File name to use.
+        file: String,
+        /// Pinned hash.
+        sha256: String,
     },
 }
 
@@ -148,6 +154,9 @@ pub fn ensure_deb(
             name: pin.name.to_string(),
             version: pin.version.to_string(),
             detail,
+            dir: dir.display().to_string(),
+            file: pin.file_name(),
+            sha256: pin.sha256.to_string(),
         });
     };
     progress(&format!("verifying sha256 of {}", pin.file_name()));
@@ -216,7 +225,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = ensure_deb(&PIN, dir.path(), &|_| {}).unwrap_err();
         assert!(matches!(err, FetchError::Apt { .. }), "{err}");
-        assert!(err.to_string().contains("vmcp-test-pkg=1:2.0-1"), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("vmcp-test-pkg=1:2.0-1"), "{msg}");
+        assert!(
+            msg.contains(&PIN.file_name()) && msg.contains(PIN.sha256),
+            "{msg}"
+        );
         // Nothing is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
