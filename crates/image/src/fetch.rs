@@ -51,7 +51,7 @@ pub enum FetchError {
         sha256: String,
     },
     /// apt-get failed.
-    #[error("`apt-get download {name}={version}` failed: {detail}; run `apt-get update` (after `dpkg --add-architecture <arch>` for a foreign architecture; the package is in Debian 12 \"bookworm\", other systems need that suite in their apt sources), or put {file} (sha256 {sha256}) into {dir} by hand")]
+    #[error("`apt-get download {name}={version}` failed: {detail}; run `apt-get update` (after `dpkg --add-architecture <arch>` for a foreign architecture; the package is in Debian 12 \"bookworm\", other systems need that suite in their apt sources), or {manual}")]
     Apt {
         /// Package.
         name: String,
@@ -59,12 +59,8 @@ pub enum FetchError {
         version: String,
         /// apt's last error line.
         detail: String,
-        /// Download directory.
-        dir: String,
-        /// File name to use.
-        file: String,
-        /// Pinned hash.
-        sha256: String,
+        /// How to provide the file by hand.
+        manual: String,
     },
 }
 
@@ -154,9 +150,12 @@ pub fn ensure_deb(
             name: pin.name.to_string(),
             version: pin.version.to_string(),
             detail,
-            dir: dir.display().to_string(),
-            file: pin.file_name(),
-            sha256: pin.sha256.to_string(),
+            manual: format!(
+                "put {} (sha256 {}) into {} by hand",
+                pin.file_name(),
+                pin.sha256,
+                dir.display()
+            ),
         });
     };
     progress(&format!("verifying sha256 of {}", pin.file_name()));
