@@ -9,7 +9,8 @@
 //!    (a rootfs, a vsock channel), so a disk that is not the rootfs shows up a few
 //!    milliseconds after the hello;
 //! 4. if `vmcp.rootfs` is set: wait for the device, mount it, move `/dev`, `/proc`, `/sys`
-//!    into it and make it `/` (`switch_root` without deleting the initramfs);
+//!    into it (creating a missing mount point; a read-only filesystem without one is a boot
+//!    error) and make it `/` (`switch_root` without deleting the initramfs);
 //! 5. mount tmpfs on `/tmp`, `/run`, `/dev/shm` and devpts on `/dev/pts`;
 //! 6. open the channel (waiting up to [`CHANNEL_WAIT`] for it to appear), send the hello and
 //!    serve. If the host closes the channel the agent reopens it and says hello again;
@@ -231,9 +232,14 @@ fn switch_root(spec: &RootfsSpec) -> Result<(), InitError> {
         .map_err(|e| fail(format!("mount as {} failed: {e}", spec.fstype)))?;
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{newroot}{m}");
+        // Processes need /dev (even /dev/null for their stdin); create what is missing, or
+        // refuse a read-only filesystem that lacks it rather than fail every exec later.
         if !Path::new(&target).is_dir() {
-            eprintln!("vmcp-agent: warning: the root filesystem has no {m}; not mounted there");
-            continue;
+            std::fs::create_dir(&target).map_err(|e| {
+                fail(format!(
+                    "it has no {m} directory and it cannot be created ({e}): add {m} to the image"
+                ))
+            })?;
         }
         os::mount(m, &target, None, MS_MOVE, None)
             .map_err(|e| fail(format!("cannot move {m} into it: {e}")))?;
