@@ -19,8 +19,10 @@
 //!   no children of its own, so nothing escapes the job after that.
 //! - **Own process group, no console window** (`CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW`):
 //!   Ctrl-C in vmcp's console reaches vmcp, which shuts the VM down itself.
-//! - No privilege drop, no seccomp (`-sandbox` is Linux-only), no stale runtime-directory
-//!   sweep yet (a killed vmcp leaves its folder in `%TEMP%`), no RSS figure yet.
+//! - **Stale folders:** a killed vmcp leaves its runtime folder in `%TEMP%`; the next VM removes
+//!   it (owner file with pid and process creation time, as on Linux; only folders directly in
+//!   this user's `%TEMP%` are touched).
+//! - No privilege drop, no seccomp (`-sandbox` is Linux-only).
 
 use std::ffi::OsString;
 use std::io;
@@ -192,19 +194,29 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
 /// Nothing to do: the child itself is terminated by the caller, the job covers the rest.
 pub fn kill_group(_pgid: u32) {}
 
-/// Not tracked on Windows yet.
-pub fn start_time(_pid: u32) -> Option<u64> {
-    None
+/// Creation time of running process `pid` (for the owner file of runtime folders).
+pub fn start_time(pid: u32) -> Option<u64> {
+    crate::windows::process_start_time(pid)
 }
 
-/// Not measured on Windows yet.
-pub fn rss_kib(_pid: u32) -> Option<u64> {
-    None
+/// Working set of process `pid` in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    crate::windows::process_rss_kib(pid)
 }
 
-/// Never claims a directory (no stale sweep on Windows yet).
-pub fn dir_is_mine(_path: &Path) -> bool {
-    false
+/// Whether `path` is a runtime folder of this user: a folder directly in this user's own
+/// temp folder (`%TEMP%` is per user on Windows), where vmcp creates them.
+pub fn dir_is_mine(path: &Path) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    let (Some(parent), Ok(temp)) = (
+        path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
+        std::fs::canonicalize(std::env::temp_dir()),
+    ) else {
+        return false;
+    };
+    meta.is_dir() && parent == temp
 }
 
 #[cfg(test)]
@@ -230,6 +242,37 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!status.success());
+    }
+
+    #[test]
+    fn stale_folder_of_a_dead_owner_is_swept() {
+        let me = std::process::id();
+        let start = start_time(me).unwrap();
+        assert!(rss_kib(me).unwrap() > 0);
+        let temp = std::env::temp_dir();
+        let dead = tempfile::Builder::new()
+            .prefix("vmcp-stale-")
+            .tempdir_in(&temp)
+            .unwrap();
+        let alive = tempfile::Builder::new()
+            .prefix("vmcp-alive-")
+            .tempdir_in(&temp)
+            .unwrap();
+        // A pid that cannot be running (Windows pids are multiples of 4).
+        std::fs::write(dead.path().join(super::super::stale::OWNER_FILE), "3 1\n").unwrap();
+        std::fs::write(
+            alive.path().join(super::super::stale::OWNER_FILE),
+            super::super::stale::owner_line(me, start),
+        )
+        .unwrap();
+        assert!(dir_is_mine(dead.path()));
+        assert!(!dir_is_mine(&temp.join("vmcp-no-such-folder")));
+        let removed = super::super::stale::sweep(&temp, dir_is_mine, start_time);
+        assert!(removed
+            .iter()
+            .any(|p| p.ends_with(dead.path().file_name().unwrap())));
+        assert!(!dead.path().exists());
+        assert!(alive.path().exists());
     }
 
     #[tokio::test]

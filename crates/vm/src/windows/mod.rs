@@ -30,6 +30,7 @@ mod sys;
 mod sys;
 
 pub use sys::KillOnCloseJob;
+pub use sys::{process_rss_kib, process_start_time};
 
 /// `Ok` when the Windows Hypervisor Platform can be used here, else why not and what to do,
 /// in one line (the QEMU backend's `HostFacts::whpx`).

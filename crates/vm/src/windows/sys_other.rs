@@ -14,6 +14,16 @@ pub(crate) fn windows_version() -> Result<WindowsVersion, String> {
     Err("this is not a Windows host".into())
 }
 
+/// Windows only: always `None` here.
+pub fn process_start_time(_pid: u32) -> Option<u64> {
+    None
+}
+
+/// Windows only: always `None` here.
+pub fn process_rss_kib(_pid: u32) -> Option<u64> {
+    None
+}
+
 /// A Windows Job Object; cannot exist on this host.
 #[derive(Debug)]
 pub struct KillOnCloseJob {
@@ -52,6 +62,8 @@ mod tests {
     fn says_not_windows() {
         assert_eq!(whp_status(), WhpStatus::NotWindows);
         assert!(windows_version().unwrap_err().contains("not a Windows"));
+        assert_eq!(process_start_time(std::process::id()), None);
+        assert_eq!(process_rss_kib(std::process::id()), None);
         let e = KillOnCloseJob::new().unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::Unsupported);
         let job = KillOnCloseJob { _none: () };

@@ -8,6 +8,9 @@
 //!   optional "Windows Hypervisor Platform" feature is on. `scripts/test.d/40-windows.sh`
 //!   checks the import table of `vmcp.exe`.
 //! - [`windows_version`]: `RtlGetVersion` from ntdll (always present).
+//! - [`process_start_time`], [`process_rss_kib`]: `OpenProcess` + `GetProcessTimes` /
+//!   `K32GetProcessMemoryInfo`, for the sweep of runtime folders left by a killed vmcp and for
+//!   `vmcp bench`.
 //! - [`KillOnCloseJob`]: a Job Object with `JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE`. When its last
 //!   handle closes — on drop, or when the kernel cleans up a vmcp that was killed — Windows
 //!   terminates every process in it.
@@ -17,7 +20,9 @@ use std::os::windows::io::{AsRawHandle, RawHandle};
 
 use windows_sys::core::HRESULT;
 use windows_sys::Wdk::System::SystemServices::RtlGetVersion;
-use windows_sys::Win32::Foundation::{CloseHandle, FreeLibrary, HANDLE, HMODULE};
+use windows_sys::Win32::Foundation::{
+    CloseHandle, FreeLibrary, FILETIME, HANDLE, HMODULE, STILL_ACTIVE,
+};
 use windows_sys::Win32::System::Hypervisor::{
     WHvCapabilityCodeHypervisorPresent, WHV_CAPABILITY_CODE,
 };
@@ -29,7 +34,12 @@ use windows_sys::Win32::System::JobObjects::{
 use windows_sys::Win32::System::LibraryLoader::{
     GetProcAddress, LoadLibraryExW, LOAD_LIBRARY_SEARCH_SYSTEM32,
 };
+use windows_sys::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
 use windows_sys::Win32::System::SystemInformation::OSVERSIONINFOW;
+use windows_sys::Win32::System::Threading::{
+    GetExitCodeProcess, GetProcessTimes, OpenProcess, PROCESS_QUERY_LIMITED_INFORMATION,
+    PROCESS_VM_READ,
+};
 
 use crate::windows::facts::{WhpStatus, WindowsVersion};
 
@@ -148,6 +158,64 @@ pub(crate) fn windows_version() -> Result<WindowsVersion, String> {
     })
 }
 
+/// A process handle opened with `OpenProcess`, closed on drop.
+struct Process(HANDLE);
+
+impl Process {
+    fn open(pid: u32, access: u32) -> Option<Process> {
+        // SAFETY: plain integer arguments; a null result (no such process, or no access) is
+        // handled below.
+        let h = unsafe { OpenProcess(access, 0, pid) };
+        (!h.is_null()).then_some(Process(h))
+    }
+
+    fn running(&self) -> bool {
+        let mut code: u32 = 0;
+        // SAFETY: the handle is valid while `self` lives; `code` is a writable u32.
+        let ok = unsafe { GetExitCodeProcess(self.0, &mut code) };
+        ok != 0 && code == STILL_ACTIVE as u32
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from OpenProcess and is closed exactly once, here.
+        unsafe {
+            CloseHandle(self.0);
+        }
+    }
+}
+
+/// Creation time of running process `pid` (100 ns units since 1601), `None` if it is not
+/// running or cannot be queried.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let p = Process::open(pid, PROCESS_QUERY_LIMITED_INFORMATION)?;
+    if !p.running() {
+        return None;
+    }
+    let mut times = [FILETIME {
+        dwLowDateTime: 0,
+        dwHighDateTime: 0,
+    }; 4];
+    let [created, exited, kernel, user] = &mut times;
+    // SAFETY: the handle is valid while `p` lives; the four pointers are distinct writable
+    // FILETIMEs.
+    let ok = unsafe { GetProcessTimes(p.0, created, exited, kernel, user) };
+    (ok != 0).then(|| (u64::from(created.dwHighDateTime) << 32) | u64::from(created.dwLowDateTime))
+}
+
+/// Working set of process `pid` in KiB.
+pub fn process_rss_kib(pid: u32) -> Option<u64> {
+    let p = Process::open(pid, PROCESS_QUERY_LIMITED_INFORMATION | PROCESS_VM_READ)?;
+    let mut counters = PROCESS_MEMORY_COUNTERS {
+        cb: std::mem::size_of::<PROCESS_MEMORY_COUNTERS>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: the handle is valid while `p` lives; the pointer and size describe `counters`.
+    let ok = unsafe { K32GetProcessMemoryInfo(p.0, &mut counters, counters.cb) };
+    (ok != 0).then_some(counters.WorkingSetSize as u64 / 1024)
+}
+
 /// A Job Object that kills every process in it when its handle closes.
 #[derive(Debug)]
 pub struct KillOnCloseJob {
@@ -248,6 +316,22 @@ mod tests {
             assert!(s.reason().starts_with("WinHvPlatform.dll cannot be loaded"));
         }
         assert_eq!(s.usable(), s.reason().is_empty());
+    }
+
+    #[test]
+    fn process_queries() {
+        let me = std::process::id();
+        let t = process_start_time(me).unwrap();
+        assert_eq!(process_start_time(me), Some(t));
+        assert!(process_rss_kib(me).unwrap() > 0);
+        let mut child = std::process::Command::new("cmd")
+            .args(["/c", "exit", "0"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        // Exited (the std handle is closed by now too): no start time.
+        assert_eq!(process_start_time(pid), None);
     }
 
     #[test]
