@@ -27,8 +27,9 @@
 //! progress at debug) and forwarded to [`Client::notifications`] if taken.
 //!
 //! Limits: no multi-round-trip (MRTR) input requests of 2026-07-28: a result of type
-//! `input_required` is an error ([`ClientError::InputRequired`]); no `subscriptions/listen`;
-//! `x-mcp-header` parameter mirroring (`Mcp-Param-*`) is not implemented.
+//! `input_required` is an error ([`ClientError::InputRequired`]); no `subscriptions/listen`.
+//! `x-mcp-header` parameters are mirrored into `Mcp-Param-*` headers for tools seen in the
+//! last [`Client::list_tools`] (see [`crate::param_headers`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -51,6 +52,7 @@ use crate::model::{
     ListPromptsResult, ListResourcesResult, ListToolsResult, Prompt, ReadResourceResult, Resource,
     ServerInfo, Tool,
 };
+use crate::param_headers::{self, ParamHeader};
 use crate::transport::{Era, ProtocolState, Transport, TransportError};
 
 /// How the client starts talking to the server.
@@ -217,6 +219,8 @@ struct Inner<T> {
     meta: OnceLock<String>,
     modern: std::sync::atomic::AtomicBool,
     notifications: Mutex<Option<mpsc::UnboundedSender<Notification>>>,
+    /// `x-mcp-header` annotations per tool, from the last `tools/list` (HTTP, 2026-07-28).
+    param_specs: Mutex<HashMap<String, Vec<ParamHeader>>>,
 }
 
 /// A connected MCP client. Cheap to clone; all clones share the connection.
@@ -255,6 +259,7 @@ impl<T: Transport> Client<T> {
             meta: OnceLock::new(),
             modern: std::sync::atomic::AtomicBool::new(false),
             notifications: Mutex::new(None),
+            param_specs: Mutex::new(HashMap::new()),
         });
         let dispatcher = Arc::new(DispatcherGuard(tokio::spawn(dispatch(Arc::downgrade(
             &inner,
@@ -307,7 +312,7 @@ impl<T: Transport> Client<T> {
         method: &str,
         params: Option<Box<RawValue>>,
     ) -> Result<Box<RawValue>, ClientError> {
-        request(&self.inner, method, params).await
+        request(&self.inner, method, params, &[]).await
     }
 
     /// Sends a request and parses the result.
@@ -320,7 +325,7 @@ impl<T: Transport> Client<T> {
             method: method.to_owned(),
             source,
         })?;
-        let result = request(&self.inner, method, Some(raw)).await?;
+        let result = request(&self.inner, method, Some(raw), &[]).await?;
         decode(method, &result)
     }
 
@@ -339,7 +344,7 @@ impl<T: Transport> Client<T> {
 
     /// `ping`.
     pub async fn ping(&self) -> Result<(), ClientError> {
-        request(&self.inner, "ping", None).await.map(|_| ())
+        request(&self.inner, "ping", None, &[]).await.map(|_| ())
     }
 
     /// `tools/list`, all pages.
@@ -351,9 +356,45 @@ impl<T: Transport> Client<T> {
             out.extend(page.tools);
             match page.next_cursor {
                 Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
-                _ => return Ok(out),
+                _ => break,
             }
         }
+        if !self.inner.transport.mirrors_param_headers() {
+            return Ok(out);
+        }
+        // 2026-07-28 over HTTP: remember x-mcp-header annotations, drop invalid tools.
+        let mut specs = HashMap::new();
+        out.retain(|t| match param_headers::extract(&t.input_schema) {
+            Ok(h) => {
+                if !h.is_empty() {
+                    specs.insert(t.name.clone(), h);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!("ignoring tool {:?} of the server: {e}", t.name);
+                false
+            }
+        });
+        if let Ok(mut m) = self.inner.param_specs.lock() {
+            *m = specs;
+        }
+        Ok(out)
+    }
+
+    fn param_headers_for(&self, name: &str, arguments: Option<&Value>) -> Vec<(String, String)> {
+        if !self.inner.transport.mirrors_param_headers() {
+            return Vec::new();
+        }
+        self.inner
+            .param_specs
+            .lock()
+            .ok()
+            .and_then(|m| {
+                m.get(name)
+                    .map(|s| param_headers::headers_for(s, arguments))
+            })
+            .unwrap_or_default()
     }
 
     /// `tools/call`, the raw result (for printing it as the server sent it).
@@ -368,7 +409,19 @@ impl<T: Transport> Client<T> {
                 source,
             }
         })?;
-        request(&self.inner, "tools/call", Some(params)).await
+        let headers = self.param_headers_for(name, arguments);
+        match request(&self.inner, "tools/call", Some(params.clone()), &headers).await {
+            Err(ClientError::Rpc { error, .. })
+                if error.code == jsonrpc::HEADER_MISMATCH
+                    && self.inner.transport.mirrors_param_headers() =>
+            {
+                // The tool's x-mcp-header annotations may have changed: list again, retry once.
+                self.list_tools().await?;
+                let headers = self.param_headers_for(name, arguments);
+                request(&self.inner, "tools/call", Some(params), &headers).await
+            }
+            other => other,
+        }
     }
 
     /// `tools/call`.
@@ -501,6 +554,7 @@ async fn request<T: Transport>(
     inner: &Arc<Inner<T>>,
     method: &str,
     params: Option<Box<RawValue>>,
+    extra: &[(String, String)],
 ) -> Result<Box<RawValue>, ClientError> {
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let params = match inner.meta.get() {
@@ -518,7 +572,11 @@ async fn request<T: Transport>(
     };
     let msg = Message::request(id, method, params);
     let exchange = async {
-        inner.transport.send(&msg).await?;
+        if extra.is_empty() {
+            inner.transport.send(&msg).await?;
+        } else {
+            inner.transport.send_with_headers(&msg, extra).await?;
+        }
         Ok::<_, TransportError>(rx.await)
     };
     let outcome = match inner.config.request_timeout {
@@ -691,7 +749,7 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
         method: "initialize".into(),
         source,
     })?;
-    let result = request(inner, "initialize", Some(raw)).await?;
+    let result = request(inner, "initialize", Some(raw), &[]).await?;
     let info: ServerInfo = decode("initialize", &result)?;
     if !model::LEGACY_VERSIONS.contains(&info.protocol_version.as_str()) {
         return Err(ClientError::NoCommonVersion {
@@ -725,7 +783,7 @@ async fn discover<T: Transport>(
         });
         let meta = meta_fragment(&version, &inner.config);
         let params = with_meta(None, &meta);
-        match request(inner, "server/discover", Some(params)).await {
+        match request(inner, "server/discover", Some(params), &[]).await {
             Ok(raw) => {
                 let mut info: ServerInfo = decode("server/discover", &raw)?;
                 if !info.supported_versions.is_empty()

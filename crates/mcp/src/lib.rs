@@ -32,6 +32,7 @@ pub mod client;
 pub mod http;
 pub mod jsonrpc;
 pub mod model;
+pub mod param_headers;
 pub mod retry;
 pub mod sse;
 pub mod stdio;

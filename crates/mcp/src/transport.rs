@@ -70,6 +70,16 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends one message. May run concurrently with other sends.
     fn send(&self, msg: &Message) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Sends one message with extra transport headers (HTTP: `Mcp-Param-*`). Transports
+    /// without headers ignore them.
+    fn send_with_headers(
+        &self,
+        msg: &Message,
+        _headers: &[(String, String)],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        self.send(msg)
+    }
+
     /// The next message from the server; `None` at the end. One caller at a time.
     fn receive(&self) -> impl Future<Output = Option<Result<Message, TransportError>>> + Send;
 
@@ -88,6 +98,11 @@ pub trait Transport: Send + Sync + 'static {
     /// know (stdio), so protocol detection needs a time limit. HTTP always answers.
     fn may_ignore_unknown_requests(&self) -> bool {
         true
+    }
+
+    /// True when `tools/call` must mirror `x-mcp-header` parameters (2026-07-28 HTTP).
+    fn mirrors_param_headers(&self) -> bool {
+        false
     }
 
     /// True when the server closing a request's own stream is the cancellation signal (no

@@ -164,7 +164,25 @@ async fn modern(sse: bool, speaks: Speaks) {
     assert_eq!(c.era(), Era::Modern);
     assert_eq!(c.server_info().protocol_version, "2026-07-28");
     assert_eq!(echo(&c, "hi").await, "hi@test-server");
-    assert_eq!(c.list_tools().await.unwrap().len(), 2);
+    // The tool with an invalid x-mcp-header is dropped (2026-07-28 over HTTP).
+    let names: Vec<String> = c
+        .list_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["echo", "ask", "region"]);
+    // x-mcp-header: the argument is mirrored into Mcp-Param-Region, Base64 when not ASCII.
+    let r = c
+        .call_tool("region", Some(&json!({"region":"Zürich","q":"x"})))
+        .await
+        .unwrap();
+    assert_eq!(r.content[0].as_text(), Some("region=Zürich"));
+    assert_eq!(
+        header(&s, "tools/call", "mcp-param-region").as_deref(),
+        Some("=?base64?WsO8cmljaA==?=")
+    );
     assert_eq!(c.read_resource("mem://a").await.unwrap().contents.len(), 1);
     assert_eq!(
         c.get_prompt("p", Some(&json!({})))
@@ -181,7 +199,7 @@ async fn modern(sse: bool, speaks: Speaks) {
     );
     assert_eq!(
         header(&s, "tools/call", "mcp-name").as_deref(),
-        Some("echo")
+        Some("region")
     );
     assert_eq!(
         header(&s, "resources/read", "mcp-name").as_deref(),
@@ -386,7 +404,7 @@ async fn safe_requests_are_retried_after_resets() {
     let s = McpServer::start(opts(Speaks::Modern, true)).await;
     let c = connect(&[&s.url]).await;
     s.fault(Some("tools/list"), Fault::ResetAfterExecute);
-    assert_eq!(c.list_tools().await.unwrap().len(), 2);
+    assert_eq!(c.list_tools().await.unwrap().len(), 3);
     s.fault(None, Fault::ResetBeforeRead);
     c.ping().await.unwrap();
     assert_eq!(s.methods().iter().filter(|m| *m == "tools/list").count(), 2);
@@ -454,7 +472,7 @@ async fn attempt_timeout_retries_safe_requests_only() {
     let c = connect_with(cfg, ClientConfig::default()).await;
     s.fault(Some("tools/list"), Fault::Delay(Duration::from_secs(3)));
     let t = Instant::now();
-    assert_eq!(c.list_tools().await.unwrap().len(), 2);
+    assert_eq!(c.list_tools().await.unwrap().len(), 3);
     assert!(t.elapsed() < Duration::from_secs(2));
     s.fault(Some("tools/call"), Fault::Delay(Duration::from_secs(3)));
     let err = c
@@ -633,4 +651,23 @@ async fn ejected_endpoint_is_readmitted_after_cooldown() {
         echo(&c, &i.to_string()).await;
     }
     assert!(a2.calls() >= 1, "a re-admitted");
+}
+
+#[tokio::test]
+async fn header_mismatch_lists_tools_and_retries_once() {
+    let s = McpServer::start(opts(Speaks::Modern, false)).await;
+    let c = connect(&[&s.url]).await;
+    // No tools/list yet: the first attempt lacks Mcp-Param-Region, the server says
+    // HeaderMismatch, the client lists the tools and retries with the header.
+    let r = c
+        .call_tool("region", Some(&json!({"region":"eu"})))
+        .await
+        .unwrap();
+    assert_eq!(r.content[0].as_text(), Some("region=eu"));
+    let m = s.methods();
+    assert_eq!(
+        &m[m.len() - 3..],
+        ["tools/call", "tools/list", "tools/call"]
+    );
+    assert_eq!(s.calls(), 1);
 }

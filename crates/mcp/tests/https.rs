@@ -202,7 +202,7 @@ async fn mutual_tls() {
     let with_cert =
         strict(&ca).with_client_identity(ClientIdentity::new(&client.cert_file, &client.key_file));
     let c = connect(&url, with_cert).await.unwrap();
-    assert_eq!(c.list_tools().await.unwrap().len(), 2);
+    assert_eq!(c.list_tools().await.unwrap().len(), 4);
     // Without a client certificate the server refuses the handshake.
     assert!(connect(&url, strict(&ca)).await.is_err());
 }

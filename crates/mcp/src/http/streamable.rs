@@ -409,7 +409,11 @@ impl<C: HttpClient> Shared<C> {
     }
 
     /// Sends one message with retries; queues what comes back.
-    async fn post(self: &Arc<Self>, msg: &Message) -> Result<(), HttpTransportError> {
+    async fn post(
+        self: &Arc<Self>,
+        msg: &Message,
+        extra: &[(String, String)],
+    ) -> Result<(), HttpTransportError> {
         let method = msg.method();
         let era = self.era();
         if era == Some(Era::Modern) && matches!(msg, Message::Notification(_)) {
@@ -436,8 +440,11 @@ impl<C: HttpClient> Shared<C> {
             let (backend, generation) = self.pick_backend()?;
             let outcome = match policy.attempt_timeout {
                 Some(t) => {
-                    match tokio::time::timeout(t, self.attempt(msg, method, &body, backend, None))
-                        .await
+                    match tokio::time::timeout(
+                        t,
+                        self.attempt(msg, method, &body, backend, None, extra),
+                    )
+                    .await
                     {
                         Ok(o) => o,
                         Err(_) => Attempt::Retry(AttemptFailure {
@@ -454,7 +461,7 @@ impl<C: HttpClient> Shared<C> {
                         }),
                     }
                 }
-                None => self.attempt(msg, method, &body, backend, None).await,
+                None => self.attempt(msg, method, &body, backend, None, extra).await,
             };
             let f = match outcome {
                 Attempt::Done => {
@@ -612,13 +619,25 @@ impl<C: HttpClient> Shared<C> {
         body: &Bytes,
         backend: usize,
         capture: Option<(&RequestId, &mut Option<Message>)>,
+        extra: &[(String, String)],
     ) -> Attempt {
         let url = self.config.endpoints[backend].clone();
         let had_session = self.lock().session.is_some();
         let req = HttpRequest {
             method: Method::POST,
             url: url.clone(),
-            headers: self.request_headers(msg, method),
+            headers: {
+                let mut h = self.request_headers(msg, method);
+                for (k, v) in extra {
+                    if let (Ok(k), Ok(v)) = (
+                        HeaderName::from_bytes(k.as_bytes()),
+                        HeaderValue::from_str(v),
+                    ) {
+                        h.insert(k, v);
+                    }
+                }
+                h
+            },
             body: body.clone(),
             timeout: None,
         };
@@ -1040,6 +1059,7 @@ impl<C: HttpClient> Shared<C> {
                     &body,
                     backend,
                     Some((&id, &mut answer)),
+                    &[],
                 )
                 .await
             {
@@ -1047,7 +1067,7 @@ impl<C: HttpClient> Shared<C> {
                     let note = Message::notification("notifications/initialized", None);
                     let nbody = Bytes::from(note.to_vec());
                     let _ = self
-                        .attempt(&note, note.method(), &nbody, backend, None)
+                        .attempt(&note, note.method(), &nbody, backend, None, &[])
                         .await;
                     tracing::info!(
                         "re-established the MCP session on {}",
@@ -1296,7 +1316,28 @@ impl<C: HttpClient> Transport for StreamableHttpTransport<C> {
         if self.shared.lock().closed {
             return Err(TransportError::Closed);
         }
-        self.shared.post(msg).await.map_err(TransportError::Http)
+        self.shared
+            .post(msg, &[])
+            .await
+            .map_err(TransportError::Http)
+    }
+
+    async fn send_with_headers(
+        &self,
+        msg: &Message,
+        headers: &[(String, String)],
+    ) -> Result<(), TransportError> {
+        if self.shared.lock().closed {
+            return Err(TransportError::Closed);
+        }
+        self.shared
+            .post(msg, headers)
+            .await
+            .map_err(TransportError::Http)
+    }
+
+    fn mirrors_param_headers(&self) -> bool {
+        self.shared.era() == Some(Era::Modern)
     }
 
     async fn receive(&self) -> Option<Result<Message, TransportError>> {

@@ -400,7 +400,17 @@ async fn post(
                 "tools/call" | "resources/read" | "prompts/get"
             ) && req.headers.get("mcp-name").map(String::as_str) != name_src)
             || req.headers.contains_key("mcp-session-id");
-        if bad {
+        // x-mcp-header: the region tool's argument must be mirrored (Base64 sentinel decoded).
+        let param_bad = method == "tools/call"
+            && body["params"]["name"] == "region"
+            && req
+                .headers
+                .get("mcp-param-region")
+                .map(|v| decode_sentinel(v))
+                != body["params"]["arguments"]["region"]
+                    .as_str()
+                    .map(str::to_owned);
+        if bad || param_bad {
             return write_simple(r, 400, &[], &rpc_error(&id, -32020, "header mismatch")).await;
         }
     } else if method != "initialize" && !method.starts_with("notifications/") {
@@ -459,7 +469,11 @@ async fn post(
         "ping" => json!({}),
         "tools/list" => json!({"tools":[
             {"name":"echo","description":"Echo","inputSchema":{"type":"object"}},
-            {"name":"ask","description":"Asks the client for its roots","inputSchema":{"type":"object"}}]}),
+            {"name":"ask","description":"Asks the client for its roots","inputSchema":{"type":"object"}},
+            {"name":"region","description":"Needs Mcp-Param-Region (2026-07-28)","inputSchema":{"type":"object",
+                "properties":{"region":{"type":"string","x-mcp-header":"Region"},"q":{"type":"string"}}}},
+            {"name":"bad","description":"Invalid x-mcp-header under items","inputSchema":{"type":"object",
+                "properties":{"xs":{"type":"array","items":{"type":"string","x-mcp-header":"X"}}}}}]}),
         "resources/list" => json!({"resources":[{"uri":"mem://a","name":"a"}]}),
         "resources/read" => json!({"contents":[{"uri":body["params"]["uri"],"text":"contents"}]}),
         "prompts/list" => json!({"prompts":[{"name":"p","arguments":[]}]}),
@@ -482,6 +496,9 @@ async fn post(
                     tokio::time::sleep(Duration::from_millis(args["ms"].as_u64().unwrap_or(0)))
                         .await;
                     json!({"content":[{"type":"text","text":"slow done"}]})
+                }
+                Some("region") => {
+                    json!({"content":[{"type":"text","text":format!("region={}", args["region"].as_str().unwrap_or(""))}]})
                 }
                 Some("fail") => {
                     json!({"content":[{"type":"text","text":"it broke"}],"isError":true})
@@ -619,4 +636,17 @@ async fn get(r: &mut BufReader<TcpStream>, st: &Arc<State>, req: &Req) -> bool {
     let mut buf = [0u8; 1];
     let _ = r.get_mut().read(&mut buf).await;
     false
+}
+
+fn decode_sentinel(v: &str) -> String {
+    use base64::Engine as _;
+    match v
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+    {
+        Some(b) => {
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()
+        }
+        None => v.to_owned(),
+    }
 }
