@@ -15,7 +15,18 @@ pub struct DoctorArgs {}
 pub async fn run(_args: DoctorArgs) -> anyhow::Result<ExitCode> {
     if cfg!(windows) {
         // Windows section (engineer "windows"): WHP, QEMU and the accelerator `vmcp run` uses.
-        let report = vmcp_vm::windows::doctor_report().await;
+        let mut report = vmcp_vm::windows::doctor_report().await;
+        let image = image_check(Arch::host());
+        report.add_check(vmcp_vm::windows::doctor::Check {
+            label: "guest image",
+            ok: image.ok,
+            fix: (!image.ok).then(|| {
+                "run `vmcp image build` (on Windows it needs the pinned .debs and the agent: \
+                 see docs/windows.md)"
+                    .to_string()
+            }),
+            detail: image.detail,
+        });
         println!("{report}");
         return Ok(if report.can_run() {
             ExitCode::SUCCESS

@@ -35,6 +35,13 @@ pub struct Report {
 }
 
 impl Report {
+    /// Adds a check from outside the Windows facts (e.g. the guest image), shown before the
+    /// accelerator line. It does not change [`Report::can_run`].
+    pub fn add_check(&mut self, check: Check) {
+        let at = self.checks.len().saturating_sub(1);
+        self.checks.insert(at, check);
+    }
+
     /// Whether `vmcp run` can start VMs here.
     pub fn can_run(&self) -> bool {
         self.accel.is_some()
@@ -270,6 +277,28 @@ mod tests {
         assert!(text.contains(QEMU_DOWNLOAD_URL));
         assert!(text.contains("accelerator for `vmcp run`: none"));
         assert!(text.ends_with("fix the items marked [--] above."));
+    }
+
+    #[test]
+    fn extra_checks_go_before_the_accelerator() {
+        let facts = HostFacts {
+            version: win11(),
+            whp: WhpStatus::Present,
+            qemu: qemu(&["tcg", "whpx"], None),
+        };
+        let mut r = build(&facts);
+        r.add_check(Check {
+            label: "guest image",
+            ok: false,
+            detail: "not built yet".into(),
+            fix: Some("run `vmcp image build`".into()),
+        });
+        assert!(r.can_run());
+        let text = r.to_string();
+        let image = text.find("[--] guest image: not built yet").unwrap();
+        let accel = text.find("accelerator for `vmcp run`").unwrap();
+        assert!(image < accel, "{text}");
+        assert!(text.contains("to fix: run `vmcp image build`"));
     }
 
     #[test]

@@ -247,6 +247,19 @@ mod tests {
         assert!(parse_accel_help("tcg\nkvm\n").is_empty());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic_and_return_clean_tokens(out in ".{0,400}") {
+            if let Some(v) = parse_qemu_version(&out) {
+                proptest::prop_assert!(!v.is_empty() && !v.contains(char::is_whitespace));
+            }
+            for a in parse_accel_help(&out) {
+                proptest::prop_assert!(!a.is_empty());
+                proptest::prop_assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+            }
+        }
+    }
+
     fn host_qemu() -> Option<PathBuf> {
         let found = std::env::var_os("PATH").and_then(|p| {
             std::env::split_paths(&p)

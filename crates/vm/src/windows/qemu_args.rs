@@ -143,6 +143,31 @@ mod tests {
     use super::*;
     use std::ffi::OsString;
 
+    proptest::proptest! {
+        #[test]
+        fn path_splitting_keeps_every_nonempty_entry(
+            entries in proptest::collection::vec("[A-Za-z0-9 :\\\\._-]{0,20}", 0..8)
+        ) {
+            let joined = entries.join(";");
+            let split = split_windows_path(OsStr::new(&joined));
+            let want: Vec<&str> = entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()).collect();
+            let got: Vec<String> = split.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            proptest::prop_assert_eq!(got, want);
+            let c = qemu_candidates(Arch::X86_64, Some(OsStr::new(&joined)), None);
+            proptest::prop_assert_eq!(c.len(), split.len());
+        }
+
+        #[test]
+        fn host_path_only_strips_the_verbatim_prefix(p in "[A-Za-z0-9 ,:\\\\._-]{0,40}") {
+            let plain = host_path(Path::new(&p)).unwrap();
+            proptest::prop_assert_eq!(&plain, &p);
+            // `\\?\UNC\...` is the UNC form, stripped differently (tested below).
+            proptest::prop_assume!(!p.starts_with(r"UNC\"));
+            let verbatim = format!(r"\\?\{p}");
+            proptest::prop_assert_eq!(host_path(Path::new(&verbatim)).unwrap(), p);
+        }
+    }
+
     #[test]
     fn verbatim_prefixes_removed() {
         assert_eq!(
