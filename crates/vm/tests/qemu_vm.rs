@@ -5,7 +5,6 @@
 //! Prerequisites: `qemu-system-<arch>` and a built image (`vmcp image build`). Without them
 //! each test prints `SKIPPED: <reason>`; with `VMCP_REQUIRE_VM=1` (set in CI) it fails instead.
 
-#![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
