@@ -484,6 +484,9 @@ pub enum TlsRejection {
     ClientCertificateRejected,
     /// No TLS version or cipher suite in common with the server.
     Incompatible(String),
+    /// The server ended the handshake without saying why (alert `handshake_failure`): servers
+    /// send it when a required client certificate is missing, or when nothing is in common.
+    HandshakeRefused,
     /// Another TLS failure.
     Other(String),
 }
@@ -512,6 +515,9 @@ impl fmt::Display for TlsRejection {
             Self::Incompatible(why) => {
                 write!(f, "TLS: no protocol version or cipher in common with the server: {why}")
             }
+            Self::HandshakeRefused => f.write_str(
+                "TLS: the server refused the handshake (it may require a client certificate: give --client-cert and --client-key)",
+            ),
             Self::Other(why) => write!(f, "TLS: {why}"),
         }
     }
@@ -547,10 +553,10 @@ impl TlsRejection {
                 | AlertDescription::UnsupportedCertificate
                 | AlertDescription::AccessDenied,
             ) => Self::ClientCertificateRejected,
+            E::AlertReceived(AlertDescription::HandshakeFailure) => Self::HandshakeRefused,
             E::AlertReceived(
-                alert @ (AlertDescription::ProtocolVersion
-                | AlertDescription::HandshakeFailure
-                | AlertDescription::InsufficientSecurity),
+                alert
+                @ (AlertDescription::ProtocolVersion | AlertDescription::InsufficientSecurity),
             ) => Self::Incompatible(format!("server sent alert {alert:?}")),
             E::PeerIncompatible(why) => Self::Incompatible(format!("{why:?}")),
             other => Self::Other(other.to_string()),
@@ -588,7 +594,8 @@ impl TlsRejection {
             | Self::BadCertificate(_)
             | Self::ClientCertificateRequired
             | Self::ClientCertificateRejected
-            | Self::Incompatible(_) => true,
+            | Self::Incompatible(_)
+            | Self::HandshakeRefused => true,
             Self::Other(_) => false,
         }
     }
@@ -641,6 +648,7 @@ mod tests {
             TlsRejection::ClientCertificateRequired,
             TlsRejection::ClientCertificateRejected,
             TlsRejection::Incompatible("y".into()),
+            TlsRejection::HandshakeRefused,
             TlsRejection::Other("z".into()),
         ] {
             let s = r.to_string();
@@ -661,6 +669,29 @@ mod tests {
             TlsRejection::find(&outer),
             Some(TlsRejection::UnknownIssuer)
         );
+        for (alert, expected) in [
+            (
+                AlertDescription::HandshakeFailure,
+                TlsRejection::HandshakeRefused,
+            ),
+            (
+                AlertDescription::CertificateRequired,
+                TlsRejection::ClientCertificateRequired,
+            ),
+            (
+                AlertDescription::UnknownCA,
+                TlsRejection::ClientCertificateRejected,
+            ),
+            (
+                AlertDescription::ProtocolVersion,
+                TlsRejection::Incompatible("server sent alert ProtocolVersion".into()),
+            ),
+        ] {
+            assert_eq!(
+                TlsRejection::from_rustls(&rustls::Error::AlertReceived(alert)),
+                expected
+            );
+        }
         let plain = std::io::Error::other("nothing to see");
         assert_eq!(TlsRejection::find(&plain), None);
     }
