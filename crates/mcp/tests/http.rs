@@ -671,3 +671,18 @@ async fn header_mismatch_lists_tools_and_retries_once() {
     );
     assert_eq!(s.calls(), 1);
 }
+
+#[tokio::test]
+async fn answer_on_a_stream_the_server_keeps_open_returns_at_once() {
+    let s = McpServer::start(opts(Speaks::Legacy, true)).await;
+    let c = connect_with(
+        http_config(&[&s.url]),
+        ClientConfig::default().with_request_timeout(Some(Duration::from_secs(10))),
+    )
+    .await;
+    s.fault(Some("tools/call"), Fault::KeepOpen);
+    let t = Instant::now();
+    assert_eq!(echo(&c, "open").await, "open@test-server");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(echo(&c, "next").await, "next@test-server");
+}

@@ -793,7 +793,10 @@ impl<C: HttpClient> Shared<C> {
                     .read_sse(url, &mut body, &mut parser, expect, &mut answered, sink)
                     .await
                 {
-                    Ok(()) if answered => return Ok(()),
+                    Ok(()) if answered => {
+                        finish_body(body);
+                        return Ok(());
+                    }
                     Ok(()) => {}
                     Err(SseFailure::Bad(e)) => return Err(Attempt::Fatal(e)),
                     Err(SseFailure::Broken(e)) => {
@@ -887,6 +890,10 @@ impl<C: HttpClient> Shared<C> {
                 })?;
             if let Some(e) = bad {
                 return Err(SseFailure::Bad(e));
+            }
+            if expect.is_some() && *answered {
+                // The answer is in: do not wait for a server that keeps the stream open.
+                return Ok(());
             }
         }
     }
@@ -1223,6 +1230,35 @@ fn give_up(why: GiveUp, method: &str, error: HttpTransportError) -> HttpTranspor
         GiveUp::RetryAfterTooLong { wait, limit } => {
             HttpTransportError::RetryAfterTooLong { wait, limit, last }
         }
+    }
+}
+
+/// Polls a future once without a real waker: `Some` when it was ready at once.
+fn poll_once<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Reads what is left of an answered SSE stream so its connection can be reused: at once
+/// when the end is already buffered (the usual case), else in a background task for at
+/// most 10 s. Anything after the answer is discarded.
+fn finish_body<B: HttpBody>(mut body: B) {
+    loop {
+        match poll_once(body.chunk()) {
+            Some(Ok(Some(_))) => continue,
+            Some(Ok(None) | Err(_)) => return,
+            None => break,
+        }
+    }
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let drain = async { while let Ok(Some(_)) = body.chunk().await {} };
+            let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+        });
     }
 }
 

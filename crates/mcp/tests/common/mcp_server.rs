@@ -43,6 +43,8 @@ pub enum Fault {
     /// Send the SSE priming event, then close the stream; the answer is kept for a GET with
     /// `Last-Event-ID`.
     DropAfterPriming,
+    /// Send the SSE answer, then keep the stream open for 30 s.
+    KeepOpen,
 }
 
 /// One recorded HTTP request.
@@ -358,6 +360,7 @@ async fn post(
     }
     let mut reset_after = false;
     let mut drop_after_priming = false;
+    let mut keep_open = false;
     match take_fault(st, &method) {
         Some(Fault::Status(code, retry_after)) => {
             let h: Vec<(&str, String)> = retry_after
@@ -370,6 +373,7 @@ async fn post(
         Some(Fault::ExpireSessions) => st.sessions.lock().unwrap().clear(),
         Some(Fault::ResetAfterExecute) => reset_after = true,
         Some(Fault::DropAfterPriming) => drop_after_priming = true,
+        Some(Fault::KeepOpen) => keep_open = true,
         Some(Fault::ResetBeforeRead) | None => {}
     }
     let version = req.headers.get("mcp-protocol-version").cloned();
@@ -595,6 +599,9 @@ async fn post(
         )
         .await;
         sse_event(r, Some("p2"), &msg).await;
+        if keep_open {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
         sse_end(r).await
     } else {
         write_simple(r, 200, &extra_headers, &msg).await
