@@ -32,19 +32,35 @@ mod sys;
 pub use sys::KillOnCloseJob;
 pub use sys::{process_rss_kib, process_start_time};
 
-/// `Ok` when the Windows Hypervisor Platform can be used here, else why not and what to do,
-/// in one line (the QEMU backend's `HostFacts::whpx`).
+/// `Ok` when the Windows Hypervisor Platform can be used here and the QEMU that `vmcp run`
+/// would start has WHPX built in, else why not and what to do, in one line (the QEMU
+/// backend's `HostFacts::whpx`). QEMU's accelerator list is read once per process.
 pub fn whpx_fact() -> Result<(), String> {
     let status = sys::whp_status();
-    if status.usable() {
-        return Ok(());
+    if !status.usable() {
+        let fix = status.fix();
+        return Err(if fix.is_empty() {
+            status.reason()
+        } else {
+            format!("{}; to fix: {fix}", status.reason())
+        });
     }
-    let fix = status.fix();
-    Err(if fix.is_empty() {
-        status.reason()
-    } else {
-        format!("{}; to fix: {fix}", status.reason())
-    })
+    // A missing QEMU is reported by the backend itself.
+    let Ok(qemu) = crate::qemu::binary::find(crate::Arch::host()) else {
+        return Ok(());
+    };
+    static WHPX_BUILT_IN: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let built_in = *WHPX_BUILT_IN
+        .get_or_init(|| probe::qemu_lists_accel_blocking(&qemu, "whpx", probe::PROBE_TIMEOUT));
+    match built_in {
+        Some(false) => Err(format!(
+            "{} was built without WHPX; to fix: install the QEMU for Windows build from {}",
+            qemu.display(),
+            qemu_args::QEMU_DOWNLOAD_URL
+        )),
+        // Listed, or the list could not be read (then QEMU's own error shows at start).
+        Some(true) | None => Ok(()),
+    }
 }
 
 /// Gathers the facts for this host and builds the Windows doctor report (QEMU for the host's

@@ -172,6 +172,37 @@ pub async fn qemu_accels(qemu: &Path, timeout: Duration) -> Result<Vec<String>, 
     Ok(list)
 }
 
+/// Whether `qemu -accel help` lists `accel`; `None` when QEMU could not be run or did not
+/// answer within `timeout` (it is killed then). Blocking, for synchronous callers (the
+/// backend's host facts); everything else uses the async probes.
+pub fn qemu_lists_accel_blocking(qemu: &Path, accel: &str, timeout: Duration) -> Option<bool> {
+    let mut child = std::process::Command::new(qemu)
+        .args(["-accel", "help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
+    let list = parse_accel_help(&out);
+    (!list.is_empty()).then(|| list.iter().any(|a| a == accel))
+}
+
 /// Starts QEMU with `accel` and no machine, then quits it over QMP: `Ok` when the accelerator
 /// initialised.
 pub async fn try_accel(qemu: &Path, accel: Accel, timeout: Duration) -> Result<(), ProbeError> {
@@ -286,6 +317,23 @@ mod tests {
         assert!(e.to_string().contains("whpx"), "{e}");
     }
 
+    #[test]
+    fn blocking_accel_list() {
+        assert_eq!(
+            qemu_lists_accel_blocking(Path::new("/nonexistent/qemu"), "tcg", PROBE_TIMEOUT),
+            None
+        );
+        let Some(q) = host_qemu() else { return };
+        assert_eq!(
+            qemu_lists_accel_blocking(&q, "tcg", PROBE_TIMEOUT),
+            Some(true)
+        );
+        assert_eq!(
+            qemu_lists_accel_blocking(&q, "whpx", PROBE_TIMEOUT),
+            Some(false)
+        );
+    }
+
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
         let e = qemu_version(
@@ -299,84 +347,99 @@ mod tests {
     }
 
     #[cfg(unix)]
-    fn fake_qemu(dir: &Path, script: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join("qemu-system-x86_64.exe");
-        std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        p
-    }
+    mod unix {
+        use super::*;
+        #[test]
+        fn blocking_accel_list_times_out_and_kills() {
+            let d = tempfile::tempdir().unwrap();
+            let q = fake_qemu(d.path(), "exec sleep 30");
+            let t = std::time::Instant::now();
+            assert_eq!(
+                qemu_lists_accel_blocking(&q, "tcg", Duration::from_millis(200)),
+                None
+            );
+            assert!(t.elapsed() < Duration::from_secs(5));
+            let q = fake_qemu(d.path(), "echo garbage");
+            assert_eq!(qemu_lists_accel_blocking(&q, "tcg", PROBE_TIMEOUT), None);
+        }
 
-    #[cfg(unix)]
-    #[tokio::test]
-    async fn hung_qemu_is_killed_at_the_timeout() {
-        let d = tempfile::tempdir().unwrap();
-        let q = fake_qemu(d.path(), "exec sleep 30");
-        let t = std::time::Instant::now();
-        let e = qemu_version(&q, Duration::from_millis(300))
+        fn fake_qemu(dir: &Path, script: &str) -> PathBuf {
+            use std::os::unix::fs::PermissionsExt;
+            let p = dir.join("qemu-system-x86_64.exe");
+            std::fs::write(&p, format!("#!/bin/sh\n{script}\n")).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        }
+
+        #[tokio::test]
+        async fn hung_qemu_is_killed_at_the_timeout() {
+            let d = tempfile::tempdir().unwrap();
+            let q = fake_qemu(d.path(), "exec sleep 30");
+            let t = std::time::Instant::now();
+            let e = qemu_version(&q, Duration::from_millis(300))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, ProbeError::Timeout { .. }), "{e:?}");
+            assert!(t.elapsed() < Duration::from_secs(5));
+            let e = qemu_accels(&fake_qemu(d.path(), "echo nonsense"), PROBE_TIMEOUT)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, ProbeError::Unparsable(_)), "{e:?}");
+            let e = try_accel(
+                &fake_qemu(d.path(), "cat >/dev/null; echo 'whpx: boom' >&2; exit 1"),
+                Accel::Whpx,
+                PROBE_TIMEOUT,
+            )
             .await
             .unwrap_err();
-        assert!(matches!(e, ProbeError::Timeout { .. }), "{e:?}");
-        assert!(t.elapsed() < Duration::from_secs(5));
-        let e = qemu_accels(&fake_qemu(d.path(), "echo nonsense"), PROBE_TIMEOUT)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, ProbeError::Unparsable(_)), "{e:?}");
-        let e = try_accel(
-            &fake_qemu(d.path(), "cat >/dev/null; echo 'whpx: boom' >&2; exit 1"),
-            Accel::Whpx,
-            PROBE_TIMEOUT,
-        )
-        .await
-        .unwrap_err();
-        assert!(e.to_string().starts_with("whpx: boom ("), "{e}");
-    }
+            assert!(e.to_string().starts_with("whpx: boom ("), "{e}");
+        }
 
-    #[cfg(unix)]
-    #[tokio::test]
-    async fn gather_finds_qemu_on_a_windows_style_path() {
-        let d = tempfile::tempdir().unwrap();
-        fake_qemu(
-            d.path(),
-            r#"case "$1" in
---version) echo 'QEMU emulator version 10.1.0 (v10.1.0-12)';;
--accel) printf 'Accelerators supported in QEMU binary:\ntcg\nwhpx\n';;
-*) exit 1;;
-esac"#,
-        );
-        let env = HostEnv {
-            path: Some(format!("/nonexistent;\"{}\"", d.path().display()).into()),
-            program_files: None,
-        };
-        let facts = gather(&env, Arch::X86_64).await;
-        match &facts.qemu {
-            QemuFacts::Found {
-                path,
-                version,
-                accels,
-                whpx_trial,
-            } => {
-                assert!(path.starts_with(d.path()));
-                assert_eq!(version.as_deref(), Ok("10.1.0"));
-                assert_eq!(accels.as_ref().unwrap(), &["tcg", "whpx"]);
-                // Not on Windows: WHP is absent, so the WHPX start is not tried.
-                assert_eq!(whpx_trial, &None);
+        #[tokio::test]
+        async fn gather_finds_qemu_on_a_windows_style_path() {
+            let d = tempfile::tempdir().unwrap();
+            fake_qemu(
+                d.path(),
+                r#"case "$1" in
+    --version) echo 'QEMU emulator version 10.1.0 (v10.1.0-12)';;
+    -accel) printf 'Accelerators supported in QEMU binary:\ntcg\nwhpx\n';;
+    *) exit 1;;
+    esac"#,
+            );
+            let env = HostEnv {
+                path: Some(format!("/nonexistent;\"{}\"", d.path().display()).into()),
+                program_files: None,
+            };
+            let facts = gather(&env, Arch::X86_64).await;
+            match &facts.qemu {
+                QemuFacts::Found {
+                    path,
+                    version,
+                    accels,
+                    whpx_trial,
+                } => {
+                    assert!(path.starts_with(d.path()));
+                    assert_eq!(version.as_deref(), Ok("10.1.0"));
+                    assert_eq!(accels.as_ref().unwrap(), &["tcg", "whpx"]);
+                    // Not on Windows: WHP is absent, so the WHPX start is not tried.
+                    assert_eq!(whpx_trial, &None);
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            assert!(!facts.whp.usable());
+            let none = gather(
+                &HostEnv {
+                    path: Some("/nonexistent".into()),
+                    program_files: Some("/nonexistent-pf".into()),
+                },
+                Arch::X86_64,
+            )
+            .await;
+            match none.qemu {
+                QemuFacts::NotFound { searched } => assert_eq!(searched.len(), 2),
+                other => panic!("{other:?}"),
+            }
+            assert!(HostEnv::current().path.is_some());
         }
-        assert!(!facts.whp.usable());
-        let none = gather(
-            &HostEnv {
-                path: Some("/nonexistent".into()),
-                program_files: Some("/nonexistent-pf".into()),
-            },
-            Arch::X86_64,
-        )
-        .await;
-        match none.qemu {
-            QemuFacts::NotFound { searched } => assert_eq!(searched.len(), 2),
-            other => panic!("{other:?}"),
-        }
-        assert!(HostEnv::current().path.is_some());
     }
 }

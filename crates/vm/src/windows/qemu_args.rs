@@ -180,15 +180,6 @@ mod tests {
         );
     }
 
-    #[cfg(unix)]
-    #[test]
-    fn non_unicode_path_rejected() {
-        use std::os::unix::ffi::OsStrExt;
-        let p = Path::new(OsStr::from_bytes(b"/tmp/\xff.img"));
-        let e = host_path(p).unwrap_err().to_string();
-        assert!(e.contains("not valid Unicode"), "{e}");
-    }
-
     #[test]
     fn path_search_order_and_quotes() {
         let path = OsString::from(r#"C:\Windows\system32;;"C:\Tools\QEMU 10";D:\bin\"#);
@@ -307,5 +298,18 @@ mod tests {
         assert!(!argv
             .iter()
             .any(|a| a.contains("/dev/fd") || a.contains("fd=")));
+    }
+
+    #[cfg(unix)]
+    mod unix {
+        use super::*;
+
+        #[test]
+        fn non_unicode_path_rejected() {
+            use std::os::unix::ffi::OsStrExt;
+            let p = Path::new(OsStr::from_bytes(b"/tmp/\xff.img"));
+            let e = host_path(p).unwrap_err().to_string();
+            assert!(e.contains("not valid Unicode"), "{e}");
+        }
     }
 }
