@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use crate::cmdline::{parse_cmdline, BootConfig, ChannelSpec, CmdlineError, RootfsSpec};
 use crate::serve::{serve, ServeEnd, ServeOptions};
-use crate::sys::linux::{self as os, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+use crate::sys::linux::{
+    self as os, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT,
+};
 
 /// How long the agent waits for its channel device or vsock listener.
 pub const CHANNEL_WAIT: Duration = Duration::from_secs(10);
@@ -96,6 +98,12 @@ pub fn main() -> ExitCode {
         eprintln!("{line}; powering off");
     }
     os::sync();
+    // A read-write rootfs must be left clean (journal flushed, superblock marked clean), so the
+    // next boot may attach the same image read-only. The processes the agent started are gone
+    // by now; on the initramfs root this is harmless.
+    if let Err(e) = os::mount("none", "/", None, MS_REMOUNT | MS_RDONLY, None) {
+        eprintln!("vmcp-agent: cannot remount / read-only before power-off: {e}");
+    }
     let err = os::power_off();
     eprintln!("vmcp-agent: power-off failed: {err}");
     // PID 1 must not exit (the kernel would panic); wait for the host to kill the VM.

@@ -389,9 +389,9 @@ async fn rootfs_read_only_and_read_write() {
         ShutdownOutcome::Graceful
     );
     drop(vm);
-    // Booted read-write again: the guest's poweroff syncs but leaves the ext4 journal to be
-    // replayed, which a read-only device cannot do (see the agent's poweroff path).
-    let mut vm = backend.create_qemu(boot_with(false)).await.unwrap();
+    // Booted read-only: the agent remounted the rootfs read-only before powering off, so the
+    // filesystem is clean and needs no journal replay (which a read-only device cannot do).
+    let mut vm = backend.create_qemu(boot_with(true)).await.unwrap();
     vm.start().await.unwrap();
     vm.wait_ready(READY_TIMEOUT).await.unwrap();
     let out = run(&vm, "cat /new").await;

@@ -19,7 +19,7 @@ fn check(rc: libc::c_int) -> io::Result<()> {
 }
 
 /// Mount flags used by the agent.
-pub use libc::{MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY};
+pub use libc::{MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT};
 
 /// mount(2).
 pub fn mount(
