@@ -686,3 +686,22 @@ async fn answer_on_a_stream_the_server_keeps_open_returns_at_once() {
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(echo(&c, "next").await, "next@test-server");
 }
+
+#[tokio::test]
+async fn dropping_a_call_cancels_it() {
+    let s = McpServer::start(opts(Speaks::Legacy, false)).await;
+    let c = connect(&[&s.url]).await;
+    let args = json!({"ms": 3000});
+    tokio::select! {
+        _ = c.call_tool("slow", Some(&args)) => panic!("the slow call finished first"),
+        () = tokio::time::sleep(Duration::from_millis(200)) => {}
+    }
+    // The dropped call's slot is gone and the server is told.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !s.methods().contains(&"notifications/cancelled".to_owned()) && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(s.methods().contains(&"notifications/cancelled".to_owned()));
+    assert_eq!(echo(&c, "after").await, "after@test-server");
+}
