@@ -208,12 +208,48 @@ async fn exec_behaviour() {
     assert!(!proc_alive(pid));
 }
 
+/// Defence in depth, as promised in docs/qemu.md: QEMU runs under its seccomp filter, and as an
+/// unprivileged user when the tests run as root (as in CI).
+#[cfg(target_os = "linux")]
+fn assert_sandboxed(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        field("Seccomp:"),
+        ["2"],
+        "QEMU is not under a seccomp filter"
+    );
+    assert_eq!(
+        field("NoNewPrivs:"),
+        ["1"],
+        "QEMU can still gain privileges"
+    );
+    let me = std::fs::read_to_string("/proc/self/status").unwrap();
+    if me.lines().any(|l| l.starts_with("Uid:\t0\t")) {
+        let uid = field("Uid:");
+        assert!(
+            uid.iter().all(|u| *u != "0"),
+            "QEMU runs as root although vmcp is root: Uid {uid:?}"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn assert_sandboxed(_pid: u32) {}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_then_drop_cleans_up() {
     let Some(img) = prerequisites() else { return };
     let _lock = vm_lock().await;
     let (mut vm, _) = boot(&img, QemuBackend::new()).await;
     let pid = vm.pid().unwrap();
+    assert_sandboxed(pid);
     let dir = vm.runtime_dir().to_path_buf();
     let agent = vm.agent().unwrap();
     let t = Instant::now();
