@@ -26,8 +26,13 @@
 //! found). Notifications are logged (`notifications/message` at the level the server gave,
 //! progress at debug) and forwarded to [`Client::notifications`] if taken.
 //!
-//! Limits: no multi-round-trip (MRTR) input requests of 2026-07-28: a result of type
-//! `input_required` is an error ([`ClientError::InputRequired`]); no `subscriptions/listen`.
+//! Multi round-trip requests (2026-07-28): an `input_required` result of `tools/call`,
+//! `prompts/get` or `resources/read` has its `inputRequests` served by the handler and the
+//! request is retried with `inputResponses` and the echoed `requestState` (new id, at most
+//! [`MRTR_MAX_ROUNDS`] rounds); input the handler does not serve is
+//! [`ClientError::InputRequired`].
+//!
+//! Limits: no `subscriptions/listen`.
 //! `x-mcp-header` parameters are mirrored into `Mcp-Param-*` headers for tools seen in the
 //! last [`Client::list_tools`] (see [`crate::param_headers`]).
 
@@ -556,6 +561,33 @@ async fn request<T: Transport>(
     params: Option<Box<RawValue>>,
     extra: &[(String, String)],
 ) -> Result<Box<RawValue>, ClientError> {
+    // Only the MRTR methods need the params again.
+    let params_for_retry = if MRTR_METHODS.contains(&method) && inner.modern.load(Ordering::Relaxed)
+    {
+        params.clone()
+    } else {
+        None
+    };
+    let result = request_once(inner, method, params, extra).await?;
+    if !inner.modern.load(Ordering::Relaxed) {
+        return Ok(result);
+    }
+    match check_result_type(method, &result) {
+        Err(ClientError::InputRequired { .. }) if MRTR_METHODS.contains(&method) => {
+            mrtr(inner, method, params_for_retry, extra, result).await
+        }
+        Err(e) => Err(e),
+        Ok(()) => Ok(result),
+    }
+}
+
+/// One request, one answer (no multi round-trip handling, no result type check).
+async fn request_once<T: Transport>(
+    inner: &Arc<Inner<T>>,
+    method: &str,
+    params: Option<Box<RawValue>>,
+    extra: &[(String, String)],
+) -> Result<Box<RawValue>, ClientError> {
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let params = match inner.meta.get() {
         Some(meta) => Some(with_meta(params, meta)),
@@ -617,10 +649,93 @@ async fn request<T: Transport>(
             })
         }
     };
-    if inner.modern.load(Ordering::Relaxed) {
-        check_result_type(method, &result)?;
-    }
     Ok(result)
+}
+
+/// Methods whose result may be `input_required` (2026-07-28 multi round-trip requests).
+const MRTR_METHODS: &[&str] = &["tools/call", "prompts/get", "resources/read"];
+
+/// Most rounds of input a request may go through.
+pub const MRTR_MAX_ROUNDS: usize = 10;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InputRequired {
+    #[serde(default)]
+    input_requests: serde_json::Map<String, Value>,
+    #[serde(default)]
+    request_state: Option<String>,
+}
+
+/// Serves the input requests of an `input_required` result with the handler and retries the
+/// original request (new id, `inputResponses`, the echoed `requestState`), up to
+/// [`MRTR_MAX_ROUNDS`] times.
+fn mrtr<'a, T: Transport>(
+    inner: &'a Arc<Inner<T>>,
+    method: &'a str,
+    original: Option<Box<RawValue>>,
+    extra: &'a [(String, String)],
+    first: Box<RawValue>,
+) -> Pin<Box<dyn Future<Output = Result<Box<RawValue>, ClientError>> + Send + 'a>> {
+    Box::pin(async move {
+        let base: serde_json::Map<String, Value> = match original.as_deref() {
+            Some(p) => serde_json::from_str(p.get()).map_err(|source| ClientError::Decode {
+                method: method.to_owned(),
+                source,
+            })?,
+            None => serde_json::Map::new(),
+        };
+        let mut answer = first;
+        for _ in 0..MRTR_MAX_ROUNDS {
+            let want: InputRequired = decode(method, &answer)?;
+            let mut responses = serde_json::Map::new();
+            for (key, req) in want.input_requests {
+                let request = Request {
+                    id: RequestId::String(key.clone()),
+                    method: req
+                        .get("method")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned(),
+                    params: req.get("params").and_then(|p| jsonrpc::to_raw(p).ok()),
+                };
+                let fut = inner
+                    .config
+                    .handler
+                    .as_ref()
+                    .and_then(|h| h.handle(&request));
+                let Some(fut) = fut else {
+                    return Err(ClientError::InputRequired {
+                        method: method.to_owned(),
+                    });
+                };
+                let value = fut.await.map_err(|error| ClientError::Rpc {
+                    method: request.method.clone(),
+                    error,
+                })?;
+                responses.insert(key, value);
+            }
+            let mut params = base.clone();
+            params.remove("_meta");
+            params.insert("inputResponses".into(), Value::Object(responses));
+            if let Some(state) = want.request_state {
+                params.insert("requestState".into(), Value::String(state));
+            }
+            let raw = jsonrpc::to_raw(&params).map_err(|source| ClientError::Decode {
+                method: method.to_owned(),
+                source,
+            })?;
+            let result = request_once(inner, method, Some(raw), extra).await?;
+            match check_result_type(method, &result) {
+                Err(ClientError::InputRequired { .. }) => answer = result,
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(result),
+            }
+        }
+        Err(ClientError::InputRequired {
+            method: method.to_owned(),
+        })
+    })
 }
 
 fn check_result_type(method: &str, result: &RawValue) -> Result<(), ClientError> {

@@ -705,3 +705,39 @@ async fn dropping_a_call_cancels_it() {
     assert!(s.methods().contains(&"notifications/cancelled".to_owned()));
     assert_eq!(echo(&c, "after").await, "after@test-server");
 }
+
+struct Elicit;
+impl ServerRequestHandler for Elicit {
+    fn handle(&self, request: &Request) -> Option<HandlerFuture> {
+        (request.method == "elicitation/create").then(|| -> HandlerFuture {
+            Box::pin(async { Ok(json!({"action":"accept","content":{}})) })
+        })
+    }
+}
+
+#[tokio::test]
+async fn multi_round_trip_input_is_served_by_the_handler() {
+    let s = McpServer::start(opts(Speaks::Modern, false)).await;
+    let c = connect_with(
+        http_config(&[&s.url]),
+        ClientConfig::default().with_handler(Arc::new(Elicit), json!({"elicitation":{}})),
+    )
+    .await;
+    let r = c.call_tool("confirm", None).await.unwrap();
+    assert_eq!(r.content[0].as_text(), Some("confirmed: accept"));
+    let calls: Vec<_> = s
+        .requests()
+        .into_iter()
+        .filter(|r| r.body["method"] == "tools/call")
+        .collect();
+    assert_eq!(calls.len(), 2);
+    assert_ne!(calls[0].body["id"], calls[1].body["id"]);
+    assert_eq!(calls[1].body["params"]["requestState"], "st-1");
+    assert!(calls[1].body["params"]["_meta"].is_object());
+    assert_eq!(s.calls(), 1);
+
+    // Without a handler for the requested input the call fails clearly.
+    let c2 = connect(&[&s.url]).await;
+    let err = c2.call_tool("confirm", None).await.unwrap_err();
+    assert!(matches!(err, ClientError::InputRequired { .. }), "{err}");
+}

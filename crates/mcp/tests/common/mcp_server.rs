@@ -504,6 +504,20 @@ async fn post(
                 Some("region") => {
                     json!({"content":[{"type":"text","text":format!("region={}", args["region"].as_str().unwrap_or(""))}]})
                 }
+                Some("confirm") => {
+                    // 2026-07-28 multi round-trip: ask for an elicitation, then finish.
+                    let p = &body["params"];
+                    match (&p["inputResponses"]["ok"], p["requestState"].as_str()) {
+                        (Value::Object(resp), Some("st-1")) => json!({"content":[{"type":"text",
+                            "text":format!("confirmed: {}", resp.get("action").and_then(Value::as_str).unwrap_or("?"))}]}),
+                        _ => {
+                            st.calls.fetch_sub(1, Ordering::SeqCst);
+                            json!({"resultType":"input_required","requestState":"st-1","inputRequests":{
+                                "ok":{"method":"elicitation/create","params":{"mode":"form","message":"Sure?",
+                                "requestedSchema":{"type":"object","properties":{}}}}}})
+                        }
+                    }
+                }
                 Some("fail") => {
                     json!({"content":[{"type":"text","text":"it broke"}],"isError":true})
                 }
