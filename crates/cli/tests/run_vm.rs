@@ -36,7 +36,7 @@ fn skip(reason: &str) -> bool {
     if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
         panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
     }
-    eprintln!("SKIPPED: {reason}");
+    vmcp_test_support::skipped!("SKIPPED: {reason}");
     false
 }
 

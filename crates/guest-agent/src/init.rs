@@ -419,7 +419,7 @@ mod tests {
     fn serial_channel_is_opened_raw() {
         // /dev/ptmx is a terminal any user can open; raw mode must apply to it.
         if !Path::new("/dev/ptmx").exists() {
-            eprintln!("SKIPPED: no /dev/ptmx");
+            vmcp_test_support::skipped!("SKIPPED: no /dev/ptmx");
             return;
         }
         let spec = ChannelSpec::Serial {

@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn the_system_cpio_reads_our_archives() {
         let Ok(out) = std::process::Command::new("cpio").arg("--version").output() else {
-            eprintln!("SKIPPED: cpio(1) is not installed");
+            vmcp_test_support::skipped!("SKIPPED: cpio(1) is not installed");
             return;
         };
         assert!(out.status.success());

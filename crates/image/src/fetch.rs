@@ -218,7 +218,7 @@ mod tests {
     #[test]
     fn unknown_package_gives_an_apt_error() {
         if which("apt-get").is_none() {
-            eprintln!("SKIPPED: apt-get is not installed");
+            vmcp_test_support::skipped!("SKIPPED: apt-get is not installed");
             return;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -309,7 +309,7 @@ async fn boot_failures_are_reported_with_the_console() {
     // (qemu-system-aarch64 loads any file as a raw image and jumps into it, so on arm64 there
     // is no load error to report; the ready timeout above covers a guest that never answers.)
     if common::test_arch() == vmcp_vm::Arch::Aarch64 {
-        eprintln!("SKIPPED (sub-case): unloadable kernel; qemu-system-aarch64 boots any file as a raw image");
+        vmcp_test_support::skipped!("SKIPPED (sub-case): unloadable kernel; qemu-system-aarch64 boots any file as a raw image");
     } else {
         let bad = dir.path().join("bad-kernel");
         std::fs::write(&bad, vec![0u8; 4096]).unwrap();
@@ -379,7 +379,7 @@ async fn rootfs_read_only_and_read_write() {
     let _lock = vm_lock().await;
     let dir = tempfile::tempdir().unwrap();
     let Some(disk) = make_rootfs(dir.path()) else {
-        eprintln!(
+        vmcp_test_support::skipped!(
             "SKIPPED: needs mkfs.ext4 and a static busybox for the guest (VMCP_TEST_BUSYBOX)"
         );
         return;

@@ -14,13 +14,17 @@ use vmcp_vm::{Accel, ShutdownOutcome, Vm, VmConfig, VmState};
 
 fn fake_qemu() -> Option<PathBuf> {
     if std::env::consts::OS != "windows" {
-        eprintln!("SKIPPED: the Windows launch layer is only compiled on Windows");
+        vmcp_test_support::skipped!(
+            "SKIPPED: the Windows launch layer is only compiled on Windows"
+        );
         return None;
     }
     match std::env::var_os("VMCP_TEST_FAKE_QEMU") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("SKIPPED: set VMCP_TEST_FAKE_QEMU to the built examples/fake_qemu.exe");
+            vmcp_test_support::skipped!(
+                "SKIPPED: set VMCP_TEST_FAKE_QEMU to the built examples/fake_qemu.exe"
+            );
             None
         }
     }
@@ -106,7 +110,9 @@ async fn windows_launch_with_a_fake_qemu() {
 #[tokio::test]
 async fn child_holding_a_vm() {
     if std::env::var_os("VMCP_TEST_LAUNCH_CHILD").is_none() {
-        eprintln!("SKIPPED: helper of qemu_dies_when_vmcp_is_killed; runs only as its child");
+        vmcp_test_support::skipped!(
+            "SKIPPED: helper of qemu_dies_when_vmcp_is_killed; runs only as its child"
+        );
         return;
     }
     let Some(fake) = fake_qemu() else { return };

@@ -20,7 +20,9 @@ pub fn skip(reason: &str) {
     if std::env::var("VMCP_REQUIRE_INTEROP").as_deref() == Ok("1") {
         panic!("VMCP_REQUIRE_INTEROP=1 but {reason}; run scripts/install-deps");
     }
-    eprintln!("SKIPPED: {reason} (run scripts/install-deps, or set VMCP_INTEROP_PREFIX)");
+    vmcp_test_support::skipped!(
+        "SKIPPED: {reason} (run scripts/install-deps, or set VMCP_INTEROP_PREFIX)"
+    );
 }
 
 /// `crates/mcp/tests/interop`, from the mcp crate's tests or another crate's.

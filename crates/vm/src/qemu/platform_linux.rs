@@ -373,7 +373,7 @@ mod tests {
     #[tokio::test]
     async fn drops_privileges_when_root() {
         if !is_root() {
-            eprintln!("SKIPPED: dropping privileges needs root");
+            vmcp_test_support::skipped!("SKIPPED: dropping privileges needs root");
             return;
         }
         let ids = unprivileged_ids(false);

@@ -11,7 +11,7 @@ fn fake_qemu() -> Option<PathBuf> {
         .status()
         .is_ok_and(|s| s.success());
     if !python_ok {
-        eprintln!("SKIPPED: python3 is needed for the scripted QEMU stand-in");
+        vmcp_test_support::skipped!("SKIPPED: python3 is needed for the scripted QEMU stand-in");
         return None;
     }
     Some(script)

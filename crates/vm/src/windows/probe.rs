@@ -298,7 +298,7 @@ mod tests {
                 .find(|p| p.is_file())
         });
         if found.is_none() {
-            eprintln!("SKIPPED: qemu-system-x86_64 is not on PATH");
+            vmcp_test_support::skipped!("SKIPPED: qemu-system-x86_64 is not on PATH");
         }
         found
     }

@@ -41,7 +41,7 @@ fn skip(reason: &str) -> Option<Image> {
     if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
         panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
     }
-    eprintln!("SKIPPED: {reason}");
+    vmcp_test_support::skipped!("SKIPPED: {reason}");
     None
 }
 
