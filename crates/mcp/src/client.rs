@@ -715,8 +715,8 @@ fn mrtr<'a, T: Transport>(
                 })?;
                 responses.insert(key, value);
             }
+            // `base` is the caller's params: our `_meta` is spliced in again by request_once.
             let mut params = base.clone();
-            params.remove("_meta");
             params.insert("inputResponses".into(), Value::Object(responses));
             if let Some(state) = want.request_state {
                 params.insert("requestState".into(), Value::String(state));
