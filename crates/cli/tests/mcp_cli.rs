@@ -35,7 +35,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn list_and_call_over_stdio() {
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python3 for the stdio test server");
+        vmcp_test_support::skipped!("SKIPPED: no python3 for the stdio test server");
         return;
     };
     let srv = server();
@@ -165,7 +165,7 @@ fn failures_are_one_line_and_non_zero() {
 #[test]
 fn tool_errors_and_rpc_errors_exit_non_zero() {
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python3 for the stdio test server");
+        vmcp_test_support::skipped!("SKIPPED: no python3 for the stdio test server");
         return;
     };
     let srv = server();

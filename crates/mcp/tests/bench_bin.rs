@@ -72,7 +72,7 @@ async fn bench_client_over_stdio() {
             .output()
             .is_ok_and(|o| o.status.success())
     }) else {
-        eprintln!("SKIPPED: no python3 for the stdio test server");
+        vmcp_test_support::skipped!("SKIPPED: no python3 for the stdio test server");
         return;
     };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/common/stdio_server.py");

@@ -25,7 +25,7 @@ fn python() -> Option<&'static str> {
 
 async fn connect(mode: &str, config: ClientConfig) -> Option<Client<StdioTransport>> {
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python3 to run the stdio test server");
+        vmcp_test_support::skipped!("SKIPPED: no python3 to run the stdio test server");
         return None;
     };
     let cfg =
@@ -127,11 +127,11 @@ fn alive(pid: i32) -> bool {
 #[tokio::test]
 async fn child_and_its_children_die_when_the_client_is_dropped() {
     if !cfg!(target_os = "linux") {
-        eprintln!("SKIPPED: process-group cleanup is checked on Linux only");
+        vmcp_test_support::skipped!("SKIPPED: process-group cleanup is checked on Linux only");
         return;
     }
     let Some(py) = python() else {
-        eprintln!("SKIPPED: no python3 to run the stdio test server");
+        vmcp_test_support::skipped!("SKIPPED: no python3 to run the stdio test server");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
