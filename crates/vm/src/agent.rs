@@ -214,6 +214,19 @@ impl AgentClient {
         &self.shared.hello
     }
 
+    /// What the agent announced, as the lifecycle API reports it; `ready_after` is the host
+    /// time from start to the hello.
+    pub fn info(&self, ready_after: Duration) -> crate::AgentInfo {
+        let hello = &self.shared.hello;
+        crate::AgentInfo {
+            protocol_version: hello.protocol_version,
+            agent_version: hello.agent_version.clone(),
+            capabilities: hello.capabilities,
+            guest_boot: Duration::from_nanos(hello.boot_ns),
+            ready_after,
+        }
+    }
+
     /// Whether the channel has closed.
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)

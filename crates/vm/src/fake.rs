@@ -196,16 +196,10 @@ impl Vm for FakeVm {
                 return Err(e.into());
             }
         };
-        let hello = agent.hello().clone();
+        let info = agent.info(self.started.map(|s| s.elapsed()).unwrap_or_default());
         self.agent = Some(agent);
         self.state = VmState::Running;
-        Ok(AgentInfo {
-            protocol_version: hello.protocol_version,
-            agent_version: hello.agent_version,
-            capabilities: hello.capabilities,
-            guest_boot: Duration::from_nanos(hello.boot_ns),
-            ready_after: self.started.map(|s| s.elapsed()).unwrap_or_default(),
-        })
+        Ok(info)
     }
 
     fn agent(&self) -> Result<AgentClient, VmError> {

@@ -30,6 +30,7 @@ pub mod binary;
 pub mod cmdline;
 pub mod console;
 pub mod qmp;
+pub mod spawn;
 pub mod stale;
 
 #[cfg(target_os = "linux")]
@@ -648,16 +649,10 @@ impl Vm for QemuVm {
         };
         match result {
             Ok(client) => {
-                let hello = client.hello().clone();
+                let info = client.info(self.started_at.map(|t| t.elapsed()).unwrap_or_default());
                 self.agent = Some(client);
                 self.state = VmState::Running;
-                Ok(AgentInfo {
-                    protocol_version: hello.protocol_version,
-                    agent_version: hello.agent_version,
-                    capabilities: hello.capabilities,
-                    guest_boot: Duration::from_nanos(hello.boot_ns),
-                    ready_after: self.started_at.map(|t| t.elapsed()).unwrap_or_default(),
-                })
+                Ok(info)
             }
             Err(AgentError::HelloTimeout(_)) => Err(VmError::ReadyTimeout {
                 timeout,

@@ -19,7 +19,7 @@
 //!   the paths (the image cache may sit in a home directory only root can enter).
 //! - `kill_on_drop`, an environment with only `PATH`, stdin and stdout on `/dev/null`, stderr piped.
 
-use std::ffi::OsString;
+pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -82,28 +82,6 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
         .write(write)
         .open(path)?;
     Ok(ChildFd(OwnedFd::from(f)))
-}
-
-/// User and groups QEMU runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ids {
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Supplementary groups (e.g. `kvm`, for `/dev/kvm`).
-    pub groups: Vec<u32>,
-}
-
-/// What to launch and how.
-#[derive(Debug)]
-pub struct SpawnSpec {
-    /// Full argv (`argv[0]` is the binary).
-    pub argv: Vec<OsString>,
-    /// Descriptors QEMU inherits.
-    pub inherit: Vec<RawFd>,
-    /// Drop to these ids before exec.
-    pub drop_to: Option<Ids>,
 }
 
 /// Whether vmcp runs as root.

@@ -2,7 +2,7 @@
 //! their launch code lands). The pure parts of the backend (command line, accelerator choice,
 //! QMP) still build and are tested here; creating a VM reports the backend as unavailable.
 
-use std::ffi::OsString;
+pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::path::Path;
 
@@ -68,28 +68,6 @@ pub fn stream_pair() -> io::Result<(HostStream, ChildFd)> {
 /// Not available here.
 pub fn open_for_child(_path: &Path, _write: bool) -> io::Result<ChildFd> {
     Err(unsupported())
-}
-
-/// User and groups QEMU runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ids {
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Supplementary groups.
-    pub groups: Vec<u32>,
-}
-
-/// What to launch and how.
-#[derive(Debug)]
-pub struct SpawnSpec {
-    /// Full argv.
-    pub argv: Vec<OsString>,
-    /// Descriptors QEMU inherits.
-    pub inherit: Vec<i32>,
-    /// Drop to these ids before exec.
-    pub drop_to: Option<Ids>,
 }
 
 /// Never root here.

@@ -24,7 +24,7 @@
 //!   this user's `%TEMP%` are touched).
 //! - No privilege drop, no seccomp (`-sandbox` is Linux-only).
 
-use std::ffi::OsString;
+pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -106,28 +106,6 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
         .open(path)?;
     let plain = host_path(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     Ok(ChildFd::File(PathBuf::from(plain)))
-}
-
-/// User and groups QEMU runs as (unused on Windows: no privilege drop).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ids {
-    /// User id.
-    pub uid: u32,
-    /// Primary group id.
-    pub gid: u32,
-    /// Supplementary groups.
-    pub groups: Vec<u32>,
-}
-
-/// What to launch and how.
-#[derive(Debug)]
-pub struct SpawnSpec {
-    /// Full argv.
-    pub argv: Vec<OsString>,
-    /// Ignored on Windows (nothing is inherited).
-    pub inherit: Vec<i32>,
-    /// Ignored on Windows.
-    pub drop_to: Option<Ids>,
 }
 
 /// vmcp never drops privileges on Windows.

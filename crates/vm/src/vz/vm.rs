@@ -312,16 +312,10 @@ impl<F: Framework> Vm for VzVm<F> {
         };
         let left = deadline.saturating_duration_since(Instant::now());
         let client = AgentClient::connect(stream, &self.token, left).await?;
-        let hello = client.hello().clone();
+        let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
         self.agent = Some(client);
         self.state = VmState::Running;
-        Ok(AgentInfo {
-            protocol_version: hello.protocol_version,
-            agent_version: hello.agent_version,
-            capabilities: hello.capabilities,
-            guest_boot: Duration::from_nanos(hello.boot_ns),
-            ready_after: self.started.map(|t| t.elapsed()).unwrap_or_default(),
-        })
+        Ok(info)
     }
 
     fn agent(&self) -> Result<AgentClient, VmError> {
