@@ -45,17 +45,6 @@ async fn call(client: &HttpClient) -> Result<(), ClientError> {
         .map(|_| ())
 }
 
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut e = err.source();
-    while let Some(inner) = e {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        e = inner.source();
-    }
-    s
-}
-
 #[tokio::test]
 async fn service_unavailable_with_retry_after_seconds_is_waited_out() {
     let (server, client) = setup().await;
@@ -95,7 +84,7 @@ async fn not_processed_answers_are_retried_with_backoff_then_give_up() {
 
     server.script("tools/call", vec![Action::Status(503, None); 10]);
     let err = call(&client).await.unwrap_err();
-    let msg = chain(&err);
+    let msg = vmcp_test_support::error_chain(&err);
     assert!(msg.contains("tools/call failed 4 times"), "{msg}");
     assert!(msg.contains("503"), "{msg}");
     assert_eq!(server.calls(), 1);
@@ -108,7 +97,7 @@ async fn a_retry_after_beyond_the_limit_fails_at_once() {
     let t = Instant::now();
     let err = call(&client).await.unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(2));
-    let msg = chain(&err);
+    let msg = vmcp_test_support::error_chain(&err);
     assert!(msg.contains("the server asked to retry in 3600 s"), "{msg}");
     assert_eq!(server.calls(), 0);
 }
@@ -118,7 +107,7 @@ async fn tools_call_lost_after_processing_is_not_repeated() {
     let (server, client) = setup().await;
     server.script("tools/call", vec![Action::ProcessThenClose]);
     let err = call(&client).await.unwrap_err();
-    let msg = chain(&err);
+    let msg = vmcp_test_support::error_chain(&err);
     assert!(msg.contains("tools/call"), "{msg}");
     assert!(msg.contains("may have reached the server"), "{msg}");
     assert!(!msg.contains('\n'));
@@ -145,7 +134,7 @@ async fn a_reset_before_the_body_runs_the_call_at_most_once() {
     match call(&client).await {
         Ok(()) => assert_eq!(server.calls(), 1),
         Err(e) => {
-            let msg = chain(&e);
+            let msg = vmcp_test_support::error_chain(&e);
             assert!(msg.contains("may have reached the server"), "{msg}");
             assert_eq!(server.calls(), 0);
         }
@@ -160,7 +149,7 @@ async fn a_hung_server_times_out() {
     let err = call(&client).await.unwrap_err();
     assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
-    let msg = chain(&err);
+    let msg = vmcp_test_support::error_chain(&err);
     assert!(msg.contains("no answer within 1.0 s"), "{msg}");
     assert_eq!(server.calls(), 0);
 }

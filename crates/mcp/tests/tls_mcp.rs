@@ -73,7 +73,7 @@ async fn assert_rejected(server: &McpHttpServer, opts: &TlsOptions, expected: Tl
         Err(e) => e,
     };
     assert_eq!(TlsRejection::find(&err), Some(expected.clone()), "{err:?}");
-    let line = chain(&err);
+    let line = vmcp_test_support::error_chain(&err);
     assert!(!line.contains('\n'), "{line}");
     // Certificate problems are permanent: no retry, so exactly one handshake reached the server.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -83,17 +83,6 @@ async fn assert_rejected(server: &McpHttpServer, opts: &TlsOptions, expected: Tl
         "TLS rejection was retried: {line}"
     );
     assert_eq!(server.counters.requests.load(Ordering::SeqCst), 0);
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut e = err.source();
-    while let Some(inner) = e {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        e = inner.source();
-    }
-    s
 }
 
 #[tokio::test]

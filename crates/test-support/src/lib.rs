@@ -20,10 +20,45 @@ pub fn write_skip(args: std::fmt::Arguments<'_>) {
     let _ = writeln!(err, "{args}");
 }
 
+/// An error and all its sources on one line, `a: b: c`, as the `vmcp` binary prints them; tests
+/// assert on what a user would read.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut cur = err.source();
+    while let Some(cause) = cur {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        cur = cause.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn prints_without_panicking() {
         crate::skipped!("test-support: skip notes reach stderr ({})", 1);
+    }
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let inner = std::io::Error::other("disk on fire");
+        assert_eq!(
+            crate::error_chain(&Wrapper(inner)),
+            "cannot save: disk on fire"
+        );
+    }
+
+    #[derive(Debug)]
+    struct Wrapper(std::io::Error);
+    impl std::fmt::Display for Wrapper {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("cannot save")
+        }
+    }
+    impl std::error::Error for Wrapper {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
     }
 }

@@ -188,17 +188,6 @@ fn check_file(what: &'static str, path: &Path) -> Result<(), VmError> {
 mod tests {
     use super::*;
 
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut s = e.to_string();
-        let mut cur = e.source();
-        while let Some(c) = cur {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
-            cur = c.source();
-        }
-        s
-    }
-
     fn files() -> (tempfile::TempDir, VmConfig) {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("kernel");
@@ -218,7 +207,7 @@ mod tests {
     fn zero_cpus_rejected() {
         let (_d, mut c) = files();
         c.cpus = 0;
-        let e = chain(&c.validate().unwrap_err());
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("vCPU"), "{e}");
     }
 
@@ -226,7 +215,7 @@ mod tests {
     fn small_memory_rejected() {
         let (_d, mut c) = files();
         c.memory_mib = 16;
-        let e = chain(&c.validate().unwrap_err());
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("16 MiB"), "{e}");
     }
 
@@ -234,7 +223,7 @@ mod tests {
     fn missing_kernel_rejected() {
         let (_d, mut c) = files();
         c.kernel = "/nonexistent/vmlinuz".into();
-        let e = chain(&c.validate().unwrap_err());
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(
             e.contains("kernel") && e.contains("/nonexistent/vmlinuz"),
             "{e}"
@@ -248,7 +237,7 @@ mod tests {
             path: d.path().to_path_buf(),
             read_only: true,
         });
-        let e = chain(&c.validate().unwrap_err());
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("not a regular file"), "{e}");
     }
 

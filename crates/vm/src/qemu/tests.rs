@@ -215,7 +215,7 @@ async fn bad_inputs_fail_before_anything_runs() {
     let mut c = f.config.clone();
     c.kernel = "/nonexistent/kernel".into();
     let e = f.backend.create_qemu(c).await.unwrap_err();
-    let chain = error_chain(&e);
+    let chain = vmcp_test_support::error_chain(&e);
     assert!(
         chain.contains("kernel") && chain.contains("/nonexistent/kernel"),
         "{chain}"
@@ -223,24 +223,13 @@ async fn bad_inputs_fail_before_anything_runs() {
     let mut c = f.config.clone();
     c.accel = Some(crate::Accel::Hvf);
     let e = f.backend.create_qemu(c).await.unwrap_err();
-    let chain = error_chain(&e);
+    let chain = vmcp_test_support::error_chain(&e);
     assert!(chain.contains("hvf") && chain.contains("macOS"), "{chain}");
     let b = QemuBackend::with_options(QemuOptions {
         qemu_binary: None,
         ..QemuOptions::default()
     });
     assert_eq!(b.name(), "qemu");
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[tokio::test]
