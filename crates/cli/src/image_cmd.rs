@@ -3,10 +3,10 @@
 
 #[cfg(unix)]
 #[path = "image_cmd/import_unix.rs"]
-mod import;
+pub(crate) mod import;
 #[cfg(not(unix))]
 #[path = "image_cmd/import_other.rs"]
-mod import;
+pub(crate) mod import;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -62,6 +62,16 @@ pub struct RunArgs {
     /// Attach the root filesystem read-write (default: read-only).
     #[arg(long, requires = "rootfs")]
     pub rootfs_rw: bool,
+    /// Root filesystem image (a name or key from `vmcp image list`, or an ext4 file), shared
+    /// read-only; the VM writes to its own layer, discarded at the end.
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "rootfs")]
+    pub image: Option<String>,
+    /// Keep the VM's writable layer in this new file (ext4; the changes are under /upper).
+    #[arg(long, value_name = "PATH", requires = "image")]
+    pub keep_changes: Option<PathBuf>,
+    /// When the program ends, print the files it created (A), modified (M) and deleted (D).
+    #[arg(long, requires = "image")]
+    pub diff: bool,
     /// Environment variable for the program (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -182,8 +192,72 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An image attached to this run: what the VM config needs, the run defaults, and the
+/// writable layer's file (removed at the end unless kept).
+struct AttachedImage {
+    config: vmcp_vm::ImageConfig,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    _scratch_dir: Option<tempfile::TempDir>,
+}
+
+fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<AttachedImage> {
+    let cache = vmcp_image::default_cache_dir()?;
+    let (path, id, info) = match vmcp_image::rootfs::find(&cache, what) {
+        Ok(img) => (img.disk, img.info.key.clone(), Some(img.info)),
+        Err(_) if std::path::Path::new(what).is_file() => {
+            let path = std::fs::canonicalize(what)
+                .with_context(|| format!("cannot resolve the image path {what}"))?;
+            // An image file copied out of the cache keeps its metadata next to it.
+            let info = path
+                .parent()
+                .and_then(|d| vmcp_image::rootfs::load(d).ok())
+                .filter(|i| i.disk == path)
+                .map(|i| i.info);
+            let id = format!("path:{}", path.display());
+            (path, id, info)
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot use --image {what}"))),
+    };
+    let (scratch, dir) = match keep {
+        Some(p) => (p.to_path_buf(), None),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("vmcp-layer-")
+                .tempdir()
+                .context("cannot create a directory for the writable layer")?;
+            (dir.path().join("layer.ext4"), Some(dir))
+        }
+    };
+    crate::image_cmd::import::make_scratch(&scratch)
+        .with_context(|| format!("cannot create the writable layer {}", scratch.display()))?;
+    let mut config = vmcp_vm::ImageConfig::new(path, id, scratch);
+    let (mut env, mut workdir) = (Vec::new(), None);
+    if let Some(info) = info {
+        config.user = info.uid_gid;
+        env = info
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        workdir = info.workdir;
+    }
+    Ok(AttachedImage {
+        config,
+        env,
+        workdir,
+        _scratch_dir: dir,
+    })
+}
+
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
     let files = boot_files(&args).await?;
+    let image = match &args.image {
+        Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
+        None => None,
+    };
     let mut config = VmConfig::new(files.kernel, files.initrd);
     config.cpus = args.cpus;
     config.memory_mib = args.memory;
@@ -191,6 +265,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         path,
         read_only: !args.rootfs_rw,
     });
+    config.image = image.as_ref().map(|i| i.config.clone());
     config.console_log = args.console_log.clone();
     config.accel = args.accel;
     let mut vm: Box<dyn Vm> = match native_backend(&config).await {
@@ -212,10 +287,16 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     vm.start().await?;
     vm.wait_ready(READY_TIMEOUT).await?;
     let agent = vm.agent()?;
+    // The image's Env and WorkingDir are defaults; -e and -w win.
+    let mut env = image.as_ref().map(|i| i.env.clone()).unwrap_or_default();
+    env.extend(args.env.iter().cloned());
     let spec = ExecSpec {
         argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.workdir.clone(),
+        env,
+        cwd: args
+            .workdir
+            .clone()
+            .or_else(|| image.as_ref().and_then(|i| i.workdir.clone())),
         stdin: forward_stdin,
     };
     let program = args.command.first().cloned().unwrap_or_default();
@@ -233,11 +314,42 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         },
         None => exec(&agent, spec, &program).await?,
     };
+    if args.diff {
+        print_changes(&agent).await;
+    }
     drop(agent);
     if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    if let Some(p) = &args.keep_changes {
+        eprintln!(
+            "vmcp: kept the writable layer in {} (ext4; the changes are under /upper)",
+            p.display()
+        );
+    }
     Ok(ExitCode::from(code))
+}
+
+/// `--diff`: the change list on stderr, one `A|M|D <path>` line each.
+async fn print_changes(agent: &AgentClient) {
+    match agent.list_changes().await {
+        Ok(c) => {
+            eprintln!("vmcp: {} changes in the writable layer:", c.changes.len());
+            for ch in &c.changes {
+                let k = match ch.kind {
+                    vmcp_vm::agent::ChangeKind::Added => 'A',
+                    vmcp_vm::agent::ChangeKind::Modified => 'M',
+                    vmcp_vm::agent::ChangeKind::Deleted => 'D',
+                    _ => '?',
+                };
+                eprintln!("{k} {}", ch.path);
+            }
+            if c.truncated {
+                eprintln!("vmcp: the change list was cut at the guest's size limit");
+            }
+        }
+        Err(e) => eprintln!("vmcp: cannot list the changes: {e}"),
+    }
 }
 
 /// The first usable framework backend of this OS (`vz` on macOS), unless `--accel` asks for

@@ -62,6 +62,10 @@ pub struct ServeOptions {
     pub reap_orphans: bool,
     /// Print each request to stderr.
     pub debug: bool,
+    /// Default uid and gid of processes (an image's `User`); the agent's own when `None`.
+    pub user: Option<(u32, u32)>,
+    /// Layers of an image root, for [`HostMsg::ListChanges`]; that request fails without.
+    pub changes: Option<crate::changes::ChangeRoots>,
 }
 
 impl ServeOptions {
@@ -77,6 +81,8 @@ impl ServeOptions {
             cwd: PathBuf::from("/"),
             reap_orphans: false,
             debug: false,
+            user: None,
+            changes: None,
         }
     }
 }
@@ -289,6 +295,7 @@ impl Server<'_> {
                     }
                 }
                 HostMsg::ReadFile { id, path } => self.read_file(id, path),
+                HostMsg::ListChanges { id } => self.list_changes(id),
                 HostMsg::Poweroff { id } => {
                     self.out
                         .send(&GuestMsg::Done { id })
@@ -359,6 +366,9 @@ impl Server<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some((uid, gid)) = self.options.user {
+            cmd.uid(uid).gid(gid);
+        }
 
         // Spawn and register under the reaper lock (see the module docs).
         let mut waiting = self.reaper.as_ref().map(|r| lock(&r.waiting));
@@ -458,6 +468,60 @@ impl Server<'_> {
         }
         drop(child);
         Ok(())
+    }
+
+    fn list_changes(&self, id: RequestId) -> io::Result<()> {
+        let Some(roots) = self.options.changes.clone() else {
+            return self.out.fail(
+                id,
+                FailureKind::InvalidRequest,
+                "no image with a writable layer is mounted (boot with vmcp.image=)".into(),
+            );
+        };
+        let out = self.out.clone();
+        let job = move || {
+            let text = crate::changes::list(
+                &roots,
+                crate::changes::MAX_CHANGES_BYTES,
+                &crate::changes::overlay_whiteout,
+                &sys::overlay_opaque,
+            );
+            match text {
+                Ok(text) => {
+                    let bytes = text.into_bytes();
+                    let mut chunks = bytes.chunks(CHUNK_SIZE).peekable();
+                    if chunks.peek().is_none() {
+                        let _ = out.send(&GuestMsg::FileData {
+                            id,
+                            data: Vec::new(),
+                            eof: true,
+                        });
+                    }
+                    while let Some(c) = chunks.next() {
+                        let eof = chunks.peek().is_none();
+                        let msg = GuestMsg::FileData {
+                            id,
+                            data: c.to_vec(),
+                            eof,
+                        };
+                        if out.send(&msg).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = out.fail(id, FailureKind::Other, format!("cannot list changes: {e}"));
+                }
+            }
+        };
+        match spawn_thread("list-changes", job) {
+            Ok(()) => Ok(()),
+            Err(e) => self.out.fail(
+                id,
+                FailureKind::Other,
+                format!("cannot start a thread: {e}"),
+            ),
+        }
     }
 
     fn read_file(&self, id: RequestId, path: String) -> io::Result<()> {

@@ -24,6 +24,9 @@ impl Capabilities {
     pub const SIGNAL: u64 = 1 << 3;
     /// A root filesystem from a block device is mounted.
     pub const ROOTFS: u64 = 1 << 4;
+    /// `/` is an image under a writable layer whose changes can be listed
+    /// ([`HostMsg::ListChanges`]).
+    pub const CHANGES: u64 = 1 << 5;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -122,6 +125,15 @@ pub enum HostMsg {
     },
     /// Sync filesystems and power the VM off; answered by [`GuestMsg::Done`] just before.
     Poweroff {
+        /// Request id.
+        id: RequestId,
+    },
+    /// List what changed under the writable layer of an image root: answered by
+    /// [`GuestMsg::FileData`] chunks of text, one change per line (`A`dded, `M`odified or
+    /// `D`eleted, a space, the absolute path with `%`, control bytes and DEL written as
+    /// `%XX`), the last chunk with `eof`; or by [`GuestMsg::Failed`] when there is no
+    /// image (see [`Capabilities::CHANGES`]).
+    ListChanges {
         /// Request id.
         id: RequestId,
     },

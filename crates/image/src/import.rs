@@ -141,6 +141,7 @@ pub fn import_oci(
     for note in &notes {
         progress(note);
     }
+    add_mount_points(&tree)?;
     let defaults = oci.defaults.clone();
     let user = defaults.user.clone().filter(|u| !u.is_empty());
     let uid_gid = match &user {
@@ -324,4 +325,62 @@ pub fn make_ext4(tree: &Path, disk: &Path) -> Result<u64, RootfsError> {
         attempt_size += attempt_size / 2;
     }
     Err(RootfsError::Tool("mkfs.ext4 -d failed".into()))
+}
+
+/// Directories the guest mounts over (`/dev`, `/proc`, `/sys`, `/tmp`, `/run`): made in the
+/// image when missing, so that a VM does not have to create them in its writable layer
+/// (where they would show up as changes).
+fn add_mount_points(tree: &Path) -> Result<(), RootfsError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (dir, mode) in [
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("tmp", 0o1777),
+        ("run", 0o755),
+    ] {
+        let path = tree.join(dir);
+        if std::fs::symlink_metadata(&path).is_err() {
+            std::fs::create_dir(&path).map_err(io_err(format!("create {}", path.display())))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err(format!("chmod {}", path.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Default size of a VM's writable layer: a sparse file, so only what is written takes space.
+pub const SCRATCH_BYTES: u64 = 8 << 30;
+
+/// Creates `path`: an empty, sparse ext4 file of `bytes` for one VM's writable layer (about
+/// 20 ms and 2 MB on disk for 8 GiB).
+pub fn make_scratch(path: &Path, bytes: u64) -> Result<(), RootfsError> {
+    let Some(mkfs) = find_tool("mkfs.ext4") else {
+        return Err(RootfsError::Tool(
+            "mkfs.ext4 not found: install e2fsprogs (scripts/install-deps does)".into(),
+        ));
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_err(format!("create {}", path.display())))?;
+    file.set_len(bytes)
+        .map_err(io_err(format!("size {}", path.display())))?;
+    drop(file);
+    let out = Command::new(&mkfs)
+        .args(["-q", "-F", "-t", "ext4", "-m", "0", "-O", "^has_journal"])
+        .args(["-E", "lazy_itable_init=1,nodiscard", "-L", "vmcp-scratch"])
+        .arg(path)
+        .output()
+        .map_err(io_err(format!("run {}", mkfs.display())))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(path);
+        return Err(RootfsError::Tool(format!(
+            "mkfs.ext4 failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }

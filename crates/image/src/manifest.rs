@@ -180,6 +180,8 @@ pub const INPUTS: &[ArchInputs] = &[
             "kernel/drivers/virtio/virtio_mmio.ko",
             "kernel/drivers/char/virtio_console.ko",
             "kernel/drivers/block/virtio_blk.ko",
+            // `vmcp run --image`: overlayfs over the read-only image (ext4 is built in).
+            "kernel/fs/overlayfs/overlay.ko",
             "kernel/net/vmw_vsock/vsock.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",

@@ -37,6 +37,7 @@ pub enum RootfsError {
     #[error("cannot read the image archive {0}")]
     Oci(String, #[source] crate::oci::OciError),
     /// A layer could not be applied.
+    #[cfg(unix)]
     #[error("cannot apply layer {layer} of {archive}")]
     Layer {
         /// Layer number (1-based).

@@ -31,7 +31,7 @@ pub mod select;
 pub mod vz;
 pub mod windows;
 
-pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
+pub use config::{Accel, Arch, DiskConfig, ImageConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;
 pub use runtime_dir::{new_vm_id, RuntimeDir};
 

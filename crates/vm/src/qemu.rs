@@ -55,7 +55,7 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, QemuPlan, RootfsArg,
+    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, ImageArg, KernelArgs, QemuPlan, RootfsArg,
     VirtioTransport, AGENT_PORT,
 };
 
@@ -287,6 +287,8 @@ impl std::fmt::Debug for QemuVm {
 /// Descriptors QEMU inherits for one start; closed in vmcp once QEMU has them.
 struct Inherited {
     fds: Vec<platform::ChildFd>,
+    /// fd sets handed out so far (each disk gets its own).
+    disk_sets: u32,
 }
 
 impl Inherited {
@@ -305,7 +307,8 @@ impl Inherited {
     }
 
     fn disk(&mut self, fds: Vec<platform::ChildFd>) -> DiskSource {
-        let source = platform::disk_source(1, &fds);
+        self.disk_sets += 1;
+        let source = platform::disk_source(self.disk_sets, &fds);
         self.fds.extend(fds);
         source
     }
@@ -379,6 +382,12 @@ impl QemuVm {
             rootfs: self.config.rootfs.as_ref().map(|d| RootfsArg {
                 device: "/dev/vda".into(),
                 read_only: d.read_only,
+            }),
+            // The image and its scratch disk are the first and second disks (no rootfs then).
+            image: self.config.image.as_ref().map(|i| ImageArg {
+                device: "/dev/vda".into(),
+                scratch: "/dev/vdb".into(),
+                user: i.user,
             }),
             extra: self.config.cmdline_extra.clone(),
         }
@@ -479,6 +488,24 @@ impl QemuVm {
                 })
             }
         };
+        let mut disks = Vec::new();
+        if let Some(image) = &self.config.image {
+            let what = format!("open image {}", image.path.display());
+            let base = platform::open_for_child(&image.path, false).map_err(host_err(&what))?;
+            disks.push(DiskPlan {
+                source: inherited.disk(vec![base]),
+                read_only: true,
+            });
+            let what = format!("open scratch disk {}", image.scratch.display());
+            let fds = vec![
+                platform::open_for_child(&image.scratch, false).map_err(host_err(&what))?,
+                platform::open_for_child(&image.scratch, true).map_err(host_err(&what))?,
+            ];
+            disks.push(DiskPlan {
+                source: inherited.disk(fds),
+                read_only: false,
+            });
+        }
         let mut hosts = Vec::with_capacity(3);
         let mut endpoint = |name: &str| -> Result<Endpoint, VmError> {
             let (host, child) =
@@ -500,6 +527,7 @@ impl QemuVm {
             initrd: inherited.file(initrd),
             append: self.kernel_args().render(),
             rootfs,
+            disks,
             qmp,
             console,
             agent,
@@ -540,7 +568,10 @@ impl Vm for QemuVm {
                 state: self.state,
             });
         }
-        let mut inherited = Inherited { fds: Vec::new() };
+        let mut inherited = Inherited {
+            fds: Vec::new(),
+            disk_sets: 0,
+        };
         let (plan, hosts) = self.plan(&mut inherited)?;
         let mut hosts = hosts.into_iter();
         let (Some(qmp_host), Some(console_host), Some(agent_host)) =

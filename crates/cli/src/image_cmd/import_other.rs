@@ -12,3 +12,10 @@ pub fn import(_archive: &Path, _opts: &ImportOptions) -> Result<RootfsImage, Roo
             .into(),
     ))
 }
+
+/// Always an error: the writable layer is formatted with mkfs.ext4 (Unix hosts).
+pub fn make_scratch(_path: &Path) -> Result<(), RootfsError> {
+    Err(RootfsError::Tool(
+        "--image needs a Linux or macOS host (the writable layer is made with mkfs.ext4)".into(),
+    ))
+}

@@ -8,3 +8,8 @@ use vmcp_image::rootfs::{ImportOptions, RootfsError, RootfsImage};
 pub fn import(archive: &Path, opts: &ImportOptions) -> Result<RootfsImage, RootfsError> {
     vmcp_image::import::import_oci(archive, opts, &|line| eprintln!("vmcp: {line}"))
 }
+
+/// Creates a VM's writable layer: an empty sparse ext4 file at `path`.
+pub fn make_scratch(path: &Path) -> Result<(), RootfsError> {
+    vmcp_image::import::make_scratch(path, vmcp_image::import::SCRATCH_BYTES)
+}
