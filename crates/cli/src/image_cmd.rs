@@ -70,6 +70,27 @@ pub enum ImageCommand {
         #[command(flatten)]
         args: RootfsArgs,
     },
+    /// Build a rootfs image from Debian packages with mmdebstrap, using this host's apt
+    /// sources and suite. The same inputs again are a cache hit. Takes minutes.
+    Rootfs {
+        /// Debian packages (comma-separated), e.g. python3,nodejs,git.
+        #[arg(long, value_delimiter = ',', required = true, value_name = "PKG,...")]
+        packages: Vec<String>,
+        /// Name for the image.
+        #[arg(long)]
+        name: Option<String>,
+        /// pip packages to install into it (comma-separated), e.g. requests==2.32.3.
+        #[arg(long, value_delimiter = ',', value_name = "PKG==VER,...")]
+        pip: Vec<String>,
+        /// npm packages to install globally (comma-separated), e.g. typescript@5.6.3.
+        #[arg(long, value_delimiter = ',', value_name = "PKG@VER,...")]
+        npm: Vec<String>,
+        /// Build again even if the cache has it.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        args: RootfsArgs,
+    },
     /// List the rootfs images in the cache.
     List {
         #[command(flatten)]
@@ -235,6 +256,27 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 .await
                 .context("the import task failed")?
                 .context("cannot import the image")?;
+            print_lines(&[rootfs_line(&img)])?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCommand::Rootfs {
+            packages,
+            name,
+            pip,
+            npm,
+            force,
+            args,
+        } => {
+            let mut opts = import::DebianOptions::new(args.arch()?, packages);
+            opts.cache_dir = Some(args.cache()?);
+            opts.name = name;
+            opts.pip = pip;
+            opts.npm = npm;
+            opts.force = force;
+            let img = tokio::task::spawn_blocking(move || import::build_debian(&opts))
+                .await
+                .context("the build task failed")?
+                .context("cannot build the rootfs image")?;
             print_lines(&[rootfs_line(&img)])?;
             Ok(ExitCode::SUCCESS)
         }

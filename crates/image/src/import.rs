@@ -330,7 +330,7 @@ pub fn make_ext4(tree: &Path, disk: &Path) -> Result<u64, RootfsError> {
 /// Directories the guest mounts over (`/dev`, `/proc`, `/sys`, `/tmp`, `/run`): made in the
 /// image when missing, so that a VM does not have to create them in its writable layer
 /// (where they would show up as changes).
-fn add_mount_points(tree: &Path) -> Result<(), RootfsError> {
+pub(crate) fn add_mount_points(tree: &Path) -> Result<(), RootfsError> {
     use std::os::unix::fs::PermissionsExt;
     for (dir, mode) in [
         ("dev", 0o755),

@@ -24,6 +24,8 @@ pub mod arm64;
 mod builder;
 pub mod cpio;
 pub mod deb;
+#[cfg(unix)]
+pub mod debian;
 pub mod fetch;
 #[cfg(unix)]
 pub mod import;

@@ -212,8 +212,21 @@ pub fn store_info(dir: &Path, info: &RootfsInfo) -> Result<(), RootfsError> {
     let tmp = tempfile::NamedTempFile::new_in(dir)
         .map_err(io_err(format!("write {}", path.display())))?;
     std::fs::write(tmp.path(), json).map_err(io_err(format!("write {}", path.display())))?;
+    set_readable(tmp.path()).map_err(io_err(format!("chmod {}", path.display())))?;
     tmp.persist(&path)
         .map_err(|e| RootfsError::Io(format!("write {}", path.display()), e.error))?;
+    Ok(())
+}
+
+/// Makes a metadata file world-readable (temporary files start out private).
+#[cfg(unix)]
+fn set_readable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn set_readable(_path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 

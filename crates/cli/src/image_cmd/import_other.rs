@@ -19,3 +19,38 @@ pub fn make_scratch(_path: &Path) -> Result<(), RootfsError> {
         "--image needs a Linux or macOS host (the writable layer is made with mkfs.ext4)".into(),
     ))
 }
+
+/// What `vmcp image rootfs` was asked to build (unused off Unix).
+#[derive(Debug, Clone)]
+pub struct DebianOptions {
+    /// Cache directory.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Image name.
+    pub name: Option<String>,
+    /// pip specs.
+    pub pip: Vec<String>,
+    /// npm specs.
+    pub npm: Vec<String>,
+    /// Rebuild.
+    pub force: bool,
+}
+
+impl DebianOptions {
+    /// Options for `packages`.
+    pub fn new(_arch: vmcp_image::Arch, _packages: Vec<String>) -> Self {
+        DebianOptions {
+            cache_dir: None,
+            name: None,
+            pip: Vec::new(),
+            npm: Vec::new(),
+            force: false,
+        }
+    }
+}
+
+/// Always an error: mmdebstrap runs on Debian-like hosts only.
+pub fn build_debian(_opts: &DebianOptions) -> Result<RootfsImage, RootfsError> {
+    Err(RootfsError::Tool(
+        "`vmcp image rootfs` needs a Debian or Ubuntu host with mmdebstrap".into(),
+    ))
+}

@@ -13,3 +13,10 @@ pub fn import(archive: &Path, opts: &ImportOptions) -> Result<RootfsImage, Rootf
 pub fn make_scratch(path: &Path) -> Result<(), RootfsError> {
     vmcp_image::import::make_scratch(path, vmcp_image::import::SCRATCH_BYTES)
 }
+
+/// Builds a rootfs image from Debian packages, printing progress lines.
+pub fn build_debian(opts: &vmcp_image::debian::DebianOptions) -> Result<RootfsImage, RootfsError> {
+    vmcp_image::debian::build_debian(opts, &|line| eprintln!("vmcp: {line}"))
+}
+
+pub use vmcp_image::debian::DebianOptions;
