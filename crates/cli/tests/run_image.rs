@@ -23,7 +23,7 @@ fn skip(reason: &str) -> bool {
 fn ready() -> bool {
     let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() || !text.contains("ok   image") {
+    if !doctor.status.success() || !text.contains("[ok] image") {
         return skip(&format!(
             "no VM or no guest image here (`vmcp doctor`):\n{text}"
         ));
