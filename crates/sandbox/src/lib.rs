@@ -1,0 +1,1 @@
+//! Sandbox tools (in progress).
