@@ -57,6 +57,16 @@ impl Annotations {
             ..Default::default()
         }
     }
+    /// Sets the idempotent hint.
+    pub fn with_idempotent(mut self, yes: bool) -> Self {
+        self.idempotent = yes;
+        self
+    }
+    /// Sets the open-world hint.
+    pub fn with_open_world(mut self, yes: bool) -> Self {
+        self.open_world = yes;
+        self
+    }
 }
 
 /// One published tool.
