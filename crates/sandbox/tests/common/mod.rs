@@ -1,5 +1,11 @@
 //! A fake guest that runs a few pretend programs, for tests of the sandbox tools without VMs.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::collapsible_match)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::collapsible_match
+)]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
