@@ -13,7 +13,7 @@ use vmcp_guest_proto::{
     read_msg_async, write_msg_async, Capabilities, GuestMsg, Hello, HostMsg, PROTOCOL_VERSION,
 };
 
-use super::framework::{Framework, FwError, FwState, Machine, VZ_ERROR_INVALID_CONFIGURATION};
+use super::framework::{Framework, FwError, FwMachine, FwState, VZ_ERROR_INVALID_CONFIGURATION};
 use super::plan::{cmdline_value, VzLimits, VzPlan};
 use crate::agent::AgentStream;
 
@@ -207,7 +207,7 @@ fn spawn_agent(inner: &Arc<Inner>) {
 }
 
 #[async_trait]
-impl Machine for FakeMachine {
+impl FwMachine for FakeMachine {
     fn state(&self) -> FwState {
         self.inner.get()
     }
