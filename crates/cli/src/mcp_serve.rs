@@ -2,7 +2,7 @@
 //!
 //! stdio by default (the client starts `vmcp mcp serve`), or Streamable HTTP with `--http
 //! ADDR`. The protocol side is `vmcp-mcp-server`, the tools are `vmcp-sandbox`; this module
-//! only wires them to the built guest image and the QEMU backend, and to the signals: on
+//! only wires them to the built guest image and the backend `vmcp_vm::select` picks, and to the signals: on
 //! SIGINT/SIGTERM, at the end of stdin, or when the HTTP server stops, every sandbox VM is
 //! killed before vmcp exits. If vmcp itself is SIGKILLed, QEMU dies with it (parent-death
 //! signal) and the next vmcp start sweeps the runtime directories left behind.
@@ -19,7 +19,6 @@ use vmcp_mcp_server::http::{HttpConfig, HttpServer};
 use vmcp_mcp_server::{Server, ServerConfig};
 use vmcp_sandbox::manager::{FactoryError, Limits, Manager, VmFactory, VmSpec};
 use vmcp_sandbox::tools::SandboxTools;
-use vmcp_vm::qemu::QemuBackend;
 use vmcp_vm::{Accel, Arch, Vm, VmConfig};
 
 use crate::run::signal;
@@ -69,23 +68,20 @@ fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse::<Accel>().map_err(|e| e.to_string())
 }
 
-/// Boots the guest image on QEMU with the accelerator chosen at start.
-struct QemuFactory {
-    backend: QemuBackend,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    accel: Accel,
+/// Boots the guest image with the backend and accelerator the selector chose at start.
+struct SelectedFactory {
+    backend: Box<dyn vmcp_vm::Backend>,
+    template: VmConfig,
 }
 
 #[async_trait]
-impl VmFactory for QemuFactory {
+impl VmFactory for SelectedFactory {
     async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, FactoryError> {
-        let mut config = VmConfig::new(&self.kernel, &self.initrd);
+        let mut config = self.template.clone();
         config.cpus = spec.cpus;
         config.memory_mib = spec.memory_mib;
-        config.accel = Some(self.accel);
         config.network = false;
-        Ok(Box::new(self.backend.create_qemu(config).await?))
+        Ok(self.backend.create(config).await?)
     }
 }
 
@@ -95,9 +91,10 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<(Manager, Server)> {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
         _ => crate::run::ensure_image(Arch::host()).await?,
     };
-    let backend = QemuBackend::new();
-    let choice = backend.choose_accel(Arch::host(), args.accel)?;
-    if let Some(notice) = &choice.notice {
+    let mut template = VmConfig::new(kernel, initrd);
+    template.accel = args.accel;
+    let selection = crate::run::select(&mut template).await?;
+    for notice in &selection.notices {
         eprintln!("vmcp: notice: {notice}");
     }
     let mut limits = Limits::default();
@@ -106,11 +103,9 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<(Manager, Server)> {
     limits.max_output = args.max_output.max(1);
     limits.session_grace = Duration::from_secs(args.session_grace);
     limits.default_idle = Duration::from_secs(args.idle_timeout.max(1));
-    let factory = Arc::new(QemuFactory {
-        backend,
-        kernel,
-        initrd,
-        accel: choice.accel,
+    let factory = Arc::new(SelectedFactory {
+        backend: selection.backend,
+        template,
     });
     let manager = Manager::new(factory, limits);
     let server = Server::new(
