@@ -106,6 +106,12 @@ pub enum VmError {
     /// [`crate::VmCapabilities`].
     #[error("this backend cannot {0} here")]
     Unsupported(&'static str),
+    /// Saving a snapshot failed.
+    #[error("cannot save the VM snapshot")]
+    SnapshotSave(#[source] crate::qemu::snapshot::SnapshotError),
+    /// Restoring a snapshot failed.
+    #[error("cannot restore the VM snapshot")]
+    SnapshotRestore(#[source] crate::qemu::snapshot::SnapshotError),
     /// A hypervisor-specific failure.
     #[error("{backend}: {message}")]
     Backend {

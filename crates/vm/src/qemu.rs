@@ -30,6 +30,7 @@ pub mod binary;
 pub mod cmdline;
 pub mod console;
 pub mod qmp;
+pub mod snapshot;
 pub mod spawn;
 pub mod stale;
 
@@ -55,7 +56,7 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, QemuPlan, RootfsArg,
+    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, MemoryFile, QemuPlan, RootfsArg,
     VirtioTransport, AGENT_PORT,
 };
 
@@ -71,6 +72,9 @@ const BACKEND: &str = "qemu";
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Console lines quoted in boot errors.
 const TAIL_LINES: usize = 25;
+/// Longest wait for a restored guest to take its new identity: it was idle when saved, so
+/// it answers in milliseconds unless the snapshot is broken.
+const RESTORE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a killed QEMU may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -203,6 +207,8 @@ impl QemuBackend {
             tasks: Vec::new(),
             started_at: None,
             argv: Vec::new(),
+            memory_file: None,
+            restored: false,
         })
     }
 
@@ -271,6 +277,10 @@ pub struct QemuVm {
     tasks: Vec<JoinHandle<()>>,
     started_at: Option<Instant>,
     argv: Vec<OsString>,
+    /// Guest RAM in this file, mapped shared (a VM that will be saved).
+    memory_file: Option<PathBuf>,
+    /// Started from a snapshot: the agent gets a new identity before it is ready.
+    restored: bool,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -317,6 +327,105 @@ fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 }
 
 impl QemuVm {
+    /// Puts the guest's RAM in the file `path` (created or truncated, sparse, the VM's
+    /// memory size) instead of anonymous memory, so that [`Vm::save_snapshot`] into the
+    /// directory holding it writes only the device state. Call before [`Vm::start`]; `path`
+    /// must be `<snapshot dir>/memory` (see [`snapshot`]).
+    pub fn set_memory_file(&mut self, path: PathBuf) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Err(VmError::InvalidState {
+                op: "set the memory file of",
+                state: self.state,
+            });
+        }
+        self.memory_file = Some(path);
+        Ok(())
+    }
+
+    /// Whether this VM was restored from a snapshot.
+    pub fn is_restored(&self) -> bool {
+        self.restored
+    }
+
+    /// [`Vm::save_snapshot`]: the device state into `<dir>/state`, next to the memory file the
+    /// VM ran on. The VM cannot go on afterwards (its memory is the snapshot's), so it is
+    /// stopped and QEMU ends; the memory file is then vmcp's again, readable by QEMU's group.
+    async fn save_into(&mut self, dir: &Path) -> Result<(), VmError> {
+        let running = match self.state {
+            VmState::Running => true,
+            VmState::Paused => false,
+            state => return Err(VmError::InvalidState { op: "save", state }),
+        };
+        let files = snapshot::SnapshotFiles::in_dir(dir);
+        let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !self
+            .memory_file
+            .as_deref()
+            .is_some_and(|m| same(m, &files.memory))
+        {
+            return Err(VmError::Unsupported(
+                "save a VM whose memory is not the snapshot's memory file \
+                 (QemuVm::set_memory_file(<dir>/memory) before start)",
+            ));
+        }
+        let state = std::fs::File::create(&files.state)
+            .map_err(host_err(format!("create {}", files.state.display())))?;
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmError::InvalidState {
+                op: "save",
+                state: self.state,
+            });
+        };
+        let saved = snapshot::save(q, &state, running).await;
+        // Whatever happened, this VM cannot run on: its memory is the snapshot's.
+        self.agent = None;
+        let killed = self.kill_now().await;
+        saved.map_err(VmError::SnapshotSave)?;
+        killed?;
+        platform::seal_memory_file(&files.memory, self.drop_to.as_ref())
+            .map_err(host_err(format!("seal {}", files.memory.display())))
+    }
+
+    /// [`Vm::restore_snapshot`]: QEMU with the snapshot's memory mapped copy-on-write, the
+    /// device state loaded over QMP, the guest running; [`Vm::wait_ready`] then re-keys it.
+    async fn restore_from(&mut self, dir: &Path) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Err(VmError::InvalidState {
+                op: "restore",
+                state: self.state,
+            });
+        }
+        let files = snapshot::SnapshotFiles::in_dir(dir);
+        let state = files
+            .check(self.config.memory_mib)
+            .map_err(VmError::SnapshotRestore)?;
+        self.launch(Some(&files.memory)).await?;
+        let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
+            return Err(VmError::InvalidState {
+                op: "restore",
+                state: self.state,
+            });
+        };
+        let loaded = tokio::select! {
+            r = snapshot::load(q, &state) => Ok(r),
+            status = child.wait() => Err(status),
+        };
+        match loaded {
+            Ok(Ok(())) => {
+                self.restored = true;
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let _ = self.kill_now().await;
+                Err(VmError::SnapshotRestore(e))
+            }
+            Err(status) => Err(self.early_exit(status).await),
+        }
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.pid
@@ -454,94 +563,16 @@ impl QemuVm {
         Ok(())
     }
 
-    fn plan(
-        &self,
-        inherited: &mut Inherited,
-    ) -> Result<(QemuPlan, Vec<platform::HostStream>), VmError> {
-        let kernel = platform::open_for_child(&self.config.kernel, false).map_err(host_err(
-            format!("open kernel {}", self.config.kernel.display()),
-        ))?;
-        let initrd = platform::open_for_child(&self.config.initrd, false).map_err(host_err(
-            format!("open initrd {}", self.config.initrd.display()),
-        ))?;
-        let rootfs = match &self.config.rootfs {
-            None => None,
-            Some(d) => {
-                let what = format!("open rootfs {}", d.path.display());
-                let mut fds =
-                    vec![platform::open_for_child(&d.path, false).map_err(host_err(&what))?];
-                if !d.read_only {
-                    fds.push(platform::open_for_child(&d.path, true).map_err(host_err(&what))?);
-                }
-                Some(DiskPlan {
-                    source: inherited.disk(fds),
-                    read_only: d.read_only,
-                })
-            }
+    /// Spawns QEMU and checks it over QMP: `running` after a boot, `inmigrate` when
+    /// `restore_memory` names a snapshot's memory file (the state is loaded next).
+    async fn launch(&mut self, restore_memory: Option<&Path>) -> Result<(), VmError> {
+        let expected = if restore_memory.is_some() {
+            "inmigrate"
+        } else {
+            "running"
         };
-        let mut hosts = Vec::with_capacity(3);
-        let mut endpoint = |name: &str| -> Result<Endpoint, VmError> {
-            let (host, child) =
-                platform::stream_pair().map_err(host_err(format!("create the {name} channel")))?;
-            hosts.push(host);
-            Ok(inherited.endpoint(child))
-        };
-        let qmp = endpoint("QMP")?;
-        let console = endpoint("console")?;
-        let agent = endpoint("agent")?;
-        let plan = QemuPlan {
-            binary: self.binary.clone(),
-            arch: self.config.arch,
-            accel: self.accel,
-            host: self.host,
-            cpus: self.config.cpus,
-            memory_mib: self.config.memory_mib,
-            kernel: inherited.file(kernel),
-            initrd: inherited.file(initrd),
-            append: self.kernel_args().render(),
-            rootfs,
-            qmp,
-            console,
-            agent,
-            agent_port: AGENT_PORT.to_string(),
-            virtio: self.options.virtio,
-            network: self.config.network,
-            sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
-        };
-        Ok((plan, hosts))
-    }
-}
-
-#[async_trait]
-impl Vm for QemuVm {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn state(&self) -> VmState {
-        self.state
-    }
-
-    fn capabilities(&self) -> VmCapabilities {
-        VmCapabilities {
-            pause: true,
-            ..VmCapabilities::default()
-        }
-    }
-
-    fn runtime_dir(&self) -> &Path {
-        self.runtime.path()
-    }
-
-    async fn start(&mut self) -> Result<(), VmError> {
-        if self.state != VmState::Created {
-            return Err(VmError::InvalidState {
-                op: "start",
-                state: self.state,
-            });
-        }
         let mut inherited = Inherited { fds: Vec::new() };
-        let (plan, hosts) = self.plan(&mut inherited)?;
+        let (plan, hosts) = self.plan(&mut inherited, restore_memory)?;
         let mut hosts = hosts.into_iter();
         let (Some(qmp_host), Some(console_host), Some(agent_host)) =
             (hosts.next(), hosts.next(), hosts.next())
@@ -594,7 +625,7 @@ impl Vm for QemuVm {
             status = child.wait() => return Err(self.early_exit(status).await),
         };
         match result {
-            Ok(Ok((q, status))) if status == "running" => {
+            Ok(Ok((q, status))) if status == expected => {
                 self.qmp = Some(q);
                 Ok(())
             }
@@ -625,6 +656,137 @@ impl Vm for QemuVm {
         }
     }
 
+    fn plan(
+        &self,
+        inherited: &mut Inherited,
+        restore_memory: Option<&Path>,
+    ) -> Result<(QemuPlan, Vec<platform::HostStream>), VmError> {
+        let (kernel, initrd, memory) = match restore_memory {
+            // A restore boots nothing: the guest's memory already holds the kernel.
+            Some(memory) => {
+                let fd = platform::open_for_child(memory, false)
+                    .map_err(host_err(format!("open {}", memory.display())))?;
+                (
+                    FileRef::Path(self.config.kernel.clone()),
+                    FileRef::Path(self.config.initrd.clone()),
+                    Some(MemoryFile {
+                        file: inherited.file(fd),
+                        shared: false,
+                    }),
+                )
+            }
+            None => {
+                let kernel = platform::open_for_child(&self.config.kernel, false).map_err(
+                    host_err(format!("open kernel {}", self.config.kernel.display())),
+                )?;
+                let initrd = platform::open_for_child(&self.config.initrd, false).map_err(
+                    host_err(format!("open initrd {}", self.config.initrd.display())),
+                )?;
+                let memory = match &self.memory_file {
+                    Some(path) => {
+                        let bytes = u64::from(self.config.memory_mib) << 20;
+                        let fd = platform::create_memory_file(path, bytes, self.drop_to.as_ref())
+                            .map_err(host_err(format!("create {}", path.display())))?;
+                        Some(MemoryFile {
+                            file: inherited.file(fd),
+                            shared: true,
+                        })
+                    }
+                    None => None,
+                };
+                (inherited.file(kernel), inherited.file(initrd), memory)
+            }
+        };
+        let rootfs = match &self.config.rootfs {
+            None => None,
+            Some(d) => {
+                let what = format!("open rootfs {}", d.path.display());
+                let mut fds =
+                    vec![platform::open_for_child(&d.path, false).map_err(host_err(&what))?];
+                if !d.read_only {
+                    fds.push(platform::open_for_child(&d.path, true).map_err(host_err(&what))?);
+                }
+                Some(DiskPlan {
+                    source: inherited.disk(fds),
+                    read_only: d.read_only,
+                })
+            }
+        };
+        let mut hosts = Vec::with_capacity(3);
+        let mut endpoint = |name: &str| -> Result<Endpoint, VmError> {
+            let (host, child) =
+                platform::stream_pair().map_err(host_err(format!("create the {name} channel")))?;
+            hosts.push(host);
+            Ok(inherited.endpoint(child))
+        };
+        let qmp = endpoint("QMP")?;
+        let console = endpoint("console")?;
+        let agent = endpoint("agent")?;
+        let plan = QemuPlan {
+            binary: self.binary.clone(),
+            arch: self.config.arch,
+            accel: self.accel,
+            host: self.host,
+            cpus: self.config.cpus,
+            memory_mib: self.config.memory_mib,
+            kernel,
+            initrd,
+            append: self.kernel_args().render(),
+            rootfs,
+            qmp,
+            console,
+            agent,
+            agent_port: AGENT_PORT.to_string(),
+            virtio: self.options.virtio,
+            network: self.config.network,
+            sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
+            memory,
+            incoming: restore_memory.is_some(),
+        };
+        Ok((plan, hosts))
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> VmState {
+        self.state
+    }
+
+    fn capabilities(&self) -> VmCapabilities {
+        VmCapabilities {
+            pause: true,
+            snapshot: self.host == HostOs::Linux,
+            ..VmCapabilities::default()
+        }
+    }
+
+    fn runtime_dir(&self) -> &Path {
+        self.runtime.path()
+    }
+
+    async fn start(&mut self) -> Result<(), VmError> {
+        if self.state != VmState::Created {
+            return Err(VmError::InvalidState {
+                op: "start",
+                state: self.state,
+            });
+        }
+        self.launch(None).await
+    }
+
+    async fn save_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        self.save_into(path).await
+    }
+
+    async fn restore_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        self.restore_from(path).await
+    }
+
     async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError> {
         let stream = match (self.state, self.agent_stream.take()) {
             (VmState::Starting, Some(s)) => s,
@@ -643,8 +805,23 @@ impl Vm for QemuVm {
             });
         };
         let token = self.token.clone();
+        let restored = self.restored;
+        let timeout = if restored {
+            timeout.min(RESTORE_READY_TIMEOUT)
+        } else {
+            timeout
+        };
+        let hostname = format!("vmcp-{}", self.id);
+        let connect = async {
+            if restored {
+                let identity = crate::agent::new_identity(&token, &hostname);
+                AgentClient::connect_restored(stream, identity, timeout).await
+            } else {
+                AgentClient::connect(stream, &token, timeout).await
+            }
+        };
         let result = tokio::select! {
-            r = AgentClient::connect(stream, &token, timeout) => r,
+            r = connect => r,
             status = child.wait() => return Err(self.early_exit(status).await),
         };
         match result {
