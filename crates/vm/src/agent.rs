@@ -182,9 +182,13 @@ impl AgentClient {
     /// memory never opens this VM's channel. The agent must have the
     /// [`vmcp_guest_proto::Capabilities::REKEY`] capability (it announced it when the
     /// snapshot was taken; an agent without it answers with a failure).
+    ///
+    /// `old_hello`: where the channel reconnects after a restore (vsock), the agent first
+    /// says hello with the token it was saved with; that hello must carry exactly this token.
     pub async fn connect_restored<S: AgentStream>(
         stream: S,
         rekey: Rekey,
+        old_hello: Option<&str>,
         timeout: Duration,
     ) -> Result<AgentClient, AgentError> {
         let stream: Box<dyn AgentStream> = Box::new(stream);
@@ -192,6 +196,13 @@ impl AgentClient {
         let mut buf = Vec::new();
         let token = rekey.token.clone();
         let exchange = async {
+            if let Some(old) = old_hello {
+                match read_msg_async::<GuestMsg, _>(&mut reader, &mut buf).await? {
+                    Some(GuestMsg::Hello(h)) => check_hello(&h, old)?,
+                    Some(other) => return Err(AgentError::NoHello(format!("{other:?}"))),
+                    None => return Err(AgentError::Closed),
+                }
+            }
             write_msg_async(&mut writer, &HostMsg::Rekey(rekey))
                 .await
                 .map_err(|e| match e {

@@ -24,7 +24,9 @@
 pub mod agent;
 mod config;
 mod error;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fake;
+pub mod lifecycle;
 pub mod qemu;
 mod runtime_dir;
 pub mod select;
@@ -32,7 +34,7 @@ pub mod vz;
 pub mod windows;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
-pub use error::VmError;
+pub use error::{ErrorClass, VmError};
 pub use runtime_dir::{new_vm_id, RuntimeDir};
 
 use std::path::Path;

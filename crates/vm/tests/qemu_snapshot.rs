@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{prerequisites, vm_lock, Image, READY_TIMEOUT};
 use vmcp_guest_proto::ExitStatus;
 use vmcp_vm::agent::{AgentClient, ExecSpec};
+use vmcp_vm::lifecycle::SnapshotManifest;
 use vmcp_vm::qemu::snapshot::{MEMORY_FILE, STATE_FILE};
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
 use vmcp_vm::{Vm, VmError, VmState};
@@ -35,23 +36,33 @@ async fn sh(agent: &AgentClient, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Boots a VM with its memory in `<dir>/memory`, leaves a file behind, and saves it.
-async fn make_snapshot(img: &Image, dir: &Path) {
+/// Boots a VM with its memory in a file, leaves a file behind, saves it into `snap`, and
+/// checks that the VM runs on after the save (a checkpoint); a file written after the save
+/// must not be in the snapshot.
+async fn make_snapshot(img: &Image, snap: &Path) {
     let mut vm = QemuBackend::new().create_qemu(img.config()).await.unwrap();
-    vm.set_memory_file(dir.join(MEMORY_FILE)).unwrap();
+    vm.set_memory_file(vm.runtime_dir().join("memory"));
     vm.start().await.unwrap();
     vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    assert!(vm.capabilities().snapshot);
     let agent = vm.agent().unwrap();
     agent
         .write_file("/root/before.txt", b"written before the snapshot", 0o644)
         .await
         .unwrap();
+    vm.save_snapshot(snap).await.unwrap();
+    assert_eq!(vm.state(), VmState::Running);
+    agent
+        .write_file("/root/after.txt", b"written after the snapshot", 0o644)
+        .await
+        .unwrap();
+    assert_eq!(
+        sh(&agent, "cat /root/before.txt").await,
+        "written before the snapshot"
+    );
     drop(agent);
-    let pid = vm.pid().unwrap();
-    vm.save_snapshot(dir).await.unwrap();
-    assert_eq!(vm.state(), VmState::Stopped);
-    assert!(!proc_alive(pid), "the saved VM's QEMU must be gone");
-    assert!(dir.join(STATE_FILE).metadata().unwrap().len() > 1000);
+    vm.kill().await.unwrap();
+    assert!(snap.join(STATE_FILE).metadata().unwrap().len() > 1000);
 }
 
 fn proc_alive(pid: u32) -> bool {
@@ -70,11 +81,12 @@ async fn restore(img: &Image, dir: &Path) -> QemuVm {
 async fn each_restore_is_a_new_vm_with_the_snapshots_files() {
     let Some(img) = prerequisites() else { return };
     let _lock = vm_lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    make_snapshot(&img, dir.path()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    make_snapshot(&img, &snap).await;
 
-    let a = restore(&img, dir.path()).await;
-    let b = restore(&img, dir.path()).await;
+    let a = restore(&img, &snap).await;
+    let b = restore(&img, &snap).await;
     assert_ne!(a.id(), b.id());
     assert_ne!(a.runtime_dir(), b.runtime_dir());
     let (qa, qb) = (a.agent().unwrap(), b.agent().unwrap());
@@ -84,6 +96,10 @@ async fn each_restore_is_a_new_vm_with_the_snapshots_files() {
         assert_eq!(
             sh(agent, "cat /root/before.txt").await,
             "written before the snapshot"
+        );
+        assert_eq!(
+            sh(agent, "test -e /root/after.txt || echo absent").await,
+            "absent\n"
         );
         // The wall clock is the host's, not the snapshot's.
         let guest: u64 = sh(agent, "date +%s").await.trim().parse().unwrap();
@@ -128,9 +144,11 @@ async fn each_restore_is_a_new_vm_with_the_snapshots_files() {
 async fn broken_snapshots_are_refused_and_leave_no_qemu() {
     let Some(img) = prerequisites() else { return };
     let _lock = vm_lock().await;
-    let good = tempfile::tempdir().unwrap();
-    make_snapshot(&img, good.path()).await;
-    let state = std::fs::read(good.path().join(STATE_FILE)).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    make_snapshot(&img, &good).await;
+    let state = std::fs::read(good.join(STATE_FILE)).unwrap();
+    let manifest = SnapshotManifest::path(&good);
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("truncated", state[..state.len() / 3].to_vec()),
@@ -145,12 +163,14 @@ async fn broken_snapshots_are_refused_and_leave_no_qemu() {
         ("empty", Vec::new()),
     ];
     for (what, bytes) in cases {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join(STATE_FILE), &bytes).unwrap();
-        std::fs::hard_link(good.path().join(MEMORY_FILE), dir.path().join(MEMORY_FILE)).unwrap();
+        let dir = tmp.path().join(what);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(STATE_FILE), &bytes).unwrap();
+        std::fs::hard_link(good.join(MEMORY_FILE), dir.join(MEMORY_FILE)).unwrap();
+        std::fs::copy(&manifest, SnapshotManifest::path(&dir)).unwrap();
         let mut vm = QemuBackend::new().create_qemu(img.config()).await.unwrap();
         let started = std::time::Instant::now();
-        let res = vm.restore_snapshot(dir.path()).await;
+        let res = vm.restore_snapshot(&dir).await;
         let res = match res {
             Ok(()) => vm.wait_ready(READY_TIMEOUT).await.map(drop),
             Err(e) => Err(e),
@@ -178,8 +198,13 @@ async fn broken_snapshots_are_refused_and_leave_no_qemu() {
     let mut config = img.config();
     config.memory_mib = 512;
     let mut vm = QemuBackend::new().create_qemu(config).await.unwrap();
-    let e = vm.restore_snapshot(good.path()).await.unwrap_err();
+    let e = vm.restore_snapshot(&good).await.unwrap_err();
     let text = vmcp_test_support::error_chain(&e);
     assert!(text.contains("512 MiB"), "{text}");
+    // Without its manifest a snapshot is refused too.
+    std::fs::remove_file(&manifest).unwrap();
+    let mut vm = QemuBackend::new().create_qemu(img.config()).await.unwrap();
+    let e = vm.restore_snapshot(&good).await.unwrap_err();
+    assert!(matches!(e, VmError::Snapshot(_)), "{e:?}");
     assert!(vm.pid().is_none());
 }

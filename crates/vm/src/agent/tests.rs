@@ -317,7 +317,7 @@ mod restored {
     async fn the_new_token_opens_the_channel_and_the_old_one_does_not() {
         let (host, guest) = duplex(1 << 16);
         tokio::spawn(restored_guest(guest, |t| hello(t, PROTOCOL_VERSION)));
-        let c = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), T)
+        let c = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), None, T)
             .await
             .unwrap();
         assert_eq!(c.hello().token, "new");
@@ -326,7 +326,7 @@ mod restored {
         // A guest that still presents the snapshot's token (it ignored the re-key).
         let (host, guest) = duplex(1 << 16);
         tokio::spawn(restored_guest(guest, |_| hello("old", PROTOCOL_VERSION)));
-        let e = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), T)
+        let e = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), None, T)
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::BadToken), "{e}");
@@ -340,14 +340,14 @@ mod restored {
             kind: FailureKind::Other,
             message: "cannot take the new identity: EPERM".into(),
         }));
-        let e = AgentClient::connect_restored(host, new_identity("new", "h"), T)
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, T)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("new identity"), "{e}");
 
         let (host, guest) = duplex(1 << 16);
         tokio::spawn(restored_guest(guest, |_| GuestMsg::Pong { id: 1 }));
-        let e = AgentClient::connect_restored(host, new_identity("new", "h"), T)
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, T)
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::NoHello(_)), "{e}");
@@ -355,7 +355,7 @@ mod restored {
         // Never answers: a timeout, not a hang.
         let (host, _guest) = duplex(1 << 16);
         let t = Duration::from_millis(100);
-        let e = AgentClient::connect_restored(host, new_identity("new", "h"), t)
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, t)
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::HelloTimeout(_)), "{e}");

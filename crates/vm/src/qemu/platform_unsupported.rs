@@ -131,6 +131,14 @@ pub async fn send_with_fd(
 }
 
 /// Not on this OS (no QEMU snapshots here yet).
+pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
 pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
     Err(io::Error::new(
         io::ErrorKind::Unsupported,

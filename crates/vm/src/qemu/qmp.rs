@@ -25,9 +25,12 @@ pub enum QmpError {
     /// Reading or writing the socket failed.
     #[error("QMP I/O failed")]
     Io(#[from] std::io::Error),
-    /// QEMU closed the connection.
+    /// QEMU closed the connection (or there is none).
     #[error("QEMU closed the QMP connection")]
     Closed,
+    /// QEMU did not answer in time.
+    #[error("QEMU did not answer on QMP within {0:?}")]
+    Timeout(std::time::Duration),
     /// A line was not valid JSON or not a QMP message.
     #[error("malformed QMP message: {0}")]
     Malformed(String),

@@ -100,6 +100,22 @@ pub enum SnapshotError {
     },
 }
 
+impl SnapshotError {
+    /// The kind of problem (see [`crate::ErrorClass`]).
+    pub fn class(&self) -> crate::ErrorClass {
+        match self {
+            SnapshotError::Qmp { .. } | SnapshotError::Timeout { .. } => {
+                crate::ErrorClass::Hypervisor
+            }
+            SnapshotError::Io { .. } => crate::ErrorClass::HostSetup,
+            SnapshotError::Migration { op, .. } if *op == "save" => crate::ErrorClass::Hypervisor,
+            SnapshotError::Migration { .. } | SnapshotError::NotASnapshot { .. } => {
+                crate::ErrorClass::Config
+            }
+        }
+    }
+}
+
 /// The files of the snapshot in `dir`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotFiles {
