@@ -30,6 +30,8 @@ pub mod accel;
 pub mod binary;
 pub mod cmdline;
 pub mod console;
+pub mod doctor;
+pub mod host_windows;
 pub mod qmp;
 pub mod snapshot;
 pub mod spawn;
@@ -151,13 +153,7 @@ impl QemuBackend {
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
-        let binary = match &self.options.qemu_binary {
-            Some(b) => b.clone(),
-            None => binary::find(config.arch).map_err(|e| VmError::Unavailable {
-                backend: BACKEND,
-                reason: e.to_string(),
-            })?,
-        };
+        let binary = self.binary(config.arch)?;
         Lifecycle::prepare(&config, |prepared| {
             let runtime = prepared.dir;
             if let Some(base) = runtime.path().parent() {
@@ -202,6 +198,17 @@ impl QemuBackend {
         })
     }
 
+    /// The QEMU binary for `arch`: the configured one, else found in `$VMCP_QEMU` and `PATH`.
+    fn binary(&self, arch: Arch) -> Result<PathBuf, VmError> {
+        match &self.options.qemu_binary {
+            Some(b) => Ok(b.clone()),
+            None => binary::find(arch).map_err(|e| VmError::Unavailable {
+                backend: BACKEND,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
     /// Probes the binary, its version and the accelerator.
     pub async fn probe_detail(&self, arch: Arch) -> Result<String, String> {
         platform::LAUNCH_SUPPORTED.map_err(str::to_string)?;
@@ -230,6 +237,22 @@ impl Backend for QemuBackend {
             Ok(detail) => Probe::Usable { detail },
             Err(reason) => Probe::Unusable { reason },
         }
+    }
+
+    /// QEMU fits when it can launch here and its binary is found; the accelerator is the
+    /// requested one if usable, else the host's hardware one, else TCG with a notice.
+    async fn fit(&self, config: &VmConfig) -> Result<crate::select::Fit, VmError> {
+        platform::LAUNCH_SUPPORTED.map_err(|reason| VmError::Unavailable {
+            backend: BACKEND,
+            reason: reason.to_string(),
+        })?;
+        self.binary(config.arch)?;
+        let choice = self.choose_accel(config.arch, config.accel)?;
+        Ok(crate::select::Fit::new(Some(choice.accel), choice.notice))
+    }
+
+    async fn checks(&self) -> crate::select::Section {
+        doctor::section(self).await
     }
 
     async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {

@@ -199,11 +199,7 @@ impl QemuPlan {
     }
 
     fn accel_arg(&self) -> String {
-        match self.accel {
-            // Windows' WHPX cannot run the in-kernel irqchip QEMU would ask for by default.
-            Accel::Whpx => "whpx,kernel-irqchip=off".into(),
-            other => other.as_str().into(),
-        }
+        accel_arg(self.accel)
     }
 
     fn cpu_model(&self) -> Option<&'static str> {
@@ -415,6 +411,16 @@ impl KernelArgs {
         }
         v.extend(self.extra.iter().cloned());
         v.join(" ")
+    }
+}
+
+/// The value of QEMU's `-accel` for `accel`. WHPX gets the userspace irqchip: QEMU's
+/// in-kernel (Hyper-V) APIC emulation is the part of WHPX that fails most often with Linux
+/// guests (unverified on real hardware from here; see docs/windows.md).
+pub fn accel_arg(accel: Accel) -> String {
+    match accel {
+        Accel::Whpx => "whpx,kernel-irqchip=off".into(),
+        other => other.as_str().into(),
     }
 }
 

@@ -1,6 +1,7 @@
-//! Stand-in OS layer where the QEMU backend cannot launch VMs yet (macOS and Windows until
-//! their launch code lands). The pure parts of the backend (command line, accelerator choice,
-//! QMP) still build and are tested here; creating a VM reports the backend as unavailable.
+//! Stand-in OS layer where the QEMU backend cannot launch VMs (macOS: VMs run on the `vz`
+//! backend there, and QEMU with HVF is not offered). The pure parts of the backend (command
+//! line, accelerator choice, QMP) still build and are tested here; selecting or creating a VM
+//! reports the backend as unavailable, and `vmcp doctor` says so.
 
 pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
@@ -19,7 +20,7 @@ pub fn host_os() -> HostOs {
 
 /// Whether the QEMU backend can launch VMs on this OS.
 pub const LAUNCH_SUPPORTED: Result<(), &str> =
-    Err("launching QEMU is not implemented on this OS yet");
+    Err("this build cannot launch QEMU on this OS (on macOS, VMs run on the vz backend)");
 
 /// The host end of a channel to QEMU.
 pub type HostStream = tokio::io::DuplexStream;
@@ -56,7 +57,7 @@ pub fn disk_source(set: u32, fds: &[ChildFd]) -> super::cmdline::DiskSource {
 fn unsupported() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "launching QEMU is not implemented on this OS yet",
+        "this build cannot launch QEMU on this OS",
     )
 }
 
