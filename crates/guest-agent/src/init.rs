@@ -401,6 +401,8 @@ fn boot() -> Result<(), InitError> {
     }
     mount_late();
     setup_network(&cfg);
+    // Outlives each channel: a re-key's token must be the one of every later hello.
+    let token = std::sync::Arc::new(std::sync::Mutex::new(cfg.token.clone()));
     loop {
         let channel = open_channel(&cfg.channel, CHANNEL_WAIT)?;
         if !later.is_empty() {
@@ -426,6 +428,8 @@ fn boot() -> Result<(), InitError> {
             );
         }
         let mut options = ServeOptions::new(hello);
+        options.token = std::sync::Arc::clone(&token);
+        options.apply_rekey = Some(apply_rekey);
         options.reap_orphans = true;
         options.env.extend(proxy_env(cfg.proxy));
         options.debug = cfg.debug;
@@ -444,6 +448,18 @@ fn boot() -> Result<(), InitError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A restored guest's new identity: the host's entropy mixed in and the CRNG reseeded
+/// first (before anything else can draw from it), then the wall clock and the hostname.
+/// Returns the boot clock for the new hello.
+fn apply_rekey(r: &vmcp_guest_proto::Rekey) -> io::Result<u64> {
+    os::add_entropy_and_reseed(&r.entropy)?;
+    os::set_realtime(r.unix_time_ns)?;
+    if !r.hostname.is_empty() {
+        os::set_hostname(&r.hostname)?;
+    }
+    Ok(os::boottime_ns())
 }
 
 #[cfg(test)]

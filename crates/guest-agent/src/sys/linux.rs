@@ -2,7 +2,7 @@
 //! and peeking at zombies without reaping them.
 
 use std::ffi::CString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -252,4 +252,56 @@ pub fn add_default_route(gateway: std::net::Ipv4Addr) -> io::Result<()> {
             &mut rt as *mut libc::rtentry,
         )
     })
+}
+
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`).
+const RNDADDENTROPY: u32 = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`).
+const RNDRESEEDCRNG: u32 = 0x0000_5207;
+
+/// Mixes `bytes` into the kernel's input pool, credited as full entropy (they come from the
+/// host's own random number generator), then reseeds the kernel's CRNG so that
+/// `/dev/urandom` and `getrandom()` output depends on them at once. Needs CAP_SYS_ADMIN.
+pub fn add_entropy_and_reseed(bytes: &[u8]) -> io::Result<()> {
+    let random = OpenOptions::new().write(true).open("/dev/random")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in u32
+    // words so the header and the buffer are aligned as the kernel expects.
+    let words = bytes.len().div_ceil(4);
+    let mut info = vec![0u32; 2 + words];
+    let bits = i32::try_from(bytes.len() * 8)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too much entropy"))?;
+    info[0] = bits as u32;
+    info[1] = bytes.len() as u32;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut w = [0u8; 4];
+        w[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(w);
+    }
+    // SAFETY: `info` is a live, aligned rand_pool_info whose buf_size (bytes.len()) does not
+    // exceed the words that follow the header; the kernel only reads it.
+    check(unsafe {
+        libc::ioctl(
+            random.as_raw_fd(),
+            RNDADDENTROPY as libc::Ioctl,
+            info.as_ptr(),
+        )
+    })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as libc::Ioctl) })
+}
+
+/// Sets `CLOCK_REALTIME` to `unix_ns` nanoseconds since the epoch.
+pub fn set_realtime(unix_ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: (unix_ns / 1_000_000_000) as _,
+        tv_nsec: (unix_ns % 1_000_000_000) as _,
+    };
+    // SAFETY: `ts` is a valid timespec that outlives the call.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })
+}
+
+/// sethostname(2).
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast::<libc::c_char>(), name.len()) })
 }
