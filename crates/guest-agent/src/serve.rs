@@ -721,5 +721,4 @@ fn describe(msg: &HostMsg) -> String {
 }
 
 #[cfg(test)]
-#[path = "serve_tests.rs"]
 mod tests;
