@@ -503,5 +503,4 @@ fn unsupported_version(id: RequestId, asked: &str) -> Message {
 }
 
 #[cfg(test)]
-#[path = "server_tests.rs"]
 mod tests;
