@@ -17,6 +17,9 @@
 //! | `vmcp.scratch=<dev>` | ext4 device holding the writable layer (without it: tmpfs) | none |
 //! | `vmcp.user=<uid>:<gid>` | default user and group of processes | `0:0` |
 //! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
+//! | `vmcp.net=<a.b.c.d>/<prefix>` | bring up the first Ethernet interface with this address | none |
+//! | `vmcp.gw=<a.b.c.d>` | default route via this gateway (only with `vmcp.net`) | none |
+//! | `vmcp.proxy=<a.b.c.d>:<port>` | set `HTTP_PROXY`/`HTTPS_PROXY` (and lower-case forms) to `http://<a.b.c.d>:<port>` and `NO_PROXY=localhost,127.0.0.1,::1` for every process | none |
 //!
 //! Values may be double-quoted (`vmcp.token="a b"`). Unknown `vmcp.*` keys are reported as
 //! warnings (printed to the console) but do not stop the boot, so an older agent still boots
@@ -85,6 +88,18 @@ pub struct ImageSpec {
     pub scratch: Option<String>,
 }
 
+/// A static IPv4 configuration of the guest's network interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetSpec {
+    /// Interface address.
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
 /// Everything the agent takes from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -101,6 +116,10 @@ pub struct BootConfig {
     pub user: Option<(u32, u32)>,
     /// Verbose console output.
     pub debug: bool,
+    /// Static network configuration, if the VM has a network card.
+    pub net: Option<NetSpec>,
+    /// The host's egress proxy, `addr:port`, exported to every process.
+    pub proxy: Option<std::net::SocketAddrV4>,
     /// Problems that did not stop parsing (unknown keys), for the console.
     pub warnings: Vec<String>,
 }
@@ -131,6 +150,16 @@ pub enum CmdlineError {
     /// `vmcp.rootfs` and `vmcp.image` both given.
     #[error("vmcp.rootfs and vmcp.image exclude each other")]
     RootfsAndImage,
+    /// A network parameter is malformed.
+    #[error("bad {key}={value:?}: expected {expected}")]
+    Net {
+        /// Parameter.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
     /// A device path is not absolute.
     #[error("bad {key}={value:?}: expected an absolute device path such as /dev/vda")]
     Path {
@@ -216,6 +245,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         image: None,
         user: None,
         debug: false,
+        net: None,
+        proxy: None,
         warnings: Vec::new(),
     };
     let mut image_dev = None;
@@ -230,6 +261,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
             })
         }
     };
+    let mut gateway = None;
     let mut rootfs_dev = None;
     let mut fstype = "ext4".to_string();
     let mut read_only = false;
@@ -265,6 +297,38 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                 cfg.user = Some((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?));
             }
             "debug" => cfg.debug = parse_bool("vmcp.debug", value)?,
+            "net" => {
+                let bad = || CmdlineError::Net {
+                    key: "vmcp.net".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address and prefix such as 10.0.2.15/24",
+                };
+                let (a, p) = value.split_once('/').ok_or_else(bad)?;
+                let addr = a.parse().map_err(|_| bad())?;
+                let prefix: u8 = p.parse().map_err(|_| bad())?;
+                if prefix == 0 || prefix > 30 {
+                    return Err(bad());
+                }
+                cfg.net = Some(NetSpec {
+                    addr,
+                    prefix,
+                    gateway: None,
+                });
+            }
+            "gw" => {
+                gateway = Some(value.parse().map_err(|_| CmdlineError::Net {
+                    key: "vmcp.gw".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address such as 10.0.2.2",
+                })?);
+            }
+            "proxy" => {
+                cfg.proxy = Some(value.parse().map_err(|_| CmdlineError::Net {
+                    key: "vmcp.proxy".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address and port such as 10.0.2.100:3128",
+                })?);
+            }
             _ => cfg
                 .warnings
                 .push(format!("unknown kernel parameter vmcp.{key} ignored")),
@@ -272,6 +336,9 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
     }
     if rootfs_dev.is_some() && image_dev.is_some() {
         return Err(CmdlineError::RootfsAndImage);
+    }
+    if let Some(net) = cfg.net.as_mut() {
+        net.gateway = gateway;
     }
     cfg.rootfs = rootfs_dev.map(|device| RootfsSpec {
         device,
@@ -428,6 +495,32 @@ mod tests {
         assert!(cfg.debug);
         assert_eq!(cfg.warnings.len(), 1);
         assert!(cfg.warnings[0].contains("vmcp.frobnicate"));
+    }
+
+    #[test]
+    fn network_parameters() {
+        let cfg =
+            parse_cmdline("vmcp.net=10.0.2.15/24 vmcp.gw=10.0.2.2 vmcp.proxy=10.0.2.100:3128")
+                .unwrap();
+        let net = cfg.net.unwrap();
+        assert_eq!(net.addr.to_string(), "10.0.2.15");
+        assert_eq!(net.prefix, 24);
+        assert_eq!(net.gateway.unwrap().to_string(), "10.0.2.2");
+        assert_eq!(cfg.proxy.unwrap().to_string(), "10.0.2.100:3128");
+        let plain = parse_cmdline("quiet").unwrap();
+        assert_eq!((plain.net, plain.proxy), (None, None));
+        for bad in [
+            "vmcp.net=10.0.2.15",
+            "vmcp.net=10.0.2.15/0",
+            "vmcp.net=10.0.2.15/33",
+            "vmcp.net=x/24",
+            "vmcp.gw=nope",
+            "vmcp.proxy=10.0.2.100",
+            "vmcp.proxy=[::1]:80",
+        ] {
+            let e = parse_cmdline(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{e}");
+        }
     }
 
     proptest::proptest! {

@@ -142,6 +142,12 @@ pub enum VmError {
         /// What happened.
         what: String,
     },
+    /// Saving a snapshot's state failed.
+    #[error("cannot save the VM snapshot")]
+    SnapshotSave(#[source] crate::qemu::snapshot::SnapshotError),
+    /// Restoring a snapshot's state failed.
+    #[error("cannot restore the VM snapshot")]
+    SnapshotRestore(#[source] crate::qemu::snapshot::SnapshotError),
     /// A snapshot's manifest is missing, unreadable or does not fit this VM.
     #[error("cannot use snapshot {path}", path = .0.snapshot().display())]
     Snapshot(#[from] crate::lifecycle::ManifestError),
@@ -182,6 +188,7 @@ impl VmError {
     pub fn class(&self) -> ErrorClass {
         match self {
             VmError::Config(_) | VmError::Snapshot(_) => ErrorClass::Config,
+            VmError::SnapshotSave(e) | VmError::SnapshotRestore(e) => e.class(),
             VmError::Unavailable { .. } | VmError::Host { .. } | VmError::Spawn(_) => {
                 ErrorClass::HostSetup
             }

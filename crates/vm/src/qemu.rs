@@ -23,7 +23,8 @@
 //!
 //! # Limits
 //! - No vsock channel yet ([`VmCapabilities::vsock`] is false); virtio-serial works everywhere.
-//! - Pause/resume are QMP `stop`/`cont`; no snapshot through this API yet.
+//! - Pause/resume are QMP `stop`/`cont`. Snapshots ([`snapshot`]) need the VM's RAM in a
+//!   shared file ([`QemuMachine::set_memory_file`]) and work on Linux only.
 
 pub mod accel;
 pub mod binary;
@@ -32,6 +33,7 @@ pub mod console;
 pub mod doctor;
 pub mod host_windows;
 pub mod qmp;
+pub mod snapshot;
 pub mod spawn;
 pub mod stale;
 
@@ -57,8 +59,8 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, ImageArg, KernelArgs, QemuPlan, RootfsArg,
-    VirtioTransport, AGENT_PORT,
+    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, ImageArg, KernelArgs, MemoryFile, QemuPlan,
+    RootfsArg, VirtioTransport, AGENT_PORT,
 };
 
 use crate::agent::AgentStream;
@@ -191,6 +193,7 @@ impl QemuBackend {
                 stderr: console::Tail::default(),
                 tasks: Vec::new(),
                 argv: Vec::new(),
+                memory_file: None,
             })
         })
     }
@@ -279,6 +282,8 @@ pub struct QemuMachine {
     stderr: console::Tail,
     tasks: Vec<JoinHandle<()>>,
     argv: Vec<OsString>,
+    /// Guest RAM in this file, mapped shared (a VM that can be saved).
+    memory_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for QemuMachine {
@@ -326,6 +331,15 @@ fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 }
 
 impl QemuMachine {
+    /// Puts the guest's RAM in the file `path` (created or truncated, sparse, the VM's
+    /// memory size) instead of anonymous memory, which is what lets [`Vm::save_snapshot`]
+    /// write only the device state plus a copy of the pages the guest touched. Takes effect
+    /// at the next launch. Put the file on a fast file system (tmpfs or the snapshot
+    /// store's); it is removed with the VM only if it is inside its runtime directory.
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.memory_file = Some(path);
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.pid
@@ -431,13 +445,44 @@ impl QemuMachine {
         &self,
         token: &str,
         inherited: &mut Inherited,
+        restore_memory: Option<&Path>,
     ) -> Result<(QemuPlan, [platform::HostStream; 3]), VmError> {
-        let kernel = platform::open_for_child(&self.config.kernel, false).map_err(host_err(
-            format!("open kernel {}", self.config.kernel.display()),
-        ))?;
-        let initrd = platform::open_for_child(&self.config.initrd, false).map_err(host_err(
-            format!("open initrd {}", self.config.initrd.display()),
-        ))?;
+        let (kernel, initrd, memory) = match restore_memory {
+            // A restore boots nothing: the guest's memory already holds the kernel.
+            Some(memory) => {
+                let fd = platform::open_for_child(memory, false)
+                    .map_err(host_err(format!("open {}", memory.display())))?;
+                (
+                    FileRef::Path(self.config.kernel.clone()),
+                    FileRef::Path(self.config.initrd.clone()),
+                    Some(MemoryFile {
+                        file: inherited.file(fd),
+                        shared: false,
+                    }),
+                )
+            }
+            None => {
+                let kernel = platform::open_for_child(&self.config.kernel, false).map_err(
+                    host_err(format!("open kernel {}", self.config.kernel.display())),
+                )?;
+                let initrd = platform::open_for_child(&self.config.initrd, false).map_err(
+                    host_err(format!("open initrd {}", self.config.initrd.display())),
+                )?;
+                let memory = match &self.memory_file {
+                    Some(path) => {
+                        let bytes = u64::from(self.config.memory_mib) << 20;
+                        let fd = platform::create_memory_file(path, bytes, self.drop_to.as_ref())
+                            .map_err(host_err(format!("create {}", path.display())))?;
+                        Some(MemoryFile {
+                            file: inherited.file(fd),
+                            shared: true,
+                        })
+                    }
+                    None => None,
+                };
+                (inherited.file(kernel), inherited.file(initrd), memory)
+            }
+        };
         let rootfs = match &self.config.rootfs {
             None => None,
             Some(d) => {
@@ -486,8 +531,8 @@ impl QemuMachine {
             host: self.host,
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
-            kernel: inherited.file(kernel),
-            initrd: inherited.file(initrd),
+            kernel,
+            initrd,
             append: self.kernel_args(token).render(),
             rootfs,
             disks,
@@ -498,6 +543,8 @@ impl QemuMachine {
             virtio: self.options.virtio,
             network: self.config.network,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
+            memory,
+            incoming: restore_memory.is_some(),
         };
         Ok((plan, [qmp_host, console_host, agent_host]))
     }
@@ -512,6 +559,7 @@ impl Machine for QemuMachine {
     fn capabilities(&self) -> VmCapabilities {
         VmCapabilities {
             pause: true,
+            snapshot: self.host == HostOs::Linux && self.memory_file.is_some(),
             ..VmCapabilities::default()
         }
     }
@@ -531,11 +579,139 @@ impl Machine for QemuMachine {
     /// Start = spawn + QMP handshake + `query-status` is `running`, so bad QEMU arguments fail
     /// here with QEMU's own message.
     async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
+        self.spawn_qemu(token, None).await
+    }
+
+    fn agent_stream(&mut self) -> AgentConnect {
+        let stream = self.agent_stream.take();
+        Box::pin(async move {
+            stream
+                .map(|s| Box::new(s) as Box<dyn AgentStream>)
+                .ok_or(VmError::Hypervisor {
+                    backend: BACKEND,
+                    what: "the agent channel was already handed out".into(),
+                })
+        })
+    }
+
+    async fn wait_exit(&mut self) -> Exit {
+        let Some(child) = self.child.as_mut() else {
+            return Exit::new("QEMU is not running");
+        };
+        let status = child.wait().await;
+        self.exited(status).await
+    }
+
+    async fn kill(&mut self) -> Result<(), VmError> {
+        self.kill_now().await
+    }
+
+    async fn pause(&mut self) -> Result<(), VmError> {
+        self.qmp_command("stop").await
+    }
+
+    async fn resume(&mut self) -> Result<(), VmError> {
+        self.qmp_command("cont").await
+    }
+
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        if self.host == HostOs::Linux {
+            Ok(())
+        } else {
+            Err(VmError::Unsupported(
+                "save or restore a QEMU snapshot on this OS (Linux only so far)",
+            ))
+        }
+    }
+
+    /// The saved guest's agent is idle in a read of its virtio-serial port, which stays
+    /// connected across the restore: it says nothing until the lifecycle re-keys it.
+    fn agent_hello_after_load(&self) -> bool {
+        false
+    }
+
+    /// Writes the snapshot directory `path`: the device state (QEMU stopped by the
+    /// lifecycle) and a sparse copy of the memory file, so the VM can go on running.
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        let Some(memory) = self.memory_file.clone() else {
+            return Err(VmError::Unsupported(
+                "save a QEMU VM started without a memory file (QemuMachine::set_memory_file)",
+            ));
+        };
+        std::fs::create_dir_all(path).map_err(host_err(format!("create {}", path.display())))?;
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = std::fs::File::create(&files.state)
+            .map_err(host_err(format!("create {}", files.state.display())))?;
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmError::Qmp {
+                command: "migrate",
+                source: qmp::QmpError::Closed,
+            });
+        };
+        snapshot::save(q, &state, false)
+            .await
+            .map_err(VmError::SnapshotSave)?;
+        let (from, to) = (memory.clone(), files.memory.clone());
+        tokio::task::spawn_blocking(move || platform::copy_sparse(&from, &to))
+            .await
+            .map_err(|e| host_err("copy the memory file")(std::io::Error::other(e)))?
+            .map_err(host_err(format!(
+                "copy {} to {}",
+                memory.display(),
+                files.memory.display()
+            )))?;
+        platform::seal_memory_file(&files.memory, self.drop_to.as_ref())
+            .map_err(host_err(format!("seal {}", files.memory.display())))
+    }
+
+    /// QEMU with the snapshot's memory mapped copy-on-write and no kernel; the device state
+    /// loaded over QMP; the guest running.
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = files
+            .check(self.config.memory_mib)
+            .map_err(VmError::SnapshotRestore)?;
+        self.spawn_qemu(token, Some(&files.memory)).await?;
+        let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
+            return Err(LaunchError::Failed(VmError::Qmp {
+                command: "migrate-incoming",
+                source: qmp::QmpError::Closed,
+            }));
+        };
+        let loaded = tokio::select! {
+            r = snapshot::load(q, &state) => Ok(r),
+            status = child.wait() => Err(status),
+        };
+        match loaded {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let _ = self.kill_now().await;
+                Err(LaunchError::Failed(VmError::SnapshotRestore(e)))
+            }
+            Err(status) => Err(LaunchError::Exited(self.exited(status).await)),
+        }
+    }
+}
+
+impl QemuMachine {
+    /// Spawns QEMU and checks it over QMP: `running` after a boot, `inmigrate` when
+    /// `restore_memory` names a snapshot's memory file (the state is loaded next).
+    async fn spawn_qemu(
+        &mut self,
+        token: &str,
+        restore_memory: Option<&Path>,
+    ) -> Result<(), LaunchError> {
+        let expected = if restore_memory.is_some() {
+            "inmigrate"
+        } else {
+            "running"
+        };
         let mut inherited = Inherited {
             fds: Vec::new(),
             disk_sets: 0,
         };
-        let (plan, [qmp_host, console_host, agent_host]) = self.plan(token, &mut inherited)?;
+        let (plan, [qmp_host, console_host, agent_host]) =
+            self.plan(token, &mut inherited, restore_memory)?;
         self.argv = plan.argv();
         tracing::debug!(argv = ?self.argv, "starting QEMU");
         let mut child = platform::spawn(platform::SpawnSpec {
@@ -574,7 +750,7 @@ impl Machine for QemuMachine {
         };
         self.child = Some(child);
         let failure = match result {
-            Ok(Ok((q, status))) if status == "running" => {
+            Ok(Ok((q, status))) if status == expected => {
                 self.qmp = Some(q);
                 return Ok(());
             }
@@ -601,38 +777,6 @@ impl Machine for QemuMachine {
         }
         let _ = self.kill_now().await;
         Err(failure.into())
-    }
-
-    fn agent_stream(&mut self) -> AgentConnect {
-        let stream = self.agent_stream.take();
-        Box::pin(async move {
-            stream
-                .map(|s| Box::new(s) as Box<dyn AgentStream>)
-                .ok_or(VmError::Hypervisor {
-                    backend: BACKEND,
-                    what: "the agent channel was already handed out".into(),
-                })
-        })
-    }
-
-    async fn wait_exit(&mut self) -> Exit {
-        let Some(child) = self.child.as_mut() else {
-            return Exit::new("QEMU is not running");
-        };
-        let status = child.wait().await;
-        self.exited(status).await
-    }
-
-    async fn kill(&mut self) -> Result<(), VmError> {
-        self.kill_now().await
-    }
-
-    async fn pause(&mut self) -> Result<(), VmError> {
-        self.qmp_command("stop").await
-    }
-
-    async fn resume(&mut self) -> Result<(), VmError> {
-        self.qmp_command("cont").await
     }
 }
 
@@ -694,6 +838,11 @@ impl Lifecycle<QemuMachine> {
     /// QEMU's resident set size in KiB, while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
         self.machine().rss_kib()
+    }
+
+    /// See [`QemuMachine::set_memory_file`]; call before [`Vm::start`].
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.machine_mut().set_memory_file(path);
     }
 }
 

@@ -104,6 +104,18 @@ impl Endpoint {
     }
 }
 
+/// Guest RAM backed by a file instead of anonymous memory: what makes fast snapshots
+/// possible (see `qemu/snapshot.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFile {
+    /// The file (its size is the guest's memory).
+    pub file: FileRef,
+    /// `true`: mapped shared, guest writes land in the file (a VM whose memory becomes a
+    /// snapshot). `false`: opened read-only and mapped copy-on-write, the guest's writes stay
+    /// private to this QEMU (a VM restored from a snapshot; many share the file's pages).
+    pub shared: bool,
+}
+
 /// How virtio devices are attached to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VirtioTransport {
@@ -155,6 +167,11 @@ pub struct QemuPlan {
     pub network: bool,
     /// Turn on QEMU's seccomp sandbox.
     pub sandbox: bool,
+    /// Guest RAM from a file; `None`: anonymous memory.
+    pub memory: Option<MemoryFile>,
+    /// Restore instead of boot: no kernel, initrd or command line (the guest's memory comes
+    /// from a snapshot), and `-incoming defer` (the state is loaded over QMP).
+    pub incoming: bool,
 }
 
 /// The `-sandbox` value: deny everything QEMU does not need once it runs.
@@ -211,7 +228,10 @@ impl QemuPlan {
         push("-accel");
         push(&self.accel_arg());
         push("-M");
-        push(&self.machine());
+        match &self.memory {
+            Some(_) => push(&format!("{},memory-backend=mem", self.machine())),
+            None => push(&self.machine()),
+        }
         if let Some(cpu) = self.cpu_model() {
             push("-cpu");
             push(cpu);
@@ -229,6 +249,21 @@ impl QemuPlan {
         push(&self.cpus.to_string());
         push("-m");
         push(&format!("{}M", self.memory_mib));
+        if let Some(mem) = &self.memory {
+            // A copy-on-write restore opens the file read-only; `rom=off` keeps the memory
+            // writable for the guest (QEMU would otherwise make a read-only file a ROM).
+            let mode = if mem.shared {
+                "share=on"
+            } else {
+                "share=off,readonly=on,rom=off"
+            };
+            push("-object");
+            push(&format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},{mode}",
+                self.memory_mib,
+                escape_opt(&mem.file.to_arg().to_string_lossy())
+            ));
+        }
         if self.sandbox {
             push("-sandbox");
             push(SANDBOX);
@@ -287,6 +322,11 @@ impl QemuPlan {
         let mut out = Vec::with_capacity(a.len() + 7);
         out.push(self.binary.clone().into_os_string());
         out.append(&mut a);
+        if self.incoming {
+            out.push("-incoming".into());
+            out.push("defer".into());
+            return out;
+        }
         out.push("-kernel".into());
         out.push(self.kernel.to_arg());
         out.push("-initrd".into());

@@ -1,5 +1,5 @@
-//! Windows process and channel plumbing for the QEMU backend (engineer "windows"; the
-//! `unsafe` it needs lives in `crate::qemu::host_windows`'s OS layer).
+//! Windows process and channel plumbing for the QEMU backend (the `unsafe` it needs lives in
+//! `crate::qemu::host_windows`'s OS layer).
 //!
 //! Differences from Linux, and why:
 //! - **Channels** are loopback TCP, not inherited socketpairs: QMP, console and agent port
@@ -195,6 +195,42 @@ pub fn dir_is_mine(path: &Path) -> bool {
         return false;
     };
     meta.is_dir() && parent == temp
+}
+
+/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
+pub async fn send_with_fd(
+    _stream: &HostStream,
+    _data: &[u8],
+    _file: &std::fs::File,
+) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
 }
 
 #[cfg(test)]

@@ -248,6 +248,8 @@ mod tests {
             virtio: VirtioTransport::Pci,
             network: false,
             sandbox: QemuPlan::sandbox_supported(HostOs::Windows),
+            memory: None,
+            incoming: false,
         };
         let argv: Vec<String> = plan
             .argv()
