@@ -100,10 +100,10 @@ win_lap "vmcp.exe doctor under wine"
 
 # The Windows unit tests, on (wine's) Windows: the OS layer for real (RtlGetVersion, WHP
 # probe, Job Object kill-on-close) and the pure logic compiled for Windows.
-timeout 120 "$WINE" "$tests_bin" windows:: qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
-  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm windows:: / qemu::platform_windows unit tests failed under wine"; }
+timeout 120 "$WINE" "$tests_bin" qemu::host_windows qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
+  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm qemu::host_windows / qemu::platform_windows unit tests failed under wine"; }
 grep -E '^test result:' "$tmp/tests.txt" >&2
-grep -q 'windows::sys::tests::job_kills_its_process_on_drop ... ok' "$tmp/tests.txt" \
+grep -q 'qemu::host_windows::sys::tests::job_kills_its_process_on_drop ... ok' "$tmp/tests.txt" \
   || win_fail "the Job Object test did not run under wine"
 grep -q 'qemu::platform_windows::tests::spawned_child_is_in_the_job_and_killable ... ok' "$tmp/tests.txt" \
   || win_fail "the Windows QEMU spawn test did not run under wine"

@@ -39,7 +39,7 @@ pub use codec::{
 };
 pub use message::{
     credit_cost, Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg,
-    RequestId, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
+    Rekey, RequestId, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 #[cfg(feature = "tokio")]
 pub use tokio_io::{read_msg_async, write_msg_async, FrameReader};

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 /// handshake, never in a stall.
 ///
 /// History: 1 = the first message set; 2 = per-request flow control ([`HostMsg::Credit`],
-/// [`HostMsg::Discard`], [`GuestMsg::StdinCredit`], [`STREAM_WINDOW`]).
+/// [`HostMsg::Discard`], [`GuestMsg::StdinCredit`], [`STREAM_WINDOW`]). [`HostMsg::Rekey`]
+/// came without a version change: it is gated by [`Capabilities::REKEY`].
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Flow-control window of one request, per direction, in credit units (see [`credit_cost`]).
@@ -58,6 +59,8 @@ impl Capabilities {
     pub const SIGNAL: u64 = 1 << 3;
     /// A root filesystem from a block device is mounted.
     pub const ROOTFS: u64 = 1 << 4;
+    /// Takes a new identity after a snapshot restore ([`HostMsg::Rekey`]).
+    pub const REKEY: u64 = 1 << 5;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -95,6 +98,44 @@ pub struct ExecRequest {
     /// Whether the host streams stdin ([`HostMsg::Stdin`], [`HostMsg::StdinEof`]); when false
     /// the process reads `/dev/null`.
     pub stdin: bool,
+}
+
+/// A new identity for a guest restored from a snapshot: every VM restored from one snapshot
+/// starts with the same memory, so the host gives each its own token, fresh entropy for the
+/// kernel's random number generator, the current wall clock and a hostname.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rekey {
+    /// Request id (a failure names it).
+    pub id: RequestId,
+    /// The channel token from now on: the agent presents it in every later [`Hello`], and
+    /// the one it booted with is forgotten.
+    pub token: String,
+    /// Random bytes from the host, mixed into the guest kernel's pool, which is then
+    /// reseeded (at most [`Rekey::MAX_ENTROPY`] bytes).
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// The guest's hostname from now on (empty: keep it).
+    pub hostname: String,
+}
+
+impl Rekey {
+    /// Most entropy bytes a re-key may carry.
+    pub const MAX_ENTROPY: usize = 512;
+}
+
+impl std::fmt::Debug for Rekey {
+    // The token and the entropy are secrets: never in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekey")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("unix_time_ns", &self.unix_time_ns)
+            .field("hostname", &self.hostname)
+            .finish()
+    }
 }
 
 /// Messages from host to guest.
@@ -159,6 +200,10 @@ pub enum HostMsg {
         /// Request id.
         id: RequestId,
     },
+    /// Take a new identity after a snapshot restore (capability [`Capabilities::REKEY`]):
+    /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
+    /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
+    Rekey(Rekey),
     /// The host's consumer took output of request `id` worth `credit` units (see
     /// [`credit_cost`]): the guest may send that much more within [`STREAM_WINDOW`]. Credit
     /// for an unknown or finished request is ignored. No answer.

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use vmcp_guest_proto::{
     credit_cost, encode, ExecRequest, ExitStatus, FailureKind, FrameReader, GuestMsg, Hello,
-    HostMsg, ProtoError, RequestId, CHUNK_SIZE, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
+    HostMsg, ProtoError, Rekey, RequestId, CHUNK_SIZE, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 use vmcp_sanitize::{sanitize, DEFAULT_MAX_CHARS};
 
@@ -335,24 +335,74 @@ impl AgentClient {
         limits: AgentLimits,
     ) -> Result<AgentClient, AgentError> {
         let stream: Box<dyn AgentStream> = Box::new(stream);
-        let (reader, mut writer) = tokio::io::split(stream);
+        let (reader, writer) = tokio::io::split(stream);
         let mut reader = FrameReader::new(reader);
         let first = tokio::time::timeout(timeout, reader.next::<GuestMsg>())
             .await
             .map_err(|_| AgentError::HelloTimeout(timeout))??;
-        let mut hello = match first {
+        let hello = match first {
             Some(GuestMsg::Hello(h)) => h,
             Some(other) => return Err(AgentError::NoHello(describe(&other))),
             None => return Err(AgentError::Closed),
         };
-        if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
-            return Err(AgentError::BadToken);
-        }
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(AgentError::Version {
-                guest: hello.protocol_version,
-            });
-        }
+        check_hello(&hello, token)?;
+        Ok(Self::serve(reader, writer, hello, limits))
+    }
+
+    /// After a snapshot restore: gives the agent its new identity (`rekey`: token, entropy,
+    /// clock, hostname) and waits for the hello that presents the new token. A hello with any
+    /// other token (the snapshot's own) is refused, so the token left in the snapshot's
+    /// memory never opens this VM's channel. The agent must have the
+    /// [`vmcp_guest_proto::Capabilities::REKEY`] capability (it announced it when the
+    /// snapshot was taken; an agent without it answers with a failure).
+    ///
+    /// `old_hello`: where the channel reconnects after a restore (vsock), the agent first
+    /// says hello with the token it was saved with; that hello must carry exactly this token.
+    pub async fn connect_restored<S: AgentStream>(
+        stream: S,
+        rekey: Rekey,
+        old_hello: Option<&str>,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let stream: Box<dyn AgentStream> = Box::new(stream);
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(reader);
+        let token = rekey.token.clone();
+        let exchange = async {
+            if let Some(old) = old_hello {
+                match reader.next::<GuestMsg>().await? {
+                    Some(GuestMsg::Hello(h)) => check_hello(&h, old)?,
+                    Some(other) => return Err(AgentError::NoHello(describe(&other))),
+                    None => return Err(AgentError::Closed),
+                }
+            }
+            let frame = encode(&HostMsg::Rekey(rekey))?;
+            let written = async {
+                writer.write_all(&frame).await?;
+                writer.flush().await
+            };
+            written.await.map_err(|_| AgentError::Closed)?;
+            match reader.next::<GuestMsg>().await? {
+                Some(GuestMsg::Hello(h)) => Ok(h),
+                Some(GuestMsg::Failed { kind, message, .. }) => Err(failed(kind, &message)),
+                Some(other) => Err(AgentError::NoHello(describe(&other))),
+                None => Err(AgentError::Closed),
+            }
+        };
+        let hello = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| AgentError::HelloTimeout(timeout))??;
+        check_hello(&hello, &token)?;
+        Ok(Self::serve(reader, writer, hello, AgentLimits::default()))
+    }
+
+    /// Starts the reader and writer tasks of a channel whose hello was accepted.
+    fn serve(
+        mut reader: FrameReader<tokio::io::ReadHalf<Box<dyn AgentStream>>>,
+        mut writer: tokio::io::WriteHalf<Box<dyn AgentStream>>,
+        mut hello: Hello,
+        limits: AgentLimits,
+    ) -> AgentClient {
         hello.agent_version = sanitize(&hello.agent_version, 64);
         let (frames, mut frame_rx) = mpsc::channel::<Vec<u8>>(FRAME_QUEUE);
         let shared = Arc::new(Shared {
@@ -409,7 +459,7 @@ impl AgentClient {
             }
             let _ = writer.shutdown().await;
         });
-        Ok(AgentClient { shared })
+        AgentClient { shared }
     }
 
     /// What the agent announced.
@@ -813,6 +863,37 @@ fn describe(msg: &GuestMsg) -> String {
         }
         _ => "a message this vmcp does not know".to_string(),
     }
+}
+
+/// A new identity for a VM restored from a snapshot: `token`, fresh random bytes from the
+/// host for the guest's kernel RNG, the host's wall clock now, and `hostname`.
+pub fn new_identity(token: &str, hostname: &str) -> Rekey {
+    let mut entropy = Vec::with_capacity(64);
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    let unix_time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Rekey {
+        id: 0,
+        token: token.to_string(),
+        entropy,
+        unix_time_ns,
+        hostname: hostname.to_string(),
+    }
+}
+
+/// The token and protocol version of a hello.
+fn check_hello(hello: &Hello, token: &str) -> Result<(), AgentError> {
+    if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
+        return Err(AgentError::BadToken);
+    }
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(AgentError::Version {
+            guest: hello.protocol_version,
+        });
+    }
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -1,11 +1,11 @@
-//! Windows process and channel plumbing for the QEMU backend (engineer "windows"; the
-//! `unsafe` it needs lives in `crate::windows`'s OS layer).
+//! Windows process and channel plumbing for the QEMU backend (the `unsafe` it needs lives in
+//! `crate::qemu::host_windows`'s OS layer).
 //!
 //! Differences from Linux, and why:
 //! - **Channels** are loopback TCP, not inherited socketpairs: QMP, console and agent port
 //!   each get a [`PendingTcpStream`] bound to `127.0.0.1:<ephemeral>` before QEMU starts;
 //!   QEMU connects as a client (`-chardev socket,host=127.0.0.1,port=N`). The agent channel is
-//!   authenticated by the per-VM token (see `crate::windows::channel` for the limits).
+//!   authenticated by the per-VM token (see `crate::qemu::host_windows::channel` for the limits).
 //! - **Files by path**: QEMU gets the kernel, initrd and disk paths (without the `\\?\`
 //!   prefix). vmcp opens each once first, so a missing or unreadable file is reported by vmcp
 //!   before QEMU starts. No descriptors are inherited; [`ChildFd::raw`] is always -1 and
@@ -33,9 +33,9 @@ use std::sync::OnceLock;
 use windows_sys::Win32::System::Threading::{CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW};
 
 use super::cmdline::{DiskSource, Endpoint, FileRef, HostOs};
-use crate::windows::channel::PendingTcpStream;
-use crate::windows::qemu_args::host_path;
-use crate::windows::KillOnCloseJob;
+use crate::qemu::host_windows::channel::PendingTcpStream;
+use crate::qemu::host_windows::qemu_args::host_path;
+use crate::qemu::host_windows::KillOnCloseJob;
 
 /// The host OS this module serves.
 pub fn host_os() -> HostOs {
@@ -174,12 +174,12 @@ pub fn kill_group(_pgid: u32) {}
 
 /// Creation time of running process `pid` (for the owner file of runtime folders).
 pub fn start_time(pid: u32) -> Option<u64> {
-    crate::windows::process_start_time(pid)
+    crate::qemu::host_windows::process_start_time(pid)
 }
 
 /// Working set of process `pid` in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    crate::windows::process_rss_kib(pid)
+    crate::qemu::host_windows::process_rss_kib(pid)
 }
 
 /// Whether `path` is a runtime folder of this user: a folder directly in this user's own
@@ -195,6 +195,42 @@ pub fn dir_is_mine(path: &Path) -> bool {
         return false;
     };
     meta.is_dir() && parent == temp
+}
+
+/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
+pub async fn send_with_fd(
+    _stream: &HostStream,
+    _data: &[u8],
+    _file: &std::fs::File,
+) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use windows_sys::Win32::System::Threading::{
     PROCESS_VM_READ,
 };
 
-use crate::windows::facts::{WhpStatus, WindowsVersion};
+use crate::qemu::host_windows::facts::{WhpStatus, WindowsVersion};
 
 /// `WHvGetCapability` as declared in WinHvPlatform.h.
 type WHvGetCapabilityFn = unsafe extern "system" fn(

@@ -2,7 +2,7 @@
 //! cannot be created. (There, the QEMU backend ties its child to vmcp with the host's own
 //! means, e.g. `PR_SET_PDEATHSIG` on Linux.)
 
-use crate::windows::facts::{WhpStatus, WindowsVersion};
+use crate::qemu::host_windows::facts::{WhpStatus, WindowsVersion};
 
 /// Always [`WhpStatus::NotWindows`].
 pub(crate) fn whp_status() -> WhpStatus {
