@@ -15,10 +15,10 @@
 
 #[cfg(unix)]
 #[path = "run/signal_unix.rs"]
-mod signal;
+pub(crate) mod signal;
 #[cfg(not(unix))]
 #[path = "run/signal_other.rs"]
-mod signal;
+pub(crate) mod signal;
 
 use std::io::{IsTerminal, Read};
 
@@ -304,7 +304,7 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 /// Reads our stdin on a plain thread (not tokio's blocking pool, which would keep the
 /// runtime from shutting down while a read blocks) and hands chunks over; the channel
 /// closes at end of input.
-fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+pub(crate) fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let spawned = std::thread::Builder::new()
         .name("vmcp-stdin".into())
