@@ -1,5 +1,5 @@
-//! Windows process and channel plumbing for the QEMU backend (engineer "windows"; the
-//! `unsafe` it needs lives in `crate::qemu::host_windows`'s OS layer).
+//! Windows process and channel plumbing for the QEMU backend (the `unsafe` it needs lives in
+//! `crate::qemu::host_windows`'s OS layer).
 //!
 //! Differences from Linux, and why:
 //! - **Channels** are loopback TCP, not inherited socketpairs: QMP, console and agent port
