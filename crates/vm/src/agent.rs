@@ -132,7 +132,7 @@ pub enum AgentError {
         after: Duration,
     },
     /// More bytes than the client collects.
-    #[error("{what} is larger than the {limit}-byte limit of this client{action}")]
+    #[error("{what} is larger than {limit} bytes{action}")]
     TooLarge {
         /// What was collected.
         what: &'static str,
@@ -682,9 +682,16 @@ impl AgentClient {
     /// Reads the whole file `path` from the guest, at most [`AgentLimits::max_collect`]
     /// bytes ([`AgentError::TooLarge`] beyond).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        self.read_file_max(path, self.shared.limits.max_collect)
+            .await
+    }
+
+    /// Reads the file `path` from the guest, failing with [`AgentError::TooLarge`] as soon as
+    /// more than `max` bytes arrived (the guest is told to stop sending the rest), so the
+    /// host never holds more than `max` bytes of it.
+    pub async fn read_file_max(&self, path: &str, max: usize) -> Result<Vec<u8>, AgentError> {
         let (mut answers, _) = self.register(false)?;
         let id = answers.id;
-        let limit = self.shared.limits.max_collect;
         let res = async {
             self.send(&HostMsg::ReadFile {
                 id,
@@ -695,10 +702,10 @@ impl AgentClient {
             loop {
                 match self.one_answer(&mut answers, "a file read").await? {
                     GuestMsg::FileData { data, eof, .. } => {
-                        if out.len() + data.len() > limit {
+                        if out.len().saturating_add(data.len()) > max {
                             return Err(AgentError::TooLarge {
                                 what: "the file",
-                                limit,
+                                limit: max,
                                 action: "",
                             });
                         }

@@ -726,7 +726,10 @@ async fn collecting_calls_stop_at_their_cap() {
         matches!(err, AgentError::TooLarge { limit: 300_000, .. }),
         "{err}"
     );
-    assert!(err.to_string().contains("300000-byte limit"), "{err}");
+    assert!(
+        err.to_string().contains("larger than 300000 bytes"),
+        "{err}"
+    );
     let p = c.exec(ExecSpec::new(["yes"])).await.unwrap();
     let id = p.control().id;
     let err = p.wait_with_output().await.unwrap_err();
