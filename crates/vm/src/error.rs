@@ -76,6 +76,9 @@ pub enum VmError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The VM's private runtime directory could not be made.
+    #[error(transparent)]
+    RuntimeDir(#[from] vmcp_host_process::RuntimeDirError),
     /// Starting the hypervisor failed.
     #[error("cannot start the hypervisor")]
     Spawn(#[source] std::io::Error),

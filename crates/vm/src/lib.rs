@@ -26,14 +26,13 @@ mod config;
 mod error;
 pub mod fake;
 pub mod qemu;
-mod runtime_dir;
 pub mod select;
 pub mod vz;
 pub mod windows;
 
 pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::VmError;
-pub use runtime_dir::{new_vm_id, RuntimeDir};
+pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;
 use std::time::Duration;

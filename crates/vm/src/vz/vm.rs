@@ -25,7 +25,7 @@ use super::plan::{plan, PlanError, PlanInputs, VzPlan};
 use crate::agent::AgentClient;
 use crate::config::{Arch, VmConfig};
 use crate::error::{ConfigError, VmError};
-use crate::runtime_dir::{new_vm_id, RuntimeDir};
+use crate::{new_vm_id, RuntimeDir};
 use crate::{AgentInfo, Backend, Probe, ShutdownOutcome, Vm, VmCapabilities, VmState};
 
 /// Backend name.
