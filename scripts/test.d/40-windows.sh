@@ -103,8 +103,8 @@ win_lap "vmcp.exe doctor under wine"
 
 # The Windows unit tests, on (wine's) Windows: the OS layer for real (RtlGetVersion, WHP
 # probe, Job Object kill-on-close) and the pure logic compiled for Windows.
-timeout 120 "$WINE" "$tests_bin" windows:: qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
-  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm windows:: / qemu::platform_windows unit tests failed under wine"; }
+timeout 120 "$WINE" "$tests_bin" qemu::host_windows qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
+  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm qemu::host_windows / qemu::platform_windows unit tests failed under wine"; }
 grep -E '^test result:' "$tmp/tests.txt" >&2
 timeout 120 "$WINE" "$tmp/bin/$(basename "$hostproc_exe")" --test-threads=2 >"$tmp/hostproc.txt" 2>&1 \
   || { cat "$tmp/hostproc.txt" >&2; win_fail "vmcp-host-process unit tests failed under wine"; }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmcp_vm::agent::ExecSpec;
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
-use vmcp_vm::{Accel, Arch, Vm, VmConfig, VmError};
+use vmcp_vm::{Accel, Arch, BackendKind, Vm, VmConfig, VmError};
 
 /// Arguments of `vmcp bench`.
 #[derive(clap::Args, Debug)]
@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// Round trips of `true` and of ping on one VM.
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub iterations: usize,
-    /// Accelerator (probed when absent).
-    #[arg(long, value_parser = parse_accel)]
+    /// QEMU accelerator (probed when absent).
+    #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
@@ -43,18 +43,15 @@ pub struct BenchArgs {
     /// Guest architecture (default: the host's; another one runs under TCG).
     #[arg(long, value_parser = parse_arch)]
     pub arch: Option<Arch>,
-    /// Backend to measure (default qemu); others are measured through the lifecycle traits,
-    /// with restore → agent ready where they can snapshot (see bench_backend.rs).
-    #[arg(long, value_name = "NAME")]
-    pub backend: Option<String>,
+    /// Backend to measure (default: the selector's choice). QEMU gets the detailed report;
+    /// others are measured through the lifecycle traits, with restore → agent ready where
+    /// they can snapshot (see bench_backend.rs).
+    #[arg(long, value_name = "NAME", value_parser = crate::run::parse_backend)]
+    pub backend: Option<BackendKind>,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
     s.parse::<Arch>().map_err(|e| e.to_string())
-}
-
-fn parse_accel(s: &str) -> Result<Accel, String> {
-    s.parse::<Accel>().map_err(|e| e.to_string())
 }
 
 /// Sorted samples with percentile helpers.
@@ -106,16 +103,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut config = VmConfig::new(kernel, initrd);
     config.arch = arch;
     config.memory_mib = args.memory;
-    if let Some(name) = args.backend.as_deref().filter(|n| *n != "qemu") {
-        let backend = crate::bench_backend::find_backend(name)?;
-        config.accel = args.accel;
+    config.backend = args.backend;
+    config.accel = args.accel;
+    let selection = crate::run::select(&mut config).await?;
+    for n in &selection.notices {
+        eprintln!("vmcp: notice: {n}");
+    }
+    let name = selection.backend.name();
+    if name != BackendKind::Qemu.as_str() {
         eprintln!(
             "vmcp bench: backend {name}, {} runs, {} iterations, {} MiB",
             args.runs, args.iterations, args.memory
         );
         let dir = tempfile::tempdir()?;
         let report = crate::bench_backend::measure(
-            backend.as_ref(),
+            selection.backend.as_ref(),
             &config,
             args.runs,
             args.iterations,
@@ -126,14 +128,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let backend = QemuBackend::new();
-    let choice = backend.choose_accel(config.arch, args.accel)?;
-    if let Some(n) = &choice.notice {
-        eprintln!("vmcp: notice: {n}");
-    }
-    config.accel = Some(choice.accel);
     eprintln!(
-        "vmcp bench: {} runs, {} iterations, accel {}, {} MiB",
-        args.runs, args.iterations, choice.accel, args.memory
+        "vmcp bench: {} runs, {} iterations, {}, {} MiB",
+        args.runs,
+        args.iterations,
+        selection.describe(),
+        args.memory
     );
 
     // Interleave the two boots so host drift hits both alike.

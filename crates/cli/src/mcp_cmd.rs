@@ -5,6 +5,11 @@
 //! Failures (TLS rejected, all endpoints down, JSON-RPC error, tool error) end with a
 //! one-line error on stderr and a non-zero exit: 1 when the tool itself reported an error,
 //! 125 for everything else.
+//!
+//! Server-supplied text printed for a human (tool names and descriptions, tool output on a
+//! terminal, every error) has its control characters escaped (`vmcp_mcp::sanitize`), so a
+//! server cannot drive the user's terminal; `--json` output is JSON, whose strings escape
+//! them anyway. URLs in errors lose credentials and query; `--header` values are never echoed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,6 +18,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::Value;
 use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTransport};
+use vmcp_mcp::retry::RetryPolicy;
+use vmcp_mcp::sanitize;
 use vmcp_mcp::stdio::{StdioConfig, StdioTransport};
 use vmcp_mcp::tls::{ClientIdentity, TlsOptions, TlsRejection};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
@@ -104,10 +111,23 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn client_config(server: &ServerArgs) -> anyhow::Result<ClientConfig> {
+/// Longest `--timeout` accepted (a year; longer is surely a typo, and `Duration` has limits).
+const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// `--timeout` as a duration, or a clear error.
+fn timeout(server: &ServerArgs) -> anyhow::Result<Duration> {
     if !(server.timeout.is_finite() && server.timeout > 0.0) {
         bail!("--timeout must be a positive number of seconds");
     }
+    if server.timeout > MAX_TIMEOUT_SECS {
+        bail!("--timeout must be at most {MAX_TIMEOUT_SECS:.0} seconds (one year)");
+    }
+    Duration::try_from_secs_f64(server.timeout)
+        .with_context(|| "--timeout is not a usable number of seconds".to_owned())
+}
+
+fn client_config(server: &ServerArgs) -> anyhow::Result<ClientConfig> {
+    let timeout = timeout(server)?;
     let lifecycle = match server.protocol.as_str() {
         "auto" => Lifecycle::Auto,
         "legacy" => Lifecycle::Initialize,
@@ -116,7 +136,7 @@ fn client_config(server: &ServerArgs) -> anyhow::Result<ClientConfig> {
     };
     Ok(ClientConfig::default()
         .with_lifecycle(lifecycle)
-        .with_request_timeout(Some(Duration::from_secs_f64(server.timeout))))
+        .with_request_timeout(Some(timeout)))
 }
 
 /// Connects as `server` says, runs `f`, closes, and explains failures in one line.
@@ -143,6 +163,8 @@ where
             let tls = vmcp_mcp::tls::client_config(&tls)?;
             let http = ReqwestClient::new(&ReqwestOptions::default().with_tls(tls))?;
             let mut hc = HttpConfig::new(server.url.iter().cloned());
+            // Retries stop where --timeout would cut them, so the error says why they failed.
+            hc.retry = RetryPolicy::default().with_deadline(Some(timeout(server)?));
             for h in &server.header {
                 hc = hc
                     .with_header_line(h)
@@ -213,10 +235,11 @@ async fn list_tools(c: &AnyClient, json: bool) -> anyhow::Result<ExitCode> {
                 .lines()
                 .next()
                 .unwrap_or("");
+            let name = sanitize::for_display(&t.name, 200);
             if desc.is_empty() {
-                println!("{}", t.name);
+                println!("{name}");
             } else {
-                println!("{}\t{desc}", t.name);
+                println!("{name}\t{}", sanitize::for_display(desc, 1000));
             }
         }
     }
@@ -242,8 +265,10 @@ async fn call(c: &AnyClient, tool: &str, args: &Value, json: bool) -> anyhow::Re
     if json {
         println!("{}", raw.get());
     } else {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
         for block in &result.content {
             match block.as_text() {
+                Some(t) if terminal => println!("{}", sanitize::for_terminal(t)),
                 Some(t) => println!("{t}"),
                 None => println!("{}", serde_json::to_string(block)?),
             }

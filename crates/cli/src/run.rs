@@ -1,7 +1,7 @@
 //! `vmcp run`: one program in a fresh micro-VM, with the exit status of the program.
 //!
-//! Flow: find (or build) the guest image, pick the accelerator (a notice on stderr when it
-//! falls back to emulation), boot, exec, pump stdin/stdout/stderr, power off. The VM lives
+//! Flow: find (or build) the guest image, let the selector pick backend and accelerator (a
+//! notice on stderr when it falls back to something slower), boot, exec, pump stdin/stdout/stderr, power off. The VM lives
 //! inside one future; Ctrl-C, SIGTERM and `--timeout` drop that future, and dropping the VM
 //! kills QEMU and removes its runtime directory, so no path leaves anything behind.
 //!
@@ -30,8 +30,7 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_vm::agent::{AgentClient, AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::qemu::QemuBackend;
-use vmcp_vm::{Accel, Arch, DiskConfig, Vm, VmConfig};
+use vmcp_vm::{Accel, Arch, BackendKind, DiskConfig, VmConfig};
 
 use crate::EXIT_VMCP_FAILED;
 
@@ -71,7 +70,10 @@ pub struct RunArgs {
     /// Destroy the VM and exit 124 when the program runs longer (seconds, decimals allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
-    /// Accelerator: kvm, tcg, hvf or whpx (probed when absent).
+    /// Backend: qemu (Linux, Windows) or vz (macOS); the host's best when absent.
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<BackendKind>,
+    /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = parse_accel)]
     pub accel: Option<Accel>,
     /// Forward stdin even when it is a terminal.
@@ -117,8 +119,14 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_accel(s: &str) -> Result<Accel, String> {
+/// Parses `--accel`.
+pub fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse::<Accel>().map_err(|e| e.to_string())
+}
+
+/// Parses `--backend`.
+pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse::<BackendKind>().map_err(|e| e.to_string())
 }
 
 /// Kernel and initrd to boot.
@@ -131,6 +139,14 @@ fn image_arch(arch: Arch) -> anyhow::Result<vmcp_image::Arch> {
     arch.as_str()
         .parse()
         .map_err(|e: vmcp_image::UnknownArch| anyhow::anyhow!("{e}"))
+}
+
+/// The backend and accelerator for `config` (the selector's choice, written into `config`),
+/// and the notices to print once the VM is created.
+pub async fn select(config: &mut VmConfig) -> anyhow::Result<vmcp_vm::select::Selection> {
+    let selection = vmcp_vm::select::select(config).await?;
+    config.accel = selection.accel;
+    Ok(selection)
 }
 
 /// The built image for `arch` (kernel, initrd), if there is one; never builds.
@@ -192,23 +208,14 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         read_only: !args.rootfs_rw,
     });
     config.console_log = args.console_log.clone();
+    config.backend = args.backend;
     config.accel = args.accel;
-    let mut vm: Box<dyn Vm> = match native_backend(&config).await {
-        // The OS's own framework (Virtualization.framework on macOS) when no QEMU accelerator
-        // was asked for; none exists on Linux.
-        Some(backend) => backend.create(config).await?,
-        None => {
-            let backend = QemuBackend::new();
-            let choice = backend.choose_accel(config.arch, config.accel)?;
-            config.accel = Some(choice.accel);
-            let vm = backend.create_qemu(config).await?;
-            // After validation, so a bad input gets exactly one line.
-            if let Some(notice) = &choice.notice {
-                eprintln!("vmcp: notice: {notice}");
-            }
-            Box::new(vm)
-        }
-    };
+    let selection = select(&mut config).await?;
+    let mut vm = selection.backend.create(config).await?;
+    // After validation, so a bad input gets exactly one line.
+    for notice in &selection.notices {
+        eprintln!("vmcp: notice: {notice}");
+    }
     vm.start().await?;
     vm.wait_ready(READY_TIMEOUT).await?;
     let agent = vm.agent()?;
@@ -238,23 +245,6 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
     Ok(ExitCode::from(code))
-}
-
-/// The first usable framework backend of this OS (`vz` on macOS), unless `--accel` asks for
-/// QEMU.
-async fn native_backend(config: &VmConfig) -> Option<Box<dyn vmcp_vm::Backend>> {
-    if config.accel.is_some() {
-        return None;
-    }
-    for b in vmcp_vm::vz::native_backends() {
-        match b.probe().await {
-            vmcp_vm::Probe::Usable { .. } => return Some(b),
-            other => {
-                tracing::info!(backend = b.name(), probe = ?other, "falling back to QEMU");
-            }
-        }
-    }
-    None
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.
@@ -371,6 +361,8 @@ mod tests {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);
-        assert!(parse_accel("xen").unwrap_err().contains("kvm, tcg"));
+        assert!(parse_accel("xen").unwrap_err().contains("kvm or tcg"));
+        assert_eq!(parse_backend("qemu").unwrap(), BackendKind::Qemu);
+        assert!(parse_backend("xen").unwrap_err().contains("qemu"));
     }
 }

@@ -20,6 +20,10 @@
 //! - When the loop ends (power-off, channel closed, broken frame) every process still
 //!   running is killed with SIGKILL.
 //!
+//! - [`HostMsg::Rekey`] (a restored snapshot's new identity) is handled inline too, before
+//!   the next request is read: the host sends nothing else until the new hello arrives, so
+//!   no process starts with the snapshot's random state or token.
+//!
 //! Limits: stdin chunks queue in memory until the process reads them; file reads and
 //! writes use the agent's own permissions (root in the guest).
 
@@ -36,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use vmcp_guest_proto::{
     encode, read_msg, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, ProtoError,
-    RequestId, CHUNK_SIZE,
+    Rekey, RequestId, CHUNK_SIZE,
 };
 
 use crate::sys::{self, WaitStatus};
@@ -62,13 +66,31 @@ pub struct ServeOptions {
     pub reap_orphans: bool,
     /// Print each request to stderr.
     pub debug: bool,
+    /// The token of every hello this server sends (it replaces `hello.token`). A re-key
+    /// replaces it; share it with whoever reopens the channel, so the next hello presents
+    /// the new token and never the one the guest booted with.
+    pub token: Arc<Mutex<String>>,
+    /// Applies a re-key to the system (entropy, reseed, clock, hostname) and returns the
+    /// guest boot clock in nanoseconds for the new hello. `None` refuses re-keys: only a
+    /// guest's PID 1 should change the machine's identity.
+    pub apply_rekey: Option<RekeyFn>,
 }
+
+/// See [`ServeOptions::apply_rekey`].
+pub type RekeyFn = fn(&Rekey) -> io::Result<u64>;
+
+/// Fewest entropy bytes a re-key must carry (256 bits).
+pub const MIN_REKEY_ENTROPY: usize = 32;
+/// Longest hostname a re-key may set (Linux's limit).
+pub const MAX_HOSTNAME: usize = 64;
 
 impl ServeOptions {
     /// Options with the default environment (`PATH`, `HOME=/root`), cwd `/`, no orphan
     /// reaping.
     pub fn new(hello: Hello) -> Self {
         ServeOptions {
+            token: Arc::new(Mutex::new(hello.token.clone())),
+            apply_rekey: None,
             hello,
             env: vec![
                 ("PATH".into(), DEFAULT_PATH.into()),
@@ -217,7 +239,9 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     let out = Out {
         w: Arc::new(Mutex::new(Box::new(writer))),
     };
-    out.send(&GuestMsg::Hello(options.hello.clone()))
+    let mut hello = options.hello.clone();
+    hello.token = lock(&options.token).clone();
+    out.send(&GuestMsg::Hello(hello))
         .map_err(ServeError::Write)?;
     let reaper = if options.reap_orphans {
         Some(Reaper::start().map_err(ServeError::Write)?)
@@ -295,12 +319,61 @@ impl Server<'_> {
                         .map_err(ServeError::Write)?;
                     return Ok(ServeEnd::Poweroff);
                 }
+                HostMsg::Rekey(r) => self.rekey(r),
                 other => {
                     eprintln!("vmcp-agent: ignoring unsupported request {other:?}");
                     Ok(())
                 }
             };
             sent.map_err(ServeError::Write)?;
+        }
+    }
+
+    /// Takes the identity a restore gives this guest (see the module docs).
+    fn rekey(&self, r: Rekey) -> io::Result<()> {
+        let invalid = |m: String| Err((FailureKind::InvalidRequest, m));
+        let checked = if self.options.apply_rekey.is_none() {
+            invalid("this agent does not take a new identity (it is not a guest's PID 1)".into())
+        } else if r.token.is_empty() || r.token.len() > 256 {
+            invalid("a re-key needs a token of 1 to 256 bytes".into())
+        } else if !(MIN_REKEY_ENTROPY..=Rekey::MAX_ENTROPY).contains(&r.entropy.len()) {
+            invalid(format!(
+                "a re-key needs {MIN_REKEY_ENTROPY} to {} entropy bytes, got {}",
+                Rekey::MAX_ENTROPY,
+                r.entropy.len()
+            ))
+        } else if r.hostname.len() > MAX_HOSTNAME
+            || r.hostname
+                .bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+        {
+            invalid(format!(
+                "hostname {:?} is not a valid host name",
+                r.hostname
+            ))
+        } else {
+            Ok(())
+        };
+        let applied = checked.and_then(|()| match self.options.apply_rekey {
+            Some(apply) => apply(&r).map_err(|e| {
+                (
+                    FailureKind::Other,
+                    format!("cannot take the new identity: {e}"),
+                )
+            }),
+            None => Err((FailureKind::InvalidRequest, "no re-key".into())),
+        });
+        match applied {
+            Ok(boot_ns) => {
+                let mut hello = self.options.hello.clone();
+                hello.boot_ns = boot_ns;
+                let mut token = lock(&self.options.token);
+                token.clone_from(&r.token);
+                hello.token = r.token;
+                drop(token);
+                self.out.send(&GuestMsg::Hello(hello))
+            }
+            Err((kind, message)) => self.out.fail(r.id, kind, message),
         }
     }
 

@@ -547,3 +547,122 @@ fn debug_option_logs_and_serves() {
     assert_eq!(h.recv(), GuestMsg::Pong { id: 1 });
     assert_eq!(describe(&HostMsg::Ping { id: 1 }), "Ping { id: 1 }");
 }
+
+mod rekey {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+    use vmcp_guest_proto::Rekey;
+
+    static APPLIED: AtomicUsize = AtomicUsize::new(0);
+
+    fn record(r: &Rekey) -> io::Result<u64> {
+        assert_eq!(r.hostname, "vmcp-new");
+        APPLIED.fetch_add(1, AtomicOrdering::SeqCst);
+        Ok(42)
+    }
+
+    fn fail_apply(_: &Rekey) -> io::Result<u64> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    fn rekey(token: &str, entropy: usize, hostname: &str) -> HostMsg {
+        HostMsg::Rekey(Rekey {
+            id: 9,
+            token: token.into(),
+            entropy: vec![7; entropy],
+            unix_time_ns: 1_700_000_000_000_000_000,
+            hostname: hostname.into(),
+        })
+    }
+
+    #[test]
+    fn a_rekey_answers_with_a_hello_carrying_the_new_token_and_later_hellos_keep_it() {
+        let slot = Arc::new(Mutex::new(String::new()));
+        let shared = Arc::clone(&slot);
+        let mut h = Host::with_options(move |o| {
+            *lock(&shared) = "tok-1".into();
+            o.token = shared;
+            o.apply_rekey = Some(record);
+        });
+        let before = APPLIED.load(AtomicOrdering::SeqCst);
+        h.send(rekey("tok-2", 32, "vmcp-new"));
+        match h.recv() {
+            GuestMsg::Hello(hello) => {
+                assert_eq!(hello.token, "tok-2");
+                assert_eq!(hello.boot_ns, 42);
+            }
+            other => panic!("expected a new hello, got {other:?}"),
+        }
+        assert!(APPLIED.load(AtomicOrdering::SeqCst) > before);
+        assert_eq!(*lock(&slot), "tok-2");
+        // Requests work as before.
+        h.send(HostMsg::Ping { id: 1 });
+        assert_eq!(h.recv(), GuestMsg::Pong { id: 1 });
+        drop(h.stream);
+        // A server started on the same slot (the channel reopened) never presents tok-1.
+        let (host, guest) = UnixStream::pair().unwrap();
+        let mut options = ServeOptions::new(crate::hello("tok-1", false));
+        options.token = Arc::clone(&slot);
+        let reader = guest.try_clone().unwrap();
+        let server = std::thread::spawn(move || serve(reader, guest, &options));
+        let mut scratch = Vec::new();
+        let mut host = host;
+        match read_msg::<GuestMsg, _>(&mut host, &mut scratch).unwrap() {
+            Some(GuestMsg::Hello(hello)) => assert_eq!(hello.token, "tok-2"),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        drop(host);
+        assert!(matches!(server.join().unwrap(), Ok(ServeEnd::Closed)));
+    }
+
+    #[test]
+    fn bad_or_unapplicable_rekeys_fail_and_keep_the_old_token() {
+        // Not PID 1: refused.
+        let mut h = Host::start();
+        h.send(rekey("tok-2", 32, "vmcp-new"));
+        match h.recv() {
+            GuestMsg::Failed {
+                id: 9,
+                kind,
+                message,
+            } => {
+                assert_eq!(kind, FailureKind::InvalidRequest);
+                assert!(message.contains("PID 1"), "{message}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        let slot = Arc::new(Mutex::new(String::new()));
+        let shared = Arc::clone(&slot);
+        let mut h = Host::with_options(move |o| {
+            *lock(&shared) = "tok-1".into();
+            o.token = shared;
+            o.apply_rekey = Some(record);
+        });
+        for (msg, what) in [
+            (rekey("", 32, "vmcp-new"), "token"),
+            (rekey("t", 8, "vmcp-new"), "entropy"),
+            (rekey("t", Rekey::MAX_ENTROPY + 1, "vmcp-new"), "entropy"),
+            (rekey("t", 32, "bad/name"), "hostname"),
+            (rekey("t", 32, &"h".repeat(MAX_HOSTNAME + 1)), "hostname"),
+        ] {
+            h.send(msg);
+            match h.recv() {
+                GuestMsg::Failed { kind, message, .. } => {
+                    assert_eq!(kind, FailureKind::InvalidRequest);
+                    assert!(message.contains(what), "{what}: {message}");
+                }
+                other => panic!("expected a failure, got {other:?}"),
+            }
+        }
+        assert_eq!(*lock(&slot), "tok-1");
+        let mut h = Host::with_options(|o| o.apply_rekey = Some(fail_apply));
+        h.send(rekey("tok-2", 32, "vmcp-new"));
+        match h.recv() {
+            GuestMsg::Failed { kind, message, .. } => {
+                assert_eq!(kind, FailureKind::Other);
+                assert!(message.contains("new identity"), "{message}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+}

@@ -33,7 +33,7 @@ pub use codec::{
     HEADER_LEN, MAX_PAYLOAD,
 };
 pub use message::{
-    Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, RequestId,
+    Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, Rekey, RequestId,
     PROTOCOL_VERSION,
 };
 #[cfg(feature = "tokio")]

@@ -24,6 +24,8 @@ impl Capabilities {
     pub const SIGNAL: u64 = 1 << 3;
     /// A root filesystem from a block device is mounted.
     pub const ROOTFS: u64 = 1 << 4;
+    /// Takes a new identity after a snapshot restore ([`HostMsg::Rekey`]).
+    pub const REKEY: u64 = 1 << 5;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -61,6 +63,44 @@ pub struct ExecRequest {
     /// Whether the host streams stdin ([`HostMsg::Stdin`], [`HostMsg::StdinEof`]); when false
     /// the process reads `/dev/null`.
     pub stdin: bool,
+}
+
+/// A new identity for a guest restored from a snapshot: every VM restored from one snapshot
+/// starts with the same memory, so the host gives each its own token, fresh entropy for the
+/// kernel's random number generator, the current wall clock and a hostname.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rekey {
+    /// Request id (a failure names it).
+    pub id: RequestId,
+    /// The channel token from now on: the agent presents it in every later [`Hello`], and
+    /// the one it booted with is forgotten.
+    pub token: String,
+    /// Random bytes from the host, mixed into the guest kernel's pool, which is then
+    /// reseeded (at most [`Rekey::MAX_ENTROPY`] bytes).
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// The guest's hostname from now on (empty: keep it).
+    pub hostname: String,
+}
+
+impl Rekey {
+    /// Most entropy bytes a re-key may carry.
+    pub const MAX_ENTROPY: usize = 512;
+}
+
+impl std::fmt::Debug for Rekey {
+    // The token and the entropy are secrets: never in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekey")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("unix_time_ns", &self.unix_time_ns)
+            .field("hostname", &self.hostname)
+            .finish()
+    }
 }
 
 /// Messages from host to guest.
@@ -125,6 +165,10 @@ pub enum HostMsg {
         /// Request id.
         id: RequestId,
     },
+    /// Take a new identity after a snapshot restore (capability [`Capabilities::REKEY`]):
+    /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
+    /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
+    Rekey(Rekey),
 }
 
 /// How a guest process ended.

@@ -32,6 +32,13 @@
 //! [`MRTR_MAX_ROUNDS`] rounds); input the handler does not serve is
 //! [`ClientError::InputRequired`].
 //!
+//! Bounds (see [`crate::limits`]): `*/list` calls go through [`Pager`] (pages, items, bytes,
+//! JSON values, time; a repeated cursor ends the call with an error); every answer is checked
+//! against a JSON-value budget before it is decoded; at most
+//! [`Limits::max_server_requests`] server requests are handled at once, the next
+//! [`Limits::max_server_rejects`] are answered "busy" (-32000) and further ones dropped with
+//! a rate-limited warning; notifications wait in a bounded queue.
+//!
 //! Limits: no `subscriptions/listen`.
 //! `x-mcp-header` parameters are mirrored into `Mcp-Param-*` headers for tools seen in the
 //! last [`Client::list_tools`] (see [`crate::param_headers`]).
@@ -52,6 +59,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::jsonrpc::{
     self, ErrorResponse, Message, Notification, Request, RequestId, Response, RpcError,
 };
+use crate::limits::{LimitError, Limits, Page, Pager, RateLimitedWarning};
 use crate::model::{
     self, CallToolParams, CallToolResult, GetPromptResult, Implementation, InitializeParams,
     ListPromptsResult, ListResourcesResult, ListToolsResult, Prompt, ReadResourceResult, Resource,
@@ -100,6 +108,8 @@ pub struct ClientConfig {
     pub probe_timeout: Duration,
     /// Server request handler.
     pub handler: Option<Arc<dyn ServerRequestHandler>>,
+    /// Bounds on what the server can make the client hold and do.
+    pub limits: Limits,
 }
 
 impl Default for ClientConfig {
@@ -111,6 +121,7 @@ impl Default for ClientConfig {
             request_timeout: Some(Duration::from_secs(60)),
             probe_timeout: Duration::from_secs(5),
             handler: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -122,6 +133,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("lifecycle", &self.lifecycle)
             .field("request_timeout", &self.request_timeout)
             .field("handler", &self.handler.is_some())
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -136,6 +148,12 @@ impl ClientConfig {
     /// Sets the per-request timeout.
     pub fn with_request_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the bounds.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -159,7 +177,7 @@ pub enum ClientError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The server answered with a JSON-RPC error.
-    #[error("the server answered {method} with error {}: {}", error.code, error.message)]
+    #[error("the server answered {method} with error {}: {}", error.code, crate::sanitize::for_display(&error.message, crate::limits::MAX_PRINTED_CHARS))]
     Rpc {
         /// The request's method.
         method: String,
@@ -203,8 +221,17 @@ pub enum ClientError {
         /// The request's method.
         method: String,
     },
+    /// A bound of [`crate::limits`] was hit.
+    #[error("{method} stopped: {source}")]
+    Limit {
+        /// The request's method.
+        method: String,
+        /// Which bound.
+        #[source]
+        source: LimitError,
+    },
     /// The server's result has a `resultType` this client does not know.
-    #[error("the server's answer to {method} has unknown resultType {result_type:?}")]
+    #[error("the server's answer to {method} has unknown resultType {}", crate::sanitize::for_display(&format!("{result_type:?}"), 60))]
     UnknownResultType {
         /// The request's method.
         method: String,
@@ -223,7 +250,12 @@ struct Inner<T> {
     /// `"_meta":{...}` for 2026-07-28 requests, set once discovery chose the version.
     meta: OnceLock<String>,
     modern: std::sync::atomic::AtomicBool,
-    notifications: Mutex<Option<mpsc::UnboundedSender<Notification>>>,
+    notifications: Mutex<Option<mpsc::Sender<Notification>>>,
+    /// Server requests being handled, and being rejected as busy.
+    handling: Arc<tokio::sync::Semaphore>,
+    rejecting: Arc<tokio::sync::Semaphore>,
+    /// Warnings a server can trigger at will.
+    overload_warning: RateLimitedWarning,
     /// `x-mcp-header` annotations per tool, from the last `tools/list` (HTTP, 2026-07-28).
     param_specs: Mutex<HashMap<String, Vec<ParamHeader>>>,
 }
@@ -260,11 +292,18 @@ impl<T: Transport> Client<T> {
             transport,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicI64::new(1),
-            config,
             meta: OnceLock::new(),
             modern: std::sync::atomic::AtomicBool::new(false),
             notifications: Mutex::new(None),
             param_specs: Mutex::new(HashMap::new()),
+            handling: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_server_requests.max(1),
+            )),
+            rejecting: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_server_rejects,
+            )),
+            overload_warning: RateLimitedWarning::new(Duration::from_secs(5)),
+            config,
         });
         let dispatcher = Arc::new(DispatcherGuard(tokio::spawn(dispatch(Arc::downgrade(
             &inner,
@@ -303,8 +342,10 @@ impl<T: Transport> Client<T> {
     }
 
     /// Notifications from the server, from now on (one receiver; a second call replaces it).
-    pub fn notifications(&self) -> mpsc::UnboundedReceiver<Notification> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// At most [`Limits::notification_queue`] wait to be read; newer ones are dropped (with a
+    /// rate-limited warning) while the queue is full.
+    pub fn notifications(&self) -> mpsc::Receiver<Notification> {
+        let (tx, rx) = mpsc::channel(self.inner.config.limits.notification_queue.max(1));
         if let Ok(mut n) = self.inner.notifications.lock() {
             *n = Some(tx);
         }
@@ -331,7 +372,67 @@ impl<T: Transport> Client<T> {
             source,
         })?;
         let result = request(&self.inner, method, Some(raw), &[]).await?;
-        decode(method, &result)
+        self.decode(method, &result)
+    }
+
+    /// Decodes a result after checking it against the JSON-value budget.
+    fn decode<R: DeserializeOwned>(&self, method: &str, raw: &RawValue) -> Result<R, ClientError> {
+        decode_bounded(method, raw, self.inner.config.limits.max_result_nodes).map(|(r, _)| r)
+    }
+
+    /// Fetches every page of a `*/list` method under the [`Pager`]'s bounds; `items` takes a
+    /// page apart into its items and its `nextCursor`.
+    async fn list_all<P: DeserializeOwned, I>(
+        &self,
+        method: &str,
+        items: impl Fn(P) -> (Vec<I>, Option<String>),
+    ) -> Result<Vec<I>, ClientError> {
+        let limits = &self.inner.config.limits;
+        let limit_err = |source| ClientError::Limit {
+            method: method.to_owned(),
+            source,
+        };
+        let started = tokio::time::Instant::now();
+        let fetch_all = async {
+            let mut pager = Pager::new(limits);
+            let mut out = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let params = jsonrpc::to_raw(&Cursor::new(&cursor)).map_err(|source| {
+                    ClientError::Decode {
+                        method: method.to_owned(),
+                        source,
+                    }
+                })?;
+                let raw = request(&self.inner, method, Some(params), &[]).await?;
+                let bytes = raw.get().len();
+                if bytes > pager.bytes_left() {
+                    return Err(limit_err(LimitError::Bytes(limits.max_list_bytes)));
+                }
+                let (page, nodes) = decode_bounded::<P>(method, &raw, pager.nodes_left())?;
+                drop(raw);
+                let (page_items, next) = items(page);
+                let n = page_items.len();
+                out.extend(page_items);
+                let step = pager.page(
+                    Page {
+                        items: n,
+                        bytes,
+                        nodes,
+                        next_cursor: next.as_deref(),
+                    },
+                    started.elapsed(),
+                );
+                match step.map_err(limit_err)? {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(out),
+                }
+            }
+        };
+        match tokio::time::timeout(limits.max_list_time, fetch_all).await {
+            Ok(r) => r,
+            Err(_) => Err(limit_err(LimitError::Time(limits.max_list_time))),
+        }
     }
 
     /// Sends a notification.
@@ -354,16 +455,9 @@ impl<T: Transport> Client<T> {
 
     /// `tools/list`, all pages.
     pub async fn list_tools(&self) -> Result<Vec<Tool>, ClientError> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page: ListToolsResult = self.request("tools/list", &Cursor::new(&cursor)).await?;
-            out.extend(page.tools);
-            match page.next_cursor {
-                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
-                _ => break,
-            }
-        }
+        let mut out = self
+            .list_all("tools/list", |p: ListToolsResult| (p.tools, p.next_cursor))
+            .await?;
         if !self.inner.transport.mirrors_param_headers() {
             return Ok(out);
         }
@@ -436,23 +530,15 @@ impl<T: Transport> Client<T> {
         arguments: Option<&Value>,
     ) -> Result<CallToolResult, ClientError> {
         let raw = self.call_tool_raw(name, arguments).await?;
-        decode("tools/call", &raw)
+        self.decode("tools/call", &raw)
     }
 
     /// `resources/list`, all pages.
     pub async fn list_resources(&self) -> Result<Vec<Resource>, ClientError> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page: ListResourcesResult = self
-                .request("resources/list", &Cursor::new(&cursor))
-                .await?;
-            out.extend(page.resources);
-            match page.next_cursor {
-                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
-                _ => return Ok(out),
-            }
-        }
+        self.list_all("resources/list", |p: ListResourcesResult| {
+            (p.resources, p.next_cursor)
+        })
+        .await
     }
 
     /// `resources/read`.
@@ -463,17 +549,10 @@ impl<T: Transport> Client<T> {
 
     /// `prompts/list`, all pages.
     pub async fn list_prompts(&self) -> Result<Vec<Prompt>, ClientError> {
-        let mut out = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page: ListPromptsResult =
-                self.request("prompts/list", &Cursor::new(&cursor)).await?;
-            out.extend(page.prompts);
-            match page.next_cursor {
-                Some(c) if !c.is_empty() && Some(&c) != cursor.as_ref() => cursor = Some(c),
-                _ => return Ok(out),
-            }
-        }
+        self.list_all("prompts/list", |p: ListPromptsResult| {
+            (p.prompts, p.next_cursor)
+        })
+        .await
     }
 
     /// `prompts/get`.
@@ -507,6 +586,20 @@ impl<'a> Cursor<'a> {
             cursor: c.as_deref(),
         }
     }
+}
+
+/// Decodes `raw` as `R` if it has at most `max_nodes` JSON values; also returns the count.
+pub fn decode_bounded<R: DeserializeOwned>(
+    method: &str,
+    raw: &RawValue,
+    max_nodes: usize,
+) -> Result<(R, usize), ClientError> {
+    let nodes =
+        crate::limits::json_nodes(raw.get(), max_nodes).map_err(|source| ClientError::Limit {
+            method: method.to_owned(),
+            source,
+        })?;
+    decode(method, raw).map(|r| (r, nodes))
 }
 
 fn decode<R: DeserializeOwned>(method: &str, raw: &RawValue) -> Result<R, ClientError> {
@@ -865,7 +958,8 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
         source,
     })?;
     let result = request(inner, "initialize", Some(raw), &[]).await?;
-    let info: ServerInfo = decode("initialize", &result)?;
+    let (info, _): (ServerInfo, _) =
+        decode_bounded("initialize", &result, inner.config.limits.max_result_nodes)?;
     if !model::LEGACY_VERSIONS.contains(&info.protocol_version.as_str()) {
         return Err(ClientError::NoCommonVersion {
             server: vec![info.protocol_version.clone()],
@@ -900,7 +994,11 @@ async fn discover<T: Transport>(
         let params = with_meta(None, &meta);
         match request(inner, "server/discover", Some(params), &[]).await {
             Ok(raw) => {
-                let mut info: ServerInfo = decode("server/discover", &raw)?;
+                let (mut info, _): (ServerInfo, _) = decode_bounded(
+                    "server/discover",
+                    &raw,
+                    inner.config.limits.max_result_nodes,
+                )?;
                 if !info.supported_versions.is_empty()
                     && !info.supported_versions.contains(&version)
                 {
@@ -969,10 +1067,7 @@ async fn dispatch<T: Transport>(weak: std::sync::Weak<Inner<T>>) {
             Ok(Message::Error(ErrorResponse { id: None, error })) => {
                 tracing::warn!("MCP server reported an error: {error}");
             }
-            Ok(Message::Request(req)) => {
-                let inner = inner.clone();
-                tokio::spawn(async move { answer(&inner, req).await });
-            }
+            Ok(Message::Request(req)) => on_request(&inner, req),
             Ok(Message::Notification(n)) => on_notification(&inner, n),
             Err(e) => tracing::warn!("MCP transport: {e}"),
         }
@@ -1003,6 +1098,42 @@ fn complete<T: Transport>(
     }
 }
 
+/// Starts handling a server request if a handler slot is free; else answers "busy" if a
+/// reject slot is free; else drops it with a rate-limited warning. Never waits, so the
+/// dispatcher keeps reading answers to our own requests whatever the server sends.
+fn on_request<T: Transport>(inner: &Arc<Inner<T>>, req: Request) {
+    if let Ok(permit) = inner.handling.clone().try_acquire_owned() {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            answer(&inner, req).await;
+            drop(permit);
+        });
+        return;
+    }
+    let limit = inner.config.limits.max_server_requests;
+    inner.overload_warning.warn(format_args!(
+        "the MCP server sent more than {limit} requests at once; refusing {}",
+        crate::sanitize::for_display(&req.method, 60)
+    ));
+    if let Ok(permit) = inner.rejecting.clone().try_acquire_owned() {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let msg = Message::Error(ErrorResponse {
+                id: Some(req.id),
+                error: RpcError::new(
+                    SERVER_BUSY,
+                    format!("client busy: more than {limit} server requests at once"),
+                ),
+            });
+            let _ = inner.transport.send(&msg).await;
+            drop(permit);
+        });
+    }
+}
+
+/// JSON-RPC error code of the answer to a server request refused for overload.
+pub const SERVER_BUSY: i64 = -32000;
+
 async fn answer<T: Transport>(inner: &Arc<Inner<T>>, req: Request) {
     let result = if req.method == "ping" {
         Ok(Value::Object(Default::default()))
@@ -1025,7 +1156,10 @@ async fn answer<T: Transport>(inner: &Arc<Inner<T>>, req: Request) {
         }),
     };
     if let Err(e) = inner.transport.send(&msg).await {
-        tracing::warn!("cannot answer the server's {} request: {e}", req.method);
+        tracing::warn!(
+            "cannot answer the server's {} request: {e}",
+            crate::sanitize::for_display(&req.method, 60)
+        );
     }
 }
 
@@ -1033,22 +1167,37 @@ fn on_notification<T: Transport>(inner: &Inner<T>, n: Notification) {
     match n.method.as_str() {
         "notifications/message" => {
             let text = n.params.as_ref().map(|p| p.get()).unwrap_or("");
-            tracing::info!(target: "vmcp_mcp::server_log", "{text}");
+            tracing::info!(
+                target: "vmcp_mcp::server_log",
+                "{}",
+                crate::sanitize::for_display(text, 1000)
+            );
         }
         "notifications/progress" => {
             tracing::debug!(
                 "progress: {}",
-                n.params.as_ref().map(|p| p.get()).unwrap_or("")
+                crate::sanitize::for_display(
+                    n.params.as_ref().map(|p| p.get()).unwrap_or(""),
+                    crate::limits::MAX_PRINTED_CHARS
+                )
             );
         }
         "notifications/cancelled" => {
             tracing::debug!("the server cancelled one of its requests");
         }
-        _ => tracing::debug!("notification {}", n.method),
+        _ => tracing::debug!(
+            "notification {}",
+            crate::sanitize::for_display(&n.method, 60)
+        ),
     }
     let tx = inner.notifications.lock().ok().and_then(|g| g.clone());
     if let Some(tx) = tx {
-        let _ = tx.send(n);
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(n) {
+            inner.overload_warning.warn(format_args!(
+                "dropping an MCP server notification: {} are waiting to be read",
+                inner.config.limits.notification_queue
+            ));
+        }
     }
 }
 

@@ -8,6 +8,11 @@
 //!
 //! Limits: request ids we issue are integers; string ids from the peer are kept and echoed.
 //! A message that is valid JSON but no valid JSON-RPC message is an [`Error::Invalid`].
+//! Nothing a peer sends is materialised beyond its raw bytes before it is checked: a batch
+//! is counted while it is parsed and refused past [`crate::limits::MAX_BATCH_ITEMS`] (or the
+//! limit given to [`parse_messages_limited`]); an `id` that is neither number nor string is
+//! refused without building it; `error.data` is decoded only up to
+//! [`ERROR_DATA_MAX_NODES`] JSON values (larger data is dropped, the error is kept).
 
 use serde::de::Error as _;
 use serde::{Deserialize, Serialize};
@@ -40,7 +45,13 @@ pub enum Error {
     /// The JSON is not a JSON-RPC 2.0 message.
     #[error("invalid JSON-RPC message: {0}")]
     Invalid(&'static str),
+    /// A batch with more messages than allowed.
+    #[error("a JSON-RPC batch of more than {0} messages")]
+    BatchTooLarge(usize),
 }
+
+/// Most JSON values of an error's `data` that are decoded; larger data is dropped.
+pub const ERROR_DATA_MAX_NODES: usize = 4096;
 
 /// A request id: a number or a string (never null in MCP).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -61,16 +72,25 @@ impl std::fmt::Display for RequestId {
     }
 }
 
-/// The `error` member of an error response.
+/// The `error` member of an error response. Its `Display` escapes control characters and
+/// cuts the message ([`crate::sanitize::for_display`]): it may come from a hostile server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
-#[error("JSON-RPC error {code}: {message}")]
+#[error(
+    "JSON-RPC error {code}: {}",
+    crate::sanitize::for_display(message, crate::limits::MAX_PRINTED_CHARS)
+)]
 pub struct RpcError {
     /// Error code.
     pub code: i64,
     /// Short description.
     pub message: String,
-    /// Extra data.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Extra data (`None` also when the peer's data had more than [`ERROR_DATA_MAX_NODES`]
+    /// JSON values).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "bounded_data"
+    )]
     pub data: Option<serde_json::Value>,
 }
 
@@ -268,15 +288,163 @@ struct RawMessage<'a> {
 }
 
 fn id_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RequestId>, D::Error> {
-    let v: Option<serde_json::Value> = Option::deserialize(d)?;
-    match v {
-        None | Some(serde_json::Value::Null) => Ok(None),
-        Some(serde_json::Value::Number(n)) => n
-            .as_i64()
+    d.deserialize_any(IdVisitor)
+}
+
+/// Reads an id without building anything for values that cannot be one (a huge array is
+/// refused at its first byte).
+struct IdVisitor;
+
+impl<'de> serde::de::Visitor<'de> for IdVisitor {
+    type Value = Option<RequestId>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an integer or string request id, or null")
+    }
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(Some(RequestId::Number(n)))
+    }
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+        i64::try_from(n)
             .map(|n| Some(RequestId::Number(n)))
-            .ok_or_else(|| D::Error::custom("request id is not an integer")),
-        Some(serde_json::Value::String(s)) => Ok(Some(RequestId::String(s))),
-        Some(_) => Err(D::Error::custom("request id is neither number nor string")),
+            .map_err(|_| E::custom("request id is not a 64-bit integer"))
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Err(E::custom("request id is not an integer"))
+    }
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(Some(RequestId::String(s.to_owned())))
+    }
+    fn visit_string<E: serde::de::Error>(self, s: String) -> Result<Self::Value, E> {
+        Ok(Some(RequestId::String(s)))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Err(E::custom("request id is neither number nor string"))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(A::Error::custom("request id is neither number nor string"))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+        Err(A::Error::custom("request id is neither number nor string"))
+    }
+}
+
+fn bounded_data<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<serde_json::Value>, D::Error> {
+    let mut budget = ERROR_DATA_MAX_NODES;
+    let v = serde::de::DeserializeSeed::deserialize(
+        BoundedValue {
+            budget: &mut budget,
+        },
+        d,
+    )?;
+    Ok(v.filter(|v| !v.is_null()))
+}
+
+/// Builds a `Value` of at most `budget` nodes; past that it skips the rest and yields `None`.
+struct BoundedValue<'a> {
+    budget: &'a mut usize,
+}
+
+impl BoundedValue<'_> {
+    fn take(&mut self) -> bool {
+        if *self.budget == 0 {
+            return false;
+        }
+        *self.budget -= 1;
+        true
+    }
+
+    fn leaf<E>(mut self, v: serde_json::Value) -> Result<Option<serde_json::Value>, E> {
+        Ok(self.take().then_some(v))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedValue<'_> {
+    type Value = Option<serde_json::Value>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedValue<'_> {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        self.leaf(v.into())
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        self.leaf(v.into())
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        self.leaf(v.into())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        self.leaf(v.into())
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        self.leaf(v.into())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        self.leaf(serde_json::Value::Null)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        self.leaf(serde_json::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        mut self,
+        mut seq: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut ok = self.take();
+        let mut items = Vec::new();
+        while ok {
+            match seq.next_element_seed(BoundedValue {
+                budget: &mut *self.budget,
+            })? {
+                None => return Ok(Some(serde_json::Value::Array(items))),
+                Some(Some(v)) => items.push(v),
+                Some(None) => ok = false,
+            }
+        }
+        drop(items);
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        mut self,
+        mut map: A,
+    ) -> Result<Self::Value, A::Error> {
+        let mut ok = self.take();
+        let mut out = serde_json::Map::new();
+        while ok {
+            let Some(key) = map.next_key::<String>()? else {
+                return Ok(Some(serde_json::Value::Object(out)));
+            };
+            match map.next_value_seed(BoundedValue {
+                budget: &mut *self.budget,
+            })? {
+                Some(v) => {
+                    out.insert(key, v);
+                }
+                None => ok = false,
+            }
+        }
+        drop(out);
+        while map
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(None)
     }
 }
 
@@ -310,21 +478,87 @@ pub fn parse_message(bytes: &[u8]) -> Result<Message, Error> {
     raw.classify()
 }
 
-/// Parses one message or a batch (a JSON array of messages), calling `each` per message.
-pub fn parse_messages(bytes: &[u8], mut each: impl FnMut(Message)) -> Result<(), Error> {
+/// Parses one message or a batch (a JSON array of messages), calling `each` per message;
+/// batches of more than [`crate::limits::MAX_BATCH_ITEMS`] messages are refused.
+pub fn parse_messages(bytes: &[u8], each: impl FnMut(Message)) -> Result<(), Error> {
+    parse_messages_limited(bytes, crate::limits::MAX_BATCH_ITEMS, each)
+}
+
+/// Like [`parse_messages`] with a batch limit of `max_items`. The batch is counted while it
+/// is parsed: the parse stops at element `max_items + 1`, so a huge batch costs no more
+/// memory than `max_items` messages. `each` is called only when the whole input is valid.
+pub fn parse_messages_limited(
+    bytes: &[u8],
+    max_items: usize,
+    mut each: impl FnMut(Message),
+) -> Result<(), Error> {
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        let batch: Vec<RawMessage<'_>> = serde_json::from_slice(bytes)?;
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let mut failure = None;
+        let batch = serde::de::DeserializeSeed::deserialize(
+            Batch {
+                max: max_items,
+                failure: &mut failure,
+            },
+            &mut de,
+        );
+        let batch = match (batch, failure) {
+            (Ok(b), _) => b,
+            (Err(_), Some(f)) => return Err(f),
+            (Err(e), None) => return Err(Error::Json(e)),
+        };
+        de.end()?;
         if batch.is_empty() {
             return Err(Error::Invalid("empty batch"));
         }
-        for raw in batch {
-            each(raw.classify()?);
+        for m in batch {
+            each(m);
         }
         Ok(())
     } else {
         each(parse_message(bytes)?);
         Ok(())
+    }
+}
+
+/// A batch read element by element, classified as it goes, refused past `max` elements.
+struct Batch<'a> {
+    max: usize,
+    failure: &'a mut Option<Error>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Batch<'_> {
+    type Value = Vec<Message>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Batch<'_> {
+    type Value = Vec<Message>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON-RPC batch")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(raw) = seq.next_element::<RawMessage<'de>>()? {
+            if out.len() == self.max {
+                *self.failure = Some(Error::BatchTooLarge(self.max));
+                return Err(A::Error::custom("batch too large"));
+            }
+            match raw.classify() {
+                Ok(m) => out.push(m),
+                Err(e) => {
+                    let text = e.to_string();
+                    *self.failure = Some(e);
+                    return Err(A::Error::custom(text));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -394,6 +628,64 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn batch_limit_is_checked_while_parsing() {
+        let ok = format!("[{}]", [r#"{"jsonrpc":"2.0","method":"a"}"#; 4].join(","));
+        let mut n = 0;
+        parse_messages_limited(ok.as_bytes(), 4, |_| n += 1).unwrap();
+        assert_eq!(n, 4);
+        assert!(matches!(
+            parse_messages_limited(ok.as_bytes(), 3, |_| {}),
+            Err(Error::BatchTooLarge(3))
+        ));
+        // 10M empty objects: refused after MAX_BATCH_ITEMS elements, without reading on.
+        let mut huge = String::from("[");
+        for _ in 0..2_000 {
+            huge.push_str(r#"{"jsonrpc":"2.0","method":"a"},"#);
+        }
+        huge.push_str("garbage that is never reached");
+        assert!(matches!(
+            parse_messages(huge.as_bytes(), |_| {}),
+            Err(Error::BatchTooLarge(crate::limits::MAX_BATCH_ITEMS))
+        ));
+        // A wrong element is reported as such.
+        assert!(matches!(
+            parse_messages(br#"[{"jsonrpc":"2.0","method":"a"},{}]"#, |_| {}),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn ids_and_error_data_are_not_materialised() {
+        // An id that is a huge array is refused (not built first).
+        let mut big = String::from(r#"{"jsonrpc":"2.0","id":["#);
+        big.push_str(&"0,".repeat(100_000));
+        big.push_str(r#"0],"result":{}}"#);
+        assert!(parse_message(big.as_bytes()).is_err());
+        // error.data beyond the node budget is dropped, the error is kept.
+        let mut e =
+            String::from(r#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m","data":["#);
+        e.push_str(&"[0,{\"a\":1}],".repeat(ERROR_DATA_MAX_NODES));
+        e.push_str(r#"0]}}"#);
+        match parse_message(e.as_bytes()).unwrap() {
+            Message::Error(er) => {
+                assert_eq!(er.error.message, "m");
+                assert_eq!(er.error.data, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let small = br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m","data":{"supported":["x"],"n":[1,null]}}}"#;
+        match parse_message(small).unwrap() {
+            Message::Error(er) => assert_eq!(
+                er.error.data,
+                Some(serde_json::json!({"supported":["x"],"n":[1,null]}))
+            ),
+            other => panic!("{other:?}"),
+        }
+        let shown = RpcError::new(1, "evil\x1b[2J").to_string();
+        assert!(!shown.contains('\x1b'), "{shown}");
     }
 
     #[test]

@@ -31,13 +31,16 @@ pub mod balance;
 pub mod client;
 pub mod http;
 pub mod jsonrpc;
+pub mod limits;
 pub mod model;
 pub mod param_headers;
 pub mod retry;
+pub mod sanitize;
 pub mod sse;
 pub mod stdio;
 pub mod tls;
 pub mod transport;
 
 pub use client::{Client, ClientConfig, ClientError, Lifecycle};
+pub use limits::Limits;
 pub use transport::{Era, Transport, TransportError};

@@ -13,10 +13,15 @@
 //!   request may have reached the server (timeout or reset after sending began, 502/504 from a
 //!   proxy). Certificate rejections and other definite answers are [`Failure::Permanent`].
 //!
-//! [`classify`] crosses the two: not-sent and not-processed failures are retried for every
-//! request; may-have-been-sent failures only for safe ones; an unsafe request that may have
-//! reached the server fails with [`RetryError::NotRepeatable`], whose message says so
-//! ("tools/call may have reached the server; not retried").
+//! [`classify`] crosses the two: not-sent failures are retried for every request;
+//! not-processed answers are retried for safe requests, and for unsafe ones only when the
+//! server says so explicitly: HTTP 429 or 503 *with* a `Retry-After` header. A bare 503 may
+//! come from a proxy that timed out while the server went on executing (a `tools/call` ran
+//! twice that way), and 408/425 say nothing about a retry, so an unsafe request answered so
+//! fails with the answer ([`GiveUp::NotInvited`]). May-have-been-sent failures are retried
+//! only for safe requests; an unsafe request that may have reached the server fails with
+//! [`RetryError::NotRepeatable`], whose message says so ("tools/call may have reached the
+//! server; not retried").
 //!
 //! # Timing
 //! Backoff before retry *n* (0-based) is `initial * multiplier^n`, capped at `max_delay`
@@ -184,6 +189,20 @@ impl Failure {
             }),
             502 | 504 => Some(Self::MaybeProcessed { status }),
             _ => Some(Self::Permanent),
+        }
+    }
+
+    /// Whether an unsafe request may be sent again after this failure: it never left, or the
+    /// server explicitly asked for a retry (HTTP 429 or 503 with `Retry-After`).
+    pub fn invites_retry(&self) -> bool {
+        match self {
+            Self::NotSent => true,
+            Self::NotProcessed {
+                status,
+                retry_after,
+            } => matches!(status, 429 | 503) && retry_after.is_some(),
+            Self::Timeout(phase) | Self::Reset(phase) => *phase == Phase::BeforeSend,
+            Self::MaybeProcessed { .. } | Self::Permanent => false,
         }
     }
 
@@ -367,6 +386,9 @@ pub enum GiveUp {
         /// Our limit.
         limit: Duration,
     },
+    /// The request is unsafe and the server did not explicitly ask for a retry (a 408, 425,
+    /// or a 429/503 without `Retry-After`): the answer goes to the caller.
+    NotInvited,
 }
 
 /// Decides what follows the failure of attempt number `attempts` (1-based) of `request`.
@@ -392,6 +414,9 @@ pub fn classify(
     };
     if failure.may_have_taken_effect() && request.safety == Safety::Unsafe {
         return Decision::GiveUp(GiveUp::NotRepeatable);
+    }
+    if request.safety == Safety::Unsafe && !failure.invites_retry() {
+        return Decision::GiveUp(GiveUp::NotInvited);
     }
     if attempts > policy.max_retries {
         return Decision::GiveUp(GiveUp::Exhausted { attempts });
@@ -740,7 +765,9 @@ where
                 tracing::debug!("{name} attempt {number} failed ({err}); retrying in {d:?}");
                 clock.sleep(d).await;
             }
-            Decision::GiveUp(GiveUp::Permanent) => return Err(RetryError::Failed(err)),
+            Decision::GiveUp(GiveUp::Permanent | GiveUp::NotInvited) => {
+                return Err(RetryError::Failed(err))
+            }
             Decision::GiveUp(GiveUp::NotRepeatable) => {
                 return Err(RetryError::NotRepeatable {
                     request: name,

@@ -112,17 +112,37 @@ fn classification_table() {
         assert_eq!(decide(req, Failure::NotSent, 1), retry1);
         assert_eq!(decide(req, Failure::Reset(Phase::BeforeSend), 1), retry1);
         assert_eq!(decide(req, Failure::Timeout(Phase::BeforeSend), 1), retry1);
+        let asked = Some(RetryAfter::Delay(Duration::from_secs(1)));
         assert_eq!(
-            decide(req, Failure::from_status(503, None).unwrap(), 1),
+            decide(req, Failure::from_status(503, asked).unwrap(), 1),
             retry1
         );
         assert_eq!(
-            decide(req, Failure::from_status(429, None).unwrap(), 1),
+            decide(req, Failure::from_status(429, asked).unwrap(), 1),
             retry1
         );
         assert_eq!(
             decide(req, Failure::Permanent, 1),
             Decision::GiveUp(GiveUp::Permanent)
+        );
+    }
+    // Not processed without an explicit invitation (no Retry-After, or 408/425): safe
+    // requests retry, unsafe ones surface the answer (a proxy's 503 may hide an execution).
+    for s in [408, 425, 429, 503] {
+        let f = Failure::from_status(s, None).unwrap();
+        assert_eq!(decide("ping", f.clone(), 1), retry1, "{s}");
+        assert_eq!(
+            decide("tools/call", f, 1),
+            Decision::GiveUp(GiveUp::NotInvited),
+            "{s}"
+        );
+    }
+    for s in [408, 425] {
+        let f = Failure::from_status(s, Some(RetryAfter::Delay(Duration::from_secs(1)))).unwrap();
+        assert_eq!(
+            decide("tools/call", f, 1),
+            Decision::GiveUp(GiveUp::NotInvited),
+            "{s}"
         );
     }
     // May have been sent: only safe requests.
@@ -476,6 +496,7 @@ proptest! {
         match classify(&p, &req, &f, attempts, elapsed, now(), unit) {
             Decision::RetryAfter(d) => {
                 prop_assert!(!(unsafe_req && f.may_have_taken_effect()), "unsafe retried after {f:?}");
+                prop_assert!(!unsafe_req || f.invites_retry(), "unsafe retried uninvited after {f:?}");
                 prop_assert!(f != Failure::Permanent);
                 prop_assert!(attempts <= p.max_retries);
                 let ra_limit = p.max_retry_after.max(p.max_delay);

@@ -13,7 +13,9 @@
 //! suggests.
 //!
 //! Limits: lines longer than [`MAX_LINE`] end the connection with an error; lines that are
-//! no JSON-RPC message are logged and skipped (some servers print banners on stdout).
+//! no JSON-RPC message are logged and skipped (some servers print banners on stdout). Logged
+//! stderr lines are cut at [`crate::limits::MAX_STDERR_LINE`] bytes and their control
+//! characters escaped.
 
 use std::ffi::OsString;
 use std::process::Stdio;
@@ -27,8 +29,8 @@ use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 use crate::jsonrpc::{self, Message};
 use crate::transport::{Transport, TransportError};
 
-/// Longest line accepted from the server.
-pub const MAX_LINE: usize = 64 << 20;
+/// Longest line accepted from the server ([`crate::limits::MAX_MESSAGE_BYTES`]).
+pub const MAX_LINE: usize = crate::limits::MAX_MESSAGE_BYTES;
 
 /// What happens to the child's stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,12 +127,7 @@ impl StdioTransport {
             return Err(TransportError::Closed);
         };
         if let Some(stderr) = child.take_stderr() {
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(target: "vmcp_mcp::stderr", "{line}");
-                }
-            });
+            tokio::spawn(log_stderr(stderr, crate::limits::MAX_STDERR_LINE));
         }
         Ok(StdioTransport {
             stdin: Mutex::new(Some(stdin)),
@@ -191,7 +188,10 @@ impl Transport for StdioTransport {
                 Err(e) => {
                     tracing::warn!(
                         "skipping a line from the MCP server that is no JSON-RPC message ({e}): {}",
-                        String::from_utf8_lossy(&line[..line.len().min(200)])
+                        crate::sanitize::for_display(
+                            &String::from_utf8_lossy(&line[..line.len().min(1000)]),
+                            crate::limits::MAX_PRINTED_CHARS
+                        )
                     );
                 }
             }
@@ -252,4 +252,82 @@ async fn read_line(
 
 fn memchr_newline(buf: &[u8]) -> Option<usize> {
     buf.iter().position(|&b| b == b'\n')
+}
+
+/// Logs the child's stderr line by line (info, target `vmcp_mcp::stderr`): each line cut at
+/// `max` bytes (the rest of it is read and dropped), control characters escaped.
+async fn log_stderr<R: tokio::io::AsyncRead + Unpin>(stderr: R, max: usize) {
+    let mut reader = BufReader::new(stderr);
+    let mut line = Vec::with_capacity(256);
+    while let Ok(Some(cut)) = read_capped_line(&mut reader, &mut line, max).await {
+        let text = String::from_utf8_lossy(&line);
+        let text = crate::sanitize::for_display(text.trim_end(), max);
+        if cut > 0 {
+            tracing::info!(target: "vmcp_mcp::stderr", "{text} [{cut} more bytes dropped]");
+        } else {
+            tracing::info!(target: "vmcp_mcp::stderr", "{text}");
+        }
+    }
+}
+
+/// Reads one line into `out` (cleared first), keeping at most `max` bytes of it; returns how
+/// many bytes were dropped, or `None` at the end of the stream.
+async fn read_capped_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    out.clear();
+    let mut dropped = 0usize;
+    let mut any = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(any.then_some(dropped));
+        }
+        any = true;
+        let (take, found) = match memchr_newline(buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        let room = max.saturating_sub(out.len()).min(take);
+        out.extend_from_slice(&buf[..room]);
+        dropped = dropped.saturating_add(take - room);
+        reader.consume(take);
+        if found {
+            return Ok(Some(dropped));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stderr_lines_are_capped() {
+        let mut input = vec![b'x'; 1 << 20];
+        input.extend_from_slice(b"\nshort\nlast");
+        let mut r = BufReader::with_capacity(4096, &input[..]);
+        let mut line = Vec::new();
+        assert_eq!(
+            read_capped_line(&mut r, &mut line, 100).await.unwrap(),
+            Some((1 << 20) + 1 - 100)
+        );
+        assert_eq!(line.len(), 100);
+        assert_eq!(
+            read_capped_line(&mut r, &mut line, 100).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(line, b"short\n");
+        assert_eq!(
+            read_capped_line(&mut r, &mut line, 100).await.unwrap(),
+            Some(0)
+        );
+        assert_eq!(line, b"last");
+        assert_eq!(
+            read_capped_line(&mut r, &mut line, 100).await.unwrap(),
+            None
+        );
+    }
 }

@@ -77,16 +77,25 @@ async fn too_many_requests_with_an_http_date_is_waited_out() {
 
 #[tokio::test]
 async fn not_processed_answers_are_retried_with_backoff_then_give_up() {
+    // A tools/call is re-sent only when the server asks for it (503 + Retry-After).
     let (server, client) = setup().await;
-    server.script("tools/call", vec![Action::Status(503, None); 3]);
+    let asked = Action::Status(503, Some("0".into()));
+    server.script("tools/call", vec![asked.clone(); 3]);
     call(&client).await.unwrap();
     assert_eq!(server.calls(), 1);
 
-    server.script("tools/call", vec![Action::Status(503, None); 10]);
+    server.script("tools/call", vec![asked; 10]);
     let err = call(&client).await.unwrap_err();
     let msg = vmcp_test_support::error_chain(&err);
     assert!(msg.contains("tools/call failed 4 times"), "{msg}");
     assert!(msg.contains("503"), "{msg}");
+    assert_eq!(server.calls(), 1);
+
+    // Without Retry-After the 503 may come from a proxy whose server went on: not re-sent.
+    server.script("tools/call", vec![Action::Status(503, None); 3]);
+    let err = call(&client).await.unwrap_err();
+    let msg = vmcp_test_support::error_chain(&err);
+    assert!(msg.contains("tools/call was not re-sent"), "{msg}");
     assert_eq!(server.calls(), 1);
 }
 

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
 use tokio::sync::mpsc;
 use vmcp_guest_proto::{
     read_msg_async, write_msg_async, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello,
-    HostMsg, ProtoError, RequestId, CHUNK_SIZE, PROTOCOL_VERSION,
+    HostMsg, ProtoError, Rekey, RequestId, CHUNK_SIZE, PROTOCOL_VERSION,
 };
 
 /// A byte stream to the guest agent.
@@ -172,14 +172,66 @@ impl AgentClient {
             Some(other) => return Err(AgentError::NoHello(format!("{other:?}"))),
             None => return Err(AgentError::Closed),
         };
-        if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
-            return Err(AgentError::BadToken);
-        }
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(AgentError::Version {
-                guest: hello.protocol_version,
-            });
-        }
+        check_hello(&hello, token)?;
+        Ok(Self::serve(reader, writer, hello, buf))
+    }
+
+    /// After a snapshot restore: gives the agent its new identity (`rekey`: token, entropy,
+    /// clock, hostname) and waits for the hello that presents the new token. A hello with any
+    /// other token (the snapshot's own) is refused, so the token left in the snapshot's
+    /// memory never opens this VM's channel. The agent must have the
+    /// [`vmcp_guest_proto::Capabilities::REKEY`] capability (it announced it when the
+    /// snapshot was taken; an agent without it answers with a failure).
+    ///
+    /// `old_hello`: where the channel reconnects after a restore (vsock), the agent first
+    /// says hello with the token it was saved with; that hello must carry exactly this token.
+    pub async fn connect_restored<S: AgentStream>(
+        stream: S,
+        rekey: Rekey,
+        old_hello: Option<&str>,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let stream: Box<dyn AgentStream> = Box::new(stream);
+        let (mut reader, mut writer) = tokio::io::split(stream);
+        let mut buf = Vec::new();
+        let token = rekey.token.clone();
+        let exchange = async {
+            if let Some(old) = old_hello {
+                match read_msg_async::<GuestMsg, _>(&mut reader, &mut buf).await? {
+                    Some(GuestMsg::Hello(h)) => check_hello(&h, old)?,
+                    Some(other) => return Err(AgentError::NoHello(format!("{other:?}"))),
+                    None => return Err(AgentError::Closed),
+                }
+            }
+            write_msg_async(&mut writer, &HostMsg::Rekey(rekey))
+                .await
+                .map_err(|e| match e {
+                    ProtoError::Io(_) => AgentError::Closed,
+                    other => AgentError::Proto(other),
+                })?;
+            match read_msg_async::<GuestMsg, _>(&mut reader, &mut buf).await? {
+                Some(GuestMsg::Hello(h)) => Ok(h),
+                Some(GuestMsg::Failed { kind, message, .. }) => {
+                    Err(AgentError::Failed { kind, message })
+                }
+                Some(other) => Err(AgentError::NoHello(format!("{other:?}"))),
+                None => Err(AgentError::Closed),
+            }
+        };
+        let hello = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| AgentError::HelloTimeout(timeout))??;
+        check_hello(&hello, &token)?;
+        Ok(Self::serve(reader, writer, hello, buf))
+    }
+
+    /// Starts the reader task of a channel whose hello was accepted.
+    fn serve(
+        mut reader: tokio::io::ReadHalf<Box<dyn AgentStream>>,
+        writer: WriteHalf<Box<dyn AgentStream>>,
+        hello: Hello,
+        mut buf: Vec<u8>,
+    ) -> AgentClient {
         let shared = Arc::new(Shared {
             writer: tokio::sync::Mutex::new(writer),
             routes: Mutex::new(HashMap::new()),
@@ -206,7 +258,7 @@ impl AgentClient {
                 }
             }
         });
-        Ok(AgentClient { shared })
+        AgentClient { shared }
     }
 
     /// What the agent announced.
@@ -436,6 +488,37 @@ fn close(shared: &Shared) {
     let mut routes = shared.routes();
     shared.closed.store(true, Ordering::Release);
     routes.clear();
+}
+
+/// A new identity for a VM restored from a snapshot: `token`, fresh random bytes from the
+/// host for the guest's kernel RNG, the host's wall clock now, and `hostname`.
+pub fn new_identity(token: &str, hostname: &str) -> Rekey {
+    let mut entropy = Vec::with_capacity(64);
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    let unix_time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Rekey {
+        id: 0,
+        token: token.to_string(),
+        entropy,
+        unix_time_ns,
+        hostname: hostname.to_string(),
+    }
+}
+
+/// The token and protocol version of a hello.
+fn check_hello(hello: &Hello, token: &str) -> Result<(), AgentError> {
+    if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
+        return Err(AgentError::BadToken);
+    }
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(AgentError::Version {
+            guest: hello.protocol_version,
+        });
+    }
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -35,8 +35,19 @@ pub enum ConfigError {
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),
     /// Unknown accelerator name.
-    #[error("unknown accelerator {0:?}: use kvm, tcg, hvf or whpx")]
+    #[error("unknown accelerator {0:?}: use kvm or tcg (Linux), whpx or tcg (Windows)")]
     UnknownAccel(String),
+    /// Unknown backend name.
+    #[error("unknown backend {0:?}: use qemu (Linux, Windows) or vz (macOS)")]
+    UnknownBackend(String),
+    /// The named backend is not part of this build for this OS.
+    #[error("backend {backend} does not exist on this OS: this build has {compiled}")]
+    BackendNotHere {
+        /// The backend asked for.
+        backend: crate::BackendKind,
+        /// The backends this build has.
+        compiled: String,
+    },
     /// Unknown architecture name.
     #[error("unknown architecture {0:?}: use x86_64 or aarch64")]
     UnknownArch(String),
@@ -46,6 +57,11 @@ pub enum ConfigError {
 }
 
 /// Errors of the VM lifecycle.
+///
+/// Each variant names the step that failed and keeps its cause as the `source`, so callers can
+/// tell "QEMU is missing" ([`ErrorClass::HostSetup`]) from "the guest crashed"
+/// ([`ErrorClass::Guest`]) from "bad configuration" ([`ErrorClass::Config`]): see
+/// [`VmError::class`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VmError {
@@ -109,12 +125,105 @@ pub enum VmError {
     /// [`crate::VmCapabilities`].
     #[error("this backend cannot {0} here")]
     Unsupported(&'static str),
-    /// A hypervisor-specific failure.
-    #[error("{backend}: {message}")]
-    Backend {
+    /// QEMU did not carry out a QMP command.
+    #[error("QEMU did not carry out {command}")]
+    Qmp {
+        /// The QMP command (`stop`, `cont`, `query-status`, ...).
+        command: &'static str,
+        /// What QMP said or how the connection failed.
+        source: crate::qemu::qmp::QmpError,
+    },
+    /// A Virtualization.framework call failed.
+    #[error("the vz backend failed")]
+    Framework(#[source] crate::vz::FwError),
+    /// The hypervisor did something the lifecycle cannot work with (reported a wrong state,
+    /// did not die when killed); `what` says what, there is no further cause.
+    #[error("{backend}: {what}")]
+    Hypervisor {
         /// Backend name.
         backend: &'static str,
-        /// What went wrong.
-        message: String,
+        /// What happened.
+        what: String,
     },
+    /// Saving a snapshot's state failed.
+    #[error("cannot save the VM snapshot")]
+    SnapshotSave(#[source] crate::qemu::snapshot::SnapshotError),
+    /// Restoring a snapshot's state failed.
+    #[error("cannot restore the VM snapshot")]
+    SnapshotRestore(#[source] crate::qemu::snapshot::SnapshotError),
+    /// A snapshot's manifest is missing, unreadable or does not fit this VM.
+    #[error("cannot use snapshot {path}", path = .0.snapshot().display())]
+    Snapshot(#[from] crate::lifecycle::ManifestError),
+}
+
+/// `error` and its sources on one line: `a: b: c`.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// What kind of problem a [`VmError`] is, for callers that react differently (retry with
+/// another backend, report a guest crash, ask the user to fix the input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The input (VM config, snapshot file, command-line value) is wrong: fix it.
+    Config,
+    /// This host lacks something (hypervisor, QEMU, entitlement, permissions, disk space).
+    HostSetup,
+    /// The guest crashed, hung, or spoke the protocol wrongly.
+    Guest,
+    /// The hypervisor misbehaved or refused an operation.
+    Hypervisor,
+    /// The caller asked for something the VM cannot do now (wrong state, unsupported).
+    Usage,
+}
+
+impl VmError {
+    /// The kind of problem. Every variant is classified here without a wildcard, so a new
+    /// variant forces a decision.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            VmError::Config(_) | VmError::Snapshot(_) => ErrorClass::Config,
+            VmError::SnapshotSave(e) | VmError::SnapshotRestore(e) => e.class(),
+            VmError::Unavailable { .. }
+            | VmError::Host { .. }
+            | VmError::RuntimeDir(_)
+            | VmError::Spawn(_) => ErrorClass::HostSetup,
+            VmError::EarlyExit { .. } | VmError::ReadyTimeout { .. } | VmError::Agent(_) => {
+                ErrorClass::Guest
+            }
+            VmError::InvalidState { .. } | VmError::Unsupported(_) => ErrorClass::Usage,
+            VmError::Qmp { .. } | VmError::Hypervisor { .. } => ErrorClass::Hypervisor,
+            VmError::Framework(e) => match e {
+                crate::vz::FwError::Entitlement
+                | crate::vz::FwError::NotAvailable(_)
+                | crate::vz::FwError::Host { .. } => ErrorClass::HostSetup,
+                crate::vz::FwError::Invalid(_) => ErrorClass::Config,
+                crate::vz::FwError::Failed { .. } => ErrorClass::Hypervisor,
+                crate::vz::FwError::Unsupported { .. } => ErrorClass::Usage,
+            },
+        }
+    }
+
+    /// The guest crashed, hung or misbehaved (not the host's or the caller's fault).
+    pub fn is_guest_fault(&self) -> bool {
+        self.class() == ErrorClass::Guest
+    }
+
+    /// Something is missing or broken on this host; another backend may work.
+    pub fn is_host_setup(&self) -> bool {
+        self.class() == ErrorClass::HostSetup
+    }
+
+    /// The input is wrong; retrying the same input cannot help.
+    pub fn is_config(&self) -> bool {
+        self.class() == ErrorClass::Config
+    }
 }

@@ -1,15 +1,18 @@
-//! An in-process backend for tests of code that drives the lifecycle traits (the CLI, the MCP
-//! server, pools), with fault injection. No hypervisor: the "guest" is an async function given
-//! one end of an in-memory channel; it must speak the guest protocol (send a hello with the
-//! token it is given, then answer requests). [`responder_guest`] is a small one that answers
-//! pings, file requests and poweroff, and runs no processes.
+//! An in-process [`Machine`] for tests of the lifecycle and of code above the traits (the CLI,
+//! the MCP server, pools), injecting a fault at every step. No hypervisor: the "guest" is an
+//! async function given one end of an in-memory channel; it must speak the guest protocol
+//! (send a hello with the token it is given, then answer requests), and the VM "exits" when
+//! that function returns. [`responder_guest`] is a small one that answers pings, file requests
+//! and poweroff, and runs no processes.
+//!
+//! Compiled for this crate's tests and, for other crates' tests, with the `test-support`
+//! feature; never part of a normal build.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::io::{duplex, DuplexStream};
@@ -19,41 +22,68 @@ use vmcp_guest_proto::{
     PROTOCOL_VERSION,
 };
 
-use crate::agent::AgentClient;
-use crate::{
-    new_vm_id, AgentInfo, Backend, Probe, RuntimeDir, ShutdownOutcome, Vm, VmCapabilities,
-    VmConfig, VmError, VmState,
-};
+use crate::agent::AgentStream;
+use crate::lifecycle::{AgentConnect, Exit, LaunchError, Lifecycle, Machine};
+use crate::{Backend, Probe, Vm, VmCapabilities, VmConfig, VmError};
+
+const NAME: &str = "fake";
 
 /// The guest side of a fake VM: gets its channel end and the expected token.
 pub type GuestFn =
     Arc<dyn Fn(DuplexStream, String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Faults the fake backend injects.
+/// Faults the fake backend injects, one per step of the lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Faults {
     /// `probe` reports the backend unusable.
     pub unusable: bool,
-    /// `start` fails.
+    /// `launch` fails (the hypervisor cannot be started).
     pub start_fails: bool,
+    /// The hypervisor exits while launching.
+    pub exits_at_launch: bool,
     /// The guest never says hello.
     pub never_ready: bool,
+    /// The guest exits before it says hello (a kernel panic while booting).
+    pub exits_before_ready: bool,
     /// The guest ignores poweroff requests (shutdown must fall back to kill).
     pub ignore_poweroff: bool,
+    /// `pause` fails.
+    pub pause_fails: bool,
+    /// `resume` fails.
+    pub resume_fails: bool,
+    /// The machine cannot save or load state at all.
+    pub no_snapshot: bool,
+    /// `save_state` fails.
+    pub save_fails: bool,
+    /// `load_state` fails.
+    pub load_fails: bool,
+    /// `kill` fails.
+    pub kill_fails: bool,
 }
+
+/// The machine calls a fake backend's VMs made, in order (`"launch"`, `"pause"`, ...).
+pub type Calls = Arc<Mutex<Vec<&'static str>>>;
 
 /// A backend whose VMs are tasks in this process.
 #[derive(Clone)]
 pub struct FakeBackend {
     guest: GuestFn,
     faults: Faults,
+    calls: Calls,
 }
+
+/// One fake VM: the lifecycle over a [`FakeMachine`].
+pub type FakeVm = Lifecycle<FakeMachine>;
 
 impl FakeBackend {
     /// A fake backend running `guest` in each VM, with `faults`.
     pub fn new(guest: GuestFn, faults: Faults) -> Self {
-        FakeBackend { guest, faults }
+        FakeBackend {
+            guest,
+            faults,
+            calls: Calls::default(),
+        }
     }
 
     /// A fake backend whose guests are [`responder_guest`]s.
@@ -63,12 +93,31 @@ impl FakeBackend {
             faults,
         )
     }
+
+    /// The machine calls of every VM of this backend so far.
+    pub fn calls(&self) -> Vec<&'static str> {
+        lock(&self.calls).clone()
+    }
+
+    /// [`Backend::create`] with the concrete type.
+    pub fn create_fake(&self, config: VmConfig) -> Result<FakeVm, VmError> {
+        Lifecycle::prepare(&config, |_| {
+            Ok(FakeMachine {
+                guest: self.guest.clone(),
+                faults: self.faults,
+                calls: Arc::clone(&self.calls),
+                console: Vec::new(),
+                channel: None,
+                task: None,
+            })
+        })
+    }
 }
 
 #[async_trait]
 impl Backend for FakeBackend {
     fn name(&self) -> &'static str {
-        "fake"
+        NAME
     }
 
     async fn probe(&self) -> Probe {
@@ -84,167 +133,187 @@ impl Backend for FakeBackend {
     }
 
     async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {
-        config.validate()?;
-        let id = new_vm_id();
-        let dir = RuntimeDir::create(&id)?;
-        Ok(Box::new(FakeVm {
-            id,
-            dir,
-            guest: self.guest.clone(),
-            faults: self.faults,
-            state: VmState::Created,
-            token: format!("{:016x}", rand::random::<u64>()),
-            channel: None,
-            task: None,
-            agent: None,
-            started: None,
-        }))
+        Ok(Box::new(self.create_fake(config)?))
     }
 }
 
-struct FakeVm {
-    id: String,
-    dir: RuntimeDir,
-    guest: GuestFn,
-    faults: Faults,
-    state: VmState,
-    token: String,
-    channel: Option<DuplexStream>,
-    task: Option<JoinHandle<()>>,
-    agent: Option<AgentClient>,
-    started: Option<Instant>,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl FakeVm {
+fn injected(what: &str) -> VmError {
+    VmError::Hypervisor {
+        backend: NAME,
+        what: format!("fault injected: {what}"),
+    }
+}
+
+/// The fake's [`Machine`]: the guest is a task, its "console" a list of lines.
+pub struct FakeMachine {
+    guest: GuestFn,
+    faults: Faults,
+    calls: Calls,
+    console: Vec<String>,
+    channel: Option<DuplexStream>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl FakeMachine {
+    fn call(&mut self, name: &'static str) {
+        lock(&self.calls).push(name);
+        self.console.push(format!("fake console: {name}"));
+    }
+
+    /// Starts the guest task with `token`.
+    fn run_guest(&mut self, token: &str) {
+        let (host, guest) = duplex(1 << 20);
+        let token = token.to_string();
+        self.task = Some(if self.faults.exits_before_ready {
+            tokio::spawn(async move { drop(guest) })
+        } else if self.faults.never_ready {
+            // Keep the guest end open and silent.
+            tokio::spawn(async move {
+                let _keep = guest;
+                std::future::pending::<()>().await
+            })
+        } else if self.faults.ignore_poweroff {
+            let (proxy_end, guest_end) = duplex(1 << 20);
+            let guest_task = tokio::spawn((self.guest)(guest_end, token));
+            tokio::spawn(drop_poweroff(guest, proxy_end, guest_task))
+        } else {
+            tokio::spawn((self.guest)(guest, token))
+        });
+        self.channel = Some(host);
+    }
+
     fn stop_now(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
         }
-        self.agent = None;
         self.channel = None;
-        self.state = VmState::Stopped;
     }
 }
 
 #[async_trait]
-impl Vm for FakeVm {
-    fn id(&self) -> &str {
-        &self.id
-    }
-    fn state(&self) -> VmState {
-        self.state
-    }
-    fn capabilities(&self) -> VmCapabilities {
-        VmCapabilities::default()
-    }
-    fn runtime_dir(&self) -> &Path {
-        self.dir.path()
+impl Machine for FakeMachine {
+    fn backend(&self) -> &'static str {
+        NAME
     }
 
-    async fn start(&mut self) -> Result<(), VmError> {
-        if self.state != VmState::Created {
-            return Err(VmError::InvalidState {
-                op: "start",
-                state: self.state,
-            });
+    fn capabilities(&self) -> VmCapabilities {
+        VmCapabilities {
+            snapshot: !self.faults.no_snapshot,
+            pause: true,
+            vsock: false,
         }
+    }
+
+    fn console_tail(&self, lines: usize) -> String {
+        self.console[self.console.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn is_down(&self) -> bool {
+        self.task.as_ref().is_some_and(JoinHandle::is_finished)
+    }
+
+    async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
+        self.call("launch");
         if self.faults.start_fails {
-            self.state = VmState::Stopped;
-            return Err(VmError::Backend {
-                backend: "fake",
-                message: "fault injected: start failed".into(),
-            });
+            return Err(injected("start failed").into());
         }
-        let (host, guest) = duplex(1 << 20);
-        if self.faults.never_ready {
-            // Keep the guest end open and silent.
-            self.task = Some(tokio::spawn(async move {
-                let _keep = guest;
-                std::future::pending::<()>().await
-            }));
-        } else if self.faults.ignore_poweroff {
-            let (proxy_end, guest_end) = duplex(1 << 20);
-            let guest_task = tokio::spawn((self.guest)(guest_end, self.token.clone()));
-            self.task = Some(tokio::spawn(drop_poweroff(guest, proxy_end, guest_task)));
-        } else {
-            self.task = Some(tokio::spawn((self.guest)(guest, self.token.clone())));
+        if self.faults.exits_at_launch {
+            return Err(LaunchError::Exited(Exit::new(
+                "fault injected: exit code 1",
+            )));
         }
-        self.channel = Some(host);
-        self.started = Some(Instant::now());
-        self.state = VmState::Starting;
+        self.run_guest(token);
         Ok(())
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError> {
-        let Some(channel) = self.channel.take() else {
-            return Err(VmError::InvalidState {
-                op: "wait for",
-                state: self.state,
-            });
-        };
-        let agent = match AgentClient::connect(channel, &self.token, timeout).await {
-            Ok(a) => a,
-            Err(crate::agent::AgentError::HelloTimeout(_)) => {
-                self.stop_now();
-                return Err(VmError::ReadyTimeout {
-                    timeout,
-                    console_tail: String::new(),
-                });
-            }
-            Err(e) => {
-                self.stop_now();
-                return Err(e.into());
-            }
-        };
-        let info = agent.info(self.started.map(|s| s.elapsed()).unwrap_or_default());
-        self.agent = Some(agent);
-        self.state = VmState::Running;
-        Ok(info)
-    }
-
-    fn agent(&self) -> Result<AgentClient, VmError> {
-        self.agent.clone().ok_or(VmError::InvalidState {
-            op: "talk to the agent of",
-            state: self.state,
+    fn agent_stream(&mut self) -> AgentConnect {
+        let channel = self.channel.take();
+        Box::pin(async move {
+            channel
+                .map(|c| Box::new(c) as Box<dyn AgentStream>)
+                .ok_or_else(|| injected("no agent channel"))
         })
     }
 
-    async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError> {
-        let Some(agent) = self.agent.clone() else {
-            let was_running = self.task.is_some();
-            self.stop_now();
-            return Ok(if was_running {
-                ShutdownOutcome::Killed
-            } else {
-                ShutdownOutcome::AlreadyStopped
-            });
-        };
-        self.state = VmState::Stopping;
-        let graceful = tokio::time::timeout(timeout, async {
-            // An error here means the channel is already gone: the guest is down either way.
-            let _ = agent.poweroff().await;
-            if let Some(task) = self.task.as_mut() {
-                let _ = task.await;
-            }
-        })
-        .await
-        .is_ok();
-        self.task = None;
-        self.stop_now();
-        Ok(if graceful {
-            ShutdownOutcome::Graceful
-        } else {
-            ShutdownOutcome::Killed
-        })
+    async fn wait_exit(&mut self) -> Exit {
+        if let Some(task) = self.task.as_mut() {
+            let _ = task.await;
+            self.task = None;
+            self.console.push("fake console: guest exited".into());
+        }
+        Exit::new("the fake guest returned")
     }
 
     async fn kill(&mut self) -> Result<(), VmError> {
+        self.call("kill");
+        if self.faults.kill_fails {
+            return Err(injected("kill failed"));
+        }
         self.stop_now();
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<(), VmError> {
+        self.call("pause");
+        if self.faults.pause_fails {
+            return Err(injected("pause failed"));
+        }
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmError> {
+        self.call("resume");
+        if self.faults.resume_fails {
+            return Err(injected("resume failed"));
+        }
+        Ok(())
+    }
+
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        if self.faults.no_snapshot {
+            return Err(VmError::Unsupported("save or restore a VM snapshot"));
+        }
+        Ok(())
+    }
+
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        self.call("save_state");
+        if self.faults.save_fails {
+            return Err(injected("save failed"));
+        }
+        std::fs::write(path, b"fake-state").map_err(|source| VmError::Host {
+            what: format!("write {}", path.display()),
+            source,
+        })
+    }
+
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
+        self.call("load_state");
+        if self.faults.load_fails {
+            return Err(injected("load failed").into());
+        }
+        match std::fs::read(path) {
+            Ok(state) if state == b"fake-state" => {}
+            Ok(_) => return Err(injected("the state file is not a fake state").into()),
+            Err(source) => {
+                return Err(VmError::Host {
+                    what: format!("read {}", path.display()),
+                    source,
+                }
+                .into())
+            }
+        }
+        // The restored guest reconnects with the token it was saved with.
+        self.run_guest(token);
         Ok(())
     }
 }
 
-impl Drop for FakeVm {
+impl Drop for FakeMachine {
     fn drop(&mut self) {
         self.stop_now();
     }
@@ -274,16 +343,21 @@ async fn drop_poweroff(outer: DuplexStream, inner: DuplexStream, guest: JoinHand
 }
 
 /// A guest that says hello with `token`, then answers pings, writes and reads files in memory,
-/// and powers off on request. Exec requests fail with "not found".
+/// takes a new identity on a re-key (answering with a hello that carries the new token), and
+/// powers off on request. Exec requests fail with "not found".
 pub async fn responder_guest(mut s: DuplexStream, token: String) {
-    let hello = GuestMsg::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "fake".into(),
-        capabilities: Capabilities(Capabilities::FILES | Capabilities::POWEROFF),
-        token,
-        boot_ns: 0,
-    });
-    if write_msg_async(&mut s, &hello).await.is_err() {
+    let hello = |token: String| {
+        GuestMsg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "fake".into(),
+            capabilities: Capabilities(
+                Capabilities::FILES | Capabilities::POWEROFF | Capabilities::REKEY,
+            ),
+            token,
+            boot_ns: 0,
+        })
+    };
+    if write_msg_async(&mut s, &hello(token)).await.is_err() {
         return;
     }
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
@@ -324,6 +398,7 @@ pub async fn responder_guest(mut s: DuplexStream, token: String) {
                 let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
                 return;
             }
+            HostMsg::Rekey(r) => hello(r.token),
             _ => continue,
         };
         if write_msg_async(&mut s, &answer).await.is_err() {
@@ -331,6 +406,3 @@ pub async fn responder_guest(mut s: DuplexStream, token: String) {
         }
     }
 }
-
-#[cfg(test)]
-mod tests;

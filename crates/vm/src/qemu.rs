@@ -23,13 +23,17 @@
 //!
 //! # Limits
 //! - No vsock channel yet ([`VmCapabilities::vsock`] is false); virtio-serial works everywhere.
-//! - Pause/resume are QMP `stop`/`cont`; no snapshot through this API yet.
+//! - Pause/resume are QMP `stop`/`cont`. Snapshots ([`snapshot`]) need the VM's RAM in a
+//!   shared file ([`QemuMachine::set_memory_file`]) and work on Linux only.
 
 pub mod accel;
 pub mod binary;
 pub mod cmdline;
 pub mod console;
+pub mod doctor;
+pub mod host_windows;
 pub mod qmp;
+pub mod snapshot;
 pub mod spawn;
 
 #[cfg(target_os = "linux")]
@@ -47,29 +51,27 @@ use platform_windows as platform;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, QemuPlan, RootfsArg,
+    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, MemoryFile, QemuPlan, RootfsArg,
     VirtioTransport, AGENT_PORT,
 };
 
-use crate::agent::{AgentClient, AgentError};
+use crate::agent::AgentStream;
 use crate::error::ConfigError;
-use crate::{
-    AgentInfo, Arch, Backend, Probe, RuntimeDir, ShutdownOutcome, Vm, VmCapabilities, VmConfig,
-    VmError, VmState,
-};
+use crate::lifecycle::{AgentConnect, Exit, LaunchError, Lifecycle, Machine, TAIL_LINES};
+use crate::{Arch, Backend, Probe, Vm, VmCapabilities, VmConfig, VmError};
 
 const BACKEND: &str = "qemu";
 /// How long QEMU may take to answer on QMP after it was started.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Console lines quoted in boot errors.
-const TAIL_LINES: usize = 25;
+/// Lines of QEMU's own stderr quoted in errors (before the console lines).
+const STDERR_LINES: usize = 10;
 /// How long a killed QEMU may take to be reaped.
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -150,45 +152,48 @@ impl QemuBackend {
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
-        let binary = match &self.options.qemu_binary {
-            Some(b) => b.clone(),
-            None => binary::find(config.arch).map_err(|e| VmError::Unavailable {
+        let binary = self.binary(config.arch)?;
+        Lifecycle::prepare(&config, |prepared| {
+            // The runtime directory was made private, with its owner file, and its stale
+            // siblings swept, by `vmcp_host_process::RuntimeDir`.
+            let runtime = prepared.dir;
+            let console_log = config
+                .console_log
+                .clone()
+                .unwrap_or_else(|| runtime.join("console.log"));
+            let drop_to = (self.options.drop_privileges && vmcp_host_process::is_root())
+                .then(|| spawn::unprivileged_ids(choice.accel == crate::Accel::Kvm));
+            Ok(QemuMachine {
+                config: config.clone(),
+                binary,
+                accel: choice.accel,
+                tsc_khz: facts.cpu_khz,
+                host: facts.os,
+                options: self.options.clone(),
+                drop_to,
+                console_log,
+                child: None,
+                pid: None,
+                qmp: None,
+                agent_stream: None,
+                console: console::Tail::default(),
+                stderr: console::Tail::default(),
+                tasks: Vec::new(),
+                argv: Vec::new(),
+                memory_file: None,
+            })
+        })
+    }
+
+    /// The QEMU binary for `arch`: the configured one, else found in `$VMCP_QEMU` and `PATH`.
+    fn binary(&self, arch: Arch) -> Result<PathBuf, VmError> {
+        match &self.options.qemu_binary {
+            Some(b) => Ok(b.clone()),
+            None => binary::find(arch).map_err(|e| VmError::Unavailable {
                 backend: BACKEND,
                 reason: e.to_string(),
-            })?,
-        };
-        let id = crate::new_vm_id();
-        let runtime = RuntimeDir::create(&id)?;
-        let console_log = config
-            .console_log
-            .clone()
-            .unwrap_or_else(|| runtime.join("console.log"));
-        let drop_to = (self.options.drop_privileges && vmcp_host_process::is_root())
-            .then(|| spawn::unprivileged_ids(choice.accel == crate::Accel::Kvm));
-        Ok(QemuVm {
-            id,
-            config,
-            binary,
-            accel: choice.accel,
-            tsc_khz: facts.cpu_khz,
-            host: facts.os,
-            options: self.options.clone(),
-            token: new_token(),
-            drop_to,
-            runtime,
-            console_log,
-            state: VmState::Created,
-            child: None,
-            pid: None,
-            qmp: None,
-            agent_stream: None,
-            agent: None,
-            console: console::Tail::default(),
-            stderr: console::Tail::default(),
-            tasks: Vec::new(),
-            started_at: None,
-            argv: Vec::new(),
-        })
+            }),
+        }
     }
 
     /// Probes the binary, its version and the accelerator.
@@ -221,48 +226,56 @@ impl Backend for QemuBackend {
         }
     }
 
+    /// QEMU fits when it can launch here and its binary is found; the accelerator is the
+    /// requested one if usable, else the host's hardware one, else TCG with a notice.
+    async fn fit(&self, config: &VmConfig) -> Result<crate::select::Fit, VmError> {
+        platform::LAUNCH_SUPPORTED.map_err(|reason| VmError::Unavailable {
+            backend: BACKEND,
+            reason: reason.to_string(),
+        })?;
+        self.binary(config.arch)?;
+        let choice = self.choose_accel(config.arch, config.accel)?;
+        Ok(crate::select::Fit::new(Some(choice.accel), choice.notice))
+    }
+
+    async fn checks(&self) -> crate::select::Section {
+        doctor::section(self).await
+    }
+
     async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {
         Ok(Box::new(self.create_qemu(config).await?))
     }
 }
 
-/// A random per-VM channel token (128 bits, hex).
-fn new_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
+/// One QEMU VM: the lifecycle over a [`QemuMachine`]. Dropping it kills QEMU (and its
+/// process group), reaps it and removes the runtime directory.
+pub type QemuVm = Lifecycle<QemuMachine>;
 
-/// One QEMU VM. Dropping it kills QEMU (and its process group), reaps it and removes the
-/// runtime directory.
-pub struct QemuVm {
-    id: String,
+/// The QEMU process of one VM and its channels. Dropping it kills and reaps QEMU.
+pub struct QemuMachine {
     config: VmConfig,
     binary: PathBuf,
     accel: crate::Accel,
     tsc_khz: Option<u64>,
     host: HostOs,
     options: QemuOptions,
-    token: String,
-    drop_to: Option<vmcp_host_process::Ids>,
-    runtime: RuntimeDir,
+    drop_to: Option<platform::Ids>,
     console_log: PathBuf,
-    state: VmState,
     child: Option<vmcp_host_process::OwnedChild>,
     pid: Option<u32>,
     qmp: Option<qmp::QmpClient<platform::HostStream>>,
     agent_stream: Option<platform::HostStream>,
-    agent: Option<AgentClient>,
     console: console::Tail,
     stderr: console::Tail,
     tasks: Vec<JoinHandle<()>>,
-    started_at: Option<Instant>,
     argv: Vec<OsString>,
+    /// Guest RAM in this file, mapped shared (a VM that can be saved).
+    memory_file: Option<PathBuf>,
 }
 
-impl std::fmt::Debug for QemuVm {
+impl std::fmt::Debug for QemuMachine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuVm")
-            .field("id", &self.id)
-            .field("state", &self.state)
+        f.debug_struct("QemuMachine")
             .field("accel", &self.accel)
             .field("pid", &self.pid)
             .finish_non_exhaustive()
@@ -301,7 +314,16 @@ fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Host { what, source }
 }
 
-impl QemuVm {
+impl QemuMachine {
+    /// Puts the guest's RAM in the file `path` (created or truncated, sparse, the VM's
+    /// memory size) instead of anonymous memory, which is what lets [`Vm::save_snapshot`]
+    /// write only the device state plus a copy of the pages the guest touched. Takes effect
+    /// at the next launch. Put the file on a fast file system (tmpfs or the snapshot
+    /// store's); it is removed with the VM only if it is inside its runtime directory.
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.memory_file = Some(path);
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.pid
@@ -322,44 +344,31 @@ impl QemuVm {
         &self.console_log
     }
 
-    /// The last console lines.
-    pub fn console_tail(&self) -> String {
-        self.console.lines(TAIL_LINES)
-    }
-
     /// QEMU's resident set size in KiB, while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
         self.pid.and_then(vmcp_host_process::rss_kib)
     }
 
     /// Runs a QMP command without arguments, bounded by the QMP timeout.
-    async fn qmp_command(&mut self, command: &str) -> Result<(), VmError> {
+    async fn qmp_command(&mut self, command: &'static str) -> Result<(), VmError> {
         let timeout = self.options.qmp_timeout;
+        let qmp_err = |source| VmError::Qmp { command, source };
         let Some(q) = self.qmp.as_mut() else {
-            return Err(VmError::Backend {
-                backend: BACKEND,
-                message: format!("no QMP connection for {command}"),
-            });
+            return Err(qmp_err(qmp::QmpError::Closed));
         };
         match tokio::time::timeout(timeout, q.execute(command, None)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(VmError::Backend {
-                backend: BACKEND,
-                message: e.to_string(),
-            }),
-            Err(_) => Err(VmError::Backend {
-                backend: BACKEND,
-                message: format!("QEMU did not answer {command} within {timeout:?}"),
-            }),
+            Ok(Err(e)) => Err(qmp_err(e)),
+            Err(_) => Err(qmp_err(qmp::QmpError::Timeout(timeout))),
         }
     }
 
-    fn kernel_args(&self) -> KernelArgs {
+    fn kernel_args(&self, token: &str) -> KernelArgs {
         KernelArgs {
             arch: self.config.arch,
             accel: self.accel,
             tsc_khz: self.tsc_khz,
-            token: self.token.clone(),
+            token: token.to_string(),
             agent_port: AGENT_PORT.to_string(),
             rootfs: self.config.rootfs.as_ref().map(|d| RootfsArg {
                 device: "/dev/vda".into(),
@@ -369,65 +378,37 @@ impl QemuVm {
         }
     }
 
-    /// Error text for QEMU having exited: its stderr, then the console tail.
-    fn exit_tails(&self) -> String {
-        let stderr = self.stderr.lines(10);
-        let console = self.console.lines(TAIL_LINES);
-        match (stderr.is_empty(), console.is_empty()) {
-            (true, true) => "(no console output)".into(),
-            (false, true) => stderr,
-            (true, false) => console,
-            (false, false) => format!("{stderr}\n{console}"),
-        }
-    }
-
-    async fn early_exit(&mut self, status: std::io::Result<std::process::ExitStatus>) -> VmError {
-        self.reaped();
-        // Let the capture tasks drain what QEMU wrote before it died.
-        for t in &mut self.tasks {
-            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
-        }
-        VmError::EarlyExit {
-            status: match status {
-                Ok(s) => format!("QEMU {s}"),
-                Err(e) => format!("QEMU status unknown: {e}"),
-            },
-            console_tail: self.exit_tails(),
-        }
-    }
-
     /// Marks QEMU as gone.
     fn reaped(&mut self) {
         self.child = None;
         self.pid = None;
         self.qmp = None;
         self.agent_stream = None;
-        self.state = VmState::Stopped;
     }
 
-    /// Waits up to `timeout` for QEMU to exit; true if it did.
-    async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        let Some(child) = self.child.as_mut() else {
-            return true;
-        };
-        match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(_) => {
-                self.reaped();
-                true
-            }
-            Err(_) => false,
+    /// After QEMU exited with `status`: let the capture tasks drain what QEMU wrote before it
+    /// died, and describe the exit.
+    async fn exited(&mut self, status: std::io::Result<std::process::ExitStatus>) -> Exit {
+        self.reaped();
+        for t in &mut self.tasks {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
         }
+        Exit::new(match status {
+            Ok(s) => format!("QEMU {s}"),
+            Err(e) => format!("QEMU status unknown: {e}"),
+        })
     }
 
     async fn kill_now(&mut self) -> Result<(), VmError> {
         if let Some(child) = self.child.as_mut() {
+            // Kills QEMU's whole process group, then reaps QEMU.
             child
                 .kill_and_wait(REAP_TIMEOUT)
                 .await
                 .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::TimedOut => VmError::Backend {
+                    std::io::ErrorKind::TimedOut => VmError::Hypervisor {
                         backend: BACKEND,
-                        message: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
+                        what: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
                     },
                     _ => host_err("reap QEMU")(e),
                 })?;
@@ -438,14 +419,46 @@ impl QemuVm {
 
     fn plan(
         &self,
+        token: &str,
         inherited: &mut Inherited,
-    ) -> Result<(QemuPlan, Vec<platform::HostStream>), VmError> {
-        let kernel = platform::open_for_child(&self.config.kernel, false).map_err(host_err(
-            format!("open kernel {}", self.config.kernel.display()),
-        ))?;
-        let initrd = platform::open_for_child(&self.config.initrd, false).map_err(host_err(
-            format!("open initrd {}", self.config.initrd.display()),
-        ))?;
+        restore_memory: Option<&Path>,
+    ) -> Result<(QemuPlan, [platform::HostStream; 3]), VmError> {
+        let (kernel, initrd, memory) = match restore_memory {
+            // A restore boots nothing: the guest's memory already holds the kernel.
+            Some(memory) => {
+                let fd = platform::open_for_child(memory, false)
+                    .map_err(host_err(format!("open {}", memory.display())))?;
+                (
+                    FileRef::Path(self.config.kernel.clone()),
+                    FileRef::Path(self.config.initrd.clone()),
+                    Some(MemoryFile {
+                        file: inherited.file(fd),
+                        shared: false,
+                    }),
+                )
+            }
+            None => {
+                let kernel = platform::open_for_child(&self.config.kernel, false).map_err(
+                    host_err(format!("open kernel {}", self.config.kernel.display())),
+                )?;
+                let initrd = platform::open_for_child(&self.config.initrd, false).map_err(
+                    host_err(format!("open initrd {}", self.config.initrd.display())),
+                )?;
+                let memory = match &self.memory_file {
+                    Some(path) => {
+                        let bytes = u64::from(self.config.memory_mib) << 20;
+                        let fd = platform::create_memory_file(path, bytes, self.drop_to.as_ref())
+                            .map_err(host_err(format!("create {}", path.display())))?;
+                        Some(MemoryFile {
+                            file: inherited.file(fd),
+                            shared: true,
+                        })
+                    }
+                    None => None,
+                };
+                (inherited.file(kernel), inherited.file(initrd), memory)
+            }
+        };
         let rootfs = match &self.config.rootfs {
             None => None,
             Some(d) => {
@@ -461,16 +474,14 @@ impl QemuVm {
                 })
             }
         };
-        let mut hosts = Vec::with_capacity(3);
-        let mut endpoint = |name: &str| -> Result<Endpoint, VmError> {
+        let mut endpoint = |name: &str| {
             let (host, child) =
                 platform::stream_pair().map_err(host_err(format!("create the {name} channel")))?;
-            hosts.push(host);
-            Ok(inherited.endpoint(child))
+            Ok::<_, VmError>((host, inherited.endpoint(child)))
         };
-        let qmp = endpoint("QMP")?;
-        let console = endpoint("console")?;
-        let agent = endpoint("agent")?;
+        let (qmp_host, qmp) = endpoint("QMP")?;
+        let (console_host, console) = endpoint("console")?;
+        let (agent_host, agent) = endpoint("agent")?;
         let plan = QemuPlan {
             binary: self.binary.clone(),
             arch: self.config.arch,
@@ -478,9 +489,9 @@ impl QemuVm {
             host: self.host,
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
-            kernel: inherited.file(kernel),
-            initrd: inherited.file(initrd),
-            append: self.kernel_args().render(),
+            kernel,
+            initrd,
+            append: self.kernel_args(token).render(),
             rootfs,
             qmp,
             console,
@@ -489,53 +500,174 @@ impl QemuVm {
             virtio: self.options.virtio,
             network: self.config.network,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
+            memory,
+            incoming: restore_memory.is_some(),
         };
-        Ok((plan, hosts))
+        Ok((plan, [qmp_host, console_host, agent_host]))
     }
 }
 
 #[async_trait]
-impl Vm for QemuVm {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn state(&self) -> VmState {
-        self.state
+impl Machine for QemuMachine {
+    fn backend(&self) -> &'static str {
+        BACKEND
     }
 
     fn capabilities(&self) -> VmCapabilities {
         VmCapabilities {
             pause: true,
+            snapshot: self.host == HostOs::Linux && self.memory_file.is_some(),
             ..VmCapabilities::default()
         }
     }
 
-    fn runtime_dir(&self) -> &Path {
-        self.runtime.path()
+    /// QEMU's own stderr first (bad arguments, accelerator failures), then the console.
+    fn console_tail(&self, lines: usize) -> String {
+        let stderr = self.stderr.lines(STDERR_LINES);
+        let console = self.console.lines(lines);
+        match (stderr.is_empty(), console.is_empty()) {
+            (true, true) => "(no console output)".into(),
+            (false, true) => stderr,
+            (true, false) => console,
+            (false, false) => format!("{stderr}\n{console}"),
+        }
     }
 
-    async fn start(&mut self) -> Result<(), VmError> {
-        if self.state != VmState::Created {
-            return Err(VmError::InvalidState {
-                op: "start",
-                state: self.state,
-            });
+    /// Start = spawn + QMP handshake + `query-status` is `running`, so bad QEMU arguments fail
+    /// here with QEMU's own message.
+    async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
+        self.spawn_qemu(token, None).await
+    }
+
+    fn agent_stream(&mut self) -> AgentConnect {
+        let stream = self.agent_stream.take();
+        Box::pin(async move {
+            stream
+                .map(|s| Box::new(s) as Box<dyn AgentStream>)
+                .ok_or(VmError::Hypervisor {
+                    backend: BACKEND,
+                    what: "the agent channel was already handed out".into(),
+                })
+        })
+    }
+
+    async fn wait_exit(&mut self) -> Exit {
+        let Some(child) = self.child.as_mut() else {
+            return Exit::new("QEMU is not running");
+        };
+        let status = child.wait().await;
+        self.exited(status).await
+    }
+
+    async fn kill(&mut self) -> Result<(), VmError> {
+        self.kill_now().await
+    }
+
+    async fn pause(&mut self) -> Result<(), VmError> {
+        self.qmp_command("stop").await
+    }
+
+    async fn resume(&mut self) -> Result<(), VmError> {
+        self.qmp_command("cont").await
+    }
+
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        if self.host == HostOs::Linux {
+            Ok(())
+        } else {
+            Err(VmError::Unsupported(
+                "save or restore a QEMU snapshot on this OS (Linux only so far)",
+            ))
         }
-        let mut inherited = Inherited { fds: Vec::new() };
-        let (plan, hosts) = self.plan(&mut inherited)?;
-        let mut hosts = hosts.into_iter();
-        let (Some(qmp_host), Some(console_host), Some(agent_host)) =
-            (hosts.next(), hosts.next(), hosts.next())
-        else {
-            return Err(VmError::Backend {
-                backend: BACKEND,
-                message: "channel setup incomplete".into(),
+    }
+
+    /// The saved guest's agent is idle in a read of its virtio-serial port, which stays
+    /// connected across the restore: it says nothing until the lifecycle re-keys it.
+    fn agent_hello_after_load(&self) -> bool {
+        false
+    }
+
+    /// Writes the snapshot directory `path`: the device state (QEMU stopped by the
+    /// lifecycle) and a sparse copy of the memory file, so the VM can go on running.
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        let Some(memory) = self.memory_file.clone() else {
+            return Err(VmError::Unsupported(
+                "save a QEMU VM started without a memory file (QemuMachine::set_memory_file)",
+            ));
+        };
+        std::fs::create_dir_all(path).map_err(host_err(format!("create {}", path.display())))?;
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = std::fs::File::create(&files.state)
+            .map_err(host_err(format!("create {}", files.state.display())))?;
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmError::Qmp {
+                command: "migrate",
+                source: qmp::QmpError::Closed,
             });
         };
+        snapshot::save(q, &state, false)
+            .await
+            .map_err(VmError::SnapshotSave)?;
+        let (from, to) = (memory.clone(), files.memory.clone());
+        tokio::task::spawn_blocking(move || platform::copy_sparse(&from, &to))
+            .await
+            .map_err(|e| host_err("copy the memory file")(std::io::Error::other(e)))?
+            .map_err(host_err(format!(
+                "copy {} to {}",
+                memory.display(),
+                files.memory.display()
+            )))?;
+        platform::seal_memory_file(&files.memory, self.drop_to.as_ref())
+            .map_err(host_err(format!("seal {}", files.memory.display())))
+    }
+
+    /// QEMU with the snapshot's memory mapped copy-on-write and no kernel; the device state
+    /// loaded over QMP; the guest running.
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = files
+            .check(self.config.memory_mib)
+            .map_err(VmError::SnapshotRestore)?;
+        self.spawn_qemu(token, Some(&files.memory)).await?;
+        let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
+            return Err(LaunchError::Failed(VmError::Qmp {
+                command: "migrate-incoming",
+                source: qmp::QmpError::Closed,
+            }));
+        };
+        let loaded = tokio::select! {
+            r = snapshot::load(q, &state) => Ok(r),
+            status = child.wait() => Err(status),
+        };
+        match loaded {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let _ = self.kill_now().await;
+                Err(LaunchError::Failed(VmError::SnapshotRestore(e)))
+            }
+            Err(status) => Err(LaunchError::Exited(self.exited(status).await)),
+        }
+    }
+}
+
+impl QemuMachine {
+    /// Spawns QEMU and checks it over QMP: `running` after a boot, `inmigrate` when
+    /// `restore_memory` names a snapshot's memory file (the state is loaded next).
+    async fn spawn_qemu(
+        &mut self,
+        token: &str,
+        restore_memory: Option<&Path>,
+    ) -> Result<(), LaunchError> {
+        let expected = if restore_memory.is_some() {
+            "inmigrate"
+        } else {
+            "running"
+        };
+        let mut inherited = Inherited { fds: Vec::new() };
+        let (plan, [qmp_host, console_host, agent_host]) =
+            self.plan(token, &mut inherited, restore_memory)?;
         self.argv = plan.argv();
         tracing::debug!(argv = ?self.argv, "starting QEMU");
-        self.started_at = Some(Instant::now());
         let mut child = platform::spawn(platform::SpawnSpec {
             argv: self.argv.clone(),
             inherit: inherited.fds.iter().map(platform::ChildFd::raw).collect(),
@@ -556,178 +688,97 @@ impl Vm for QemuVm {
                 console::capture(stderr, tail, None).await
             }));
         }
-        self.child = Some(child);
         self.agent_stream = Some(agent_host);
-        self.state = VmState::Starting;
-
         let handshake = async {
             let mut q = qmp::QmpClient::connect(qmp_host).await?;
             let status = q.query_status().await?;
             Ok::<_, qmp::QmpError>((q, status))
         };
-        let Some(child) = self.child.as_mut() else {
-            return Err(VmError::InvalidState {
-                op: "start",
-                state: self.state,
-            });
-        };
+        let qmp_timeout = self.options.qmp_timeout;
         let result = tokio::select! {
-            r = tokio::time::timeout(self.options.qmp_timeout, handshake) => r,
-            status = child.wait() => return Err(self.early_exit(status).await),
+            r = tokio::time::timeout(qmp_timeout, handshake) => r,
+            status = child.wait() => {
+                self.child = Some(child);
+                return Err(LaunchError::Exited(self.exited(status).await));
+            }
         };
-        match result {
-            Ok(Ok((q, status))) if status == "running" => {
+        self.child = Some(child);
+        let failure = match result {
+            Ok(Ok((q, status))) if status == expected => {
                 self.qmp = Some(q);
-                Ok(())
+                return Ok(());
             }
-            other => {
-                // QEMU is up but not as expected, or died mid-handshake: report its exit if
-                // it is exiting, else kill it and report what QMP said.
-                if let Some(child) = self.child.as_mut() {
-                    if let Ok(status) =
-                        tokio::time::timeout(Duration::from_millis(500), child.wait()).await
-                    {
-                        return Err(self.early_exit(status).await);
-                    }
-                }
-                let _ = self.kill_now().await;
-                let message = match other {
-                    Ok(Ok((_, status))) => format!("QEMU reports state {status:?} after start"),
-                    Ok(Err(e)) => format!("QMP handshake failed: {e}"),
-                    Err(_) => format!(
-                        "QEMU did not answer on QMP within {:?}",
-                        self.options.qmp_timeout
-                    ),
-                };
-                Err(VmError::Backend {
-                    backend: BACKEND,
-                    message,
-                })
-            }
-        }
-    }
-
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError> {
-        let stream = match (self.state, self.agent_stream.take()) {
-            (VmState::Starting, Some(s)) => s,
-            (state, s) => {
-                self.agent_stream = s;
-                return Err(VmError::InvalidState {
-                    op: "wait for the agent of",
-                    state,
-                });
-            }
+            Ok(Ok((_, status))) => VmError::Hypervisor {
+                backend: BACKEND,
+                what: format!("QEMU reports state {status:?} after start"),
+            },
+            Ok(Err(source)) => VmError::Qmp {
+                command: "qmp_capabilities and query-status",
+                source,
+            },
+            Err(_) => VmError::Qmp {
+                command: "qmp_capabilities and query-status",
+                source: qmp::QmpError::Timeout(qmp_timeout),
+            },
         };
-        let Some(child) = self.child.as_mut() else {
-            return Err(VmError::InvalidState {
-                op: "wait for the agent of",
-                state: self.state,
-            });
-        };
-        let token = self.token.clone();
-        let result = tokio::select! {
-            r = AgentClient::connect(stream, &token, timeout) => r,
-            status = child.wait() => return Err(self.early_exit(status).await),
-        };
-        match result {
-            Ok(client) => {
-                let info = client.info(self.started_at.map(|t| t.elapsed()).unwrap_or_default());
-                self.agent = Some(client);
-                self.state = VmState::Running;
-                Ok(info)
+        // QEMU is up but not as expected, or died mid-handshake: report its exit if it is
+        // exiting, else kill it and report what QMP said.
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), child.wait()).await
+            {
+                return Err(LaunchError::Exited(self.exited(status).await));
             }
-            Err(AgentError::HelloTimeout(_)) => Err(VmError::ReadyTimeout {
-                timeout,
-                console_tail: self.console.lines(TAIL_LINES),
-            }),
-            Err(AgentError::Closed) => {
-                // The channel closes when QEMU exits; report the exit if that is what happened.
-                if let Some(child) = self.child.as_mut() {
-                    if let Ok(status) =
-                        tokio::time::timeout(Duration::from_secs(2), child.wait()).await
-                    {
-                        return Err(self.early_exit(status).await);
-                    }
-                }
-                Err(AgentError::Closed.into())
-            }
-            Err(e) => Err(e.into()),
         }
-    }
-
-    fn agent(&self) -> Result<AgentClient, VmError> {
-        match (&self.agent, self.state) {
-            (Some(a), VmState::Running) => Ok(a.clone()),
-            (_, state) => Err(VmError::InvalidState {
-                op: "talk to the agent of",
-                state,
-            }),
-        }
-    }
-
-    async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError> {
-        if self.child.is_none() {
-            self.state = VmState::Stopped;
-            return Ok(ShutdownOutcome::AlreadyStopped);
-        }
-        self.state = VmState::Stopping;
-        let deadline = Instant::now() + timeout;
-        let Some(agent) = self.agent.take() else {
-            // No agent to ask (not ready yet): nothing would power the guest off.
-            self.kill_now().await?;
-            return Ok(ShutdownOutcome::Killed);
-        };
-        match tokio::time::timeout(timeout, agent.poweroff()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::info!(error = %e, "the guest refused to power off"),
-            Err(_) => tracing::info!("the guest did not accept the poweroff request in time"),
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if self.wait_exit(left).await {
-            return Ok(ShutdownOutcome::Graceful);
-        }
-        self.kill_now().await?;
-        Ok(ShutdownOutcome::Killed)
-    }
-
-    async fn kill(&mut self) -> Result<(), VmError> {
-        self.agent = None;
-        self.kill_now().await
-    }
-
-    async fn pause(&mut self) -> Result<(), VmError> {
-        if self.state != VmState::Running {
-            return Err(VmError::InvalidState {
-                op: "pause",
-                state: self.state,
-            });
-        }
-        self.qmp_command("stop").await?;
-        self.state = VmState::Paused;
-        Ok(())
-    }
-
-    async fn resume(&mut self) -> Result<(), VmError> {
-        if self.state != VmState::Paused {
-            return Err(VmError::InvalidState {
-                op: "resume",
-                state: self.state,
-            });
-        }
-        self.qmp_command("cont").await?;
-        self.state = VmState::Running;
-        Ok(())
+        let _ = self.kill_now().await;
+        Err(failure.into())
     }
 }
 
-impl Drop for QemuVm {
+impl Drop for QemuMachine {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
         // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
         // runtime directory is removed after this.
-        drop(self.child.take());
+    }
+}
+
+/// QEMU-specific queries on a QEMU VM.
+impl Lifecycle<QemuMachine> {
+    /// QEMU's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.machine().pid()
+    }
+
+    /// The accelerator in use.
+    pub fn accel(&self) -> crate::Accel {
+        self.machine().accel()
+    }
+
+    /// The QEMU command line of the last start (empty before).
+    pub fn command_line(&self) -> &[OsString] {
+        self.machine().command_line()
+    }
+
+    /// Where the console log goes.
+    pub fn console_log(&self) -> &Path {
+        self.machine().console_log()
+    }
+
+    /// The last console lines (QEMU's stderr first).
+    pub fn console_tail(&self) -> String {
+        self.machine().console_tail(TAIL_LINES)
+    }
+
+    /// QEMU's resident set size in KiB, while it runs.
+    pub fn rss_kib(&self) -> Option<u64> {
+        self.machine().rss_kib()
+    }
+
+    /// See [`QemuMachine::set_memory_file`]; call before [`Vm::start`].
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.machine_mut().set_memory_file(path);
     }
 }
 

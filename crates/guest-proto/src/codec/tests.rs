@@ -37,6 +37,22 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
         ),
         (id, s).prop_map(|(id, path)| HostMsg::ReadFile { id, path }),
         id.prop_map(|id| HostMsg::Poweroff { id }),
+        (
+            id,
+            s,
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<u64>(),
+            s
+        )
+            .prop_map(
+                |(id, token, entropy, unix_time_ns, hostname)| HostMsg::Rekey(Rekey {
+                    id,
+                    token,
+                    entropy,
+                    unix_time_ns,
+                    hostname
+                })
+            ),
     ]
 }
 
@@ -216,4 +232,21 @@ fn capabilities_bits() {
     assert!(c.has(Capabilities::EXEC));
     assert!(c.has(Capabilities::EXEC | Capabilities::FILES));
     assert!(!c.has(Capabilities::POWEROFF));
+}
+
+#[test]
+fn rekey_debug_hides_its_secrets() {
+    let r = Rekey {
+        id: 7,
+        token: "sekrit-token".into(),
+        entropy: vec![0xAB; 32],
+        unix_time_ns: 1,
+        hostname: "vmcp-abc".into(),
+    };
+    let text = format!("{:?}", HostMsg::Rekey(r));
+    assert!(!text.contains("sekrit") && !text.contains("171"), "{text}");
+    assert!(
+        text.contains("<32 bytes>") && text.contains("vmcp-abc"),
+        "{text}"
+    );
 }

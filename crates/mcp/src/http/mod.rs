@@ -6,6 +6,7 @@
 //! rustls configuration from [`crate::tls`]).
 
 mod client;
+pub mod redirect;
 mod reqwest_client;
 mod streamable;
 

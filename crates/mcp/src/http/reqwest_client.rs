@@ -1,7 +1,10 @@
 //! [`HttpClient`] on `reqwest` (hyper, one keep-alive pool, rustls with a preconfigured
 //! `rustls::ClientConfig`, proxies from `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY`).
 //!
-//! reqwest is pinned to an exact version in the workspace and used only here.
+//! reqwest is pinned to an exact version in the workspace and used only here. Redirects follow
+//! [`super::redirect`] (same origin, at most [`ReqwestOptions::max_redirects`] hops), not
+//! reqwest's default. reqwest's errors are kept without their URL (it may carry credentials
+//! or a token); the transport names the endpoint itself, without secrets.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,9 @@ pub struct ReqwestOptions {
     pub user_agent: String,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Redirects followed per request, all within the original origin
+    /// (default [`crate::limits::MAX_REDIRECTS`]; 0 = none).
+    pub max_redirects: usize,
 }
 
 impl ReqwestOptions {
@@ -53,6 +59,7 @@ impl Default for ReqwestOptions {
             proxy_from_env: true,
             user_agent: concat!("vmcp/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(10),
+            max_redirects: crate::limits::MAX_REDIRECTS,
         }
     }
 }
@@ -82,6 +89,7 @@ impl ReqwestClient {
             .user_agent(opts.user_agent.clone())
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
+            .redirect(super::redirect::policy(opts.max_redirects))
             .pool_idle_timeout(Duration::from_secs(60));
         if !opts.proxy_from_env {
             b = b.no_proxy();
@@ -134,6 +142,12 @@ impl HttpClient for ReqwestClient {
 
 /// Maps a reqwest error to our classification. `in_body`: the head had arrived already.
 fn classify(e: reqwest::Error, in_body: bool) -> HttpError {
+    // The URL may hold credentials or a token; the transport names the endpoint itself.
+    let e = e.without_url();
+    if e.is_redirect() {
+        // A refused redirect: a definite answer, not a failure to retry.
+        return HttpError::with_source(HttpErrorKind::Other, Delivery::MaybeSent, e);
+    }
     if in_body {
         let kind = if e.is_timeout() {
             HttpErrorKind::Timeout

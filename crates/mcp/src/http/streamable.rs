@@ -44,6 +44,7 @@ use tokio::sync::mpsc;
 use super::client::{Delivery, HttpBody, HttpClient, HttpError, HttpRequest, HttpResponse};
 use crate::balance::{BalanceError, Balancer, BalancerConfig, EndpointId, HealthChecks};
 use crate::jsonrpc::{self, ErrorResponse, Message, RequestId};
+use crate::limits::{Limits, RateLimitedWarning};
 use crate::model::is_modern;
 use crate::retry::{self, Decision, Failure, GiveUp, Phase, RequestKind, RetryAfter, RetryPolicy};
 use crate::sse;
@@ -69,7 +70,7 @@ const JSON: HeaderValue = HeaderValue::from_static("application/json");
 #[non_exhaustive]
 pub enum HttpTransportError {
     /// The HTTP exchange failed.
-    #[error("{url}")]
+    #[error("{}", shown(url))]
     Request {
         /// Endpoint.
         url: String,
@@ -79,7 +80,7 @@ pub enum HttpTransportError {
     },
     /// A request that is not safe to repeat failed after it may have reached the server.
     #[error(
-        "{method} to {url} may have reached the server, so it was not re-sent (it is not safe to repeat)"
+        "{method} to {} may have reached the server, so it was not re-sent (it is not safe to repeat)", shown(url)
     )]
     NotResent {
         /// JSON-RPC method.
@@ -91,7 +92,7 @@ pub enum HttpTransportError {
         source: HttpError,
     },
     /// The server answered with an HTTP error status and no JSON-RPC error.
-    #[error("{url} answered HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    #[error("{} answered HTTP {status}{}", shown(url), if body.is_empty() { String::new() } else { format!(": {}", crate::sanitize::for_display(body, crate::limits::MAX_PRINTED_CHARS)) })]
     Status {
         /// Endpoint.
         url: String,
@@ -137,7 +138,11 @@ pub enum HttpTransportError {
         last: Box<HttpTransportError>,
     },
     /// The response stream ended before the answer.
-    #[error("{url} ended the response stream without answering request {id}")]
+    #[error(
+        "{} ended the response without answering request {}",
+        shown(url),
+        crate::sanitize::for_display(id, 60)
+    )]
     NoAnswer {
         /// Endpoint.
         url: String,
@@ -145,7 +150,7 @@ pub enum HttpTransportError {
         id: String,
     },
     /// The response has a content type we cannot read.
-    #[error("{url} answered with content type {content_type:?}, expected JSON or an event stream")]
+    #[error("{} answered with content type {}, expected JSON or an event stream", shown(url), crate::sanitize::for_display(&format!("{content_type:?}"), 80))]
     ContentType {
         /// Endpoint.
         url: String,
@@ -153,7 +158,7 @@ pub enum HttpTransportError {
         content_type: String,
     },
     /// An SSE stream was malformed.
-    #[error("bad event stream from {url}")]
+    #[error("bad event stream from {}", shown(url))]
     Sse {
         /// Endpoint.
         url: String,
@@ -162,7 +167,7 @@ pub enum HttpTransportError {
         source: sse::SseError,
     },
     /// A JSON body was malformed.
-    #[error("bad JSON-RPC message from {url}")]
+    #[error("bad JSON-RPC message from {}", shown(url))]
     Parse {
         /// Endpoint.
         url: String,
@@ -175,15 +180,38 @@ pub enum HttpTransportError {
         "the MCP session expired and initialize cannot be replayed (the client never sent one)"
     )]
     NoInitialize,
-    /// A configured header is invalid.
-    #[error("invalid header {0:?}")]
+    /// A configured header is invalid (only its name is kept: the value may be a secret).
+    #[error("invalid header {}: want 'Name: value' with a valid name and a visible-ASCII value (the value is not shown)", crate::sanitize::for_display(&format!("{:?}", .0), 80))]
     BadHeader(String),
+    /// A response body is larger than allowed (not retried: it would be again).
+    #[error("{} sent a response larger than {limit} bytes", shown(url))]
+    TooLarge {
+        /// Endpoint.
+        url: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// An unsafe request was refused with a status that does not promise it was not
+    /// processed, or without a `Retry-After` saying when to come back.
+    #[error("{method} was not re-sent: it is not safe to repeat, and the server did not ask for a retry (HTTP 429 or 503 with Retry-After)")]
+    UnsafeNotResent {
+        /// JSON-RPC method.
+        method: String,
+        /// The answer.
+        #[source]
+        last: Box<HttpTransportError>,
+    },
     /// No endpoint configured.
     #[error("no MCP endpoint URL given")]
     NoEndpoint,
     /// An endpoint URL is not an absolute http(s) URL.
-    #[error("{0:?} is not an http:// or https:// URL")]
+    #[error("{} is not an http:// or https:// URL", shown(.0))]
     BadUrl(String),
+}
+
+/// An endpoint URL as shown in messages: no credentials, no query.
+fn shown(url: &str) -> String {
+    crate::sanitize::url_for_display(url)
 }
 
 /// Remembers which generation each endpoint speaks. Clones share the map.
@@ -221,8 +249,8 @@ pub struct HttpConfig {
     pub headers: HeaderMap,
     /// Open the GET stream for server-initiated messages (legacy sessions).
     pub get_stream: bool,
-    /// Largest JSON body or SSE event accepted.
-    pub max_message_bytes: usize,
+    /// Bounds: message size, batch items, receive queue, SSE reconnect timing, redirects.
+    pub limits: Limits,
     /// Retry rules (backoff, limits, per-attempt timeout, overall deadline).
     pub retry: RetryPolicy,
     /// Load-balancing rules.
@@ -238,22 +266,32 @@ impl HttpConfig {
             endpoints: endpoints.into_iter().map(Into::into).collect(),
             headers: HeaderMap::new(),
             get_stream: true,
-            max_message_bytes: 64 << 20,
+            limits: Limits::default(),
             retry: RetryPolicy::default(),
             balance: BalancerConfig::default(),
             era_cache: EraCache::default(),
         }
     }
 
-    /// Adds a header given as `Name: value`.
+    /// Sets the bounds.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Adds a header given as `Name: value`. Errors name the header, never its value.
     pub fn with_header_line(mut self, line: &str) -> Result<Self, HttpTransportError> {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| HttpTransportError::BadHeader(line.to_owned()))?;
-        let name = HeaderName::from_bytes(name.trim().as_bytes())
-            .map_err(|_| HttpTransportError::BadHeader(line.to_owned()))?;
-        let value = HeaderValue::from_str(value.trim())
-            .map_err(|_| HttpTransportError::BadHeader(line.to_owned()))?;
+        let Some((name, value)) = line.split_once(':') else {
+            // No colon: the whole text may be a token given without its name.
+            return Err(HttpTransportError::BadHeader(format!(
+                "<{} characters without a ':'>",
+                line.chars().count()
+            )));
+        };
+        let bad = || HttpTransportError::BadHeader(name.trim().to_owned());
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+        let mut value = HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        value.set_sensitive(true);
         self.headers.append(name, value);
         Ok(self)
     }
@@ -285,14 +323,34 @@ struct Shared<C> {
     health: Mutex<Option<HealthChecks>>,
     state: Mutex<State>,
     reinit: tokio::sync::Mutex<()>,
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::Sender<Queued>,
+    /// Bytes the receive queue may still hold.
+    queue_bytes: Arc<tokio::sync::Semaphore>,
     next_internal_id: AtomicU64,
+}
+
+/// A message in the receive queue, holding its share of the byte budget until it is taken.
+struct Queued {
+    msg: Message,
+    _bytes: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Roughly what a queued message costs in memory.
+fn message_cost(m: &Message) -> usize {
+    let raw =
+        |p: &Option<Box<serde_json::value::RawValue>>| p.as_ref().map_or(0, |p| p.get().len());
+    64 + match m {
+        Message::Request(r) => r.method.len() + raw(&r.params),
+        Message::Notification(n) => n.method.len() + raw(&n.params),
+        Message::Response(r) => r.result.get().len(),
+        Message::Error(e) => e.error.message.len(),
+    }
 }
 
 /// The Streamable HTTP transport.
 pub struct StreamableHttpTransport<C: HttpClient> {
     shared: Arc<Shared<C>>,
-    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Queued>>,
     closing: tokio::sync::Notify,
 }
 
@@ -339,10 +397,21 @@ impl<C: HttpClient> StreamableHttpTransport<C> {
         let mut base_headers = config.headers.clone();
         base_headers.insert(ACCEPT, ACCEPT_BOTH);
         base_headers.insert(CONTENT_TYPE, JSON);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(config.limits.receive_queue_messages.max(1));
+        let queue_bytes = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .limits
+                .receive_queue_bytes
+                .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        ));
+        // The balancer shows endpoints in messages: it gets them without secrets; probes map
+        // them back by position.
         let balancer = Arc::new(
-            Balancer::new(config.endpoints.clone(), config.balance.clone())
-                .map_err(HttpTransportError::AllBackendsDown)?,
+            Balancer::new(
+                config.endpoints.iter().map(|u| shown(u)).collect(),
+                config.balance.clone(),
+            )
+            .map_err(HttpTransportError::AllBackendsDown)?,
         );
         Ok(StreamableHttpTransport {
             shared: Arc::new(Shared {
@@ -354,6 +423,7 @@ impl<C: HttpClient> StreamableHttpTransport<C> {
                 state: Mutex::new(State::default()),
                 reinit: tokio::sync::Mutex::new(()),
                 tx,
+                queue_bytes,
                 next_internal_id: AtomicU64::new(1),
             }),
             rx: tokio::sync::Mutex::new(rx),
@@ -380,7 +450,12 @@ impl<C: HttpClient> StreamableHttpTransport<C> {
                     let Some(shared) = weak.upgrade() else {
                         return Err("transport dropped".to_owned());
                     };
-                    shared.probe(url).await
+                    let Some(pos) = shared.balancer.endpoints().iter().position(|e| *e == url)
+                    else {
+                        return Err("unknown endpoint".to_owned());
+                    };
+                    let real = shared.config.endpoints[pos].clone();
+                    shared.probe(real).await
                 }
             },
         );
@@ -449,7 +524,7 @@ impl<C: HttpClient> Shared<C> {
                         Ok(o) => o,
                         Err(_) => Attempt::Retry(AttemptFailure {
                             error: HttpTransportError::Request {
-                                url: self.config.endpoints[backend].clone(),
+                                url: shown(&self.config.endpoints[backend]),
                                 source: HttpError::new(
                                     super::client::HttpErrorKind::Timeout,
                                     Delivery::MaybeSent,
@@ -551,7 +626,7 @@ impl<C: HttpClient> Shared<C> {
                 timeout: Some(self.config.balance.health_check.timeout),
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| error_chain(&e))?;
         let status = resp.status;
         let _ = read_limited(resp.body, 4096).await;
         if status.is_server_error() {
@@ -684,7 +759,7 @@ impl<C: HttpClient> Shared<C> {
         if status == StatusCode::NOT_FOUND && had_session && self.era() == Some(Era::Legacy) {
             return Attempt::Retry(AttemptFailure {
                 error: HttpTransportError::Status {
-                    url,
+                    url: shown(&url),
                     status: 404,
                     body: "session expired".into(),
                 },
@@ -700,7 +775,7 @@ impl<C: HttpClient> Shared<C> {
         if let Some(f @ Failure::NotProcessed { .. }) = &failure {
             return Attempt::Retry(AttemptFailure {
                 error: HttpTransportError::Status {
-                    url,
+                    url: shown(&url),
                     status: status.as_u16(),
                     body: snippet(&text),
                 },
@@ -722,15 +797,13 @@ impl<C: HttpClient> Shared<C> {
                     Some((id, slot)) if matches!(&m, Message::Error(ErrorResponse { id: Some(i), .. }) if i == id) => {
                         *slot = Some(m)
                     }
-                    _ => {
-                        let _ = self.tx.send(m);
-                    }
+                    _ => self.enqueue(m).await,
                 }
                 return Attempt::Done;
             }
         }
         let error = HttpTransportError::Status {
-            url,
+            url: shown(&url),
             status: status.as_u16(),
             body: snippet(&text),
         };
@@ -757,34 +830,59 @@ impl<C: HttpClient> Shared<C> {
     ) -> Result<(), Attempt> {
         let ct = content_type(&resp.headers);
         if ct.starts_with("application/json") {
-            let bytes = read_all(resp.body, self.config.max_message_bytes)
-                .await
-                .map_err(|e| Attempt::Retry(body_failure(url, e)))?;
+            let limit = self.config.limits.max_message_bytes;
+            let bytes = match read_all(resp.body, limit).await {
+                Ok(Some(b)) => b,
+                // Too large: it would be again, so it is not retried.
+                Ok(None) => {
+                    return Err(Attempt::Fatal(HttpTransportError::TooLarge {
+                        url: shown(url),
+                        limit,
+                    }))
+                }
+                Err(e) => return Err(Attempt::Retry(body_failure(url, e))),
+            };
             if bytes.is_empty() {
                 return if expect.is_some() {
                     Err(Attempt::Fatal(HttpTransportError::NoAnswer {
-                        url: url.to_owned(),
+                        url: shown(url),
                         id: expect.map(|i| i.to_string()).unwrap_or_default(),
                     }))
                 } else {
                     Ok(())
                 };
             }
-            let mut parse_err = None;
-            let r = jsonrpc::parse_messages(&bytes, |m| self.deliver(m, sink));
-            if let Err(e) = r {
-                parse_err = Some(e);
-            }
-            return match parse_err {
-                Some(source) => Err(Attempt::Fatal(HttpTransportError::Parse {
-                    url: url.to_owned(),
+            let mut messages = Vec::new();
+            let parsed =
+                jsonrpc::parse_messages_limited(&bytes, self.config.limits.max_batch_items, |m| {
+                    messages.push(m)
+                });
+            drop(bytes);
+            if let Err(source) = parsed {
+                return Err(Attempt::Fatal(HttpTransportError::Parse {
+                    url: shown(url),
                     source,
-                })),
-                None => Ok(()),
+                }));
+            }
+            let mut answered = expect.is_none();
+            for m in messages {
+                if expect.is_some() && answer_id(&m) == expect {
+                    answered = true;
+                }
+                self.deliver(m, sink).await;
+            }
+            // A JSON answer is the whole answer: without our id in it, nothing will come.
+            return if answered {
+                Ok(())
+            } else {
+                Err(Attempt::Fatal(HttpTransportError::NoAnswer {
+                    url: shown(url),
+                    id: expect.map(|i| i.to_string()).unwrap_or_default(),
+                }))
             };
         }
         if ct.starts_with("text/event-stream") {
-            let mut parser = sse::Parser::new(self.config.max_message_bytes);
+            let mut parser = sse::Parser::new(self.config.limits.max_message_bytes);
             let mut answered = expect.is_none();
             let mut body = resp.body;
             let mut resumes = 0u32;
@@ -811,24 +909,28 @@ impl<C: HttpClient> Shared<C> {
                 // Ended or broke before the answer: resume if the server gave event ids.
                 let Some(last) = parser.last_event_id().map(str::to_owned) else {
                     return Err(Attempt::Fatal(HttpTransportError::NoAnswer {
-                        url: url.to_owned(),
+                        url: shown(url),
                         id: expect.map(|i| i.to_string()).unwrap_or_default(),
                     }));
                 };
                 resumes += 1;
                 if resumes > self.config.retry.max_retries.max(1) + 2 {
                     return Err(Attempt::Fatal(HttpTransportError::NoAnswer {
-                        url: url.to_owned(),
+                        url: shown(url),
                         id: expect.map(|i| i.to_string()).unwrap_or_default(),
                     }));
                 }
-                let wait = Duration::from_millis(parser.retry_ms().unwrap_or(0).min(30_000));
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(reconnect_delay(
+                    &self.config.limits,
+                    parser.retry_ms(),
+                    resumes - 1,
+                ))
+                .await;
                 match self.open_get(url, Some(&last)).await {
                     Ok(Some(b)) => body = b,
                     Ok(None) | Err(_) => {
                         return Err(Attempt::Fatal(HttpTransportError::NoAnswer {
-                            url: url.to_owned(),
+                            url: shown(url),
                             id: expect.map(|i| i.to_string()).unwrap_or_default(),
                         }))
                     }
@@ -839,7 +941,7 @@ impl<C: HttpClient> Shared<C> {
             return Ok(());
         }
         Err(Attempt::Fatal(HttpTransportError::ContentType {
-            url: url.to_owned(),
+            url: shown(url),
             content_type: ct.to_owned(),
         }))
     }
@@ -860,23 +962,25 @@ impl<C: HttpClient> Shared<C> {
                 Err(e) => return Err(SseFailure::Broken(e)),
             };
             let mut bad = None;
+            let mut messages = Vec::new();
+            let max_items = self.config.limits.max_batch_items;
             parser
                 .feed(&chunk, |ev| {
                     if ev.data.is_empty() || bad.is_some() {
                         return;
                     }
-                    match jsonrpc::parse_messages(ev.data.as_bytes(), |m| {
+                    match jsonrpc::parse_messages_limited(ev.data.as_bytes(), max_items, |m| {
                         if let Some(id) = expect {
                             if answer_id(&m) == Some(id) {
                                 *answered = true;
                             }
                         }
-                        self.deliver(m, sink);
+                        messages.push(m);
                     }) {
                         Ok(()) => {}
                         Err(source) => {
                             bad = Some(HttpTransportError::Parse {
-                                url: url.to_owned(),
+                                url: shown(url),
                                 source,
                             })
                         }
@@ -884,10 +988,14 @@ impl<C: HttpClient> Shared<C> {
                 })
                 .map_err(|source| {
                     SseFailure::Bad(HttpTransportError::Sse {
-                        url: url.to_owned(),
+                        url: shown(url),
                         source,
                     })
                 })?;
+            // Waits while the receive queue is full: the server is slowed to our pace.
+            for m in messages {
+                self.deliver(m, sink).await;
+            }
             if let Some(e) = bad {
                 return Err(SseFailure::Bad(e));
             }
@@ -898,14 +1006,38 @@ impl<C: HttpClient> Shared<C> {
         }
     }
 
-    fn deliver(&self, m: Message, sink: &mut Sink<'_>) {
+    async fn deliver(&self, m: Message, sink: &mut Sink<'_>) {
         if let Sink::Capture(id, slot) = sink {
             if answer_id(&m) == Some(*id) {
                 **slot = Some(m);
                 return;
             }
         }
-        let _ = self.tx.send(m);
+        self.enqueue(m).await;
+    }
+
+    /// Puts a message into the receive queue, waiting while the queue is full (in messages
+    /// or bytes). Never fails: when the receiver is gone the message is dropped.
+    async fn enqueue(&self, msg: Message) {
+        let budget = self.config.limits.receive_queue_bytes.max(1);
+        let cost = u32::try_from(message_cost(&msg).min(budget)).unwrap_or(u32::MAX);
+        let permit = self.queue_bytes.clone().acquire_many_owned(cost).await.ok();
+        if self.tx.is_closed() {
+            return;
+        }
+        if self.tx.capacity() == 0 {
+            QUEUE_FULL.warn(format_args!(
+                "the MCP receive queue is full ({} messages); reading from the server pauses",
+                self.config.limits.receive_queue_messages
+            ));
+        }
+        let _ = self
+            .tx
+            .send(Queued {
+                msg,
+                _bytes: permit,
+            })
+            .await;
     }
 
     /// GET on the endpoint: `Ok(None)` when the server offers no stream (405 and the like).
@@ -932,7 +1064,7 @@ impl<C: HttpClient> Shared<C> {
             .client
             .send(HttpRequest {
                 method: Method::GET,
-                url: url.to_owned(),
+                url: shown(url),
                 headers,
                 body: Bytes::new(),
                 timeout: None,
@@ -967,6 +1099,8 @@ impl<C: HttpClient> Shared<C> {
         st.get_task = Some(tokio::spawn(async move {
             let mut parser: Option<sse::Parser> = None;
             let mut failures = 0u32;
+            // Reopenings in a row of streams that ended soon after opening (backoff).
+            let mut quick_ends = 0u32;
             loop {
                 let Some(me) = weak.upgrade() else { return };
                 if me.lock().generation != generation {
@@ -980,7 +1114,7 @@ impl<C: HttpClient> Shared<C> {
                     Ok(None) => return,
                     Err(e) => {
                         failures += 1;
-                        tracing::debug!("GET stream to {url} failed: {e}");
+                        tracing::debug!("GET stream to {} failed: {e}", shown(&url));
                         if failures > 5 {
                             return;
                         }
@@ -989,8 +1123,10 @@ impl<C: HttpClient> Shared<C> {
                         continue;
                     }
                 };
-                let p = parser.get_or_insert_with(|| sse::Parser::new(me.config.max_message_bytes));
+                let p = parser
+                    .get_or_insert_with(|| sse::Parser::new(me.config.limits.max_message_bytes));
                 let mut answered = true;
+                let opened = Instant::now();
                 let r = me
                     .read_sse(&url, &mut body, p, None, &mut answered, &mut Sink::Queue)
                     .await;
@@ -998,7 +1134,12 @@ impl<C: HttpClient> Shared<C> {
                     tracing::warn!("dropping the server's GET stream: {e}");
                     return;
                 }
-                let wait = Duration::from_millis(p.retry_ms().unwrap_or(1000).min(30_000));
+                // A stream that lived long was fine: start the backoff over.
+                if opened.elapsed() > me.config.limits.sse_max_reconnect {
+                    quick_ends = 0;
+                }
+                let wait = reconnect_delay(&me.config.limits, p.retry_ms(), quick_ends);
+                quick_ends = quick_ends.saturating_add(1);
                 drop(me);
                 failures = 0;
                 tokio::time::sleep(wait).await;
@@ -1078,13 +1219,13 @@ impl<C: HttpClient> Shared<C> {
                         .await;
                     tracing::info!(
                         "re-established the MCP session on {}",
-                        self.config.endpoints[backend]
+                        shown(&self.config.endpoints[backend])
                     );
                     self.start_get_stream();
                     return Ok(());
                 }
                 Attempt::Done => HttpTransportError::NoAnswer {
-                    url: self.config.endpoints[backend].clone(),
+                    url: shown(&self.config.endpoints[backend]),
                     id: id.to_string(),
                 },
                 Attempt::Retry(f) => {
@@ -1177,7 +1318,10 @@ fn transport_failure(url: String, e: HttpError) -> AttemptFailure {
         _ => Failure::Reset(Phase::MaybeSent),
     };
     AttemptFailure {
-        error: HttpTransportError::Request { url, source: e },
+        error: HttpTransportError::Request {
+            url: shown(&url),
+            source: e,
+        },
         failure,
         // A certificate problem is not a dead endpoint.
         backend_failed: rejection.is_none(),
@@ -1193,7 +1337,7 @@ fn body_failure(url: &str, e: HttpError) -> AttemptFailure {
     };
     AttemptFailure {
         error: HttpTransportError::Request {
-            url: url.to_owned(),
+            url: shown(url),
             source: HttpError {
                 delivery: Delivery::MaybeSent,
                 ..e
@@ -1217,6 +1361,8 @@ fn give_up(why: GiveUp, method: &str, error: HttpTransportError) -> HttpTranspor
             },
             other => other,
         },
+        // One attempt in all (no retries configured): the failure itself says it best.
+        GiveUp::Exhausted { attempts: 1 } => *last,
         GiveUp::Exhausted { attempts } => HttpTransportError::RetriesExhausted {
             method: method.to_owned(),
             attempts,
@@ -1230,6 +1376,10 @@ fn give_up(why: GiveUp, method: &str, error: HttpTransportError) -> HttpTranspor
         GiveUp::RetryAfterTooLong { wait, limit } => {
             HttpTransportError::RetryAfterTooLong { wait, limit, last }
         }
+        GiveUp::NotInvited => HttpTransportError::UnsafeNotResent {
+            method: method.to_owned(),
+            last,
+        },
     }
 }
 
@@ -1268,33 +1418,34 @@ fn content_type(h: &HeaderMap) -> &str {
         .unwrap_or("")
 }
 
+/// The start of a server's error body for a message: control characters escaped, cut.
 fn snippet(text: &str) -> String {
-    let t = text.trim();
-    let mut end = t.len().min(200);
-    while !t.is_char_boundary(end) {
-        end -= 1;
-    }
-    t[..end].replace(['\n', '\r'], " ")
+    crate::sanitize::for_display(text.trim(), crate::limits::MAX_PRINTED_CHARS)
 }
 
-async fn read_all<B: HttpBody>(mut body: B, limit: usize) -> Result<Vec<u8>, HttpError> {
-    let first = body.chunk().await?;
-    let Some(first) = first else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::with_capacity(first.len());
-    out.extend_from_slice(&first);
+/// The whole body, or `None` when it is larger than `limit` bytes (reading stops there).
+async fn read_all<B: HttpBody>(mut body: B, limit: usize) -> Result<Option<Vec<u8>>, HttpError> {
+    let mut out = Vec::new();
     while let Some(c) = body.chunk().await? {
-        if out.len() + c.len() > limit {
-            return Err(HttpError::with_source(
-                super::client::HttpErrorKind::Other,
-                Delivery::MaybeSent,
-                format!("response larger than {limit} bytes"),
-            ));
+        if out.len().saturating_add(c.len()) > limit {
+            return Ok(None);
         }
         out.extend_from_slice(&c);
     }
-    Ok(out)
+    Ok(Some(out))
+}
+
+/// Warned when a server fills the receive queue (at most every 5 s).
+static QUEUE_FULL: RateLimitedWarning = RateLimitedWarning::new(Duration::from_secs(5));
+
+/// The wait before reopening an SSE stream: the server's `retry:` but at least
+/// `sse_min_reconnect`, doubled for each of `attempt` quick reopenings in a row, at most
+/// `sse_max_reconnect`.
+pub(crate) fn reconnect_delay(limits: &Limits, retry_ms: Option<u64>, attempt: u32) -> Duration {
+    let asked = Duration::from_millis(retry_ms.unwrap_or(1000));
+    let base = asked.max(limits.sse_min_reconnect);
+    base.saturating_mul(1u32 << attempt.min(16))
+        .min(limits.sse_max_reconnect.max(limits.sse_min_reconnect))
 }
 
 async fn read_limited<B: HttpBody>(mut body: B, limit: usize) -> Option<String> {
@@ -1382,7 +1533,7 @@ impl<C: HttpClient> Transport for StreamableHttpTransport<C> {
             return None;
         }
         tokio::select! {
-            m = rx.recv() => m.map(Ok),
+            m = rx.recv() => m.map(|q| Ok(q.msg)),
             () = self.closing.notified() => None,
         }
     }

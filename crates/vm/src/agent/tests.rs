@@ -293,3 +293,78 @@ fn constant_time_eq_works() {
     assert!(!constant_time_eq(b"abc", b"abd"));
     assert!(!constant_time_eq(b"abc", b"ab"));
 }
+
+mod restored {
+    use super::*;
+
+    /// A restored guest: silent until the re-key, then answers with `reply(new token)`.
+    async fn restored_guest(mut s: DuplexStream, reply: fn(&str) -> GuestMsg) {
+        let mut buf = Vec::new();
+        if let Ok(Some(HostMsg::Rekey(r))) = read_msg_async::<HostMsg, _>(&mut s, &mut buf).await {
+            assert_eq!(r.entropy.len(), 64);
+            assert!(r.unix_time_ns > 1_700_000_000_000_000_000);
+            let _ = write_msg_async(&mut s, &reply(&r.token)).await;
+            // Then a normal agent.
+            while let Ok(Some(HostMsg::Ping { id })) =
+                read_msg_async::<HostMsg, _>(&mut s, &mut buf).await
+            {
+                let _ = write_msg_async(&mut s, &GuestMsg::Pong { id }).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_new_token_opens_the_channel_and_the_old_one_does_not() {
+        let (host, guest) = duplex(1 << 16);
+        tokio::spawn(restored_guest(guest, |t| hello(t, PROTOCOL_VERSION)));
+        let c = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), None, T)
+            .await
+            .unwrap();
+        assert_eq!(c.hello().token, "new");
+        c.ping().await.unwrap();
+
+        // A guest that still presents the snapshot's token (it ignored the re-key).
+        let (host, guest) = duplex(1 << 16);
+        tokio::spawn(restored_guest(guest, |_| hello("old", PROTOCOL_VERSION)));
+        let e = AgentClient::connect_restored(host, new_identity("new", "vmcp-x"), None, T)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::BadToken), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_rekey_a_silent_guest_and_a_wrong_answer_are_errors() {
+        let (host, guest) = duplex(1 << 16);
+        tokio::spawn(restored_guest(guest, |_| GuestMsg::Failed {
+            id: 0,
+            kind: FailureKind::Other,
+            message: "cannot take the new identity: EPERM".into(),
+        }));
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, T)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("new identity"), "{e}");
+
+        let (host, guest) = duplex(1 << 16);
+        tokio::spawn(restored_guest(guest, |_| GuestMsg::Pong { id: 1 }));
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, T)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::NoHello(_)), "{e}");
+
+        // Never answers: a timeout, not a hang.
+        let (host, _guest) = duplex(1 << 16);
+        let t = Duration::from_millis(100);
+        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, t)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::HelloTimeout(_)), "{e}");
+    }
+
+    #[test]
+    fn identities_differ() {
+        let a = new_identity("t", "h");
+        let b = new_identity("t", "h");
+        assert_ne!(a.entropy, b.entropy);
+    }
+}

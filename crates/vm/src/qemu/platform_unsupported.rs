@@ -1,8 +1,9 @@
-//! Stand-in OS layer where the QEMU backend cannot launch VMs yet (macOS and Windows until
-//! their launch code lands). The pure parts of the backend (command line, accelerator choice,
-//! QMP) still build and are tested here; creating a VM reports the backend as unavailable.
+//! Stand-in OS layer where the QEMU backend cannot launch VMs (macOS: VMs run on the `vz`
+//! backend there, and QEMU with HVF is not offered). The pure parts of the backend (command
+//! line, accelerator choice, QMP) still build and are tested here; selecting or creating a VM
+//! reports the backend as unavailable, and `vmcp doctor` says so.
 
-pub use super::spawn::SpawnSpec;
+pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::path::Path;
 
@@ -19,7 +20,7 @@ pub fn host_os() -> HostOs {
 
 /// Whether the QEMU backend can launch VMs on this OS.
 pub const LAUNCH_SUPPORTED: Result<(), &str> =
-    Err("launching QEMU is not implemented on this OS yet");
+    Err("this build cannot launch QEMU on this OS (on macOS, VMs run on the vz backend)");
 
 /// The host end of a channel to QEMU.
 pub type HostStream = tokio::io::DuplexStream;
@@ -56,7 +57,7 @@ pub fn disk_source(set: u32, fds: &[ChildFd]) -> super::cmdline::DiskSource {
 fn unsupported() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "launching QEMU is not implemented on this OS yet",
+        "this build cannot launch QEMU on this OS",
     )
 }
 
@@ -84,4 +85,40 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<vmcp_host_process::OwnedChild>
         "QEMU launch requested on an unsupported OS"
     );
     Err(unsupported())
+}
+
+/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
+pub async fn send_with_fd(
+    _stream: &HostStream,
+    _data: &[u8],
+    _file: &std::fs::File,
+) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
 }

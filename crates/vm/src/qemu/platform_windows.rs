@@ -5,7 +5,7 @@
 //! - **Channels** are loopback TCP, not inherited socketpairs: QMP, console and agent port
 //!   each get a [`PendingTcpStream`] bound to `127.0.0.1:<ephemeral>` before QEMU starts;
 //!   QEMU connects as a client (`-chardev socket,host=127.0.0.1,port=N`). The agent channel is
-//!   authenticated by the per-VM token (see `crate::windows::channel` for the limits).
+//!   authenticated by the per-VM token (see `crate::qemu::host_windows::channel` for the limits).
 //! - **Files by path**: QEMU gets the kernel, initrd and disk paths (without the `\\?\`
 //!   prefix). vmcp opens each once first, so a missing or unreadable file is reported by vmcp
 //!   before QEMU starts. No descriptors are inherited; [`ChildFd::raw`] is always -1 and
@@ -22,7 +22,7 @@
 //!   this user's `%TEMP%` are touched).
 //! - No privilege drop, no seccomp (`-sandbox` is Linux-only).
 
-pub use super::spawn::SpawnSpec;
+pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -30,8 +30,8 @@ use std::path::{Path, PathBuf};
 use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 
 use super::cmdline::{DiskSource, Endpoint, FileRef, HostOs};
-use crate::windows::channel::PendingTcpStream;
-use crate::windows::qemu_args::host_path;
+use crate::qemu::host_windows::channel::PendingTcpStream;
+use crate::qemu::host_windows::qemu_args::host_path;
 
 /// The host OS this module serves.
 pub fn host_os() -> HostOs {
@@ -126,6 +126,42 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
             .with_inherited_fds(spec.inherit)
             .with_no_window(true),
     )
+}
+
+/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
+pub async fn send_with_fd(
+    _stream: &HostStream,
+    _data: &[u8],
+    _file: &std::fs::File,
+) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
+}
+
+/// Not on this OS (no QEMU snapshots here yet).
+pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "QEMU snapshots are implemented on Linux only",
+    ))
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! (`tests/fixtures/fake_qemu.py`); real boots are in `tests/`.
 
 use super::*;
+use crate::agent::AgentError;
+use crate::{ShutdownOutcome, VmState};
+use std::time::Instant;
 
 fn fake_qemu() -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_qemu.py");
@@ -203,7 +206,7 @@ async fn qemu_that_never_answers_qmp_is_killed() {
     let mut vm = f.backend.create_qemu(f.config).await.unwrap();
     let e = vm.start().await.unwrap_err();
     assert!(
-        matches!(e, VmError::EarlyExit { .. } | VmError::Backend { .. }),
+        matches!(e, VmError::EarlyExit { .. } | VmError::Qmp { .. }),
         "{e}"
     );
     assert!(vm.pid().is_none());

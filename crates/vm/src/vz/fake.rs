@@ -13,7 +13,7 @@ use vmcp_guest_proto::{
     read_msg_async, write_msg_async, Capabilities, GuestMsg, Hello, HostMsg, PROTOCOL_VERSION,
 };
 
-use super::framework::{Framework, FwError, FwState, Machine, VZ_ERROR_INVALID_CONFIGURATION};
+use super::framework::{Framework, FwError, FwMachine, FwState, VZ_ERROR_INVALID_CONFIGURATION};
 use super::plan::{cmdline_value, VzLimits, VzPlan};
 use crate::agent::AgentStream;
 
@@ -176,14 +176,18 @@ fn spawn_agent(inner: &Arc<Inner>) {
         } else {
             inner.token.clone()
         };
-        let hello = GuestMsg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "fake-vz-agent".into(),
-            capabilities: Capabilities(Capabilities::EXEC | Capabilities::POWEROFF),
-            token,
-            boot_ns: 42_000_000,
-        });
-        if write_msg_async(&mut guest, &hello).await.is_err() {
+        let hello = |token: String| {
+            GuestMsg::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "fake-vz-agent".into(),
+                capabilities: Capabilities(
+                    Capabilities::EXEC | Capabilities::POWEROFF | Capabilities::REKEY,
+                ),
+                token,
+                boot_ns: 42_000_000,
+            })
+        };
+        if write_msg_async(&mut guest, &hello(token)).await.is_err() {
             return;
         }
         let mut buf = Vec::new();
@@ -197,6 +201,8 @@ fn spawn_agent(inner: &Arc<Inner>) {
                     }
                     return;
                 }
+                // A restored guest takes the new identity the lifecycle gives it.
+                HostMsg::Rekey(r) => hello(r.token),
                 _ => continue,
             };
             if write_msg_async(&mut guest, &reply).await.is_err() {
@@ -207,7 +213,7 @@ fn spawn_agent(inner: &Arc<Inner>) {
 }
 
 #[async_trait]
-impl Machine for FakeMachine {
+impl FwMachine for FakeMachine {
     fn state(&self) -> FwState {
         self.inner.get()
     }

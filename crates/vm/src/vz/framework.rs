@@ -1,13 +1,13 @@
 //! The seam between the VZ lifecycle logic and Virtualization.framework.
 //!
-//! [`Framework`] and [`Machine`] are what the Objective-C layer (`objc.rs`, macOS only)
-//! implements, one small safe method per framework call; the lifecycle state machine in
-//! `vm.rs` is generic over them, so a fault-injecting fake drives it in tests on any OS.
+//! [`Framework`] and [`FwMachine`] are what the Objective-C layer (`objc.rs`, macOS only)
+//! implements, one small safe method per framework call; the VZ machine in `vm.rs` (and over
+//! it the generic lifecycle) is generic over them, so a fault-injecting fake drives it in tests on any OS.
 //!
 //! Every asynchronous framework call (`start`, `stop`, `pause`, `resume`, save, restore) is
 //! an `async fn` here: the macOS layer issues it on the VM's own serial dispatch queue and
 //! bridges its completion handler to a tokio oneshot channel. Guest connections to the agent
-//! port arrive through [`Machine::accept`].
+//! port arrive through [`FwMachine::accept`].
 
 use std::path::Path;
 
@@ -53,10 +53,10 @@ impl FwState {
 #[non_exhaustive]
 pub enum FwError {
     /// The process lacks the virtualization entitlement.
-    #[error("this vmcp binary is not signed with the com.apple.security.virtualization entitlement: sign it with `packaging/macos/codesign.sh <path-to-vmcp>` (docs/macos.md), or pass `--accel hvf` to use QEMU instead")]
+    #[error("this vmcp binary is not signed with the com.apple.security.virtualization entitlement: sign it with `packaging/macos/codesign.sh <path-to-vmcp>` (docs/macos.md)")]
     Entitlement,
     /// Virtualization is not available on this Mac at all.
-    #[error("Virtualization.framework is not available on this Mac ({0}); QEMU (`--accel hvf` or `--accel tcg`) is the fallback")]
+    #[error("Virtualization.framework is not available on this Mac ({0}); vmcp has no other backend that runs VMs on macOS")]
     NotAvailable(String),
     /// `validateWithError` or a device initialiser rejected the configuration.
     #[error("Virtualization.framework rejected the VM configuration: {0}")]
@@ -117,7 +117,7 @@ pub fn classify(op: &'static str, code: i64, description: &str, reason: Option<&
 /// Virtualization.framework on this machine.
 pub trait Framework: Send + Sync + 'static {
     /// The VM type it builds.
-    type Machine: Machine;
+    type Machine: FwMachine;
     /// The framework's limits, or why virtualization is unavailable here.
     fn limits(&self) -> Result<VzLimits, FwError>;
     /// Whether this OS can save and restore VM state (macOS 14+), or why not.
@@ -129,7 +129,7 @@ pub trait Framework: Send + Sync + 'static {
 
 /// One framework VM (`VZVirtualMachine`, its queue and its vsock listener).
 #[async_trait]
-pub trait Machine: Send + Sync + 'static {
+pub trait FwMachine: Send + Sync + 'static {
     /// `state`.
     fn state(&self) -> FwState;
     /// `startWithCompletionHandler:`.

@@ -4,10 +4,10 @@
 //!
 //! 1. [`plan`]: [`crate::VmConfig`] → [`plan::VzPlan`], pure Rust, checked against the
 //!    framework's limits; compiled and tested everywhere.
-//! 2. [`VzBackend`] / [`VzVm`]: the lifecycle state machine (start, wait for the agent,
-//!    graceful stop falling back to a hard stop, kill, pause/resume, snapshot save/restore),
-//!    generic over the [`Framework`] / [`Machine`] seam, so a fault-injecting fake drives it
-//!    in tests on Linux.
+//! 2. [`VzBackend`] / [`VzMachine`]: the lifecycle's [`crate::lifecycle::Machine`] for the
+//!    framework (build and start, vsock agent stream, requestStop, hard stop, pause/resume,
+//!    state save/restore), generic over the [`Framework`] / [`FwMachine`] seam, so a
+//!    fault-injecting fake drives it, and the shared lifecycle over it, in tests on Linux.
 //! 3. `objc` (macOS only): the seam implemented over `objc2-virtualization`. It builds the
 //!    `VZVirtualMachineConfiguration` from the plan, creates the `VZVirtualMachine` on its own
 //!    serial dispatch queue, runs every call on that queue and bridges completion handlers to
@@ -44,7 +44,7 @@ mod tests;
 
 #[cfg(not(target_os = "macos"))]
 pub use elsewhere::native_backends;
-pub use framework::{classify, Framework, FwError, FwState, Machine};
+pub use framework::{classify, Framework, FwError, FwMachine, FwState};
 #[cfg(target_os = "macos")]
 pub use objc::{apple_backend, native_backends, AppleFramework};
 
@@ -56,4 +56,4 @@ mod elsewhere {
         Vec::new()
     }
 }
-pub use vm::{VzBackend, VzVm, NAME};
+pub use vm::{VzBackend, VzMachine, VzVm, NAME};

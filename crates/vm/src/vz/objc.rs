@@ -44,7 +44,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot};
 
 use super::channel::stream_from_fd;
-use super::framework::{classify, Framework, FwError, FwState, Machine};
+use super::framework::{classify, Framework, FwError, FwMachine, FwState};
 use super::plan::{VzLimits, VzPlan};
 use super::vm::VzBackend;
 use crate::agent::AgentStream;
@@ -471,7 +471,7 @@ fn fw_state(s: VZVirtualMachineState) -> FwState {
 }
 
 #[async_trait]
-impl Machine for AppleMachine {
+impl FwMachine for AppleMachine {
     fn state(&self) -> FwState {
         let Ok(objects) = self.vm() else {
             return FwState::Stopped;

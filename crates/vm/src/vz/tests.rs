@@ -102,7 +102,13 @@ async fn probe_reports_unavailable_and_no_snapshots() {
         ..Faults::default()
     });
     match s.backend.probe().await {
-        Probe::Unusable { reason } => assert!(reason.contains("--accel hvf"), "{reason}"),
+        Probe::Unusable { reason } => {
+            assert!(reason.contains("no other backend"), "{reason}");
+            assert!(
+                !reason.contains("hvf"),
+                "QEMU cannot launch on macOS: {reason}"
+            );
+        }
         other => panic!("{other:?}"),
     }
     let e = s.backend.create_vz(s.config.clone()).err().unwrap();
@@ -133,9 +139,10 @@ async fn start_failure_is_reported_and_leaves_vm_stopped() {
     let mut vm = s.backend.create_vz(s.config.clone()).unwrap();
     let e = vm.start().await.unwrap_err();
     assert_eq!(
-        e.to_string(),
-        "vz: Virtualization.framework could not start the VM: Internal Virtualization error. (The virtual machine failed to start.)"
+        vmcp_test_support::error_chain(&e),
+        "the vz backend failed: Virtualization.framework could not start the VM: Internal Virtualization error. (The virtual machine failed to start.)"
     );
+    assert_eq!(e.class(), crate::ErrorClass::Hypervisor);
     assert_eq!(vm.state(), VmState::Stopped);
     assert!(matches!(
         vm.start().await,
@@ -360,48 +367,43 @@ async fn restore_on_an_os_without_it_is_refused() {
     let mut vm = s.backend.create_vz(s.config.clone()).unwrap();
     assert!(!vm.capabilities().snapshot);
     let e = vm.restore_snapshot(&snap).await.unwrap_err();
-    assert!(e.to_string().contains("needs macOS 14"), "{e}");
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("needs macOS 14"), "{chain}");
+    assert_eq!(e.class(), crate::ErrorClass::Usage);
     assert_eq!(vm.state(), VmState::Created);
     vm.start().await.unwrap();
     vm.wait_ready(READY).await.unwrap();
     let e = vm.save_snapshot(&snap).await.unwrap_err();
+    let chain = vmcp_test_support::error_chain(&e);
     assert!(
-        e.to_string()
-            .contains("saving a VM snapshot is not available here"),
-        "{e}"
+        chain.contains("saving or restoring a VM snapshot is not available here"),
+        "{chain}"
     );
     assert_eq!(calls(&s), ["build", "start"], "no framework call was tried");
 }
 
 #[tokio::test]
-async fn restore_needs_the_sidecar_and_matching_arch() {
+async fn restore_needs_the_manifest_and_matching_arch() {
+    use crate::lifecycle::SnapshotManifest;
     let s = setup(Faults::default());
-    let snap = s._dir.path().join("nosidecar.state");
+    let snap = s._dir.path().join("nomanifest.state");
     std::fs::write(&snap, b"whatever").unwrap();
     let mut vm = s.backend.create_vz(s.config.clone()).unwrap();
     let e = vm.restore_snapshot(&snap).await.unwrap_err();
-    assert!(e.to_string().contains("nosidecar.state.vmcp"), "{e}");
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("nomanifest.state.vmcp"), "{chain}");
 
-    std::fs::write(
-        s._dir.path().join("nosidecar.state.vmcp"),
-        br#"{"token":"abc","arch":"x86_64"}"#,
-    )
-    .unwrap();
+    let manifest = |arch| SnapshotManifest::new("vz", arch, 1, 256, "abc");
+    manifest(Arch::X86_64).write(&snap).unwrap();
     let e = vm.restore_snapshot(&snap).await.unwrap_err();
-    assert!(e.to_string().contains("holds an x86_64 guest"), "{e}");
-
-    std::fs::write(s._dir.path().join("nosidecar.state.vmcp"), b"{not json").unwrap();
-    let e = vm.restore_snapshot(&snap).await.unwrap_err();
-    assert!(e.to_string().contains("parse"), "{e}");
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("holds an x86_64 guest"), "{chain}");
 
     // A state file that does not match the configuration: the framework refuses it.
-    std::fs::write(
-        s._dir.path().join("nosidecar.state.vmcp"),
-        br#"{"token":"abc","arch":"aarch64"}"#,
-    )
-    .unwrap();
+    manifest(Arch::Aarch64).write(&snap).unwrap();
     let e = vm.restore_snapshot(&snap).await.unwrap_err();
-    assert!(e.to_string().contains("does not match"), "{e}");
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("does not match"), "{chain}");
 }
 
 #[tokio::test]

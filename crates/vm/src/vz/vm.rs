@@ -1,39 +1,33 @@
-//! The VZ lifecycle state machine and backend, generic over the [`Framework`] seam.
+//! The VZ backend and its [`Machine`], generic over the [`Framework`] seam; the lifecycle
+//! itself (states, agent token and handshake, shutdown, snapshot manifest) is the shared
+//! [`Lifecycle`].
 //!
-//! ```text
-//! Created --start--> Starting --wait_ready--> Running <--pause/resume--> Paused
-//!    |                   ^                       |
-//!    +--restore_snapshot-+                       +--shutdown--> Stopping --> Stopped
-//!                                  (kill from any started state) ---------> Stopped
-//! ```
-//!
-//! Graceful shutdown asks the agent to power off (or, without an agent, `requestStop`), polls
-//! the framework state until the guest is down, and after the timeout stops the VM hard. A
-//! snapshot is the framework's saved machine state plus a small sidecar file
-//! (`<snapshot>.vmcp`) holding the channel token, which is part of the guest's memory and
-//! kernel command line; the restored VM is built with that token so the configuration matches
-//! and the reconnecting agent's hello is accepted.
+//! Machine specifics: the framework VM is built from the plan at launch (the plan is made and
+//! checked against the framework's limits at create, so a bad config fails early); the agent
+//! connects over vsock through [`FwMachine::accept`]; "exited" is the framework state going
+//! to stopped or error, polled; a stop without the agent is `requestStop`. State save/restore
+//! is the framework's own; a restore rebuilds the VM from a plan carrying the snapshot's
+//! token, so the configuration matches the saved one and the reconnecting agent's hello is
+//! accepted.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::framework::{Framework, FwError, FwState, Machine};
+use super::framework::{Framework, FwError, FwMachine};
 use super::plan::{plan, PlanError, PlanInputs, VzPlan};
-use crate::agent::AgentClient;
+use crate::agent::AgentStream;
 use crate::config::{Arch, VmConfig};
 use crate::error::{ConfigError, VmError};
-use crate::{new_vm_id, RuntimeDir};
-use crate::{AgentInfo, Backend, Probe, ShutdownOutcome, Vm, VmCapabilities, VmState};
+use crate::lifecycle::{AgentConnect, Exit, LaunchError, Lifecycle, Machine};
+use crate::{Backend, Probe, Vm, VmCapabilities};
 
 /// Backend name.
 pub const NAME: &str = "vz";
 /// How often the framework state is polled while waiting for the guest to go down.
 const POLL: Duration = Duration::from_millis(20);
-/// Lines of console log quoted in errors.
-const CONSOLE_TAIL_LINES: usize = 20;
 
 impl From<FwError> for VmError {
     fn from(e: FwError) -> Self {
@@ -43,10 +37,10 @@ impl From<FwError> for VmError {
                 reason: e.to_string(),
             },
             FwError::Host { what, source } => VmError::Host { what, source },
-            other => VmError::Backend {
-                backend: NAME,
-                message: other.to_string(),
-            },
+            other
+            @ (FwError::Invalid(_) | FwError::Failed { .. } | FwError::Unsupported { .. }) => {
+                VmError::Framework(other)
+            }
         }
     }
 }
@@ -63,6 +57,9 @@ pub struct VzBackend<F: Framework> {
     host_arch: Arch,
 }
 
+/// One VZ VM: the lifecycle over a [`VzMachine`].
+pub type VzVm<F> = Lifecycle<VzMachine<F>>;
+
 impl<F: Framework> VzBackend<F> {
     /// A backend using `framework`, on a host of architecture `host_arch`.
     pub fn new(framework: F, host_arch: Arch) -> Self {
@@ -77,25 +74,26 @@ impl<F: Framework> VzBackend<F> {
         &self.framework
     }
 
-    fn plan_for(
-        &self,
-        config: &VmConfig,
-        dir: &RuntimeDir,
-        token: &str,
-    ) -> Result<VzPlan, VmError> {
-        let limits = self.framework.limits()?;
-        let head = read_head(&config.kernel, 64)?;
-        let default_log = dir.join("console.log");
-        Ok(plan(
-            config,
-            PlanInputs {
-                limits,
+    /// [`Backend::create`] with the concrete type (for framework-specific calls).
+    pub fn create_vz(&self, config: VmConfig) -> Result<VzVm<F>, VmError> {
+        Lifecycle::prepare(&config, |prepared| {
+            let default_console_log = prepared.dir.join("console.log");
+            let plan = plan_for(
+                self.framework.as_ref(),
+                self.host_arch,
+                &config,
+                &default_console_log,
+                prepared.token,
+            )?;
+            Ok(VzMachine {
+                framework: Arc::clone(&self.framework),
                 host_arch: self.host_arch,
-                token,
-                default_console_log: &default_log,
-                kernel_head: &head,
-            },
-        )?)
+                default_console_log,
+                config: config.clone(),
+                plan,
+                vm: None,
+            })
+        })
     }
 }
 
@@ -134,114 +132,56 @@ impl<F: Framework> Backend for VzBackend<F> {
     }
 }
 
-impl<F: Framework> VzBackend<F> {
-    /// [`Backend::create`] with the concrete type (for framework-specific calls).
-    pub fn create_vz(&self, config: VmConfig) -> Result<VzVm<F>, VmError> {
-        config.validate()?;
-        let id = new_vm_id();
-        let dir = RuntimeDir::create(&id)?;
-        let token = new_token();
-        let plan = self.plan_for(&config, &dir, &token)?;
-        Ok(VzVm {
-            id,
-            framework: Arc::clone(&self.framework),
-            backend_arch: self.host_arch,
-            config,
-            dir,
-            token,
-            plan,
-            machine: None,
-            state: VmState::Created,
-            agent: None,
-            started: None,
-        })
-    }
-}
-
-/// One VM on Virtualization.framework.
-pub struct VzVm<F: Framework> {
-    id: String,
+/// One framework VM and the plan it is built from.
+pub struct VzMachine<F: Framework> {
     framework: Arc<F>,
-    backend_arch: Arch,
+    host_arch: Arch,
+    default_console_log: std::path::PathBuf,
     config: VmConfig,
-    dir: RuntimeDir,
-    token: String,
     plan: VzPlan,
-    machine: Option<F::Machine>,
-    state: VmState,
-    agent: Option<AgentClient>,
-    started: Option<Instant>,
+    vm: Option<Arc<F::Machine>>,
 }
 
-impl<F: Framework> VzVm<F> {
-    /// The plan the framework configuration was built from.
+impl<F: Framework> VzMachine<F> {
+    /// The plan the framework configuration is built from.
     pub fn plan(&self) -> &VzPlan {
         &self.plan
     }
 
     /// The framework VM, once started or restored.
     pub fn framework_machine(&self) -> Option<&F::Machine> {
-        self.machine.as_ref()
+        self.vm.as_deref()
     }
 
-    fn machine(&self, op: &'static str) -> Result<&F::Machine, VmError> {
-        self.machine.as_ref().ok_or(VmError::InvalidState {
+    /// Builds the framework VM from a plan for `token` (re-planned when the token differs
+    /// from the one at create, as after a restore).
+    fn build(&mut self, token: &str) -> Result<Arc<F::Machine>, VmError> {
+        if super::plan::cmdline_value(&self.plan.cmdline, "vmcp.token") != Some(token) {
+            self.plan = plan_for(
+                self.framework.as_ref(),
+                self.host_arch,
+                &self.config,
+                &self.default_console_log,
+                token,
+            )?;
+        }
+        let vm = Arc::new(self.framework.build(&self.plan)?);
+        self.vm = Some(Arc::clone(&vm));
+        Ok(vm)
+    }
+
+    fn running(&self, op: &'static str) -> Result<&F::Machine, VmError> {
+        self.vm.as_deref().ok_or(VmError::InvalidState {
             op,
-            state: self.state,
+            state: crate::VmState::Created,
         })
-    }
-
-    fn expect_state(&self, op: &'static str, ok: &[VmState]) -> Result<(), VmError> {
-        if ok.contains(&self.state) {
-            Ok(())
-        } else {
-            Err(VmError::InvalidState {
-                op,
-                state: self.state,
-            })
-        }
-    }
-
-    fn console_tail(&self) -> String {
-        console_tail(&self.plan.console_log, CONSOLE_TAIL_LINES)
-    }
-
-    /// Builds the framework VM from the plan (after validation) and records it.
-    fn build(&mut self) -> Result<&F::Machine, VmError> {
-        let machine = self.framework.build(&self.plan)?;
-        Ok(self.machine.insert(machine))
-    }
-
-    /// Waits until the framework reports the guest down, at most until `deadline`.
-    async fn wait_down(&self, deadline: Instant) -> bool {
-        let Some(m) = self.machine.as_ref() else {
-            return true;
-        };
-        loop {
-            if m.state().is_down() {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(POLL).await;
-        }
     }
 }
 
 #[async_trait]
-impl<F: Framework> Vm for VzVm<F> {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn state(&self) -> VmState {
-        // The guest may power itself off or the framework may fail at any time.
-        match (self.state, self.machine.as_ref().map(|m| m.state())) {
-            (VmState::Created | VmState::Stopped, _) => self.state,
-            (_, Some(s)) if s.is_down() => VmState::Stopped,
-            (state, _) => state,
-        }
+impl<F: Framework> Machine for VzMachine<F> {
+    fn backend(&self) -> &'static str {
+        NAME
     }
 
     fn capabilities(&self) -> VmCapabilities {
@@ -252,215 +192,98 @@ impl<F: Framework> Vm for VzVm<F> {
         }
     }
 
-    fn runtime_dir(&self) -> &Path {
-        self.dir.path()
+    fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read(&self.plan.console_log).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
-    async fn start(&mut self) -> Result<(), VmError> {
-        self.expect_state("start", &[VmState::Created])?;
-        let started = Instant::now();
-        let machine = self.build()?;
-        if let Err(e) = machine.start().await {
-            self.state = VmState::Stopped;
-            return Err(e.into());
-        }
-        self.started = Some(started);
-        self.state = VmState::Starting;
+    fn is_down(&self) -> bool {
+        self.vm.as_ref().is_some_and(|m| m.state().is_down())
+    }
+
+    async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
+        let vm = self.build(token)?;
+        vm.start().await.map_err(VmError::from)?;
         Ok(())
     }
 
-    async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError> {
-        self.expect_state("wait for the agent of", &[VmState::Starting])?;
-        let deadline = Instant::now() + timeout;
-        let machine = self.machine("wait for the agent of")?;
-        let watch = async {
-            loop {
-                let s = machine.state();
-                if s.is_down() {
-                    return s;
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        };
-        enum Waited {
-            Conn(Result<Box<dyn crate::agent::AgentStream>, FwError>),
-            TimedOut,
-            Down(FwState),
-        }
-        let waited = tokio::select! {
-            conn = tokio::time::timeout(timeout, machine.accept()) => match conn {
-                Ok(conn) => Waited::Conn(conn),
-                Err(_) => Waited::TimedOut,
-            },
-            s = watch => Waited::Down(s),
-        };
-        let stream = match waited {
-            Waited::Conn(conn) => conn?,
-            Waited::TimedOut => {
-                return Err(VmError::ReadyTimeout {
-                    timeout,
-                    console_tail: self.console_tail(),
-                })
-            }
-            Waited::Down(s) => {
-                self.state = VmState::Stopped;
-                return Err(VmError::EarlyExit {
-                    status: format!("framework state {s:?}"),
-                    console_tail: self.console_tail(),
+    fn agent_stream(&mut self) -> AgentConnect {
+        let vm = self.vm.clone();
+        Box::pin(async move {
+            let Some(vm) = vm else {
+                return Err(VmError::InvalidState {
+                    op: "wait for the agent of",
+                    state: crate::VmState::Created,
                 });
-            }
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let client = AgentClient::connect(stream, &self.token, left).await?;
-        let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
-        self.agent = Some(client);
-        self.state = VmState::Running;
-        Ok(info)
+            };
+            let stream: Box<dyn AgentStream> = vm.accept().await?;
+            Ok(stream)
+        })
     }
 
-    fn agent(&self) -> Result<AgentClient, VmError> {
-        match (&self.agent, self.state()) {
-            (Some(a), VmState::Running) => Ok(a.clone()),
-            (_, state) => Err(VmError::InvalidState {
-                op: "talk to the agent of",
-                state,
-            }),
+    async fn wait_exit(&mut self) -> Exit {
+        let Some(vm) = self.vm.as_ref() else {
+            return Exit::new("the VM was never started");
+        };
+        loop {
+            let s = vm.state();
+            if s.is_down() {
+                return Exit::new(format!("framework state {s:?}"));
+            }
+            tokio::time::sleep(POLL).await;
         }
     }
 
-    async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError> {
-        if self.machine.is_none() || self.state() == VmState::Stopped {
-            self.state = VmState::Stopped;
-            return Ok(ShutdownOutcome::AlreadyStopped);
-        }
-        let deadline = Instant::now() + timeout;
-        let was = self.state;
-        self.state = VmState::Stopping;
-        let mut asked = false;
-        if let (Some(agent), VmState::Running) = (self.agent.as_ref(), was) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            asked = matches!(
-                tokio::time::timeout(left, agent.poweroff()).await,
-                Ok(Ok(()))
-            );
-        }
-        if !asked {
-            if let Some(m) = self.machine.as_ref() {
-                if let Err(e) = m.request_stop() {
-                    tracing::debug!(error = %e, "requestStop failed; will stop the VM");
-                }
-            }
-        }
-        let outcome = if self.wait_down(deadline).await {
-            ShutdownOutcome::Graceful
-        } else {
-            self.machine("stop")?.stop().await?;
-            ShutdownOutcome::Killed
-        };
-        self.agent = None;
-        self.state = VmState::Stopped;
-        Ok(outcome)
+    async fn request_stop(&mut self) -> Result<bool, VmError> {
+        self.running("stop")?.request_stop()?;
+        Ok(true)
     }
 
     async fn kill(&mut self) -> Result<(), VmError> {
-        if let Some(m) = self.machine.as_ref() {
-            if !m.state().is_down() {
-                m.stop().await?;
+        if let Some(vm) = self.vm.as_ref() {
+            if !vm.state().is_down() {
+                vm.stop().await?;
             }
         }
-        self.agent = None;
-        self.state = VmState::Stopped;
         Ok(())
     }
 
     async fn pause(&mut self) -> Result<(), VmError> {
-        self.expect_state("pause", &[VmState::Running])?;
-        self.machine("pause")?.pause().await?;
-        self.state = VmState::Paused;
-        Ok(())
+        Ok(self.running("pause")?.pause().await?)
     }
 
     async fn resume(&mut self) -> Result<(), VmError> {
-        self.expect_state("resume", &[VmState::Paused])?;
-        self.machine("resume")?.resume().await?;
-        self.state = VmState::Running;
-        Ok(())
+        Ok(self.running("resume")?.resume().await?)
     }
 
-    async fn save_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
-        self.expect_state("snapshot", &[VmState::Running, VmState::Paused])?;
-        if let Err(reason) = self.framework.save_restore_support() {
-            return Err(FwError::Unsupported {
-                op: "saving a VM snapshot",
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        self.framework.save_restore_support().map_err(|reason| {
+            FwError::Unsupported {
+                op: "saving or restoring a VM snapshot",
                 reason,
             }
-            .into());
-        }
-        let was_running = self.state == VmState::Running;
-        let machine = self.machine("snapshot")?;
-        if was_running {
-            machine.pause().await?;
-        }
-        let saved = machine.save(path).await;
-        if was_running {
-            machine.resume().await?;
-        }
-        saved?;
-        Sidecar {
-            token: self.token.clone(),
-            arch: self.config.arch.as_str().to_string(),
-        }
-        .write(path)
+            .into()
+        })
     }
 
-    async fn restore_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
-        self.expect_state("restore", &[VmState::Created])?;
-        if let Err(reason) = self.framework.save_restore_support() {
-            return Err(FwError::Unsupported {
-                op: "restoring a VM snapshot",
-                reason,
-            }
-            .into());
-        }
-        let sidecar = Sidecar::read(path)?;
-        if sidecar.arch != self.backend_arch.as_str() {
-            return Err(VmError::Backend {
-                backend: NAME,
-                message: format!(
-                    "snapshot {} holds an {} guest; this Mac runs {} guests",
-                    path.display(),
-                    sidecar.arch,
-                    self.backend_arch.as_str()
-                ),
-            });
-        }
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        Ok(self.running("snapshot")?.save(path).await?)
+    }
+
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
         // Same token → same command line → a configuration compatible with the saved state.
-        let default_log = self.dir.join("console.log");
-        let head = read_head(&self.config.kernel, 64)?;
-        self.plan = plan(
-            &self.config,
-            PlanInputs {
-                limits: self.framework.limits()?,
-                host_arch: self.backend_arch,
-                token: &sidecar.token,
-                default_console_log: &default_log,
-                kernel_head: &head,
-            },
-        )?;
-        self.token = sidecar.token;
-        let started = Instant::now();
-        let machine = self.build()?;
-        machine.restore(path).await?;
-        machine.resume().await?;
-        self.started = Some(started);
-        self.state = VmState::Starting;
+        let vm = self.build(token)?;
+        vm.restore(path).await.map_err(VmError::from)?;
+        vm.resume().await.map_err(VmError::from)?;
         Ok(())
     }
 }
 
-impl<F: Framework> Drop for VzVm<F> {
+impl<F: Framework> Drop for VzMachine<F> {
     fn drop(&mut self) {
-        if let Some(m) = self.machine.as_ref() {
+        if let Some(m) = self.vm.as_ref() {
             if !m.state().is_down() {
                 m.stop_detached();
             }
@@ -468,51 +291,39 @@ impl<F: Framework> Drop for VzVm<F> {
     }
 }
 
-/// What a snapshot needs besides the framework's state file.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct Sidecar {
-    token: String,
-    arch: String,
-}
-
-impl Sidecar {
-    fn path(snapshot: &Path) -> PathBuf {
-        let mut p = snapshot.as_os_str().to_owned();
-        p.push(".vmcp");
-        PathBuf::from(p)
+/// VZ-specific queries on a VZ VM.
+impl<F: Framework> Lifecycle<VzMachine<F>> {
+    /// The plan the framework configuration is built from.
+    pub fn plan(&self) -> &VzPlan {
+        self.machine().plan()
     }
 
-    fn write(&self, snapshot: &Path) -> Result<(), VmError> {
-        let p = Self::path(snapshot);
-        let json = serde_json::to_vec(self).map_err(|e| VmError::Host {
-            what: format!("encode {}", p.display()),
-            source: e.into(),
-        })?;
-        std::fs::write(&p, json).map_err(|source| VmError::Host {
-            what: format!("write {}", p.display()),
-            source,
-        })
-    }
-
-    fn read(snapshot: &Path) -> Result<Sidecar, VmError> {
-        let p = Self::path(snapshot);
-        let bytes = std::fs::read(&p).map_err(|source| VmError::Host {
-            what: format!(
-                "read {} (snapshots need the sidecar vmcp wrote beside them)",
-                p.display()
-            ),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|e| VmError::Host {
-            what: format!("parse {}", p.display()),
-            source: e.into(),
-        })
+    /// The framework VM, once started or restored.
+    pub fn framework_machine(&self) -> Option<&F::Machine> {
+        self.machine().framework_machine()
     }
 }
 
-/// A new channel token (128 random bits, hex).
-fn new_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// Plans a VM of `config` for `token`, checked against the framework's limits.
+fn plan_for<F: Framework>(
+    framework: &F,
+    host_arch: Arch,
+    config: &VmConfig,
+    default_console_log: &Path,
+    token: &str,
+) -> Result<VzPlan, VmError> {
+    let limits = framework.limits()?;
+    let head = read_head(&config.kernel, 64)?;
+    Ok(plan(
+        config,
+        PlanInputs {
+            limits,
+            host_arch,
+            token,
+            default_console_log,
+            kernel_head: &head,
+        },
+    )?)
 }
 
 fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, VmError> {
@@ -525,12 +336,4 @@ fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, VmError> {
             source,
         })?;
     Ok(head)
-}
-
-/// The last `lines` lines of the console log (empty if it cannot be read).
-fn console_tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

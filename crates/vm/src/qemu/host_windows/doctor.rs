@@ -1,65 +1,25 @@
-//! The Windows section of `vmcp doctor`: a pure function from [`HostFacts`] to a report, so
-//! every combination is tested on Linux with made-up facts.
+//! The Windows checks of the QEMU backend's `vmcp doctor` section: a pure function from
+//! [`WindowsFacts`] to checks, so every combination is tested on Linux with made-up facts.
 //!
 //! Each line is one check: what was found, and for anything missing the exact thing to do.
-//! The report says whether vmcp can run VMs here (QEMU present; WHPX or TCG), which decides
-//! the exit code of `vmcp doctor`.
+//! Whether vmcp can run VMs here is the selector's verdict at the end of the report.
 
-use std::fmt;
+use crate::qemu::host_windows::facts::{QemuFacts, WhpStatus, WindowsFacts};
+use crate::qemu::host_windows::qemu_args::QEMU_DOWNLOAD_URL;
+use crate::select::Check;
 
-use crate::config::Accel;
-use crate::windows::accel::{choose, whpx_problem, AccelChoice};
-use crate::windows::facts::{HostFacts, QemuFacts, WhpStatus};
-use crate::windows::qemu_args::QEMU_DOWNLOAD_URL;
-
-/// One check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Check {
-    /// What was checked.
-    pub label: &'static str,
-    /// Whether it is fine.
-    pub ok: bool,
-    /// What was found.
-    pub detail: String,
-    /// What to do when it is not fine.
-    pub fix: Option<String>,
-}
-
-/// The Windows doctor report.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    /// Checks in display order.
-    pub checks: Vec<Check>,
-    /// The accelerator `vmcp run` would use, if any.
-    pub accel: Option<AccelChoice>,
-}
-
-impl Report {
-    /// Adds a check from outside the Windows facts (e.g. the guest image), shown before the
-    /// accelerator line. It does not change [`Report::can_run`].
-    pub fn add_check(&mut self, check: Check) {
-        let at = self.checks.len().saturating_sub(1);
-        self.checks.insert(at, check);
-    }
-
-    /// Whether `vmcp run` can start VMs here.
-    pub fn can_run(&self) -> bool {
-        self.accel.is_some()
-    }
-}
-
-/// Builds the report.
-pub fn build(facts: &HostFacts) -> Report {
+/// The checks, in display order.
+pub fn build(facts: &WindowsFacts) -> Vec<Check> {
     let mut checks = Vec::new();
     checks.push(match &facts.version {
         Ok(v) => Check {
-            label: "Windows version",
+            label: "Windows version".into(),
             ok: true,
             detail: v.to_string(),
             fix: None,
         },
         Err(e) => Check {
-            label: "Windows version",
+            label: "Windows version".into(),
             ok: false,
             detail: format!("unknown ({e})"),
             fix: None,
@@ -71,7 +31,7 @@ pub fn build(facts: &HostFacts) -> Report {
         WhpStatus::DllMissing { .. } | WhpStatus::NotWindows
     );
     checks.push(Check {
-        label: "WinHvPlatform.dll",
+        label: "WinHvPlatform.dll".into(),
         ok: dll_loaded,
         detail: if dll_loaded {
             "loads".into()
@@ -83,7 +43,7 @@ pub fn build(facts: &HostFacts) -> Report {
             .filter(|f| !f.is_empty()),
     });
     checks.push(Check {
-        label: "hypervisor present (WHvGetCapability)",
+        label: "hypervisor present (WHvGetCapability)".into(),
         ok: facts.whp.usable(),
         detail: match &facts.whp {
             WhpStatus::Present => "yes".into(),
@@ -102,7 +62,7 @@ pub fn build(facts: &HostFacts) -> Report {
 
     match &facts.qemu {
         QemuFacts::NotFound { searched } => checks.push(Check {
-            label: "QEMU",
+            label: "QEMU".into(),
             ok: false,
             detail: format!(
                 "not found (looked in: {})",
@@ -129,13 +89,13 @@ pub fn build(facts: &HostFacts) -> Report {
         } => {
             checks.push(match version {
                 Ok(v) => Check {
-                    label: "QEMU",
+                    label: "QEMU".into(),
                     ok: true,
                     detail: format!("{} (version {v})", path.display()),
                     fix: None,
                 },
                 Err(e) => Check {
-                    label: "QEMU",
+                    label: "QEMU".into(),
                     ok: false,
                     detail: format!("{} does not run: {e}", path.display()),
                     fix: Some(format!(
@@ -145,7 +105,7 @@ pub fn build(facts: &HostFacts) -> Report {
             });
             let whpx_built_in = facts.qemu.has_accel("whpx");
             checks.push(Check {
-                label: "QEMU accelerators",
+                label: "QEMU accelerators".into(),
                 ok: whpx_built_in,
                 detail: match accels {
                     Ok(list) => list.join(", "),
@@ -159,7 +119,7 @@ pub fn build(facts: &HostFacts) -> Report {
             });
             if let Some(trial) = whpx_trial {
                 checks.push(Check {
-                    label: "QEMU starts with whpx",
+                    label: "QEMU starts with whpx".into(),
                     ok: trial.is_ok(),
                     detail: match trial {
                         Ok(()) => "yes".into(),
@@ -173,63 +133,28 @@ pub fn build(facts: &HostFacts) -> Report {
         }
     }
 
-    let accel = choose(None, facts).ok();
-    checks.push(match &accel {
-        Some(c) if c.accel == Accel::Whpx => Check {
-            label: "accelerator for `vmcp run`",
+    checks.push(match facts.whpx_problem() {
+        None => Check {
+            label: "WHPX for QEMU".into(),
             ok: true,
-            detail: format!("whpx (-accel {})", c.qemu_arg),
+            detail: "usable: `vmcp run` uses whpx".into(),
             fix: None,
         },
-        Some(c) => Check {
-            label: "accelerator for `vmcp run`",
+        Some((reason, fix)) => Check {
+            label: "WHPX for QEMU".into(),
             ok: false,
-            detail: format!(
-                "{} (software emulation, much slower): {}",
-                c.accel,
-                whpx_problem(facts).map(|(r, _)| r).unwrap_or_default()
-            ),
-            fix: Some("fix the items above to get whpx".into()),
-        },
-        None => Check {
-            label: "accelerator for `vmcp run`",
-            ok: false,
-            detail: "none: QEMU is missing".into(),
-            fix: Some(format!("install QEMU for Windows from {QEMU_DOWNLOAD_URL}")),
+            detail: format!("not usable, `vmcp run` falls back to tcg (much slower): {reason}"),
+            fix: (!fix.is_empty()).then_some(fix),
         },
     });
-    Report { checks, accel }
-}
-
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Windows host (QEMU backend)")?;
-        for c in &self.checks {
-            writeln!(
-                f,
-                "  [{}] {}: {}",
-                if c.ok { "ok" } else { "--" },
-                c.label,
-                c.detail
-            )?;
-            if let Some(fix) = &c.fix {
-                writeln!(f, "       to fix: {fix}")?;
-            }
-        }
-        match &self.accel {
-            Some(c) => write!(f, "vmcp can run VMs here (accelerator {}).", c.accel),
-            None => write!(
-                f,
-                "vmcp cannot run VMs here: fix the items marked [--] above."
-            ),
-        }
-    }
+    checks
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::windows::facts::{WindowsVersion, WHP_ENABLE_COMMAND, WHP_FEATURE_NAME};
+    use crate::qemu::host_windows::facts::{WindowsVersion, WHP_ENABLE_COMMAND, WHP_FEATURE_NAME};
+    use crate::select::{DoctorReport, Section};
 
     fn win11() -> Result<WindowsVersion, String> {
         Ok(WindowsVersion {
@@ -248,10 +173,20 @@ mod tests {
         }
     }
 
+    /// The checks as `vmcp doctor` prints them.
+    fn render(checks: &[Check]) -> String {
+        DoctorReport {
+            sections: vec![Section::new("Windows host (QEMU backend)", checks.to_vec())],
+            selection: Ok("backend qemu".into()),
+            notices: vec![],
+        }
+        .to_string()
+    }
+
     #[test]
-    fn wine_like_host_cannot_run() {
+    fn wine_like_host() {
         // What vmcp.exe sees under wine: no WinHvPlatform.dll, no QEMU.
-        let facts = HostFacts {
+        let facts = WindowsFacts {
             version: win11(),
             whp: WhpStatus::DllMissing {
                 error: "Module not found. (os error 126)".into(),
@@ -260,12 +195,13 @@ mod tests {
                 searched: vec![r"C:\Program Files\qemu\qemu-system-x86_64.exe".into()],
             },
         };
-        let r = build(&facts);
-        assert!(!r.can_run());
-        let text = r.to_string();
-        assert!(text.contains("Windows 11 (10.0.22631)"), "{text}");
+        let text = render(&build(&facts));
         assert!(
-            text.contains("WinHvPlatform.dll cannot be loaded (Module not found. (os error 126))"),
+            text.contains("[ok] Windows version: Windows 11 (10.0.22631)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("[--] WinHvPlatform.dll: WinHvPlatform.dll cannot be loaded (Module not found. (os error 126))"),
             "{text}"
         );
         assert!(text.contains(WHP_ENABLE_COMMAND) && text.contains(WHP_FEATURE_NAME));
@@ -275,73 +211,48 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(QEMU_DOWNLOAD_URL));
-        assert!(text.contains("accelerator for `vmcp run`: none"));
-        assert!(text.ends_with("fix the items marked [--] above."));
+        assert!(text.contains("[--] WHPX for QEMU: not usable"), "{text}");
     }
 
     #[test]
-    fn extra_checks_go_before_the_accelerator() {
-        let facts = HostFacts {
-            version: win11(),
-            whp: WhpStatus::Present,
-            qemu: qemu(&["tcg", "whpx"], None),
-        };
-        let mut r = build(&facts);
-        r.add_check(Check {
-            label: "guest image",
-            ok: false,
-            detail: "not built yet".into(),
-            fix: Some("run `vmcp image build`".into()),
-        });
-        assert!(r.can_run());
-        let text = r.to_string();
-        let image = text.find("[--] guest image: not built yet").unwrap();
-        let accel = text.find("accelerator for `vmcp run`").unwrap();
-        assert!(image < accel, "{text}");
-        assert!(text.contains("to fix: run `vmcp image build`"));
-    }
-
-    #[test]
-    fn whpx_host_can_run() {
-        let facts = HostFacts {
+    fn whpx_host_is_all_ok() {
+        let facts = WindowsFacts {
             version: win11(),
             whp: WhpStatus::Present,
             qemu: qemu(&["tcg", "whpx"], Some(Ok(()))),
         };
-        let r = build(&facts);
-        assert!(r.can_run());
-        assert!(r.checks.iter().all(|c| c.ok && c.fix.is_none()), "{r:#?}");
-        let text = r.to_string();
+        let checks = build(&facts);
+        assert!(
+            checks.iter().all(|c| c.ok && c.fix.is_none()),
+            "{checks:#?}"
+        );
+        let text = render(&checks);
         assert!(text.contains("version 10.0.2"));
-        assert!(text.contains("whpx (-accel whpx,kernel-irqchip=off)"));
         assert!(text.contains("QEMU starts with whpx: yes"));
-        assert!(text.ends_with("vmcp can run VMs here (accelerator whpx)."));
+        assert!(text.contains("[ok] WHPX for QEMU: usable"), "{text}");
     }
 
     #[test]
-    fn hypervisor_off_falls_back_to_tcg_and_still_can_run() {
-        let facts = HostFacts {
+    fn hypervisor_off_says_tcg_and_how_to_fix() {
+        let facts = WindowsFacts {
             version: Err("RtlGetVersion failed".into()),
             whp: WhpStatus::HypervisorAbsent,
             qemu: qemu(&["tcg", "whpx"], None),
         };
-        let r = build(&facts);
-        assert!(r.can_run());
-        assert_eq!(r.accel.as_ref().map(|c| c.accel), Some(Accel::Tcg));
-        let text = r.to_string();
+        let text = render(&build(&facts));
         assert!(text.contains("Windows version: unknown (RtlGetVersion failed)"));
         assert!(text.contains("[ok] WinHvPlatform.dll: loads"));
         assert!(text.contains(
             "[--] hypervisor present (WHvGetCapability): WHvGetCapability reports no hypervisor"
         ));
         assert!(text.contains("bcdedit"));
-        assert!(text.contains("tcg (software emulation, much slower)"));
+        assert!(text.contains("falls back to tcg (much slower)"), "{text}");
         assert!(!text.contains("QEMU starts with whpx"));
     }
 
     #[test]
     fn qemu_problems_are_reported() {
-        let facts = HostFacts {
+        let facts = WindowsFacts {
             version: win11(),
             whp: WhpStatus::Present,
             qemu: QemuFacts::Found {
@@ -351,7 +262,7 @@ mod tests {
                 whpx_trial: Some(Err("WHPX: No accelerator found".into())),
             },
         };
-        let text = build(&facts).to_string();
+        let text = render(&build(&facts));
         assert!(
             text.contains(r"D:\q\qemu-system-x86_64.exe does not run: exit code 3"),
             "{text}"
@@ -359,12 +270,12 @@ mod tests {
         assert!(text.contains("QEMU accelerators: unknown (timed out after 10s)"));
         assert!(text.contains("[--] QEMU starts with whpx: WHPX: No accelerator found"));
 
-        let facts = HostFacts {
+        let facts = WindowsFacts {
             version: win11(),
             whp: WhpStatus::QueryFailed { hresult: 1 },
             qemu: QemuFacts::NotFound { searched: vec![] },
         };
-        let text = build(&facts).to_string();
+        let text = render(&build(&facts));
         assert!(text.contains("PATH and %ProgramFiles% are unset"));
         assert!(text.contains("HRESULT 0x00000001"));
     }

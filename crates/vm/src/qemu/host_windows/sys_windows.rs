@@ -24,7 +24,7 @@ use windows_sys::Win32::System::LibraryLoader::{
 };
 use windows_sys::Win32::System::SystemInformation::OSVERSIONINFOW;
 
-use crate::windows::facts::{WhpStatus, WindowsVersion};
+use crate::qemu::host_windows::facts::{WhpStatus, WindowsVersion};
 
 /// `WHvGetCapability` as declared in WinHvPlatform.h.
 type WHvGetCapabilityFn = unsafe extern "system" fn(

@@ -1,6 +1,6 @@
 //! The OS layer on hosts that are not Windows: the Windows facts say so.
 
-use crate::windows::facts::{WhpStatus, WindowsVersion};
+use crate::qemu::host_windows::facts::{WhpStatus, WindowsVersion};
 
 /// Always [`WhpStatus::NotWindows`].
 pub(crate) fn whp_status() -> WhpStatus {

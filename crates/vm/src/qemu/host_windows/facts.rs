@@ -1,8 +1,13 @@
 //! What vmcp found out about a Windows host: plain data, filled in by the OS layer and by
-//! running QEMU ([`super::probe`]), consumed by the pure accelerator choice
-//! ([`super::accel`]) and report builder ([`super::doctor`]). Tests build these by hand.
+//! running QEMU ([`super::probe`]), consumed by the QEMU backend's accelerator choice
+//! (through [`WindowsFacts::whpx_problem`]) and the doctor checks ([`super::doctor`]). Tests
+//! build these by hand.
 
 use std::path::PathBuf;
+
+use super::qemu_args::QEMU_DOWNLOAD_URL;
+use crate::qemu::cmdline::accel_arg;
+use crate::Accel;
 
 /// The optional Windows feature that provides `WinHvPlatform.dll`.
 pub const WHP_FEATURE_NAME: &str = "Windows Hypervisor Platform";
@@ -147,13 +152,63 @@ impl QemuFacts {
 
 /// Everything `vmcp doctor` and the accelerator choice need to know about a Windows host.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostFacts {
+pub struct WindowsFacts {
     /// Windows version, or why it could not be read.
     pub version: Result<WindowsVersion, String>,
     /// The Hypervisor Platform.
     pub whp: WhpStatus,
     /// QEMU.
     pub qemu: QemuFacts,
+}
+
+impl WindowsFacts {
+    /// Why WHPX cannot be used on this host, with the fix; `None` when it can (a WHPX start
+    /// not tried yet counts as working).
+    pub fn whpx_problem(&self) -> Option<(String, String)> {
+        if !self.whp.usable() {
+            return Some((self.whp.reason(), self.whp.fix()));
+        }
+        let QemuFacts::Found {
+            path,
+            accels,
+            whpx_trial,
+            ..
+        } = &self.qemu
+        else {
+            return Some((
+                "QEMU is not installed".into(),
+                format!("install QEMU for Windows from {QEMU_DOWNLOAD_URL}"),
+            ));
+        };
+        match accels {
+            Err(e) => {
+                return Some((
+                    format!("cannot list the accelerators of {}: {e}", path.display()),
+                    format!(
+                    "check that `{} -accel help` runs, or reinstall QEMU from {QEMU_DOWNLOAD_URL}",
+                    path.display()
+                ),
+                ))
+            }
+            Ok(list) if !list.iter().any(|a| a == "whpx") => {
+                return Some((
+                    format!("{} was built without WHPX support", path.display()),
+                    format!("install the QEMU for Windows build from {QEMU_DOWNLOAD_URL}"),
+                ))
+            }
+            Ok(_) => {}
+        }
+        if let Some(Err(e)) = whpx_trial {
+            return Some((
+                format!(
+                    "QEMU did not start with -accel {}: {e}",
+                    accel_arg(Accel::Whpx)
+                ),
+                format!("update QEMU from {QEMU_DOWNLOAD_URL}, or run with --accel tcg"),
+            ));
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +250,63 @@ mod tests {
         assert!(WhpStatus::Present.usable());
         assert!(WhpStatus::Present.reason().is_empty() && WhpStatus::Present.fix().is_empty());
         assert!(WhpStatus::NotWindows.reason().contains("not a Windows"));
+    }
+
+    fn facts(whp: WhpStatus, accels: &[&str], trial: Option<Result<(), String>>) -> WindowsFacts {
+        WindowsFacts {
+            version: Ok(WindowsVersion {
+                major: 10,
+                minor: 0,
+                build: 22631,
+            }),
+            whp,
+            qemu: QemuFacts::Found {
+                path: r"C:\Program Files\qemu\qemu-system-x86_64.exe".into(),
+                version: Ok("10.0.2".into()),
+                accels: Ok(accels.iter().map(|s| s.to_string()).collect()),
+                whpx_trial: trial,
+            },
+        }
+    }
+
+    #[test]
+    fn whpx_problems_in_order() {
+        let f = facts(WhpStatus::Present, &["tcg", "whpx"], Some(Ok(())));
+        assert_eq!(f.whpx_problem(), None);
+        assert_eq!(
+            facts(WhpStatus::Present, &["tcg", "whpx"], None).whpx_problem(),
+            None
+        );
+        let (reason, fix) = facts(
+            WhpStatus::DllMissing {
+                error: "os error 126".into(),
+            },
+            &["tcg", "whpx"],
+            None,
+        )
+        .whpx_problem()
+        .unwrap();
+        assert!(reason.contains("os error 126") && fix.contains("HypervisorPlatform"));
+        let (reason, _) = facts(WhpStatus::Present, &["tcg"], None)
+            .whpx_problem()
+            .unwrap();
+        assert!(reason.contains("built without WHPX"), "{reason}");
+        let (reason, _) = facts(
+            WhpStatus::Present,
+            &["tcg", "whpx"],
+            Some(Err("WHPX: Failed to setup partition".into())),
+        )
+        .whpx_problem()
+        .unwrap();
+        assert!(reason.contains("Failed to setup partition"), "{reason}");
+        let mut f = facts(WhpStatus::Present, &[], None);
+        if let QemuFacts::Found { accels, .. } = &mut f.qemu {
+            *accels = Err("timed out".into());
+        }
+        let (reason, fix) = f.whpx_problem().unwrap();
+        assert!(reason.contains("timed out") && fix.contains("-accel help"));
+        f.qemu = QemuFacts::NotFound { searched: vec![] };
+        assert!(f.whpx_problem().unwrap().0.contains("not installed"));
     }
 
     #[test]

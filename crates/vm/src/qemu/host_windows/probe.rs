@@ -1,4 +1,4 @@
-//! Gathers [`HostFacts`] on a Windows host: the OS layer for the Windows version and the
+//! Gathers [`WindowsFacts`] on a Windows host: the OS layer for the Windows version and the
 //! Hypervisor Platform, then QEMU itself (`--version`, `-accel help`, and a start with
 //! `-accel whpx,kernel-irqchip=off` and no machine).
 //!
@@ -15,9 +15,11 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{Accel, Arch};
-use crate::windows::facts::{HostFacts, QemuFacts};
-use crate::windows::qemu_args::{accel_probe_args, find_qemu, qemu_candidates, ACCEL_PROBE_STDIN};
-use crate::windows::sys;
+use crate::qemu::host_windows::facts::{QemuFacts, WindowsFacts};
+use crate::qemu::host_windows::qemu_args::{
+    accel_probe_args, find_qemu, qemu_candidates, ACCEL_PROBE_STDIN,
+};
+use crate::qemu::host_windows::sys;
 
 /// How long one QEMU probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -172,17 +174,17 @@ pub async fn qemu_accels(qemu: &Path, timeout: Duration) -> Result<Vec<String>, 
     Ok(list)
 }
 
-/// Whether `qemu -accel help` lists `accel`; `None` when QEMU could not be run or did not
-/// answer within `timeout` (it is killed then). Blocking, for synchronous callers (the
-/// backend's host facts); everything else uses the async probes.
-pub fn qemu_lists_accel_blocking(qemu: &Path, accel: &str, timeout: Duration) -> Option<bool> {
+/// The accelerators `qemu -accel help` lists, or why they could not be read (QEMU did not
+/// run, or did not answer within `timeout`: it is killed then). Blocking, for synchronous
+/// callers (the backend's host facts); everything else uses the async probes.
+pub fn qemu_accels_blocking(qemu: &Path, timeout: Duration) -> Result<Vec<String>, String> {
     let mut child = std::process::Command::new(qemu)
         .args(["-accel", "help"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .ok()?;
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -193,14 +195,22 @@ pub fn qemu_lists_accel_blocking(qemu: &Path, accel: &str, timeout: Duration) ->
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return None;
+                return Err(format!(
+                    "{} did not finish within {timeout:?}",
+                    qemu.display()
+                ));
             }
         }
     }
     let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut()?, &mut out).ok()?;
+    if let Some(stdout) = child.stdout.as_mut() {
+        std::io::Read::read_to_string(stdout, &mut out).map_err(|e| e.to_string())?;
+    }
     let list = parse_accel_help(&out);
-    (!list.is_empty()).then(|| list.iter().any(|a| a == accel))
+    if list.is_empty() {
+        return Err(ProbeError::Unparsable(out).to_string());
+    }
+    Ok(list)
 }
 
 /// Starts QEMU with `accel` and no machine, then quits it over QMP: `Ok` when the accelerator
@@ -217,7 +227,7 @@ pub async fn try_accel(qemu: &Path, accel: Accel, timeout: Duration) -> Result<(
 }
 
 /// Everything `vmcp doctor` and the accelerator choice need, for QEMU of `arch`.
-pub async fn gather(env: &HostEnv, arch: Arch) -> HostFacts {
+pub async fn gather(env: &HostEnv, arch: Arch) -> WindowsFacts {
     let whp = sys::whp_status();
     let qemu = match find_qemu(
         arch,
@@ -253,7 +263,7 @@ pub async fn gather(env: &HostEnv, arch: Arch) -> HostFacts {
             }
         }
     };
-    HostFacts {
+    WindowsFacts {
         version: sys::windows_version(),
         whp,
         qemu,
@@ -319,19 +329,12 @@ mod tests {
 
     #[test]
     fn blocking_accel_list() {
-        assert_eq!(
-            qemu_lists_accel_blocking(Path::new("/nonexistent/qemu"), "tcg", PROBE_TIMEOUT),
-            None
-        );
+        let e = qemu_accels_blocking(Path::new("/nonexistent/qemu"), PROBE_TIMEOUT).unwrap_err();
+        assert!(e.contains("cannot run /nonexistent/qemu"), "{e}");
         let Some(q) = host_qemu() else { return };
-        assert_eq!(
-            qemu_lists_accel_blocking(&q, "tcg", PROBE_TIMEOUT),
-            Some(true)
-        );
-        assert_eq!(
-            qemu_lists_accel_blocking(&q, "whpx", PROBE_TIMEOUT),
-            Some(false)
-        );
+        let list = qemu_accels_blocking(&q, PROBE_TIMEOUT).unwrap();
+        assert!(list.iter().any(|a| a == "tcg"), "{list:?}");
+        assert!(!list.iter().any(|a| a == "whpx"), "{list:?}");
     }
 
     #[tokio::test]
@@ -354,13 +357,12 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             let q = fake_qemu(d.path(), "exec sleep 30");
             let t = std::time::Instant::now();
-            assert_eq!(
-                qemu_lists_accel_blocking(&q, "tcg", Duration::from_millis(200)),
-                None
-            );
+            let e = qemu_accels_blocking(&q, Duration::from_millis(200)).unwrap_err();
+            assert!(e.contains("did not finish"), "{e}");
             assert!(t.elapsed() < Duration::from_secs(5));
             let q = fake_qemu(d.path(), "echo garbage");
-            assert_eq!(qemu_lists_accel_blocking(&q, "tcg", PROBE_TIMEOUT), None);
+            let e = qemu_accels_blocking(&q, PROBE_TIMEOUT).unwrap_err();
+            assert!(e.contains("unexpected output"), "{e}");
         }
 
         fn fake_qemu(dir: &Path, script: &str) -> PathBuf {

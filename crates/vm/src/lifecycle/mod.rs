@@ -1,0 +1,538 @@
+//! One VM lifecycle over many hypervisors.
+//!
+//! A backend implements [`Machine`]: what differs per hypervisor (launch it or load saved
+//! state into it, hand out the byte stream to the agent, pause, resume, save state, stop,
+//! kill, say when it exited). [`Lifecycle`] is the one [`Vm`] implementation over any
+//! `Machine`; it owns everything that is the same everywhere:
+//!
+//! - the state machine and its checks (below);
+//! - the per-VM agent token (128 random bits), given to the machine for the guest's kernel
+//!   command line and checked in the agent's hello;
+//! - the handshake through [`AgentClient`], raced against the hypervisor exiting early, so a
+//!   guest that dies while booting is an [`VmError::EarlyExit`] with the console tail, not a
+//!   timeout;
+//! - graceful shutdown: the agent's poweroff (or the machine's own stop request when there is
+//!   no agent), then a kill when the guest is not down by the deadline;
+//! - snapshots: pause, [`Machine::save_state`], resume, and a backend-neutral
+//!   [`SnapshotManifest`] beside the state file; restore is [`Machine::load_state`] with the
+//!   manifest's token (the saved guest's kernel command line), then the wait for the agent
+//!   **re-keys** it: a restore is a new VM, so the agent gets this VM's own token, fresh
+//!   entropy for its kernel RNG, the host's wall clock and the hostname `vmcp-<id>`
+//!   ([`AgentClient::connect_restored`]); the token in the snapshot's memory opens nothing.
+//!
+//! ```text
+//! Created --start--> Starting --wait_ready--> Running <--pause/resume--> Paused
+//!    |                   ^                       |
+//!    +--restore_snapshot-+                       +--shutdown--> Stopping --> Stopped
+//!        (kill from any state, any failure of start / wait_ready) ---------> Stopped
+//! ```
+//!
+//! A new hypervisor (a native KVM or WHP VMM) is "implement [`Machine`]" plus a [`Backend`]
+//! that builds it with [`Lifecycle::prepare`].
+//!
+//! [`Backend`]: crate::Backend
+
+mod manifest;
+#[cfg(test)]
+mod tests;
+
+pub use manifest::{ManifestError, SnapshotManifest};
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use crate::agent::{AgentClient, AgentError, AgentStream};
+use crate::{
+    new_vm_id, AgentInfo, Arch, RuntimeDir, ShutdownOutcome, Vm, VmCapabilities, VmConfig, VmError,
+    VmState,
+};
+
+/// Console lines quoted in boot errors.
+pub const TAIL_LINES: usize = 25;
+/// How long a machine whose agent channel closed may take to show that it exited.
+const CLOSED_EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How a machine ended, as the hypervisor reports it (`"QEMU exit status: 1"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// The status, in words.
+    pub status: String,
+}
+
+impl Exit {
+    /// An exit described by `status`.
+    pub fn new(status: impl Into<String>) -> Self {
+        Exit {
+            status: status.into(),
+        }
+    }
+}
+
+/// Why [`Machine::launch`] or [`Machine::load_state`] failed.
+#[derive(Debug)]
+pub enum LaunchError {
+    /// The hypervisor exited while starting; the lifecycle adds the console tail.
+    Exited(Exit),
+    /// Anything else; the machine has cleaned up what it started.
+    Failed(VmError),
+}
+
+impl From<VmError> for LaunchError {
+    fn from(e: VmError) -> Self {
+        LaunchError::Failed(e)
+    }
+}
+
+/// The future [`Machine::agent_stream`] returns: it borrows nothing from the machine, so the
+/// lifecycle can race it against [`Machine::wait_exit`].
+pub type AgentConnect =
+    Pin<Box<dyn Future<Output = Result<Box<dyn AgentStream>, VmError>> + Send + 'static>>;
+
+/// What differs per hypervisor. Dropping a machine must stop whatever it started at once
+/// (kill and reap the hypervisor process, stop the framework VM).
+#[async_trait]
+pub trait Machine: Send + Sync + 'static {
+    /// The backend's name (`"qemu"`, `"vz"`, `"fake"`); written into snapshot manifests.
+    fn backend(&self) -> &'static str;
+    /// Optional features of this machine.
+    fn capabilities(&self) -> VmCapabilities;
+    /// The last `lines` lines of the guest console (and of the hypervisor's own error output
+    /// where it has one), for error messages. Empty when there is none.
+    fn console_tail(&self, lines: usize) -> String;
+    /// Whether the hypervisor is known to be gone (e.g. the guest powered itself off). Cheap,
+    /// does not wait; `false` when the backend cannot tell without waiting.
+    fn is_down(&self) -> bool {
+        false
+    }
+    /// Starts the hypervisor with `token` on the guest's kernel command line; returns when it
+    /// runs. On failure everything started is stopped again.
+    async fn launch(&mut self, token: &str) -> Result<(), LaunchError>;
+    /// The byte stream to the guest agent, once per launch or load; the returned future
+    /// resolves when the guest has connected (at once for channels made before the launch).
+    fn agent_stream(&mut self) -> AgentConnect;
+    /// Resolves when the hypervisor has exited (at once if it never ran). Must be
+    /// cancel-safe: the lifecycle races it against the agent's hello and against deadlines.
+    async fn wait_exit(&mut self) -> Exit;
+    /// Asks the guest to power off without the agent (ACPI, `requestStop`). `Ok(false)`:
+    /// this machine has no such request, the lifecycle kills instead.
+    async fn request_stop(&mut self) -> Result<bool, VmError> {
+        Ok(false)
+    }
+    /// Stops the hypervisor at once and waits until it is gone.
+    async fn kill(&mut self) -> Result<(), VmError>;
+    /// Freezes the vCPUs.
+    async fn pause(&mut self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("pause a VM"))
+    }
+    /// Lets paused vCPUs run again.
+    async fn resume(&mut self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("resume a VM"))
+    }
+    /// `Ok` when [`Machine::save_state`] and [`Machine::load_state`] can work here, else the
+    /// error to report (checked before any other snapshot step).
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        Err(VmError::Unsupported("save or restore a VM snapshot"))
+    }
+    /// Writes the state of the paused VM to `path` (the lifecycle pauses and resumes).
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        let _ = path;
+        Err(VmError::Unsupported("save a VM snapshot"))
+    }
+    /// Whether the agent of a machine brought up by [`Machine::load_state`] says hello again
+    /// (with the token it was saved with) before it is re-keyed: `true` where the channel
+    /// reconnects (vsock), `false` where it stays connected across the restore.
+    fn agent_hello_after_load(&self) -> bool {
+        true
+    }
+    /// Instead of [`Machine::launch`]: brings the machine up from the state at `path`,
+    /// running, with the guest's kernel command line carrying `token` (the token the saved
+    /// guest knows). The agent then reconnects through [`Machine::agent_stream`].
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
+        let _ = (path, token);
+        Err(LaunchError::Failed(VmError::Unsupported(
+            "restore a VM snapshot",
+        )))
+    }
+}
+
+/// What a backend gets to build its machine in [`Lifecycle::prepare`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Prepared<'a> {
+    /// The VM's id.
+    pub id: &'a str,
+    /// Its private runtime directory (removed after the machine is dropped).
+    pub dir: &'a RuntimeDir,
+    /// The agent token of a fresh start.
+    pub token: &'a str,
+}
+
+/// A random per-VM channel token (128 bits, hex).
+fn new_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The VM lifecycle over machine `M`; implements [`Vm`].
+pub struct Lifecycle<M: Machine> {
+    // Field order is drop order: the machine (and its hypervisor) goes before the directory.
+    machine: M,
+    dir: RuntimeDir,
+    id: String,
+    arch: Arch,
+    memory_mib: u32,
+    cpus: u32,
+    token: String,
+    state: VmState,
+    agent: Option<AgentClient>,
+    started: Option<Instant>,
+    /// Brought up from a snapshot whose guest knows this token: re-key before ready.
+    restored_from: Option<String>,
+}
+
+impl<M: Machine> std::fmt::Debug for Lifecycle<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lifecycle")
+            .field("backend", &self.machine.backend())
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Waited {
+    Ready(AgentClient),
+    TimedOut,
+    Agent(AgentError),
+    Failed(VmError),
+    Exited(Exit),
+}
+
+impl<M: Machine> Lifecycle<M> {
+    /// Validates `config`, makes the VM's id, runtime directory and token, and lets `make`
+    /// build the machine from them. Starts nothing.
+    pub fn prepare(
+        config: &VmConfig,
+        make: impl FnOnce(Prepared<'_>) -> Result<M, VmError>,
+    ) -> Result<Self, VmError> {
+        config.validate()?;
+        let id = new_vm_id();
+        let dir = RuntimeDir::create(&id)?;
+        let token = new_token();
+        let machine = make(Prepared {
+            id: &id,
+            dir: &dir,
+            token: &token,
+        })?;
+        Ok(Lifecycle {
+            machine,
+            dir,
+            id,
+            arch: config.arch,
+            memory_mib: config.memory_mib,
+            cpus: config.cpus,
+            token,
+            state: VmState::Created,
+            agent: None,
+            started: None,
+            restored_from: None,
+        })
+    }
+
+    /// The backend's machine (for backend-specific queries such as QEMU's pid).
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+
+    /// The backend's machine, for backend-specific settings before a start.
+    pub fn machine_mut(&mut self) -> &mut M {
+        &mut self.machine
+    }
+
+    /// Whether this VM was brought up from a snapshot.
+    pub fn is_restored(&self) -> bool {
+        self.restored_from.is_some()
+    }
+
+    fn expect_state(&self, op: &'static str, ok: &[VmState]) -> Result<VmState, VmError> {
+        let state = self.state();
+        if ok.contains(&state) {
+            Ok(state)
+        } else {
+            Err(VmError::InvalidState { op, state })
+        }
+    }
+
+    fn launched(&self) -> bool {
+        !matches!(self.state, VmState::Created | VmState::Stopped)
+    }
+
+    fn early_exit(&self, exit: Exit) -> VmError {
+        VmError::EarlyExit {
+            status: exit.status,
+            console_tail: self.machine.console_tail(TAIL_LINES),
+        }
+    }
+
+    /// After a failed launch or load: make sure nothing runs, then report.
+    async fn launch_failed(&mut self, e: LaunchError) -> VmError {
+        let err = match e {
+            LaunchError::Exited(exit) => self.early_exit(exit),
+            LaunchError::Failed(e) => {
+                if let Err(k) = self.machine.kill().await {
+                    tracing::warn!(error = %k, "cleanup after a failed start failed");
+                }
+                e
+            }
+        };
+        self.state = VmState::Stopped;
+        err
+    }
+
+    /// After a failed wait for the agent: nothing useful runs any more.
+    async fn stop_after(&mut self, err: VmError) -> VmError {
+        if let Err(k) = self.machine.kill().await {
+            tracing::warn!(error = %k, "kill after a failed boot failed");
+        }
+        self.agent = None;
+        self.state = VmState::Stopped;
+        err
+    }
+
+    fn manifest(&self) -> SnapshotManifest {
+        SnapshotManifest::new(
+            self.machine.backend(),
+            self.arch,
+            self.cpus,
+            self.memory_mib,
+            &self.token,
+        )
+    }
+}
+
+#[async_trait]
+impl<M: Machine> Vm for Lifecycle<M> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn state(&self) -> VmState {
+        // The guest may power itself off, or the hypervisor die, at any time.
+        match self.state {
+            VmState::Created | VmState::Stopped => self.state,
+            _ if self.machine.is_down() => VmState::Stopped,
+            state => state,
+        }
+    }
+
+    fn capabilities(&self) -> VmCapabilities {
+        self.machine.capabilities()
+    }
+
+    fn runtime_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    async fn start(&mut self) -> Result<(), VmError> {
+        self.expect_state("start", &[VmState::Created])?;
+        self.started = Some(Instant::now());
+        match self.machine.launch(&self.token).await {
+            Ok(()) => {
+                self.state = VmState::Starting;
+                Ok(())
+            }
+            Err(e) => Err(self.launch_failed(e).await),
+        }
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<AgentInfo, VmError> {
+        // The recorded state, not `state()`: a machine that went down while booting is
+        // reported below as an early exit with its console, not as a state error.
+        if self.state != VmState::Starting {
+            return Err(VmError::InvalidState {
+                op: "wait for the agent of",
+                state: self.state(),
+            });
+        }
+        let deadline = Instant::now() + timeout;
+        let connect = self.machine.agent_stream();
+        let token = self.token.clone();
+        // A restored guest: its old hello (where the channel reconnects), then the re-key.
+        let rekey = self.restored_from.clone().map(|old| {
+            let old_hello = self.machine.agent_hello_after_load().then_some(old);
+            let identity = crate::agent::new_identity(&token, &format!("vmcp-{}", self.id));
+            (identity, old_hello)
+        });
+        let hello = async move {
+            let stream = match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Waited::Failed(e),
+                Err(_) => return Waited::TimedOut,
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let connected = match rekey {
+                Some((identity, old_hello)) => {
+                    AgentClient::connect_restored(stream, identity, old_hello.as_deref(), left)
+                        .await
+                }
+                None => AgentClient::connect(stream, &token, left).await,
+            };
+            match connected {
+                Ok(client) => Waited::Ready(client),
+                Err(AgentError::HelloTimeout(_)) => Waited::TimedOut,
+                Err(e) => Waited::Agent(e),
+            }
+        };
+        let waited = tokio::select! {
+            w = hello => w,
+            exit = self.machine.wait_exit() => Waited::Exited(exit),
+        };
+        match waited {
+            Waited::Ready(client) => {
+                let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
+                self.agent = Some(client);
+                self.state = VmState::Running;
+                Ok(info)
+            }
+            Waited::TimedOut => {
+                let err = VmError::ReadyTimeout {
+                    timeout,
+                    console_tail: self.machine.console_tail(TAIL_LINES),
+                };
+                Err(self.stop_after(err).await)
+            }
+            Waited::Exited(exit) => {
+                self.state = VmState::Stopped;
+                Err(self.early_exit(exit))
+            }
+            Waited::Agent(AgentError::Closed) => {
+                // The channel closes when the hypervisor exits: report the exit if that is
+                // what happened.
+                match tokio::time::timeout(CLOSED_EXIT_GRACE, self.machine.wait_exit()).await {
+                    Ok(exit) => {
+                        self.state = VmState::Stopped;
+                        Err(self.early_exit(exit))
+                    }
+                    Err(_) => Err(self.stop_after(AgentError::Closed.into()).await),
+                }
+            }
+            Waited::Agent(e) => Err(self.stop_after(e.into()).await),
+            Waited::Failed(e) => Err(self.stop_after(e).await),
+        }
+    }
+
+    fn agent(&self) -> Result<AgentClient, VmError> {
+        match (&self.agent, self.state()) {
+            (Some(a), VmState::Running) => Ok(a.clone()),
+            (_, state) => Err(VmError::InvalidState {
+                op: "talk to the agent of",
+                state,
+            }),
+        }
+    }
+
+    async fn shutdown(&mut self, timeout: Duration) -> Result<ShutdownOutcome, VmError> {
+        let was = self.state();
+        if matches!(was, VmState::Created | VmState::Stopped) {
+            self.agent = None;
+            self.state = VmState::Stopped;
+            return Ok(ShutdownOutcome::AlreadyStopped);
+        }
+        let deadline = Instant::now() + timeout;
+        self.state = VmState::Stopping;
+        let mut asked = false;
+        if let (Some(agent), VmState::Running) = (self.agent.take(), was) {
+            match tokio::time::timeout(timeout, agent.poweroff()).await {
+                Ok(Ok(())) => asked = true,
+                Ok(Err(e)) => tracing::info!(error = %e, "the guest refused to power off"),
+                Err(_) => tracing::info!("the guest did not accept the poweroff request in time"),
+            }
+        }
+        if !asked {
+            asked = match self.machine.request_stop().await {
+                Ok(asked) => asked,
+                Err(e) => {
+                    tracing::debug!(error = %e, "the stop request failed; killing the VM");
+                    false
+                }
+            };
+        }
+        // Nothing asked the guest to stop: only a guest that is already down counts as
+        // graceful; otherwise kill at once rather than wait for nothing.
+        let wait = if asked {
+            deadline.saturating_duration_since(Instant::now())
+        } else {
+            Duration::ZERO
+        };
+        let outcome = match tokio::time::timeout(wait, self.machine.wait_exit()).await {
+            Ok(_) => ShutdownOutcome::Graceful,
+            Err(_) => {
+                self.machine.kill().await?;
+                ShutdownOutcome::Killed
+            }
+        };
+        self.agent = None;
+        self.state = VmState::Stopped;
+        Ok(outcome)
+    }
+
+    async fn kill(&mut self) -> Result<(), VmError> {
+        self.agent = None;
+        if self.launched() {
+            self.machine.kill().await?;
+        }
+        self.state = VmState::Stopped;
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<(), VmError> {
+        self.expect_state("pause", &[VmState::Running])?;
+        self.machine.pause().await?;
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmError> {
+        self.expect_state("resume", &[VmState::Paused])?;
+        self.machine.resume().await?;
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    async fn save_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        let was = self.expect_state("snapshot", &[VmState::Running, VmState::Paused])?;
+        self.machine.snapshot_support()?;
+        let was_running = was == VmState::Running;
+        if was_running {
+            self.machine.pause().await?;
+        }
+        let saved = self.machine.save_state(path).await;
+        if was_running {
+            self.machine.resume().await?;
+        }
+        saved?;
+        self.manifest().write(path)?;
+        Ok(())
+    }
+
+    async fn restore_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
+        self.expect_state("restore", &[VmState::Created])?;
+        self.machine.snapshot_support()?;
+        let manifest = SnapshotManifest::read(path)?;
+        manifest.check_fits(path, &self.manifest())?;
+        self.started = Some(Instant::now());
+        match self.machine.load_state(path, &manifest.token).await {
+            Ok(()) => {
+                // The restored guest knows the token it was saved with; `wait_ready` gives it
+                // this VM's own.
+                self.restored_from = Some(manifest.token);
+                self.state = VmState::Starting;
+                Ok(())
+            }
+            Err(e) => Err(self.launch_failed(e).await),
+        }
+    }
+}
