@@ -7,6 +7,7 @@ mod bench_backend;
 mod doctor;
 mod image_cmd;
 mod mcp_cmd;
+mod mcp_serve;
 mod run;
 
 use std::process::ExitCode;

@@ -15,10 +15,10 @@
 
 #[cfg(unix)]
 #[path = "run/signal_unix.rs"]
-mod signal;
+pub(crate) mod signal;
 #[cfg(not(unix))]
 #[path = "run/signal_other.rs"]
-mod signal;
+pub(crate) mod signal;
 
 use std::io::{IsTerminal, Read};
 
@@ -135,12 +135,6 @@ struct BootFiles {
     initrd: PathBuf,
 }
 
-fn image_arch(arch: Arch) -> anyhow::Result<vmcp_image::Arch> {
-    arch.as_str()
-        .parse()
-        .map_err(|e: vmcp_image::UnknownArch| anyhow::anyhow!("{e}"))
-}
-
 /// The backend and accelerator for `config` (the selector's choice, written into `config`),
 /// and the notices to print once the VM is created.
 pub async fn select(config: &mut VmConfig) -> anyhow::Result<vmcp_vm::select::Selection> {
@@ -151,7 +145,7 @@ pub async fn select(config: &mut VmConfig) -> anyhow::Result<vmcp_vm::select::Se
 
 /// The built image for `arch` (kernel, initrd), if there is one; never builds.
 pub fn find_image(arch: Arch) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
-    let opts = vmcp_image::BuildOptions::new(image_arch(arch)?);
+    let opts = vmcp_image::BuildOptions::new(arch.into());
     Ok(vmcp_image::find_image(&opts)
         .context("cannot look up the guest image")?
         .map(|p| (p.kernel, p.initrd)))
@@ -162,7 +156,7 @@ pub async fn ensure_image(arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
     if let Some(found) = find_image(arch)? {
         return Ok(found);
     }
-    let arch = image_arch(arch)?;
+    let arch: vmcp_image::Arch = arch.into();
     eprintln!("vmcp: the guest image is not built yet; building it now (one time)");
     let paths = tokio::task::spawn_blocking(move || {
         vmcp_image::ensure_image(arch, &|line: &str| eprintln!("vmcp: image: {line}"))
@@ -310,7 +304,7 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 /// Reads our stdin on a plain thread (not tokio's blocking pool, which would keep the
 /// runtime from shutting down while a read blocks) and hands chunks over; the channel
 /// closes at end of input.
-fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+pub(crate) fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let spawned = std::thread::Builder::new()
         .name("vmcp-stdin".into())
