@@ -629,6 +629,7 @@ impl Machine for QemuMachine {
             .check(self.config.memory_mib)
             .map_err(VmError::SnapshotRestore)?;
         self.spawn_qemu(token, Some(&files.memory)).await?;
+        tracing::debug!("QEMU answers on QMP; loading the device state");
         let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
             return Err(LaunchError::Failed(VmError::Qmp {
                 command: "migrate-incoming",
@@ -640,7 +641,10 @@ impl Machine for QemuMachine {
             status = child.wait() => Err(status),
         };
         match loaded {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                tracing::debug!("device state loaded, guest running");
+                Ok(())
+            }
             Ok(Err(e)) => {
                 let _ = self.kill_now().await;
                 Err(LaunchError::Failed(VmError::SnapshotRestore(e)))
