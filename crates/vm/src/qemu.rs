@@ -41,6 +41,8 @@ pub mod stale;
 mod platform_linux;
 #[cfg(target_os = "linux")]
 use platform_linux as platform;
+#[cfg(not(target_os = "linux"))]
+mod no_snapshot;
 #[cfg(not(any(target_os = "linux", windows)))]
 mod platform_unsupported;
 #[cfg(not(any(target_os = "linux", windows)))]
