@@ -76,7 +76,7 @@ async fn full_lifecycle_against_the_stand_in() {
     assert_eq!(vm.state(), VmState::Created);
     assert!(vm.agent().is_err());
     let dir = vm.runtime_dir().to_path_buf();
-    assert!(dir.join(stale::OWNER_FILE).is_file());
+    assert!(dir.join(vmcp_host_process::OWNER_FILE).is_file());
     vm.start().await.unwrap();
     assert_eq!(vm.state(), VmState::Starting);
     let pid = vm.pid().unwrap();
@@ -258,8 +258,8 @@ async fn stale_dirs_of_dead_owners_are_swept_on_create() {
     std::fs::create_dir_all(&stale_dir).unwrap();
     // pid 1's start time is never u64::MAX: an owner that is gone.
     std::fs::write(
-        stale_dir.join(stale::OWNER_FILE),
-        stale::owner_line(1, u64::MAX),
+        stale_dir.join(vmcp_host_process::OWNER_FILE),
+        vmcp_host_process::owner_line(1, u64::MAX),
     )
     .unwrap();
     let vm = f.backend.create_qemu(f.config).await.unwrap();
