@@ -123,7 +123,7 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
 async fn until_signal(
     work: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
 ) -> anyhow::Result<ExitCode> {
-    let mut work = std::pin::pin!(work);
+    let mut work = Box::pin(work);
     let sig = tokio::select! {
         r = &mut work => return r,
         sig = crate::run::signal::termination() => sig,

@@ -35,7 +35,7 @@ fn stdio_server_and_its_background_jobs_die_with_vmcp() {
         let script = format!(
             "echo $$ > {p}.tmp; sleep 1000 & echo $! >> {p}.tmp; mv {p}.tmp {p}; exec sleep 1000"
         );
-        let mut vmcp = Command::new(VMCP)
+        let vmcp = Command::new(VMCP)
             .args([
                 "mcp",
                 "list-tools",
