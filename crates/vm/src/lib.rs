@@ -27,6 +27,7 @@ mod error;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod lifecycle;
+pub mod net;
 pub mod qemu;
 mod runtime_dir;
 pub mod select;
@@ -34,6 +35,7 @@ pub mod vz;
 
 pub use config::{Accel, Arch, BackendKind, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::{ErrorClass, VmError};
+pub use net::{NetConfig, NetMode, PortForward};
 pub use runtime_dir::{new_vm_id, RuntimeDir};
 
 use std::path::Path;

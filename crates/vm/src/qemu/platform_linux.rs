@@ -185,6 +185,12 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
                 return Err(io::Error::last_os_error());
             }
         }
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes the constant 1 and unused zero arguments. After
+        // it, nothing QEMU executes (the egress forward helper) can gain privileges through a
+        // set-user-ID file, even where the sandbox allows spawning.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
         // SAFETY: PR_SET_PDEATHSIG takes a signal number as its only argument. Set after the
         // credential change, which would clear it.
         if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
