@@ -48,6 +48,8 @@ pub enum McpCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve MCP: tools that create and drive sandboxes (micro-VMs), over stdio or HTTP.
+    Serve(crate::mcp_serve::ServeArgs),
 }
 
 /// How to reach the server (shared by every subcommand).
@@ -108,6 +110,7 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        McpCommand::Serve(args) => crate::mcp_serve::run(args).await,
     }
 }
 

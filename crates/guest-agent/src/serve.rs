@@ -794,5 +794,4 @@ fn describe(msg: &HostMsg) -> String {
 }
 
 #[cfg(test)]
-#[path = "serve_tests.rs"]
 mod tests;

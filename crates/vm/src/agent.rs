@@ -57,6 +57,12 @@ pub enum AgentError {
     /// The guest answered with a message that does not fit the request.
     #[error("unexpected answer from the guest agent: {0}")]
     Unexpected(String),
+    /// A file is larger than the caller's limit.
+    #[error("the file is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: usize,
+    },
     /// A request argument is invalid on the host side already.
     #[error("{0}")]
     Invalid(String),
@@ -416,6 +422,13 @@ impl AgentClient {
 
     /// Reads the whole file `path` from the guest.
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
+        self.read_file_max(path, usize::MAX).await
+    }
+
+    /// Reads the file `path` from the guest, failing with [`AgentError::TooLarge`] as soon as
+    /// more than `max` bytes arrived (the rest the guest still sends is dropped unread), so
+    /// the host never holds more than `max` bytes of it.
+    pub async fn read_file_max(&self, path: &str, max: usize) -> Result<Vec<u8>, AgentError> {
         let (id, mut rx) = self.register()?;
         let res = async {
             self.send(&HostMsg::ReadFile {
@@ -427,6 +440,9 @@ impl AgentClient {
             loop {
                 match self.one_answer(id, &mut rx).await? {
                     GuestMsg::FileData { data, eof, .. } => {
+                        if out.len().saturating_add(data.len()) > max {
+                            return Err(AgentError::TooLarge { limit: max });
+                        }
                         out.extend_from_slice(&data);
                         if eof {
                             return Ok(out);

@@ -38,6 +38,28 @@ impl Arch {
     }
 }
 
+/// The guest image crate's name for the same architecture.
+impl From<Arch> for vmcp_image::Arch {
+    fn from(a: Arch) -> Self {
+        match a {
+            Arch::X86_64 => vmcp_image::Arch::X86_64,
+            Arch::Aarch64 => vmcp_image::Arch::Aarch64,
+        }
+    }
+}
+
+/// An image architecture this crate can run (the image crate may know more).
+impl TryFrom<vmcp_image::Arch> for Arch {
+    type Error = ConfigError;
+    fn try_from(a: vmcp_image::Arch) -> Result<Self, Self::Error> {
+        match a {
+            vmcp_image::Arch::X86_64 => Ok(Arch::X86_64),
+            vmcp_image::Arch::Aarch64 => Ok(Arch::Aarch64),
+            other => Err(ConfigError::UnknownArch(other.to_string())),
+        }
+    }
+}
+
 impl FromStr for Arch {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -308,6 +330,11 @@ mod tests {
             .to_string()
             .contains("xen"));
         assert_eq!("arm64".parse::<Arch>().unwrap(), Arch::Aarch64);
+        for a in [Arch::X86_64, Arch::Aarch64] {
+            let image: vmcp_image::Arch = a.into();
+            assert_eq!(image.name(), a.as_str());
+            assert_eq!(Arch::try_from(image).unwrap(), a);
+        }
         assert_eq!("vz".parse::<BackendKind>().unwrap(), BackendKind::Vz);
         assert_eq!(BackendKind::Qemu.to_string(), "qemu");
         let e = "xen".parse::<BackendKind>().unwrap_err().to_string();
