@@ -53,8 +53,8 @@ pub struct ServeArgs {
     /// Default idle timeout of a sandbox, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub idle_timeout: u64,
-    /// Accelerator: kvm, tcg, hvf or whpx (probed when absent).
-    #[arg(long, value_parser = parse_accel)]
+    /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
+    #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
     /// Kernel to boot instead of the built image's (needs --initrd).
     #[arg(long, value_name = "FILE", requires = "initrd")]
@@ -62,10 +62,6 @@ pub struct ServeArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
-}
-
-fn parse_accel(s: &str) -> Result<Accel, String> {
-    s.parse::<Accel>().map_err(|e| e.to_string())
 }
 
 /// Boots the guest image with the backend and accelerator the selector chose at start.

@@ -88,6 +88,13 @@ pub struct RunArgs {
     /// Also write the guest console to this file.
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
+    /// Boot cold instead of restoring the matching snapshot.
+    #[arg(long, conflicts_with = "snapshot")]
+    pub cold: bool,
+    /// Restore this snapshot (`vmcp snapshot create --name NAME`); an error if it does not
+    /// fit the VM or cannot be restored. Default: the matching automatic snapshot.
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -205,13 +212,21 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.backend = args.backend;
     config.accel = args.accel;
     let selection = select(&mut config).await?;
-    let mut vm = selection.backend.create(config).await?;
-    // After validation, so a bad input gets exactly one line.
-    for notice in &selection.notices {
-        eprintln!("vmcp: notice: {notice}");
-    }
-    vm.start().await?;
-    vm.wait_ready(READY_TIMEOUT).await?;
+    let from_snapshot = snapshot_start(&args, &config, selection.backend.name()).await?;
+    let disposable = from_snapshot.is_some();
+    let mut vm = match from_snapshot {
+        Some(vm) => vm,
+        None => {
+            let mut vm = selection.backend.create(config).await?;
+            // After validation, so a bad input gets exactly one line.
+            for notice in &selection.notices {
+                eprintln!("vmcp: notice: {notice}");
+            }
+            vm.start().await?;
+            vm.wait_ready(READY_TIMEOUT).await?;
+            vm
+        }
+    };
     let agent = vm.agent()?;
     let spec = ExecSpec {
         argv: args.command.clone(),
@@ -220,6 +235,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         stdin: forward_stdin,
     };
     let program = args.command.first().cloned().unwrap_or_default();
+    tracing::debug!(program, "running the program");
     let code = match args.timeout {
         Some(t) => match tokio::time::timeout(t, exec(&agent, spec, &program)).await {
             Ok(r) => r?,
@@ -235,10 +251,95 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         None => exec(&agent, spec, &program).await?,
     };
     drop(agent);
-    if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
+    tracing::debug!("program done; stopping the VM");
+    if disposable {
+        // Nothing of a snapshot VM outlives it (its root disk, if any, is read-only), so a
+        // guest power-off would only cost time.
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %e, "VM kill failed");
+        }
+    } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
     Ok(ExitCode::from(code))
+}
+
+/// A VM restored from a snapshot, or `None` for a cold boot: with `--snapshot NAME` that
+/// snapshot (errors are errors); else the automatic snapshot matching this VM, built on
+/// first use; a broken one is removed and the VM boots cold, with a notice. Only QEMU VMs
+/// without a writable root disk use snapshots (a restored guest's view of a disk that
+/// changed since would be wrong).
+async fn snapshot_start(
+    args: &RunArgs,
+    config: &VmConfig,
+    backend: &str,
+) -> anyhow::Result<Option<Box<dyn vmcp_vm::Vm>>> {
+    use crate::snapshots;
+    // A bad configuration is reported as such, not as a snapshot problem.
+    config.validate()?;
+    let usable = backend == "qemu" && !args.rootfs_rw && vmcp_vm::qemu::launch_supported().is_ok();
+    if args.cold || (!usable && args.snapshot.is_none()) {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        usable,
+        "snapshots need the QEMU backend on Linux and no --rootfs-rw"
+    );
+    let record = vmcp_vm::qemu::binary::find(config.arch)
+        .map_err(anyhow::Error::new)
+        .and_then(|bin| snapshots::Record::for_config(config, &bin));
+    let store = snapshots::store_dir();
+    if let Some(name) = &args.snapshot {
+        let (record, store) = (record?, store?);
+        let stored = snapshots::find(&store, name)?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot {name:?} (see `vmcp snapshot list`)"))?;
+        return snapshots::restore(&stored, config, &record, READY_TIMEOUT)
+            .await
+            .map(Some);
+    }
+    let (record, store) = match (record, store) {
+        (Ok(r), Ok(s)) => (r, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::info!(error = %e, "no snapshot for this VM; booting cold");
+            return Ok(None);
+        }
+    };
+    let name = record.auto_name();
+    match snapshots::find(&store, &name)? {
+        Some(stored) => match snapshots::restore(&stored, config, &record, READY_TIMEOUT).await {
+            Ok(vm) => Ok(Some(vm)),
+            Err(e) => {
+                let removed = snapshots::remove(&stored.dir).is_ok();
+                eprintln!(
+                    "vmcp: notice: {}; {}booting cold",
+                    chain(&e),
+                    if removed { "removed it, " } else { "" }
+                );
+                Ok(None)
+            }
+        },
+        None => {
+            snapshots::sweep_builds(&store, Duration::from_secs(3600));
+            eprintln!("vmcp: notice: building snapshot {name} for fast starts (one time)");
+            match snapshots::create(&store, &name, config, &record, READY_TIMEOUT).await {
+                Ok(vm) => Ok(Some(vm)),
+                Err(e) => {
+                    eprintln!(
+                        "vmcp: notice: cannot build the snapshot: {}; booting cold",
+                        chain(&e)
+                    );
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.

@@ -445,7 +445,15 @@ fn bench_reports_every_metric() {
         return;
     }
     let out = Command::new(VMCP)
-        .args(["bench", "--runs", "1", "--iterations", "20"])
+        .args([
+            "bench",
+            "--runs",
+            "1",
+            "--iterations",
+            "20",
+            "--pss-vms",
+            "1",
+        ])
         .args(image_args())
         .output()
         .unwrap();
@@ -458,6 +466,10 @@ fn bench_reports_every_metric() {
         "ping",
         "RSS",
         "target",
+        "checkpoint of a running VM",
+        "restore → agent ready",
+        "`vmcp run -- true` end to end",
+        "PSS of 1 idle VMs",
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }

@@ -92,6 +92,9 @@ pub enum VmError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The VM's private runtime directory could not be made.
+    #[error(transparent)]
+    RuntimeDir(#[from] vmcp_host_process::RuntimeDirError),
     /// Starting the hypervisor failed.
     #[error("cannot start the hypervisor")]
     Spawn(#[source] std::io::Error),
@@ -189,9 +192,10 @@ impl VmError {
         match self {
             VmError::Config(_) | VmError::Snapshot(_) => ErrorClass::Config,
             VmError::SnapshotSave(e) | VmError::SnapshotRestore(e) => e.class(),
-            VmError::Unavailable { .. } | VmError::Host { .. } | VmError::Spawn(_) => {
-                ErrorClass::HostSetup
-            }
+            VmError::Unavailable { .. }
+            | VmError::Host { .. }
+            | VmError::RuntimeDir(_)
+            | VmError::Spawn(_) => ErrorClass::HostSetup,
             VmError::EarlyExit { .. } | VmError::ReadyTimeout { .. } | VmError::Agent(_) => {
                 ErrorClass::Guest
             }

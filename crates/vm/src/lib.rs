@@ -28,13 +28,12 @@ mod error;
 pub mod fake;
 pub mod lifecycle;
 pub mod qemu;
-mod runtime_dir;
 pub mod select;
 pub mod vz;
 
 pub use config::{Accel, Arch, BackendKind, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::{ErrorClass, VmError};
-pub use runtime_dir::{new_vm_id, RuntimeDir};
+pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;
 use std::time::Duration;

@@ -35,7 +35,6 @@ pub mod host_windows;
 pub mod qmp;
 pub mod snapshot;
 pub mod spawn;
-pub mod stale;
 
 #[cfg(target_os = "linux")]
 mod platform_linux;
@@ -52,7 +51,7 @@ use platform_windows as platform;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
@@ -155,27 +154,15 @@ impl QemuBackend {
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
         let binary = self.binary(config.arch)?;
         Lifecycle::prepare(&config, |prepared| {
+            // The runtime directory was made private, with its owner file, and its stale
+            // siblings swept, by `vmcp_host_process::RuntimeDir`.
             let runtime = prepared.dir;
-            if let Some(base) = runtime.path().parent() {
-                stale::sweep(base, platform::dir_is_mine, platform::start_time);
-            }
-            let me = std::process::id();
-            if let Some(start) = platform::start_time(me) {
-                std::fs::write(
-                    runtime.join(stale::OWNER_FILE),
-                    stale::owner_line(me, start),
-                )
-                .map_err(|source| VmError::Host {
-                    what: "write the runtime directory's owner file".into(),
-                    source,
-                })?;
-            }
             let console_log = config
                 .console_log
                 .clone()
                 .unwrap_or_else(|| runtime.join("console.log"));
-            let drop_to = (self.options.drop_privileges && platform::is_root())
-                .then(|| platform::unprivileged_ids(choice.accel == crate::Accel::Kvm));
+            let drop_to = (self.options.drop_privileges && vmcp_host_process::is_root())
+                .then(|| spawn::unprivileged_ids(choice.accel == crate::Accel::Kvm));
             Ok(QemuMachine {
                 config: config.clone(),
                 binary,
@@ -274,7 +261,7 @@ pub struct QemuMachine {
     options: QemuOptions,
     drop_to: Option<platform::Ids>,
     console_log: PathBuf,
-    child: Option<tokio::process::Child>,
+    child: Option<vmcp_host_process::OwnedChild>,
     pid: Option<u32>,
     qmp: Option<qmp::QmpClient<platform::HostStream>>,
     agent_stream: Option<platform::HostStream>,
@@ -359,7 +346,7 @@ impl QemuMachine {
 
     /// QEMU's resident set size in KiB, while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
-        self.pid.and_then(platform::rss_kib)
+        self.pid.and_then(vmcp_host_process::rss_kib)
     }
 
     /// Runs a QMP command without arguments, bounded by the QMP timeout.
@@ -414,19 +401,17 @@ impl QemuMachine {
 
     async fn kill_now(&mut self) -> Result<(), VmError> {
         if let Some(child) = self.child.as_mut() {
-            if let Ok(None) = child.try_wait() {
-                if let Some(pid) = child.id() {
-                    platform::kill_group(pid);
-                }
-                let _ = child.start_kill();
-            }
-            tokio::time::timeout(REAP_TIMEOUT, child.wait())
+            // Kills QEMU's whole process group, then reaps QEMU.
+            child
+                .kill_and_wait(REAP_TIMEOUT)
                 .await
-                .map_err(|_| VmError::Hypervisor {
-                    backend: BACKEND,
-                    what: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
-                })?
-                .map_err(host_err("reap QEMU"))?;
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => VmError::Hypervisor {
+                        backend: BACKEND,
+                        what: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
+                    },
+                    _ => host_err("reap QEMU")(e),
+                })?;
         }
         self.reaped();
         Ok(())
@@ -644,6 +629,7 @@ impl Machine for QemuMachine {
             .check(self.config.memory_mib)
             .map_err(VmError::SnapshotRestore)?;
         self.spawn_qemu(token, Some(&files.memory)).await?;
+        tracing::debug!("QEMU answers on QMP; loading the device state");
         let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
             return Err(LaunchError::Failed(VmError::Qmp {
                 command: "migrate-incoming",
@@ -655,7 +641,10 @@ impl Machine for QemuMachine {
             status = child.wait() => Err(status),
         };
         match loaded {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                tracing::debug!("device state loaded, guest running");
+                Ok(())
+            }
             Ok(Err(e)) => {
                 let _ = self.kill_now().await;
                 Err(LaunchError::Failed(VmError::SnapshotRestore(e)))
@@ -697,7 +686,7 @@ impl QemuMachine {
         self.tasks.push(tokio::spawn(async move {
             console::capture(console_host, tail, Some(&log)).await;
         }));
-        if let Some(stderr) = child.stderr.take() {
+        if let Some(stderr) = child.take_stderr() {
             let tail = self.stderr.clone();
             self.tasks.push(tokio::spawn(async move {
                 console::capture(stderr, tail, None).await
@@ -754,26 +743,8 @@ impl Drop for QemuMachine {
         for t in &self.tasks {
             t.abort();
         }
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            if let Some(pid) = child.id() {
-                platform::kill_group(pid);
-            }
-            let _ = child.start_kill();
-            // Reap synchronously (bounded): a dropped VM must not outlive its handle. SIGKILL
-            // takes effect in milliseconds; the loop only waits for the kernel to tear down.
-            let until = Instant::now() + REAP_TIMEOUT;
-            while Instant::now() < until {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        }
-        // `child` drops here (kill_on_drop covers the case where reaping timed out; tokio
-        // then reaps it in the background). The runtime directory is removed after this.
+        // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
+        // runtime directory is removed after this.
     }
 }
 

@@ -392,6 +392,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
         };
         match waited {
             Waited::Ready(client) => {
+                tracing::debug!(restored = self.restored_from.is_some(), "agent ready");
                 let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
                 self.agent = Some(client);
                 self.state = VmState::Running;

@@ -71,22 +71,8 @@ pub fn open_for_child(_path: &Path, _write: bool) -> io::Result<ChildFd> {
     Err(unsupported())
 }
 
-/// Never root here.
-pub fn is_root() -> bool {
-    false
-}
-
-/// Not used here.
-pub fn unprivileged_ids(_with_kvm_group: bool) -> Ids {
-    Ids {
-        uid: 0,
-        gid: 0,
-        groups: Vec::new(),
-    }
-}
-
 /// Not available here.
-pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
+pub async fn spawn(spec: SpawnSpec) -> io::Result<vmcp_host_process::OwnedChild> {
     let SpawnSpec {
         argv,
         inherit,
@@ -99,24 +85,6 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
         "QEMU launch requested on an unsupported OS"
     );
     Err(unsupported())
-}
-
-/// Nothing to kill here.
-pub fn kill_group(_pgid: u32) {}
-
-/// Unknown here.
-pub fn start_time(_pid: u32) -> Option<u64> {
-    None
-}
-
-/// Unknown here.
-pub fn rss_kib(_pid: u32) -> Option<u64> {
-    None
-}
-
-/// Never claims a directory here (stale directories are not swept).
-pub fn dir_is_mine(_path: &Path) -> bool {
-    false
 }
 
 /// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).

@@ -1,23 +1,36 @@
-//! Lifecycle tests of the QEMU backend against a scripted stand-in for QEMU
-//! (`tests/fixtures/fake_qemu.py`); real boots are in `tests/`.
+//! Lifecycle tests of the QEMU backend against the stand-in for QEMU (`examples/fake_qemu.rs`,
+//! the same one the Windows launch tests use); real boots are in `tests/`.
 
 use super::*;
 use crate::agent::AgentError;
 use crate::{ShutdownOutcome, VmState};
 use std::time::Instant;
 
+/// The stand-in, built beside this test binary: `cargo test -p vmcp-vm` builds the crate's
+/// examples before it runs tests. A `--lib`-only run has not built it: then these tests are
+/// skipped loudly (and fail under `VMCP_REQUIRE_VM=1`); a stale one from an older build makes
+/// them fail, never pass.
 fn fake_qemu() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_qemu.py");
-    let python_ok = std::process::Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !python_ok {
-        vmcp_test_support::skipped!("SKIPPED: python3 is needed for the scripted QEMU stand-in");
-        return None;
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/<test binary> -> target/<profile>/examples/fake_qemu
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("fake_qemu{}", std::env::consts::EXE_SUFFIX));
+    if path.is_file() {
+        return Some(path);
     }
-    Some(script)
+    let why = format!(
+        "the QEMU stand-in {} is not built: run `cargo test -p vmcp-vm` (not only --lib) or `cargo build -p vmcp-vm --example fake_qemu`",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("VMCP_REQUIRE_VM").is_none_or(|v| v != "1"),
+        "VMCP_REQUIRE_VM=1: {why}"
+    );
+    vmcp_test_support::skipped!("SKIPPED: {why}");
+    None
 }
 
 struct Fixture {
@@ -27,7 +40,7 @@ struct Fixture {
 }
 
 fn fixture(mode: &str) -> Option<Fixture> {
-    let script = fake_qemu()?;
+    let stand_in = fake_qemu()?;
     let files = tempfile::tempdir().ok()?;
     let k = files.path().join("kernel");
     let i = files.path().join("initrd");
@@ -37,10 +50,10 @@ fn fixture(mode: &str) -> Option<Fixture> {
     config.cmdline_extra = vec![format!("fake={mode}")];
     config.accel = Some(crate::Accel::Tcg);
     let backend = QemuBackend::with_options(QemuOptions {
-        qemu_binary: Some(script),
+        qemu_binary: Some(stand_in),
         qmp_timeout: Duration::from_secs(10),
-        // The stand-in is a script: no sandbox flags matter, but keep the privilege drop off
-        // so it can read its own file under /root.
+        // The stand-in ignores the sandbox flags; keep the privilege drop off so it can run
+        // from a target directory under /root.
         drop_privileges: false,
         ..QemuOptions::default()
     });
@@ -63,7 +76,7 @@ async fn full_lifecycle_against_the_stand_in() {
     assert_eq!(vm.state(), VmState::Created);
     assert!(vm.agent().is_err());
     let dir = vm.runtime_dir().to_path_buf();
-    assert!(dir.join(stale::OWNER_FILE).is_file());
+    assert!(dir.join(vmcp_host_process::OWNER_FILE).is_file());
     vm.start().await.unwrap();
     assert_eq!(vm.state(), VmState::Starting);
     let pid = vm.pid().unwrap();
@@ -73,7 +86,7 @@ async fn full_lifecycle_against_the_stand_in() {
         VmError::InvalidState { op: "start", .. }
     ));
     let info = vm.wait_ready(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(info.agent_version, "fake-0");
+    assert_eq!(info.agent_version, "fake-qemu");
     assert_eq!(info.guest_boot, Duration::from_millis(1500));
     assert_eq!(vm.state(), VmState::Running);
     vm.agent().unwrap().ping().await.unwrap();
@@ -245,8 +258,8 @@ async fn stale_dirs_of_dead_owners_are_swept_on_create() {
     std::fs::create_dir_all(&stale_dir).unwrap();
     // pid 1's start time is never u64::MAX: an owner that is gone.
     std::fs::write(
-        stale_dir.join(stale::OWNER_FILE),
-        stale::owner_line(1, u64::MAX),
+        stale_dir.join(vmcp_host_process::OWNER_FILE),
+        vmcp_host_process::owner_line(1, u64::MAX),
     )
     .unwrap();
     let vm = f.backend.create_qemu(f.config).await.unwrap();

@@ -12,7 +12,6 @@
 //! - [`doctor`]: the Windows checks of `vmcp doctor` from those facts.
 //! - [`probe`]: gathers the facts (OS layer + running QEMU with timeouts).
 //! - [`channel`]: loopback TCP listeners for QMP and the token-checked agent channel.
-//! - [`KillOnCloseJob`]: a Job Object that kills QEMU when vmcp exits or is killed.
 //!
 //! `WinHvPlatform.dll` is loaded at run time, never imported, so `vmcp.exe` starts on every
 //! Windows machine and can say what to turn on. See docs/windows.md.
@@ -29,9 +28,6 @@ mod sys;
 #[cfg(windows)]
 #[path = "sys_windows.rs"]
 mod sys;
-
-pub use sys::KillOnCloseJob;
-pub use sys::{process_rss_kib, process_start_time};
 
 /// `Ok` when the Windows Hypervisor Platform can be used here and the QEMU that `vmcp run`
 /// would start has WHPX built in, else why not and what to do, in one line (the QEMU

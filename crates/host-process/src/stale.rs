@@ -1,9 +1,10 @@
 //! Runtime directories left behind by a vmcp that was killed.
 //!
-//! A VM's runtime directory is removed when its handle is dropped, but a SIGKILLed vmcp runs
-//! no destructor (its QEMU dies through the parent-death signal; the directory stays). So each
-//! runtime directory holds an `owner` file with the creating process's pid and start time, and
-//! creating a VM first removes sibling directories whose owner is gone. The start time guards
+//! A runtime directory is removed when its [`crate::RuntimeDir`] is dropped, but a SIGKILLed
+//! vmcp runs no destructor (its children die through the watchdog and the parent-death signal;
+//! the directory stays). So each runtime directory holds an `owner` file with the creating
+//! process's pid and start time, and creating one first removes sibling directories whose
+//! owner is gone. The start time guards
 //! against pid reuse; directories of other users, or without a readable owner file, are never
 //! touched.
 
