@@ -43,7 +43,7 @@ pub struct WrapArgs {
     /// Working directory in the guest.
     #[arg(long, short = 'w', value_name = "DIR")]
     pub workdir: Option<String>,
-    /// Accelerator: kvm, tcg, hvf or whpx (probed when absent).
+    /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
     /// Kernel to boot instead of the built image's (needs --initrd).
