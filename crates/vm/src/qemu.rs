@@ -40,6 +40,8 @@ pub mod spawn;
 mod platform_linux;
 #[cfg(target_os = "linux")]
 use platform_linux as platform;
+#[cfg(not(target_os = "linux"))]
+mod no_snapshot;
 #[cfg(not(any(target_os = "linux", windows)))]
 mod platform_unsupported;
 #[cfg(not(any(target_os = "linux", windows)))]
@@ -172,6 +174,7 @@ impl QemuBackend {
                 options: self.options.clone(),
                 drop_to,
                 console_log,
+                log: console::LogFile::default(),
                 child: None,
                 pid: None,
                 qmp: None,
@@ -261,6 +264,8 @@ pub struct QemuMachine {
     options: QemuOptions,
     drop_to: Option<platform::Ids>,
     console_log: PathBuf,
+    /// The open console log (closed on drop, whatever the capture task does).
+    log: console::LogFile,
     child: Option<vmcp_host_process::OwnedChild>,
     pid: Option<u32>,
     qmp: Option<qmp::QmpClient<platform::HostStream>>,
@@ -667,6 +672,14 @@ impl QemuMachine {
         } else {
             "running"
         };
+        // Opened once, before QEMU starts, so a refused path (a symlink, another user's file)
+        // fails the start with its reason.
+        let log = console::LogFile::open(&self.console_log).map_err(host_err(format!(
+            "open the console log {}",
+            self.console_log.display()
+        )))?;
+        self.log.close();
+        self.log = log.clone();
         let mut inherited = Inherited { fds: Vec::new() };
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, restore_memory)?;
@@ -681,10 +694,9 @@ impl QemuMachine {
         .map_err(VmError::Spawn)?;
         drop(inherited);
         self.pid = child.id();
-        let log = self.console_log.clone();
         let tail = self.console.clone();
         self.tasks.push(tokio::spawn(async move {
-            console::capture(console_host, tail, Some(&log)).await;
+            console::capture(console_host, tail, Some(log)).await;
         }));
         if let Some(stderr) = child.take_stderr() {
             let tail = self.stderr.clone();
@@ -743,6 +755,7 @@ impl Drop for QemuMachine {
         for t in &self.tasks {
             t.abort();
         }
+        self.log.close();
         // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
         // runtime directory is removed after this.
     }

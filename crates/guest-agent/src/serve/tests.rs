@@ -15,6 +15,10 @@ struct Host {
     stream: UnixStream,
     scratch: Vec<u8>,
     server: Option<JoinHandle<Result<ServeEnd, ServeError>>>,
+    /// Give output credit back as soon as output arrives (what a reading host does).
+    auto_credit: bool,
+    /// Stdin credit the agent gave back, by request id.
+    stdin_credit: std::collections::HashMap<u32, u64>,
 }
 
 impl Host {
@@ -34,6 +38,8 @@ impl Host {
             stream: host,
             scratch: Vec::new(),
             server: Some(server),
+            auto_credit: true,
+            stdin_credit: std::collections::HashMap::new(),
         };
         match h.recv() {
             GuestMsg::Hello(hello) => {
@@ -50,7 +56,25 @@ impl Host {
         write_msg(&mut self.stream, &msg).unwrap();
     }
 
+    /// The next message other than stdin credit (which is counted); gives output credit
+    /// back when `auto_credit` is set.
     fn recv(&mut self) -> GuestMsg {
+        loop {
+            let msg = self.recv_raw();
+            if let GuestMsg::StdinCredit { id, credit } = msg {
+                *self.stdin_credit.entry(id).or_default() += u64::from(credit);
+                continue;
+            }
+            let cost = msg.window_cost();
+            if self.auto_credit && cost > 0 {
+                let id = msg.request_id().unwrap();
+                self.send(HostMsg::Credit { id, credit: cost });
+            }
+            return msg;
+        }
+    }
+
+    fn recv_raw(&mut self) -> GuestMsg {
         read_msg(&mut self.stream, &mut self.scratch)
             .unwrap()
             .expect("channel closed")
@@ -546,6 +570,201 @@ fn debug_option_logs_and_serves() {
     h.send(HostMsg::Ping { id: 1 });
     assert_eq!(h.recv(), GuestMsg::Pong { id: 1 });
     assert_eq!(describe(&HostMsg::Ping { id: 1 }), "Ping { id: 1 }");
+}
+
+// ---- Flow control -------------------------------------------------------------------------
+
+use vmcp_guest_proto::{credit_cost, STREAM_WINDOW};
+
+/// Reads messages for `wait`, counting output units per request, without giving credit.
+fn drain_for(h: &mut Host, wait: Duration) -> (u64, Vec<GuestMsg>) {
+    let (units, _, others) = drain_bytes_for(h, wait);
+    (units, others)
+}
+
+/// [`drain_for`], also counting output bytes.
+fn drain_bytes_for(h: &mut Host, wait: Duration) -> (u64, usize, Vec<GuestMsg>) {
+    h.stream.set_read_timeout(Some(wait)).unwrap();
+    let mut units = 0u64;
+    let mut bytes = 0usize;
+    let mut others = Vec::new();
+    loop {
+        match read_msg::<GuestMsg, _>(&mut h.stream, &mut h.scratch) {
+            Ok(Some(m)) => {
+                units += u64::from(m.window_cost());
+                if let GuestMsg::Stdout { data, .. } | GuestMsg::Stderr { data, .. } = &m {
+                    bytes += data.len();
+                }
+                if m.window_cost() == 0 {
+                    others.push(m);
+                }
+            }
+            Ok(None) => break,
+            Err(vmcp_guest_proto::ProtoError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    h.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    (units, bytes, others)
+}
+
+#[test]
+fn output_stops_at_the_window_until_credit_comes() {
+    let mut h = Host::start();
+    h.auto_credit = false;
+    h.exec(1, &["sh", "-c", "head -c 5000000 /dev/zero; echo tail >&2"]);
+    let (units, bytes, others) = drain_bytes_for(&mut h, Duration::from_millis(1500));
+    assert!(units <= u64::from(STREAM_WINDOW), "{units}");
+    assert!(units > u64::from(STREAM_WINDOW) / 2, "{units}");
+    assert!(
+        !others.iter().any(|m| matches!(m, GuestMsg::Exited { .. })),
+        "{others:?}"
+    );
+    // Still serving other requests while that output waits.
+    h.send(HostMsg::Ping { id: 2 });
+    let (_, others) = drain_for(&mut h, Duration::from_millis(300));
+    assert!(others.contains(&GuestMsg::Pong { id: 2 }), "{others:?}");
+    // Credit for what arrived lets the rest through.
+    h.send(HostMsg::Credit {
+        id: 1,
+        credit: units as u32,
+    });
+    h.auto_credit = true;
+    let (mut stdout, mut stderr) = (bytes, Vec::new());
+    loop {
+        match h.recv() {
+            GuestMsg::Stdout { id: 1, data } => stdout += data.len(),
+            GuestMsg::Stderr { id: 1, data } => stderr.extend(data),
+            GuestMsg::Exited { id: 1, status } => {
+                assert_eq!(status, ExitStatus::Code(0));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stdout, 5_000_000);
+    assert_eq!(stderr, b"tail\n");
+}
+
+#[test]
+fn discarded_output_is_dropped_and_the_exit_still_comes() {
+    let mut h = Host::start();
+    h.auto_credit = false;
+    h.exec(1, &["sh", "-c", "head -c 5000000 /dev/zero; exit 4"]);
+    let (units, _) = drain_for(&mut h, Duration::from_millis(800));
+    assert!(units <= u64::from(STREAM_WINDOW));
+    h.send(HostMsg::Discard { id: 1 });
+    loop {
+        match h.recv() {
+            GuestMsg::Stdout { .. } => {} // sent before the discard arrived
+            GuestMsg::Exited { id: 1, status } => {
+                assert_eq!(status, ExitStatus::Code(4));
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn file_reads_wait_for_credit_and_can_be_discarded() {
+    let mut h = Host::start();
+    h.auto_credit = false;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big").to_str().unwrap().to_string();
+    std::fs::write(&path, vec![3u8; 4_000_000]).unwrap();
+    h.send(HostMsg::ReadFile {
+        id: 1,
+        path: path.clone(),
+    });
+    let (units, _) = drain_for(&mut h, Duration::from_millis(800));
+    assert!(units <= u64::from(STREAM_WINDOW), "{units}");
+    h.send(HostMsg::Discard { id: 1 });
+    let (more, _) = drain_for(&mut h, Duration::from_millis(300));
+    assert!(more <= u64::from(credit_cost(CHUNK_SIZE)), "{more}");
+    // A fresh read of the same file with a reading host gets all of it.
+    h.auto_credit = true;
+    h.send(HostMsg::ReadFile { id: 2, path });
+    let mut got = 0;
+    loop {
+        match h.recv() {
+            GuestMsg::FileData { id: 2, data, eof } => {
+                got += data.len();
+                if eof {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(got, 4_000_000);
+}
+
+#[test]
+fn stdin_credit_comes_back_as_the_process_reads() {
+    let mut h = Host::start();
+    h.exec_with(
+        1,
+        &["sh", "-c", "sleep 0.3; cat >/dev/null; echo read"],
+        |r| r.stdin = true,
+    );
+    let mut sent = 0u64;
+    // Exactly one window: accepted and queued while the process sleeps.
+    while sent + u64::from(credit_cost(CHUNK_SIZE)) <= u64::from(STREAM_WINDOW) {
+        h.send(HostMsg::Stdin {
+            id: 1,
+            data: vec![b'x'; CHUNK_SIZE],
+        });
+        sent += u64::from(credit_cost(CHUNK_SIZE));
+    }
+    h.send(HostMsg::StdinEof { id: 1 });
+    let r = h.collect(1);
+    assert_eq!(r.out(), "read\n");
+    assert_eq!(h.stdin_credit.get(&1).copied(), Some(sent));
+}
+
+#[test]
+fn stdin_beyond_the_window_closes_that_stdin_and_memory_stays_bounded() {
+    let mut h = Host::start();
+    // The process never reads: without the window the agent would queue everything.
+    h.exec_with(1, &["sh", "-c", "sleep 1; wc -c"], |r| r.stdin = true);
+    assert!(matches!(h.recv(), GuestMsg::Started { id: 1, .. }));
+    for _ in 0..(3 * STREAM_WINDOW as usize / CHUNK_SIZE) {
+        h.send(HostMsg::Stdin {
+            id: 1,
+            data: vec![b'y'; CHUNK_SIZE],
+        });
+    }
+    h.send(HostMsg::Ping { id: 2 });
+    assert_eq!(h.recv(), GuestMsg::Pong { id: 2 });
+    let (mut out, mut status) = (Vec::new(), None);
+    while status.is_none() {
+        match h.recv() {
+            GuestMsg::Stdout { id: 1, data } => out.extend(data),
+            GuestMsg::Exited { id: 1, status: s } => status = Some(s),
+            other => panic!("{other:?}"),
+        }
+    }
+    let r = Run {
+        stdout: out,
+        status,
+        ..Run::default()
+    };
+    // What fitted in the window arrived; stdin was then closed, so `wc` ends.
+    let n: u64 = r.out().trim().parse().unwrap();
+    // (The pipe itself holds one more chunk while the process sleeps.)
+    assert!(n <= u64::from(STREAM_WINDOW) + CHUNK_SIZE as u64, "{n}");
+    assert!(n >= u64::from(STREAM_WINDOW) / 2, "{n}");
+    assert_eq!(r.status, Some(ExitStatus::Code(0)));
 }
 
 mod rekey {

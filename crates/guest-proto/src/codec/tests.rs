@@ -53,6 +53,8 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
                     hostname
                 })
             ),
+        (id, any::<u32>()).prop_map(|(id, credit)| HostMsg::Credit { id, credit }),
+        id.prop_map(|id| HostMsg::Discard { id }),
     ]
 }
 
@@ -95,6 +97,7 @@ fn guest_msg() -> impl Strategy<Value = GuestMsg> {
             message
         }),
         (id, data, any::<bool>()).prop_map(|(id, data, eof)| GuestMsg::FileData { id, data, eof }),
+        (id, any::<u32>()).prop_map(|(id, credit)| GuestMsg::StdinCredit { id, credit }),
     ]
 }
 
@@ -249,4 +252,67 @@ fn rekey_debug_hides_its_secrets() {
         text.contains("<32 bytes>") && text.contains("vmcp-abc"),
         "{text}"
     );
+}
+
+#[test]
+fn flow_control_accounting() {
+    assert_eq!(credit_cost(0), MSG_COST);
+    assert_eq!(credit_cost(CHUNK_SIZE), CHUNK_SIZE as u32 + MSG_COST);
+    assert_eq!(credit_cost(usize::MAX), u32::MAX);
+    // A full window holds at least a few full chunks.
+    assert!(STREAM_WINDOW / credit_cost(CHUNK_SIZE) >= 8);
+    let out = GuestMsg::Stdout {
+        id: 3,
+        data: vec![0; 10],
+    };
+    assert_eq!(
+        (out.request_id(), out.window_cost()),
+        (Some(3), 10 + MSG_COST)
+    );
+    let file = GuestMsg::FileData {
+        id: 4,
+        data: vec![],
+        eof: true,
+    };
+    assert_eq!(file.window_cost(), MSG_COST);
+    assert_eq!(
+        GuestMsg::Exited {
+            id: 5,
+            status: ExitStatus::Code(0)
+        }
+        .window_cost(),
+        0
+    );
+    assert_eq!(
+        GuestMsg::StdinCredit { id: 6, credit: 9 }.request_id(),
+        Some(6)
+    );
+    let hello = GuestMsg::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: String::new(),
+        capabilities: Capabilities(0),
+        token: String::new(),
+        boot_ns: 0,
+    });
+    assert_eq!((hello.request_id(), hello.window_cost()), (None, 0));
+}
+
+/// The hello of protocol 1 and of this version have the same layout, so a host can always
+/// read the version of the agent it meets and refuse it with a clear message.
+#[test]
+fn hello_layout_is_stable_across_versions() {
+    let old = GuestMsg::Hello(Hello {
+        protocol_version: 1,
+        agent_version: "0.1.0".into(),
+        capabilities: Capabilities(15),
+        token: "t".into(),
+        boot_ns: 7,
+    });
+    // Bytes a protocol-1 agent sent (variant 0, fields in order, varints).
+    let v1_frame: &[u8] = &[
+        12, 0, 0, 0, 1, 0, 1, 5, b'0', b'.', b'1', b'.', b'0', 15, 1, b't', 7,
+    ];
+    assert_eq!(encode(&old).unwrap(), v1_frame);
+    let (back, _) = decode::<GuestMsg>(v1_frame).unwrap().unwrap();
+    assert_eq!(back, old);
 }
