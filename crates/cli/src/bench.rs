@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// they can snapshot (see bench_backend.rs).
     #[arg(long, value_name = "NAME", value_parser = crate::run::parse_backend)]
     pub backend: Option<BackendKind>,
+    /// Measure `--share` instead: a 100 MB tree of 5,000 files made visible in the guest and
+    /// a 100 MB file read there, against `cp -r` on the host (bench_share.rs); `--runs` runs.
+    #[arg(long)]
+    pub share: bool,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -109,6 +113,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     config.memory_mib = args.memory;
     config.backend = args.backend;
     config.accel = args.accel;
+    if args.share {
+        crate::bench_share::run(&config, args.runs).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let selection = crate::run::select(&mut config).await?;
     for n in &selection.notices {
         eprintln!("vmcp: notice: {n}");

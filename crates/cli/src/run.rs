@@ -71,6 +71,11 @@ pub struct RunArgs {
     /// When the program ends, print the files it created (A), modified (M) and deleted (D).
     #[arg(long, requires = "image")]
     pub diff: bool,
+    /// Share a host directory: HOST_DIR:GUEST_DIR[:ro|:rw] (repeatable; default ro). The
+    /// guest gets a copy; with :rw its changes are copied back into HOST_DIR when the
+    /// program ends.
+    #[arg(long, value_name = "HOST:GUEST[:ro|:rw]", value_parser = parse_share)]
+    pub share: Vec<ShareArg>,
     /// Environment variable for the program (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -129,6 +134,34 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
             Ok((k.to_string(), v.to_string()))
         }
         _ => Err(format!("expected K=V with a non-empty name, got {s:?}")),
+    }
+}
+
+/// A `--share` value.
+#[derive(Debug, Clone)]
+pub struct ShareArg {
+    host: PathBuf,
+    guest: String,
+    writable: bool,
+}
+
+fn parse_share(s: &str) -> Result<ShareArg, String> {
+    let (rest, writable) = if let Some(r) = s.strip_suffix(":rw") {
+        (r, true)
+    } else if let Some(r) = s.strip_suffix(":ro") {
+        (r, false)
+    } else {
+        (s, false)
+    };
+    match rest.rsplit_once(':') {
+        Some((host, guest)) if !host.is_empty() && guest.starts_with('/') => Ok(ShareArg {
+            host: PathBuf::from(host),
+            guest: guest.to_string(),
+            writable,
+        }),
+        _ => Err(format!(
+            "expected HOST_DIR:GUEST_DIR[:ro|:rw] with an absolute GUEST_DIR, got {s:?}"
+        )),
     }
 }
 
@@ -295,8 +328,86 @@ fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<At
     })
 }
 
+/// The ext4 copies of the `--share` directories, in a temporary directory.
+struct Shares {
+    configs: Vec<vmcp_vm::ShareConfig>,
+    hosts: Vec<PathBuf>,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
+    let mut shares = Shares {
+        configs: Vec::new(),
+        hosts: Vec::new(),
+        dir: None,
+    };
+    if args.is_empty() {
+        return Ok(shares);
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("vmcp-shares-")
+        .tempdir()
+        .context("cannot create a directory for the shares")?;
+    for (i, s) in args.iter().enumerate() {
+        let host = std::fs::canonicalize(&s.host)
+            .with_context(|| format!("cannot share {}", s.host.display()))?;
+        if !host.is_dir() {
+            anyhow::bail!("cannot share {}: not a directory", host.display());
+        }
+        let disk = dir.path().join(format!("share-{i}.ext4"));
+        crate::image_cmd::import::make_share_disk(&host, &disk)
+            .with_context(|| format!("cannot copy {} for the guest", host.display()))?;
+        shares
+            .configs
+            .push(vmcp_vm::ShareConfig::new(disk, s.guest.clone(), s.writable));
+        shares.hosts.push(host);
+    }
+    shares.dir = Some(dir);
+    Ok(shares)
+}
+
+/// Largest change set copied back from one writable share.
+const MAX_SHARE_CHANGES: u64 = 8 << 30;
+
+/// Copies the changes of every writable share back into its host directory.
+async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
+    let Some(dir) = &shares.dir else {
+        return Ok(());
+    };
+    for (i, (cfg, host)) in shares.configs.iter().zip(&shares.hosts).enumerate() {
+        if !cfg.writable {
+            continue;
+        }
+        let tar_path = dir.path().join(format!("changes-{i}.tar"));
+        let mut file = std::fs::File::create(&tar_path)
+            .with_context(|| format!("cannot create {}", tar_path.display()))?;
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        let bytes = agent
+            .export_share(index, MAX_SHARE_CHANGES, &mut file)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot get the changes of {} from the guest",
+                    cfg.guest_path
+                )
+            })?;
+        drop(file);
+        let (host2, tar2) = (host.clone(), tar_path.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::image_cmd::import::apply_share_changes(&host2, &tar2)
+        })
+        .await
+        .context("the copy-back task failed")?
+        .with_context(|| format!("cannot copy the changes back into {}", host.display()))?;
+        let _ = std::fs::remove_file(&tar_path);
+        tracing::info!(share = %host.display(), bytes, "copied share changes back");
+    }
+    Ok(())
+}
+
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
     let files = boot_files(&args).await?;
+    let shares = make_shares(&args.share)?;
     let image = match &args.image {
         Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
         None => None,
@@ -309,6 +420,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         read_only: !args.rootfs_rw,
     });
     config.image = image.as_ref().map(|i| i.config.clone());
+    config.shares = shares.configs.clone();
     config.console_log = args.console_log.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
@@ -365,6 +477,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     if args.diff {
         print_changes(&agent).await;
     }
+    let copied = copy_back(&agent, &shares).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
     if disposable {
@@ -376,6 +489,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    copied?;
     if let Some(p) = &args.keep_changes {
         eprintln!(
             "vmcp: kept the writable layer in {} (ext4; the changes are under /upper)",
@@ -425,13 +539,14 @@ async fn snapshot_start(
     let usable = backend == "qemu"
         && !args.rootfs_rw
         && args.image.is_none()
+        && args.share.is_empty()
         && vmcp_vm::qemu::launch_supported().is_ok();
     if args.cold || (!usable && args.snapshot.is_none()) {
         return Ok(None);
     }
     anyhow::ensure!(
         usable,
-        "snapshots need the QEMU backend on Linux, no --rootfs-rw and no --image"
+        "snapshots need the QEMU backend on Linux, no --rootfs-rw, --image or --share"
     );
     let record = vmcp_vm::qemu::binary::find(config.arch)
         .map_err(anyhow::Error::new)

@@ -15,6 +15,7 @@
 //! | `vmcp.rootfs_fstype=<type>` | its filesystem type | `ext4` |
 //! | `vmcp.image=<dev>` | block device of a read-only image: `/` becomes an overlayfs of it and a writable layer | none |
 //! | `vmcp.scratch=<dev>` | ext4 device holding the writable layer (without it: tmpfs) | none |
+//! | `vmcp.share=<dev>:<path>:<ro\|rw>` | a host directory copied into an ext4 disk, mounted at `<path>` (read-only, or under a tmpfs writable layer whose changes the host copies back); repeatable | none |
 //! | `vmcp.user=<uid>:<gid>` | default user and group of processes | `0:0` |
 //! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
 //! | `vmcp.net=<a.b.c.d>/<prefix>` | bring up the first Ethernet interface with this address | none |
@@ -100,6 +101,21 @@ pub struct NetSpec {
     pub gateway: Option<std::net::Ipv4Addr>,
 }
 
+/// A host directory shared into the guest as an ext4 disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShareSpec {
+    /// Device of the copy (attached read-only by the host).
+    pub device: String,
+    /// Where it appears in the guest (absolute).
+    pub path: String,
+    /// Writable through a tmpfs layer whose changes the host copies back.
+    pub writable: bool,
+}
+
+/// Most shares one VM takes.
+pub const MAX_SHARES: usize = 8;
+
 /// Everything the agent takes from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -114,6 +130,8 @@ pub struct BootConfig {
     pub image: Option<ImageSpec>,
     /// Default uid and gid of processes.
     pub user: Option<(u32, u32)>,
+    /// Host directories shared in, in order.
+    pub shares: Vec<ShareSpec>,
     /// Verbose console output.
     pub debug: bool,
     /// Static network configuration, if the VM has a network card.
@@ -147,6 +165,11 @@ pub enum CmdlineError {
     /// `vmcp.user` is not `<uid>:<gid>`.
     #[error("bad vmcp.user={0:?}: expected <uid>:<gid>")]
     User(String),
+    /// `vmcp.share` is not `<dev>:<path>:<ro|rw>`, or there are too many.
+    #[error(
+        "bad vmcp.share={0:?}: expected <device>:<absolute path>:<ro|rw>, at most {MAX_SHARES}"
+    )]
+    Share(String),
     /// `vmcp.rootfs` and `vmcp.image` both given.
     #[error("vmcp.rootfs and vmcp.image exclude each other")]
     RootfsAndImage,
@@ -244,6 +267,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         rootfs: None,
         image: None,
         user: None,
+        shares: Vec::new(),
         debug: false,
         net: None,
         proxy: None,
@@ -290,6 +314,26 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                 fstype = value.to_string();
             }
             "image" => image_dev = Some(abs("vmcp.image", value)?),
+            "share" => {
+                let bad = || CmdlineError::Share(value.to_string());
+                let (dev, rest) = value.split_once(':').ok_or_else(bad)?;
+                let (path, mode) = rest.rsplit_once(':').ok_or_else(bad)?;
+                let writable = match mode {
+                    "ro" => false,
+                    "rw" => true,
+                    _ => return Err(bad()),
+                };
+                let path_ok =
+                    path.starts_with('/') && path.len() > 1 && !path.split('/').any(|c| c == "..");
+                if !dev.starts_with('/') || !path_ok || cfg.shares.len() >= MAX_SHARES {
+                    return Err(bad());
+                }
+                cfg.shares.push(ShareSpec {
+                    device: dev.to_string(),
+                    path: path.to_string(),
+                    writable,
+                });
+            }
             "scratch" => scratch_dev = Some(abs("vmcp.scratch", value)?),
             "user" => {
                 let bad = || CmdlineError::User(value.to_string());
@@ -434,6 +478,45 @@ mod tests {
             parse_cmdline("vmcp.image=/dev/vda vmcp.rootfs=/dev/vdb"),
             Err(CmdlineError::RootfsAndImage)
         ));
+    }
+
+    #[test]
+    fn shares() {
+        let cfg =
+            parse_cmdline("vmcp.share=/dev/vdc:/work:rw vmcp.share=/dev/vdd:/ref/data:ro").unwrap();
+        assert_eq!(
+            cfg.shares,
+            [
+                ShareSpec {
+                    device: "/dev/vdc".into(),
+                    path: "/work".into(),
+                    writable: true
+                },
+                ShareSpec {
+                    device: "/dev/vdd".into(),
+                    path: "/ref/data".into(),
+                    writable: false
+                }
+            ]
+        );
+        for bad in [
+            "vmcp.share=/dev/vdc:/work",
+            "vmcp.share=/dev/vdc:/work:rx",
+            "vmcp.share=vdc:/work:ro",
+            "vmcp.share=/dev/vdc:work:ro",
+            "vmcp.share=/dev/vdc:/:ro",
+            "vmcp.share=/dev/vdc:/a/../b:ro",
+        ] {
+            assert!(
+                matches!(parse_cmdline(bad), Err(CmdlineError::Share(_))),
+                "{bad}"
+            );
+        }
+        let many = (0..=MAX_SHARES)
+            .map(|i| format!("vmcp.share=/dev/vd{i}:/s{i}:ro"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(matches!(parse_cmdline(&many), Err(CmdlineError::Share(_))));
     }
 
     #[test]

@@ -26,7 +26,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::changes::ChangeRoots;
-use crate::cmdline::{parse_cmdline, BootConfig, ChannelSpec, CmdlineError, ImageSpec, RootfsSpec};
+use crate::cmdline::{
+    parse_cmdline, BootConfig, ChannelSpec, CmdlineError, ImageSpec, RootfsSpec, ShareSpec,
+};
 use crate::serve::{serve, ServeEnd, ServeOptions};
 use crate::sys::linux::{
     self as os, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT,
@@ -185,8 +187,8 @@ fn module_name(path: &str) -> &str {
 
 fn needed_before_hello(name: &str, cfg: &BootConfig) -> bool {
     match name {
-        "virtio_blk" => cfg.rootfs.is_some() || cfg.image.is_some(),
-        "overlay" => cfg.image.is_some(),
+        "virtio_blk" => cfg.rootfs.is_some() || cfg.image.is_some() || !cfg.shares.is_empty(),
+        "overlay" => cfg.image.is_some() || cfg.shares.iter().any(|s| s.writable),
         "failover" | "net_failover" | "virtio_net" => cfg.net.is_some(),
         n if n.contains("vsock") => matches!(cfg.channel, ChannelSpec::Vsock { .. }),
         n => !DEFERRABLE.contains(&n),
@@ -368,6 +370,106 @@ impl ImageRoot {
     }
 }
 
+/// A shared host directory: its ext4 copy mounted read-only at `/shares/<n>/lower` and, for
+/// a writable share, a tmpfs at `/shares/<n>/rw` for the overlay's upper and work
+/// directories. Mounted in the initramfs before any root switch and held open, so the final
+/// mounts at the share's path can name them as `/proc/self/fd/N` afterwards.
+struct ShareMount {
+    spec: ShareSpec,
+    lower: File,
+    rw: Option<File>,
+}
+
+impl ShareMount {
+    fn fd_path(f: &File) -> String {
+        use std::os::fd::AsRawFd;
+        format!("/proc/self/fd/{}", f.as_raw_fd())
+    }
+
+    fn roots(&self) -> Option<ChangeRoots> {
+        self.rw.as_ref().map(|rw| ChangeRoots {
+            upper: format!("{}/upper", Self::fd_path(rw)).into(),
+            lower: Self::fd_path(&self.lower).into(),
+        })
+    }
+}
+
+fn prepare_shares(specs: &[ShareSpec]) -> Result<Vec<ShareMount>, InitError> {
+    let mut out = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let fail = |reason: String| InitError::Rootfs {
+            device: spec.device.clone(),
+            reason: format!("share {}: {reason}", spec.path),
+        };
+        if !wait_for(&spec.device, ROOTFS_WAIT) {
+            return Err(fail(format!(
+                "the device did not appear within {} s",
+                ROOTFS_WAIT.as_secs()
+            )));
+        }
+        let lower = format!("/shares/{i}/lower");
+        std::fs::create_dir_all(&lower).map_err(|e| fail(e.to_string()))?;
+        os::mount(
+            &spec.device,
+            &lower,
+            Some("ext4"),
+            MS_RDONLY | MS_NODEV,
+            None,
+        )
+        .map_err(|e| fail(format!("mount as ext4 (read-only) failed: {e}")))?;
+        let rw = if spec.writable {
+            let rw = format!("/shares/{i}/rw");
+            std::fs::create_dir_all(&rw).map_err(|e| fail(e.to_string()))?;
+            os::mount("tmpfs", &rw, Some("tmpfs"), MS_NODEV, Some("mode=0755"))
+                .map_err(|e| fail(format!("tmpfs for its writable layer: {e}")))?;
+            for d in ["upper", "work"] {
+                std::fs::create_dir(format!("{rw}/{d}")).map_err(|e| fail(e.to_string()))?;
+            }
+            Some(File::open(&rw).map_err(|e| fail(e.to_string()))?)
+        } else {
+            None
+        };
+        let lower = File::open(&lower).map_err(|e| fail(e.to_string()))?;
+        out.push(ShareMount {
+            spec: spec.clone(),
+            lower,
+            rw,
+        });
+    }
+    Ok(out)
+}
+
+/// Mounts each share at its path in the final root (after the root switch and the tmpfs
+/// mounts, so nothing hides them).
+fn mount_shares(shares: &[ShareMount]) -> Result<(), InitError> {
+    for s in shares {
+        let fail = |reason: String| InitError::Rootfs {
+            device: s.spec.device.clone(),
+            reason: format!("share {}: {reason}", s.spec.path),
+        };
+        std::fs::create_dir_all(&s.spec.path)
+            .map_err(|e| fail(format!("cannot create the mount point: {e}")))?;
+        let lower = ShareMount::fd_path(&s.lower);
+        match &s.rw {
+            None => os::mount(&lower, &s.spec.path, None, libc::MS_BIND, None)
+                .map_err(|e| fail(format!("bind mount failed: {e}")))?,
+            Some(rw) => {
+                let rw = ShareMount::fd_path(rw);
+                let opts = format!("lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work");
+                os::mount(
+                    "overlay",
+                    &s.spec.path,
+                    Some("overlay"),
+                    MS_NODEV,
+                    Some(&opts),
+                )
+                .map_err(|e| fail(format!("overlayfs mount failed: {e}")))?
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Mounts the image read-only at `/lower`, the writable layer at `/scratch` (its ext4
 /// device, or tmpfs), an overlayfs of the two at `/newroot`, and makes that `/`.
 fn mount_image(spec: &ImageSpec) -> Result<ImageRoot, InitError> {
@@ -477,11 +579,13 @@ fn boot() -> Result<(), InitError> {
     let (now, mut later) = plan_modules(&cfg);
     load_modules(now, cfg.debug);
     let t_modules = os::boottime_ns();
+    let shares = prepare_shares(&cfg.shares)?;
     if let Some(rootfs) = &cfg.rootfs {
         switch_root(rootfs)?;
     }
     let image = cfg.image.as_ref().map(mount_image).transpose()?;
     mount_late();
+    mount_shares(&shares)?;
     setup_network(&cfg);
     // Outlives each channel: a re-key's token must be the one of every later hello.
     let token = std::sync::Arc::new(std::sync::Mutex::new(cfg.token.clone()));
@@ -505,6 +609,9 @@ fn boot() -> Result<(), InitError> {
         if image.is_some() {
             hello.capabilities.0 |= vmcp_guest_proto::Capabilities::CHANGES;
         }
+        if !shares.is_empty() {
+            hello.capabilities.0 |= vmcp_guest_proto::Capabilities::SHARES;
+        }
         hello.boot_ns = os::boottime_ns();
         if cfg.debug {
             eprintln!(
@@ -520,6 +627,7 @@ fn boot() -> Result<(), InitError> {
         options.debug = cfg.debug;
         options.user = cfg.user;
         options.changes = image.as_ref().map(ImageRoot::roots);
+        options.shares = shares.iter().map(ShareMount::roots).collect();
         match serve(reader, channel, &options) {
             Ok(ServeEnd::Poweroff) => return Ok(()),
             Ok(_) => {

@@ -43,6 +43,8 @@
 #[cfg(unix)]
 pub mod changes;
 pub mod cmdline;
+#[cfg(unix)]
+pub mod export;
 #[cfg(target_os = "linux")]
 pub mod init;
 #[cfg(unix)]

@@ -86,6 +86,9 @@ pub struct ServeOptions {
     pub user: Option<(u32, u32)>,
     /// Layers of an image root, for [`HostMsg::ListChanges`]; that request fails without.
     pub changes: Option<crate::changes::ChangeRoots>,
+    /// Layers of each share, in `vmcp.share=` order (`None` for a read-only one), for
+    /// [`HostMsg::ExportShare`].
+    pub shares: Vec<Option<crate::changes::ChangeRoots>>,
 }
 
 /// See [`ServeOptions::apply_rekey`].
@@ -113,6 +116,7 @@ impl ServeOptions {
             debug: false,
             user: None,
             changes: None,
+            shares: Vec::new(),
         }
     }
 }
@@ -397,6 +401,7 @@ impl Server<'_> {
                 }
                 HostMsg::ReadFile { id, path } => self.read_file(id, path),
                 HostMsg::ListChanges { id } => self.list_changes(id),
+                HostMsg::ExportShare { id, index } => self.export_share(id, index),
                 HostMsg::Poweroff { id } => {
                     self.out
                         .send(&GuestMsg::Done { id })
@@ -712,6 +717,51 @@ impl Server<'_> {
             close_window(&windows, id, &window);
         };
         match spawn_thread("list-changes", job) {
+            Ok(()) => Ok(()),
+            Err(e) => self.out.fail(
+                id,
+                FailureKind::Other,
+                format!("cannot start a thread: {e}"),
+            ),
+        }
+    }
+
+    fn export_share(&self, id: RequestId, index: u32) -> io::Result<()> {
+        let roots = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.options.shares.get(i))
+            .cloned()
+            .flatten();
+        let Some(roots) = roots else {
+            return self.out.fail(
+                id,
+                FailureKind::InvalidRequest,
+                format!("share {index} does not exist or is read-only"),
+            );
+        };
+        let out = self.out.clone();
+        let window = self.open_window(id);
+        let windows = Arc::clone(&self.windows);
+        let job = move || {
+            let writer = ChunkWriter {
+                out: out.clone(),
+                id,
+                buf: Vec::with_capacity(CHUNK_SIZE),
+                window: Arc::clone(&window),
+            };
+            let res = crate::export::export(
+                &roots,
+                writer,
+                &crate::changes::overlay_whiteout,
+                &sys::overlay_opaque,
+            )
+            .and_then(|mut w| w.finish());
+            if let Err(e) = res {
+                let _ = out.fail(id, FailureKind::Other, format!("cannot export share: {e}"));
+            }
+            close_window(&windows, id, &window);
+        };
+        match spawn_thread("export-share", job) {
             Ok(()) => Ok(()),
             Err(e) => self.out.fail(
                 id,

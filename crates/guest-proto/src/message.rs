@@ -64,6 +64,9 @@ impl Capabilities {
     /// `/` is an image under a writable layer whose changes can be listed
     /// ([`HostMsg::ListChanges`]).
     pub const CHANGES: u64 = 1 << 6;
+    /// Host directories are shared in and a writable share's changes can be exported
+    /// ([`HostMsg::ExportShare`]).
+    pub const SHARES: u64 = 1 << 7;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -231,6 +234,16 @@ pub enum HostMsg {
     ListChanges {
         /// Request id.
         id: RequestId,
+    },
+    /// Export what processes changed in writable share number `index` (in `vmcp.share=`
+    /// order) as an uncompressed tar stream in OCI layer form (deletions as `.wh.NAME`,
+    /// recreated directories marked with `.wh..wh..opq`): answered by [`GuestMsg::FileData`]
+    /// chunks, the last with `eof`, or by [`GuestMsg::Failed`].
+    ExportShare {
+        /// Request id.
+        id: RequestId,
+        /// Share number.
+        index: u32,
     },
 }
 

@@ -75,6 +75,7 @@ pub struct Applier {
     bytes: u64,
     entries: u64,
     set_owners: bool,
+    confine_modes: bool,
     /// Directories whose mode and mtime are set at the end (a read-only directory would
     /// block later writes into it for a non-root builder).
     dirs: Vec<(PathBuf, u32, Option<SystemTime>)>,
@@ -100,6 +101,7 @@ impl Applier {
             bytes: 0,
             entries: 0,
             set_owners: false,
+            confine_modes: false,
             dirs: Vec::new(),
             notes: Vec::new(),
         }
@@ -108,6 +110,20 @@ impl Applier {
     /// Whether file owners from the layers are applied (needs root).
     pub fn set_owners(&mut self, on: bool) {
         self.set_owners = on;
+    }
+
+    /// Whether setuid, setgid and sticky bits are dropped (for trees written into a user's
+    /// directory, e.g. a share's changes copied back from an untrusted guest).
+    pub fn confine_modes(&mut self, on: bool) {
+        self.confine_modes = on;
+    }
+
+    fn mode(&self, mode: u32) -> u32 {
+        if self.confine_modes {
+            mode & 0o777
+        } else {
+            mode & 0o7777
+        }
     }
 
     /// Bytes of file data written so far.
@@ -238,8 +254,8 @@ impl Applier {
         let Some(name) = rel.file_name().map(|n| n.to_string_lossy().into_owned()) else {
             // The root itself ("./"): keep its mode for the end.
             if kind.is_dir() {
-                self.dirs
-                    .push((self.root.clone(), meta.mode & 0o7777, meta.mtime));
+                let mode = self.mode(meta.mode);
+                self.dirs.push((self.root.clone(), mode, meta.mtime));
             }
             return Ok(());
         };
@@ -302,7 +318,8 @@ impl Applier {
             // Writable for the builder until the end.
             fs::set_permissions(&target, fs::Permissions::from_mode(0o755)).map_err(io)?;
             self.chown(&target, meta)?;
-            self.dirs.push((target, meta.mode & 0o7777, meta.mtime));
+            let mode = self.mode(meta.mode);
+            self.dirs.push((target, mode, meta.mtime));
             return Ok(());
         }
         if existing.is_some() {
@@ -367,7 +384,7 @@ impl Applier {
         self.bytes += copied;
         self.chown(&target, meta)?;
         // After chown, which clears setuid bits.
-        file.set_permissions(fs::Permissions::from_mode(meta.mode & 0o7777))
+        file.set_permissions(fs::Permissions::from_mode(self.mode(meta.mode)))
             .map_err(io)?;
         if let Some(t) = meta.mtime {
             let _ = file.set_modified(t);

@@ -280,3 +280,22 @@ proptest::proptest! {
         proptest::prop_assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
 }
+
+#[test]
+fn confined_modes_drop_setuid_setgid_and_sticky() {
+    let d = tempfile::tempdir().unwrap();
+    let tree = d.path().join("t");
+    std::fs::create_dir(&tree).unwrap();
+    let l = layer(|l| {
+        l.file("suid", 0o6755, b"x")?;
+        l.dir("sticky", 0o1777)?;
+        Ok(())
+    });
+    let mut a = Applier::new(&tree, Limits::default());
+    a.confine_modes(true);
+    a.apply(&l[..]).unwrap();
+    a.finish().unwrap();
+    let mode = |p: &str| std::fs::metadata(tree.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("suid"), 0o755);
+    assert_eq!(mode("sticky"), 0o777);
+}

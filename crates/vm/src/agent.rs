@@ -829,6 +829,50 @@ impl AgentClient {
         res
     }
 
+    /// Streams the changes of writable share `index` (in [`crate::VmConfig::shares`] order) as
+    /// a tar stream in OCI layer form into `sink`; returns its size. More than `max_bytes`
+    /// from the guest is an error (the guest is untrusted).
+    pub async fn export_share(
+        &self,
+        index: u32,
+        max_bytes: u64,
+        sink: &mut (dyn std::io::Write + Send),
+    ) -> Result<u64, AgentError> {
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
+        let res = async {
+            self.send(&HostMsg::ExportShare { id, index }).await?;
+            let mut total: u64 = 0;
+            loop {
+                match self.one_answer(&mut answers, "a share's changes").await? {
+                    GuestMsg::FileData { data, eof, .. } => {
+                        total += data.len() as u64;
+                        if total > max_bytes {
+                            return Err(AgentError::TooLarge {
+                                what: "the share's changes",
+                                limit: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+                                action: "",
+                            });
+                        }
+                        sink.write_all(&data).map_err(|e| {
+                            AgentError::Invalid(format!("cannot store the share's changes: {e}"))
+                        })?;
+                        if eof {
+                            return Ok(total);
+                        }
+                    }
+                    other => return Err(AgentError::Unexpected(describe(&other))),
+                }
+            }
+        }
+        .await;
+        match &res {
+            Ok(_) => self.unregister(id),
+            Err(_) => self.discard(id),
+        }
+        res
+    }
+
     /// Asks the guest to sync and power off. Returns when the agent has accepted (or the
     /// channel closed because it already went down).
     pub async fn poweroff(&self) -> Result<(), AgentError> {

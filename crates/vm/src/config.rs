@@ -197,6 +197,34 @@ impl ImageConfig {
     }
 }
 
+/// A host directory shared into the guest: a copy of it in an ext4 file, attached read-only
+/// and mounted at `guest_path` (for a writable share, under a guest tmpfs layer whose changes
+/// the host copies back; docs/images.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShareConfig {
+    /// The ext4 copy of the directory.
+    pub disk: PathBuf,
+    /// Absolute guest path (no whitespace, `:` or `..`).
+    pub guest_path: String,
+    /// Writable in the guest.
+    pub writable: bool,
+}
+
+impl ShareConfig {
+    /// A share of `disk` at `guest_path`.
+    pub fn new(disk: impl Into<PathBuf>, guest_path: impl Into<String>, writable: bool) -> Self {
+        ShareConfig {
+            disk: disk.into(),
+            guest_path: guest_path.into(),
+            writable,
+        }
+    }
+}
+
+/// Most shares one VM takes.
+pub const MAX_SHARES: usize = 8;
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -217,6 +245,8 @@ pub struct VmConfig {
     pub rootfs: Option<DiskConfig>,
     /// Root filesystem image with a per-VM writable layer (instead of `rootfs`).
     pub image: Option<ImageConfig>,
+    /// Host directories shared in, attached after the rootfs or image disks.
+    pub shares: Vec<ShareConfig>,
     /// Where the guest console goes; `console.log` in the runtime directory when `None`.
     pub console_log: Option<PathBuf>,
     /// Backend to use; chosen by [`crate::select::select`] when `None`.
@@ -241,6 +271,7 @@ impl VmConfig {
             cmdline_extra: Vec::new(),
             rootfs: None,
             image: None,
+            shares: Vec::new(),
             console_log: None,
             backend: None,
             accel: None,
@@ -278,6 +309,30 @@ impl VmConfig {
             }
             check_file("image", &image.path)?;
             check_file("image scratch disk", &image.scratch)?;
+        }
+        if self.shares.len() > MAX_SHARES {
+            return Err(ConfigError::Unsupported(format!(
+                "{} shares: at most {MAX_SHARES}",
+                self.shares.len()
+            ))
+            .into());
+        }
+        for share in &self.shares {
+            let p = &share.guest_path;
+            let ok = p.starts_with('/')
+                && p.len() > 1
+                && !p.split('/').any(|c| c == "..")
+                && !p
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == ':');
+            if !ok {
+                return Err(ConfigError::Unsupported(format!(
+                    "bad guest path {p:?} for a share: use an absolute path other than / \
+                     without whitespace, `:` or `..`"
+                ))
+                .into());
+            }
+            check_file("share disk", &share.disk)?;
         }
         for arg in &self.cmdline_extra {
             if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -379,6 +434,22 @@ mod tests {
         c.image = Some(ImageConfig::new(&img, "oci-1", d.path().join("nope")));
         let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("scratch"), "{e}");
+    }
+
+    #[test]
+    fn share_paths_are_checked() {
+        let (d, mut c) = files();
+        let disk = d.path().join("share");
+        std::fs::write(&disk, b"x").unwrap();
+        c.shares = vec![ShareConfig::new(&disk, "/work", true)];
+        c.validate().unwrap();
+        for bad in ["work", "/", "/a b", "/a:b", "/a/../b"] {
+            c.shares = vec![ShareConfig::new(&disk, bad, false)];
+            let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
+            assert!(e.contains("guest path"), "{bad}: {e}");
+        }
+        c.shares = vec![ShareConfig::new(&disk, "/s", false); MAX_SHARES + 1];
+        assert!(c.validate().is_err());
     }
 
     #[test]

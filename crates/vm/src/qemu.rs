@@ -62,7 +62,7 @@ use tokio::task::JoinHandle;
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
     DiskPlan, DiskSource, Endpoint, FileRef, GuestForward, HostOs, ImageArg, KernelArgs, KernelNet,
-    MemoryFile, NetPlan, QemuPlan, RootfsArg, VirtioTransport, AGENT_PORT,
+    MemoryFile, NetPlan, QemuPlan, RootfsArg, ShareArg, VirtioTransport, AGENT_PORT,
 };
 
 use crate::agent::AgentStream;
@@ -402,6 +402,24 @@ impl QemuMachine {
                     proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
                 }
             }),
+            // Shares follow the rootfs or the image's two disks.
+            shares: {
+                let first = if self.config.image.is_some() {
+                    2
+                } else {
+                    usize::from(self.config.rootfs.is_some())
+                };
+                self.config
+                    .shares
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| ShareArg {
+                        device: cmdline::disk_device(first + i),
+                        path: s.guest_path.clone(),
+                        writable: s.writable,
+                    })
+                    .collect()
+            },
             extra: self.config.cmdline_extra.clone(),
         }
     }
@@ -578,6 +596,16 @@ impl QemuMachine {
             disks.push(DiskPlan {
                 source: inherited.disk(fds),
                 read_only: false,
+            });
+        }
+        for share in &self.config.shares {
+            // Always read-only: a writable share writes to a layer in the guest, and the host
+            // copies the changes back itself.
+            let what = format!("open share disk {}", share.disk.display());
+            let fd = platform::open_for_child(&share.disk, false).map_err(host_err(&what))?;
+            disks.push(DiskPlan {
+                source: inherited.disk(vec![fd]),
+                read_only: true,
             });
         }
         let mut endpoint = |name: &str| {

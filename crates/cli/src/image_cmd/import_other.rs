@@ -54,3 +54,17 @@ pub fn build_debian(_opts: &DebianOptions) -> Result<RootfsImage, RootfsError> {
         "`vmcp image rootfs` needs a Debian or Ubuntu host with mmdebstrap".into(),
     ))
 }
+
+/// Always an error: shares are made with mkfs.ext4 (Unix hosts).
+pub fn make_share_disk(_dir: &Path, _disk: &Path) -> Result<u64, RootfsError> {
+    Err(RootfsError::Tool(
+        "--share needs a Linux or macOS host (the copy is made with mkfs.ext4)".into(),
+    ))
+}
+
+/// Never reached off Unix (no share can be made).
+pub fn apply_share_changes(_dir: &Path, _tar: &Path) -> Result<(), RootfsError> {
+    Err(RootfsError::Tool(
+        "--share needs a Linux or macOS host".into(),
+    ))
+}

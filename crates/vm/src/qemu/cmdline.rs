@@ -435,6 +435,8 @@ pub struct KernelArgs {
     pub image: Option<ImageArg>,
     /// Static network configuration of the guest (`vmcp.net`, `vmcp.gw`, `vmcp.proxy`).
     pub net: Option<KernelNet>,
+    /// Shared host directories (`vmcp.share=<dev>:<path>:<ro|rw>`).
+    pub shares: Vec<ShareArg>,
     /// Caller's extra arguments (already validated: no whitespace).
     pub extra: Vec<String>,
 }
@@ -470,6 +472,26 @@ pub struct ImageArg {
     pub scratch: String,
     /// Default uid and gid of processes.
     pub user: Option<(u32, u32)>,
+}
+
+/// One `vmcp.share=` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareArg {
+    /// Guest block device of the share's copy.
+    pub device: String,
+    /// Guest mount point.
+    pub path: String,
+    /// Writable (through a guest tmpfs layer).
+    pub writable: bool,
+}
+
+/// Guest device name of the `n`th virtio-blk disk (0 → `/dev/vda`).
+pub fn disk_device(n: usize) -> String {
+    let letter = u8::try_from(n)
+        .ok()
+        .filter(|n| *n < 26)
+        .map_or('z', |n| (b'a' + n) as char);
+    format!("/dev/vd{letter}")
 }
 
 /// Initcalls that cost > 15 ms each under TCG and do nothing vmcp needs (measured, see
@@ -533,6 +555,10 @@ impl KernelArgs {
             if let Some(p) = n.proxy {
                 v.push(format!("vmcp.proxy={p}"));
             }
+        }
+        for s in &self.shares {
+            let mode = if s.writable { "rw" } else { "ro" };
+            v.push(format!("vmcp.share={}:{}:{mode}", s.device, s.path));
         }
         v.extend(self.extra.iter().cloned());
         v.join(" ")

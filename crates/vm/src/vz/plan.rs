@@ -210,6 +210,19 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             read_only: false,
         });
     }
+    let first = usize::from(config.rootfs.is_some()) + disks.len();
+    for (i, share) in config.shares.iter().enumerate() {
+        let mode = if share.writable { "rw" } else { "ro" };
+        extra.push(format!(
+            "vmcp.share={}:{}:{mode}",
+            crate::qemu::cmdline::disk_device(first + i),
+            share.guest_path
+        ));
+        disks.push(DiskPlan {
+            path: share.disk.clone(),
+            read_only: true,
+        });
+    }
     extra.extend(config.cmdline_extra.iter().cloned());
     let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {

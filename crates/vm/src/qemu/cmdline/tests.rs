@@ -183,6 +183,7 @@ fn kargs() -> KernelArgs {
         rootfs: None,
         image: None,
         net: None,
+        shares: Vec::new(),
         extra: vec!["vmcp.debug=1".into()],
     }
 }
@@ -280,7 +281,13 @@ fn image_and_scratch_disks_get_their_own_fd_sets_and_kernel_args() {
         scratch: "/dev/vdb".into(),
         user: Some((1000, 100)),
     });
+    k.shares = vec![ShareArg {
+        device: disk_device(2),
+        path: "/work".into(),
+        writable: true,
+    }];
     let s = k.render();
+    assert!(s.contains("vmcp.share=/dev/vdc:/work:rw"), "{s}");
     assert!(
         s.contains("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb vmcp.user=1000:100"),
         "{s}"
