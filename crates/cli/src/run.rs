@@ -308,13 +308,19 @@ async fn snapshot_start(
     use crate::snapshots;
     // A bad configuration is reported as such, not as a snapshot problem.
     config.validate()?;
-    let usable = backend == "qemu" && !args.rootfs_rw && vmcp_vm::qemu::launch_supported().is_ok();
+    // A guest's network settings (address, routes, proxy variables) live in its memory, so a
+    // snapshot of one network mode must not start a VM of another: networked VMs boot cold
+    // until snapshots record the whole network configuration (docs/network.md).
+    let usable = backend == "qemu"
+        && !args.rootfs_rw
+        && !config.net.has_device()
+        && vmcp_vm::qemu::launch_supported().is_ok();
     if args.cold || (!usable && args.snapshot.is_none()) {
         return Ok(None);
     }
     anyhow::ensure!(
         usable,
-        "snapshots need the QEMU backend on Linux and no --rootfs-rw"
+        "snapshots need the QEMU backend on Linux, no --rootfs-rw, and no --net/--publish"
     );
     let record = vmcp_vm::qemu::binary::find(config.arch)
         .map_err(anyhow::Error::new)
