@@ -416,8 +416,126 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
         125,
         "K=V",
     );
+    // A timeout too large for a duration is refused, not a panic.
+    check(
+        env.cmd()
+            .args(["run", "--timeout", "1e30", "--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "timeout",
+    );
+    // A rootfs that is not an ext4 image is refused on the host, before booting.
+    check(
+        env.cmd()
+            .args(["run", "--rootfs", "/etc/passwd"])
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "not an ext4 image",
+    );
     // No program.
     check(env.cmd().args(["run"]).output().unwrap(), 125, "PROGRAM");
+}
+
+/// `VmRSS` of process `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The guest writes without pause; whoever reads vmcp's stdout stalls for 15 s: vmcp's
+/// memory stays flat (flow control stops the guest process), and output flows again after.
+#[test]
+fn stalled_stdout_reader_keeps_vmcp_memory_flat() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    if rss_kib(std::process::id()).is_none() {
+        vmcp_test_support::skipped!("SKIPPED: needs /proc to measure vmcp's memory");
+        return;
+    }
+    let env = Env::new();
+    let mut child = env
+        .cmd()
+        .arg("run")
+        .args(image_args())
+        .args(["--", "sh", "-c", "head -c 2000000000 /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    // Wait until output arrives (the VM booted), then stop reading.
+    let mut buf = vec![0u8; 1 << 16];
+    let first = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+    assert!(first > 0);
+    let mut peak = 0;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_secs(1));
+        peak = peak.max(rss_kib(pid).unwrap_or(0));
+    }
+    assert!(peak > 0);
+    assert!(peak < 64 * 1024, "vmcp RSS reached {peak} KiB");
+    // Reading again: the output flows (far more than any buffer).
+    let mut got = 0usize;
+    while got < 64 * 1024 * 1024 {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "output stopped after {got} bytes");
+        got += n;
+    }
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let status = child.wait().unwrap();
+    let _ = drain.join();
+    assert_eq!(status.code(), Some(143));
+    env.assert_clean();
+}
+
+/// 300 MB of stdin into a 128 MiB guest whose program does not read it: the agent holds
+/// one window, vmcp's forwarder waits, and the guest stays alive to report the program's
+/// own exit.
+#[test]
+fn big_stdin_into_a_small_guest_that_does_not_read() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let mut child = env
+        .cmd()
+        .arg("run")
+        .args(image_args())
+        .args(["--memory", "128", "--", "sh", "-c", "sleep 8; echo alive"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        while sent < 300 << 20 {
+            if input.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let out = child.wait_with_output().unwrap();
+    let sent = writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "alive\n");
+    assert!(sent < 300 << 20, "vmcp took all {sent} bytes");
+    env.assert_clean();
 }
 
 #[test]
