@@ -26,7 +26,7 @@ pub fn check_ext4(path: &Path) -> Result<(), String> {
     let need = (SUPERBLOCK + SUPERBLOCK_READ) as u64;
     if len < need {
         return Err(format!(
-            "it is {len} bytes long, too small to hold an ext4 filesystem (expected a raw ext4 image, e.g. made with `mkfs.ext4 -d DIR IMG SIZE`)"
+            "it is not an ext4 image: {len} bytes is too small to hold an ext4 filesystem (attach a raw ext4 image, e.g. made with `mkfs.ext4 -d DIR IMG SIZE`)"
         ));
     }
     let mut head = vec![0u8; SUPERBLOCK + SUPERBLOCK_READ];
