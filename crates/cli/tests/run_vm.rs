@@ -592,3 +592,91 @@ fn bench_reports_every_metric() {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }
 }
+
+/// The guest image's initrd with `/init` replaced by `script` (a later archive member
+/// overrides an earlier one when the kernel unpacks concatenated archives), or `None` when
+/// there is no image to extend.
+fn hostile_initrd(env: &Env, dir: &Path, script: &str) -> Option<(PathBuf, PathBuf)> {
+    let (kernel, initrd) = match (
+        std::env::var("VMCP_TEST_KERNEL"),
+        std::env::var("VMCP_TEST_INITRD"),
+    ) {
+        (Ok(k), Ok(i)) => (PathBuf::from(k), PathBuf::from(i)),
+        _ => {
+            let out = env.cmd().args(["image", "path"]).output().unwrap();
+            let text = text(&out.stdout);
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|p| PathBuf::from(p.trim()))
+            };
+            (field("kernel ")?, field("initrd ")?)
+        }
+    };
+    let mut data = std::fs::read(initrd).ok()?;
+    let entries = [vmcp_image::cpio::Entry::file(
+        "init",
+        0o755,
+        script.as_bytes().to_vec(),
+    )];
+    vmcp_image::cpio::write(&entries, &mut data).unwrap();
+    let path = dir.join("hostile.cpio");
+    std::fs::write(&path, data).unwrap();
+    Some((kernel, path))
+}
+
+/// A `/init` that loads the channel's modules, sends a valid hello (protocol 2, the
+/// token from the command line) and then never says anything again.
+const HELLO_THEN_SILENT: &str = r#"#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+while read m; do insmod "$m" 2>/dev/null; done < /etc/vmcp/modules
+tok=$(sed 's/.*vmcp\.token=\([^ ]*\).*/\1/' /proc/cmdline)
+port=
+while [ -z "$port" ]; do
+  for d in /sys/class/virtio-ports/*; do
+    [ "$(cat $d/name 2>/dev/null)" = vmcp.agent ] && port=/dev/${d##*/}
+  done
+  sleep 0.1
+done
+while [ ! -e "$port" ]; do sleep 0.1; done
+exec 3<>"$port"
+n=${#tok}
+len=$((7 + n))
+{ printf "\\$(printf %03o $len)\\000\\000\\000\\001\\000\\002\\001h\\017\\$(printf %03o $n)"; printf %s "$tok"; printf '\000'; } >&3
+echo "hostile init: said hello, now silent"
+exec sleep 100000
+"#;
+
+/// A guest that says hello and then never answers: `vmcp run` (no --timeout) ends with a
+/// clear error instead of hanging, and leaves nothing behind.
+#[test]
+fn a_guest_that_stops_answering_after_hello_does_not_hang_run() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let Some((kernel, initrd)) = hostile_initrd(&env, dir.path(), HELLO_THEN_SILENT) else {
+        skip("no guest image to build the hostile initrd from");
+        return;
+    };
+    let t = Instant::now();
+    let out = env
+        .cmd()
+        .arg("run")
+        .arg("--cold")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(150), "{:?}", t.elapsed());
+    env.assert_clean();
+}
