@@ -40,6 +40,8 @@ pub mod spawn;
 mod platform_linux;
 #[cfg(target_os = "linux")]
 use platform_linux as platform;
+#[cfg(not(target_os = "linux"))]
+mod no_snapshot;
 #[cfg(not(any(target_os = "linux", windows)))]
 mod platform_unsupported;
 #[cfg(not(any(target_os = "linux", windows)))]
@@ -50,6 +52,7 @@ mod platform_windows;
 use platform_windows as platform;
 
 use std::ffi::OsString;
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,13 +61,14 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, MemoryFile, QemuPlan, RootfsArg,
-    VirtioTransport, AGENT_PORT,
+    DiskPlan, DiskSource, Endpoint, FileRef, GuestForward, HostOs, KernelArgs, KernelNet,
+    MemoryFile, NetPlan, QemuPlan, RootfsArg, VirtioTransport, AGENT_PORT,
 };
 
 use crate::agent::AgentStream;
 use crate::error::ConfigError;
 use crate::lifecycle::{AgentConnect, Exit, LaunchError, Lifecycle, Machine, TAIL_LINES};
+use crate::net::{self, NetMode};
 use crate::{Arch, Backend, Probe, Vm, VmCapabilities, VmConfig, VmError};
 
 const BACKEND: &str = "qemu";
@@ -172,6 +176,7 @@ impl QemuBackend {
                 options: self.options.clone(),
                 drop_to,
                 console_log,
+                log: console::LogFile::default(),
                 child: None,
                 pid: None,
                 qmp: None,
@@ -180,6 +185,7 @@ impl QemuBackend {
                 stderr: console::Tail::default(),
                 tasks: Vec::new(),
                 argv: Vec::new(),
+                egress: None,
                 memory_file: None,
             })
         })
@@ -261,6 +267,8 @@ pub struct QemuMachine {
     options: QemuOptions,
     drop_to: Option<platform::Ids>,
     console_log: PathBuf,
+    /// The open console log (closed on drop, whatever the capture task does).
+    log: console::LogFile,
     child: Option<vmcp_host_process::OwnedChild>,
     pid: Option<u32>,
     qmp: Option<qmp::QmpClient<platform::HostStream>>,
@@ -271,6 +279,8 @@ pub struct QemuMachine {
     argv: Vec<OsString>,
     /// Guest RAM in this file, mapped shared (a VM that can be saved).
     memory_file: Option<PathBuf>,
+    /// The egress proxy of an allow-listed network and its loopback port; stopped with QEMU.
+    egress: Option<(vmcp_egress::ProxyHandle, u16)>,
 }
 
 impl std::fmt::Debug for QemuMachine {
@@ -374,8 +384,76 @@ impl QemuMachine {
                 device: "/dev/vda".into(),
                 read_only: d.read_only,
             }),
+            net: self.config.net.has_device().then(|| {
+                let allow = matches!(self.config.net.mode, NetMode::Allow(_));
+                KernelNet {
+                    addr: net::GUEST_ADDR,
+                    prefix: net::GUEST_PREFIX,
+                    gateway: matches!(self.config.net.mode, NetMode::Nat).then_some(net::GATEWAY),
+                    proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
+                }
+            }),
             extra: self.config.cmdline_extra.clone(),
         }
+    }
+
+    /// Starts the VM's egress proxy on host loopback (allow-list mode only).
+    async fn start_egress(&mut self) -> Result<(), VmError> {
+        self.egress = None;
+        let NetMode::Allow(policy) = &self.config.net.mode else {
+            return Ok(());
+        };
+        if self.host == HostOs::Windows {
+            return Err(ConfigError::Network(
+                "--net allow=... needs QEMU to start a forward helper per connection, which \
+                 QEMU does not do on Windows: use --net nat or --net none there"
+                    .into(),
+            )
+            .into());
+        }
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(host_err("listen for the egress proxy on 127.0.0.1"))?;
+        let port = listener
+            .local_addr()
+            .map_err(host_err("read the egress proxy's address"))?
+            .port();
+        let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
+        let handle =
+            vmcp_egress::Proxy::new(policy, vmcp_egress::Limits::default()).spawn(listener);
+        self.egress = Some((handle, port));
+        Ok(())
+    }
+
+    fn net_plan(&self) -> Result<Option<NetPlan>, VmError> {
+        let net = &self.config.net;
+        if !net.has_device() {
+            return Ok(None);
+        }
+        let guestfwd = match &self.egress {
+            None => None,
+            Some((_, port)) => {
+                let program = match &net.pipe_program {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe()
+                        .map_err(host_err("find the vmcp executable for the egress forward"))?,
+                };
+                Some(GuestForward {
+                    addr: net::PROXY_ADDR,
+                    port: net::PROXY_PORT,
+                    command: vec![
+                        program.to_string_lossy().into_owned(),
+                        vmcp_egress::pipe::ARG.into(),
+                        format!("127.0.0.1:{port}"),
+                    ],
+                })
+            }
+        };
+        Ok(Some(NetPlan {
+            restrict: !matches!(net.mode, NetMode::Nat),
+            guestfwd,
+            hostfwd: net.publish.clone(),
+        }))
     }
 
     /// Marks QEMU as gone.
@@ -384,6 +462,7 @@ impl QemuMachine {
         self.pid = None;
         self.qmp = None;
         self.agent_stream = None;
+        self.egress = None;
     }
 
     /// After QEMU exited with `status`: let the capture tasks drain what QEMU wrote before it
@@ -498,7 +577,7 @@ impl QemuMachine {
             agent,
             agent_port: AGENT_PORT.to_string(),
             virtio: self.options.virtio,
-            network: self.config.network,
+            network: self.net_plan()?,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
             memory,
             incoming: restore_memory.is_some(),
@@ -667,6 +746,15 @@ impl QemuMachine {
         } else {
             "running"
         };
+        // Opened once, before QEMU starts, so a refused path (a symlink, another user's file)
+        // fails the start with its reason.
+        let log = console::LogFile::open(&self.console_log).map_err(host_err(format!(
+            "open the console log {}",
+            self.console_log.display()
+        )))?;
+        self.log.close();
+        self.log = log.clone();
+        self.start_egress().await?;
         let mut inherited = Inherited { fds: Vec::new() };
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, restore_memory)?;
@@ -681,10 +769,9 @@ impl QemuMachine {
         .map_err(VmError::Spawn)?;
         drop(inherited);
         self.pid = child.id();
-        let log = self.console_log.clone();
         let tail = self.console.clone();
         self.tasks.push(tokio::spawn(async move {
-            console::capture(console_host, tail, Some(&log)).await;
+            console::capture(console_host, tail, Some(log)).await;
         }));
         if let Some(stderr) = child.take_stderr() {
             let tail = self.stderr.clone();
@@ -743,6 +830,7 @@ impl Drop for QemuMachine {
         for t in &self.tasks {
             t.abort();
         }
+        self.log.close();
         // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
         // runtime directory is removed after this.
     }

@@ -25,32 +25,33 @@ pub const LAUNCH_SUPPORTED: Result<(), &str> =
 /// The host end of a channel to QEMU.
 pub type HostStream = tokio::io::DuplexStream;
 
-/// A descriptor QEMU would inherit.
+/// A descriptor QEMU would inherit: none can exist here ([`stream_pair`] and
+/// [`open_for_child`] always fail), so the type has no values.
 #[derive(Debug)]
-pub struct ChildFd(i32);
+pub enum ChildFd {}
 
 impl ChildFd {
     /// Its number.
     pub fn raw(&self) -> i32 {
-        self.0
+        match *self {}
     }
 
-    /// How the plan names this file: by inherited descriptor.
+    /// How the plan names this file.
     pub fn file_ref(&self) -> super::cmdline::FileRef {
-        super::cmdline::FileRef::Fd(self.raw())
+        match *self {}
     }
 
-    /// How the plan names this channel end: by inherited descriptor.
+    /// How the plan names this channel end.
     pub fn endpoint(&self) -> super::cmdline::Endpoint {
-        super::cmdline::Endpoint::Fd(self.raw())
+        match *self {}
     }
 }
 
-/// A disk handed over as descriptors in fd set `set`.
+/// A disk handed over as descriptors: there are none here.
 pub fn disk_source(set: u32, fds: &[ChildFd]) -> super::cmdline::DiskSource {
-    super::cmdline::DiskSource::FdSet {
-        set,
-        fds: fds.iter().map(ChildFd::raw).collect(),
+    match fds.first() {
+        Some(fd) => match *fd {},
+        None => super::cmdline::DiskSource::FdSet { set, fds: vec![] },
     }
 }
 
@@ -87,38 +88,5 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<vmcp_host_process::OwnedChild>
     Err(unsupported())
 }
 
-/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
-pub async fn send_with_fd(
-    _stream: &HostStream,
-    _data: &[u8],
-    _file: &std::fs::File,
-) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
+/// No QEMU snapshots on this OS: the shared "Linux only" answers.
+pub use super::no_snapshot::{copy_sparse, create_memory_file, seal_memory_file, send_with_fd};

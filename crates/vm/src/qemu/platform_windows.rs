@@ -128,41 +128,8 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
     )
 }
 
-/// Passing descriptors over QMP is not implemented on this OS (no snapshots here yet).
-pub async fn send_with_fd(
-    _stream: &HostStream,
-    _data: &[u8],
-    _file: &std::fs::File,
-) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn copy_sparse(_from: &Path, _to: &Path) -> io::Result<u64> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn create_memory_file(_path: &Path, _bytes: u64, _owner: Option<&Ids>) -> io::Result<ChildFd> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
-
-/// Not on this OS (no QEMU snapshots here yet).
-pub fn seal_memory_file(_path: &Path, _reader: Option<&Ids>) -> io::Result<()> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "QEMU snapshots are implemented on Linux only",
-    ))
-}
+/// No QEMU snapshots on this OS: the shared "Linux only" answers.
+pub use super::no_snapshot::{copy_sparse, create_memory_file, seal_memory_file, send_with_fd};
 
 #[cfg(test)]
 mod tests {

@@ -280,3 +280,109 @@ async fn probe_reports_something() {
         .unwrap();
     assert_eq!(c.accel, crate::Accel::Tcg);
 }
+
+#[test]
+fn log_refuses_symlinks_and_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"precious\n").unwrap();
+    let link = dir.path().join("console.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let e = console::LogFile::open(&link).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    let fresh = dir.path().join("fresh.log");
+    console::LogFile::open(&fresh).unwrap();
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(console::LogFile::open(Path::new("/nonexistent/dir/console.log")).is_err());
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).map_or(0, |m| m.permissions().mode() & 0o7777)
+}
+
+/// Runs `argv` as the unprivileged uid/gid 65534 (another local user); true if it succeeded.
+fn as_other_user(argv: &[&std::ffi::OsStr]) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn runtime_dir_and_console_log_are_private_to_vmcp_user() {
+    let Some(f) = fixture("agent") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let dir = vm.runtime_dir().to_path_buf();
+    let log = dir.join("console.log");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(&log), 0o600);
+    assert_eq!(mode(&dir.join(vmcp_host_process::OWNER_FILE)), 0o600);
+    if !vmcp_host_process::is_root() {
+        vmcp_test_support::skipped!("SKIPPED: reading as another local user needs root");
+        return;
+    }
+    assert!(
+        !as_other_user(&["cat".as_ref(), log.as_os_str()]),
+        "another user read the console log"
+    );
+    assert!(
+        !as_other_user(&["ls".as_ref(), dir.as_os_str()]),
+        "another user listed the runtime dir"
+    );
+    // The check itself works: the same user reads a world-readable file.
+    assert!(as_other_user(&["cat".as_ref(), "/etc/hostname".as_ref()]));
+}
+
+#[tokio::test]
+async fn console_log_symlink_planted_by_another_user_is_refused() {
+    if !vmcp_host_process::is_root() {
+        vmcp_test_support::skipped!("SKIPPED: planting a file as another local user needs root");
+        return;
+    }
+    let Some(mut f) = fixture("agent") else {
+        return;
+    };
+    // A directory of another user (not sticky, so the kernel's protected_symlinks does not
+    // step in), where that user plants console.log -> a file of vmcp's user.
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(
+        base.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let target = base.path().join("precious");
+    std::fs::write(&target, b"precious\n").unwrap();
+    let link = theirs.join("console.log");
+    assert!(as_other_user(&[
+        "ln".as_ref(),
+        "-s".as_ref(),
+        target.as_os_str(),
+        link.as_os_str()
+    ]));
+    f.config.console_log = Some(link.clone());
+    let mut vm = f.backend.create_qemu(f.config.clone()).await.unwrap();
+    let e = vm.start().await.unwrap_err();
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("symbolic link"), "{chain}");
+    assert_ne!(vm.state(), VmState::Running);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    // A regular file planted there by that user is refused too (vmcp would append to it).
+    std::fs::remove_file(&link).unwrap();
+    assert!(as_other_user(&["touch".as_ref(), link.as_os_str()]));
+    drop(vm);
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    let chain = vmcp_test_support::error_chain(&vm.start().await.unwrap_err());
+    assert!(chain.contains("belongs to uid 65534"), "{chain}");
+}
