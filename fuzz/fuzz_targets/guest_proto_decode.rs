@@ -13,6 +13,9 @@ fuzz_target!(|data: &[u8]| {
         let (back, n) = decode::<GuestMsg>(&again).unwrap().unwrap();
         assert_eq!(back, msg);
         assert_eq!(n, again.len());
+        // The flow-control accounting of any message is defined and bounded.
+        let _ = msg.request_id();
+        assert!(msg.window_cost() as usize <= vmcp_guest_proto::MAX_PAYLOAD + 64);
         at += used;
     }
     // Frame stream as the guest reads it, through the blocking reader.

@@ -42,6 +42,8 @@ cargo build -p vmcp-cli --locked --target x86_64-pc-windows-gnu
 exe=target/x86_64-pc-windows-gnu/debug/vmcp.exe
 tests_exe=$(cargo test -p vmcp-vm --lib --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*vmcp_vm[^"]*\.exe\)".*/\1/p' | tail -n1)
+hostproc_exe=$(cargo test -p vmcp-host-process --lib --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
+  | sed -n 's/.*"executable":"\([^"]*vmcp_host_process[^"]*\.exe\)".*/\1/p' | tail -n1)
 launch_exe=$(cargo test -p vmcp-vm --test windows_launch --locked --target x86_64-pc-windows-gnu --no-run --message-format=json 2>/dev/null \
   | sed -n 's/.*"executable":"\([^"]*windows_launch[^"]*\.exe\)".*/\1/p' | tail -n1)
 cargo build -p vmcp-vm --example fake_qemu --locked --target x86_64-pc-windows-gnu
@@ -50,6 +52,7 @@ fake_qemu=target/x86_64-pc-windows-gnu/debug/examples/fake_qemu.exe
 [ -f "$fake_qemu" ] || win_fail "$fake_qemu was not built"
 [ -f "$exe" ] || win_fail "$exe was not built"
 [ -f "$tests_exe" ] || win_fail "the vmcp-vm unit test executable was not built"
+[ -f "$hostproc_exe" ] || win_fail "the vmcp-host-process unit test executable was not built"
 win_lap "building vmcp.exe and the vm unit tests (windows-gnu)"
 
 # 3. The import table: WinHvPlatform.dll must be loaded at run time, never imported.
@@ -70,7 +73,7 @@ trap cleanup EXIT
 mkdir -p "$tmp/bin" "$tmp/prefix"
 x86_64-w64-mingw32-gcc -shared -O2 -s -o "$tmp/bin/bcryptprimitives.dll" \
   packaging/windows/processprng-stub.c -ladvapi32
-cp "$exe" "$tests_exe" "$launch_exe" "$fake_qemu" "$tmp/bin/"
+cp "$exe" "$tests_exe" "$hostproc_exe" "$launch_exe" "$fake_qemu" "$tmp/bin/"
 tests_bin="$tmp/bin/$(basename "$tests_exe")"
 export WINEPREFIX="$tmp/prefix" WINEDEBUG=-all WINEDLLOVERRIDES="mscoree,mshtml=" DISPLAY="" WAYLAND_DISPLAY=""
 win_lap "stub DLL and copies"
@@ -100,11 +103,16 @@ win_lap "vmcp.exe doctor under wine"
 
 # The Windows unit tests, on (wine's) Windows: the OS layer for real (RtlGetVersion, WHP
 # probe, Job Object kill-on-close) and the pure logic compiled for Windows.
-timeout 120 "$WINE" "$tests_bin" windows:: qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
-  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm windows:: / qemu::platform_windows unit tests failed under wine"; }
+timeout 120 "$WINE" "$tests_bin" qemu::host_windows qemu::platform_windows --test-threads=2 >"$tmp/tests.txt" 2>&1 \
+  || { cat "$tmp/tests.txt" >&2; win_fail "vmcp-vm qemu::host_windows / qemu::platform_windows unit tests failed under wine"; }
 grep -E '^test result:' "$tmp/tests.txt" >&2
-grep -q 'windows::sys::tests::job_kills_its_process_on_drop ... ok' "$tmp/tests.txt" \
-  || win_fail "the Job Object test did not run under wine"
+timeout 120 "$WINE" "$tmp/bin/$(basename "$hostproc_exe")" --test-threads=2 >"$tmp/hostproc.txt" 2>&1 \
+  || { cat "$tmp/hostproc.txt" >&2; win_fail "vmcp-host-process unit tests failed under wine"; }
+grep -E '^test result:' "$tmp/hostproc.txt" >&2
+for t in job_kills_its_process_on_drop job_kill_terminates_its_process process_queries; do
+  grep -q "windows::tests::$t ... ok" "$tmp/hostproc.txt" \
+    || win_fail "the host-process Windows test $t did not run under wine"
+done
 grep -q 'qemu::platform_windows::tests::spawned_child_is_in_the_job_and_killable ... ok' "$tmp/tests.txt" \
   || win_fail "the Windows QEMU spawn test did not run under wine"
 win_lap "vmcp-vm windows:: and qemu::platform_windows unit tests under wine"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmcp_vm::agent::ExecSpec;
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
-use vmcp_vm::{Accel, Arch, Vm, VmConfig, VmError};
+use vmcp_vm::{Accel, Arch, BackendKind, Vm, VmConfig, VmError};
 
 /// Arguments of `vmcp bench`.
 #[derive(clap::Args, Debug)]
@@ -28,8 +28,8 @@ pub struct BenchArgs {
     /// Round trips of `true` and of ping on one VM.
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub iterations: usize,
-    /// Accelerator (probed when absent).
-    #[arg(long, value_parser = parse_accel)]
+    /// QEMU accelerator (probed when absent).
+    #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
@@ -43,18 +43,19 @@ pub struct BenchArgs {
     /// Guest architecture (default: the host's; another one runs under TCG).
     #[arg(long, value_parser = parse_arch)]
     pub arch: Option<Arch>,
-    /// Backend to measure (default qemu); others are measured through the lifecycle traits,
-    /// with restore → agent ready where they can snapshot (see bench_backend.rs).
-    #[arg(long, value_name = "NAME")]
-    pub backend: Option<String>,
+    /// VMs kept idle at once to compare the memory (PSS) of cold-booted and restored VMs
+    /// (QEMU on Linux; 0 skips it).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub pss_vms: usize,
+    /// Backend to measure (default: the selector's choice). QEMU gets the detailed report;
+    /// others are measured through the lifecycle traits, with restore → agent ready where
+    /// they can snapshot (see bench_backend.rs).
+    #[arg(long, value_name = "NAME", value_parser = crate::run::parse_backend)]
+    pub backend: Option<BackendKind>,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
     s.parse::<Arch>().map_err(|e| e.to_string())
-}
-
-fn parse_accel(s: &str) -> Result<Accel, String> {
-    s.parse::<Accel>().map_err(|e| e.to_string())
 }
 
 /// Sorted samples with percentile helpers.
@@ -106,16 +107,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut config = VmConfig::new(kernel, initrd);
     config.arch = arch;
     config.memory_mib = args.memory;
-    if let Some(name) = args.backend.as_deref().filter(|n| *n != "qemu") {
-        let backend = crate::bench_backend::find_backend(name)?;
-        config.accel = args.accel;
+    config.backend = args.backend;
+    config.accel = args.accel;
+    let selection = crate::run::select(&mut config).await?;
+    for n in &selection.notices {
+        eprintln!("vmcp: notice: {n}");
+    }
+    let name = selection.backend.name();
+    if name != BackendKind::Qemu.as_str() {
         eprintln!(
             "vmcp bench: backend {name}, {} runs, {} iterations, {} MiB",
             args.runs, args.iterations, args.memory
         );
         let dir = tempfile::tempdir()?;
         let report = crate::bench_backend::measure(
-            backend.as_ref(),
+            selection.backend.as_ref(),
             &config,
             args.runs,
             args.iterations,
@@ -126,14 +132,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let backend = QemuBackend::new();
-    let choice = backend.choose_accel(config.arch, args.accel)?;
-    if let Some(n) = &choice.notice {
-        eprintln!("vmcp: notice: {n}");
-    }
-    config.accel = Some(choice.accel);
     eprintln!(
-        "vmcp bench: {} runs, {} iterations, accel {}, {} MiB",
-        args.runs, args.iterations, choice.accel, args.memory
+        "vmcp bench: {} runs, {} iterations, {}, {} MiB",
+        args.runs,
+        args.iterations,
+        selection.describe(),
+        args.memory
     );
 
     // Interleave the two boots so host drift hits both alike.
@@ -193,6 +197,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let exec = Samples::new(exec);
     let ping = Samples::new(ping);
 
+    let snap = snapshot_figures(&backend, &config, &args).await?;
+
     let ratio = ready.pct(50.0).as_secs_f64() / to_userspace.pct(50.0).as_secs_f64().max(1e-9);
     println!("| metric | p50 | min / p99 |");
     println!("|---|---|---|");
@@ -234,8 +240,189 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ),
         None => println!("| QEMU RSS, idle VM | unknown on this OS | |"),
     }
+    snap.print(&ready);
     println!("agent ready / kernel→userspace (p50): {ratio:.2}× (target ≤ 1.5×)");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Snapshot figures of one run, printed beside the cold ones.
+struct SnapshotFigures {
+    checkpoint: Duration,
+    restore: Samples,
+    restore_exec: Samples,
+    run_true: Samples,
+    pss: Option<(u64, u64, usize)>,
+}
+
+impl SnapshotFigures {
+    fn print(&self, cold: &Samples) {
+        println!(
+            "| checkpoint of a running VM (pause, device state, copy of the memory file, resume) | {} | |",
+            ms(self.checkpoint)
+        );
+        println!(
+            "| restore → agent ready (re-keyed), {} runs | {} | min {} |",
+            self.restore.len(),
+            ms(self.restore.pct(50.0)),
+            ms(self.restore.min())
+        );
+        println!(
+            "| restore → first exec `true` done, {} runs | {} | min {} |",
+            self.restore_exec.len(),
+            ms(self.restore_exec.pct(50.0)),
+            ms(self.restore_exec.min())
+        );
+        println!(
+            "| `vmcp run -- true` end to end from the snapshot, {} runs | {} | min {} |",
+            self.run_true.len(),
+            ms(self.run_true.pct(50.0)),
+            ms(self.run_true.min())
+        );
+        if let Some((cold_kib, restored_kib, n)) = self.pss {
+            println!(
+                "| PSS of {n} idle VMs: cold-booted / restored | {:.0} MiB / {:.0} MiB | |",
+                cold_kib as f64 / 1024.0,
+                restored_kib as f64 / 1024.0
+            );
+            println!(
+                "restored / cold PSS: {:.2}× (target ≤ 0.40×)",
+                restored_kib as f64 / (cold_kib as f64).max(1.0)
+            );
+        }
+        let ratio = self.restore.pct(50.0).as_secs_f64() / cold.pct(50.0).as_secs_f64().max(1e-9);
+        println!("restore / cold start → agent ready (p50): {ratio:.3}× (target ≤ 0.06×)");
+    }
+}
+
+/// Saves a running VM (the checkpoint figure), restores it `runs` times, times `vmcp run --
+/// true` against the automatic snapshot, and compares the memory of idle VMs.
+async fn snapshot_figures(
+    backend: &QemuBackend,
+    config: &VmConfig,
+    args: &BenchArgs,
+) -> anyhow::Result<SnapshotFigures> {
+    let dir = tempfile::tempdir()?;
+    let snap = dir.path().join("snap");
+    let mut vm = backend.create_qemu(config.clone()).await?;
+    vm.set_memory_file(vm.runtime_dir().join("memory"));
+    vm.start().await?;
+    vm.wait_ready(Duration::from_secs(60)).await?;
+    let t = Instant::now();
+    vm.save_snapshot(&snap).await?;
+    let checkpoint = t.elapsed();
+    vm.kill().await?;
+    drop(vm);
+
+    let mut restore = Vec::with_capacity(args.runs);
+    let mut restore_exec = Vec::with_capacity(args.runs);
+    for i in 0..args.runs {
+        let t = Instant::now();
+        let mut vm = backend.create_qemu(config.clone()).await?;
+        vm.restore_snapshot(&snap).await?;
+        vm.wait_ready(Duration::from_secs(60)).await?;
+        restore.push(t.elapsed());
+        vm.agent()?
+            .exec(ExecSpec::new(["true"]))
+            .await?
+            .wait_with_output()
+            .await?;
+        restore_exec.push(t.elapsed());
+        vm.kill().await?;
+        eprintln!(
+            "  restore {}: agent ready {}, first exec done {}",
+            i + 1,
+            ms(restore[i]),
+            ms(restore_exec[i])
+        );
+    }
+
+    // `vmcp run -- true` as a user runs it; the first call may build the snapshot.
+    let exe = std::env::current_exe()?;
+    let run_true = || {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("run")
+            .arg("--memory")
+            .arg(config.memory_mib.to_string())
+            .arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--initrd")
+            .arg(&config.initrd);
+        if let Some(a) = config.accel {
+            c.arg("--accel").arg(a.to_string());
+        }
+        c.args(["--", "true"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let t = Instant::now();
+        let st = c.status();
+        (st, t.elapsed())
+    };
+    let (st, _) = run_true();
+    anyhow::ensure!(st?.success(), "`vmcp run -- true` failed");
+    let mut runs = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let (st, took) = run_true();
+        anyhow::ensure!(st?.success(), "`vmcp run -- true` failed");
+        runs.push(took);
+    }
+
+    let pss = if args.pss_vms > 0 && pss_kib(std::process::id()).is_some() {
+        Some(pss_compare(backend, config, &snap, args.pss_vms).await?)
+    } else {
+        None
+    };
+    Ok(SnapshotFigures {
+        checkpoint,
+        restore: Samples::new(restore),
+        restore_exec: Samples::new(restore_exec),
+        run_true: Samples::new(runs),
+        pss,
+    })
+}
+
+/// Sum of the PSS of `n` idle cold-booted VMs, then of `n` idle restored ones.
+async fn pss_compare(
+    backend: &QemuBackend,
+    config: &VmConfig,
+    snap: &std::path::Path,
+    n: usize,
+) -> anyhow::Result<(u64, u64, usize)> {
+    let mut sums = [0u64; 2];
+    for (k, restored) in [false, true].into_iter().enumerate() {
+        let mut vms = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut vm = backend.create_qemu(config.clone()).await?;
+            if restored {
+                vm.restore_snapshot(snap).await?;
+            } else {
+                vm.start().await?;
+            }
+            vm.wait_ready(Duration::from_secs(60)).await?;
+            vms.push(vm);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        sums[k] = vms.iter().filter_map(|vm| vm.pid().and_then(pss_kib)).sum();
+        eprintln!(
+            "  {n} idle {} VMs: PSS {:.0} MiB",
+            if restored { "restored" } else { "cold-booted" },
+            sums[k] as f64 / 1024.0
+        );
+    }
+    Ok((sums[0], sums[1], n))
+}
+
+/// Proportional set size of process `pid` in KiB (Linux `/proc/<pid>/smaps_rollup`).
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("Pss:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Creates, starts and waits for a VM; returns it with the host and guest ready times.

@@ -7,7 +7,10 @@ mod bench_backend;
 mod doctor;
 mod image_cmd;
 mod mcp_cmd;
+mod mcp_serve;
 mod run;
+mod snapshot_cmd;
+mod snapshots;
 
 use std::process::ExitCode;
 
@@ -41,6 +44,9 @@ enum Command {
     Image(image_cmd::ImageCommand),
     /// Measure VM start, exec and ping latency.
     Bench(bench::BenchArgs),
+    /// Make, list and remove VM snapshots (what `vmcp run` restores from).
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
     /// Talk to MCP servers.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
@@ -103,6 +109,7 @@ fn main() -> ExitCode {
             Command::Doctor(args) => doctor::run(args).await,
             Command::Image(cmd) => image_cmd::run(cmd).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Snapshot(cmd) => snapshot_cmd::run(cmd).await,
             Command::Mcp(cmd) => mcp_cmd::run(cmd).await,
         }
     });

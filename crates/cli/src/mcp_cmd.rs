@@ -48,6 +48,8 @@ pub enum McpCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve MCP: tools that create and drive sandboxes (micro-VMs), over stdio or HTTP.
+    Serve(crate::mcp_serve::ServeArgs),
 }
 
 /// How to reach the server (shared by every subcommand).
@@ -89,7 +91,10 @@ pub struct ServerArgs {
 pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         McpCommand::ListTools { server, json } => {
-            with_client(&server, |c| async move { list_tools(&c, json).await }).await
+            until_signal(with_client(&server, |c| async move {
+                list_tools(&c, json).await
+            }))
+            .await
         }
         McpCommand::Call {
             server,
@@ -102,13 +107,30 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
             if !args.is_object() {
                 bail!("--args must be a JSON object, like '{{\"message\": \"hi\"}}'");
             }
-            with_client(
-                &server,
-                |c| async move { call(&c, &tool, &args, json).await },
-            )
+            until_signal(with_client(&server, |c| async move {
+                call(&c, &tool, &args, json).await
+            }))
             .await
         }
+        McpCommand::Serve(args) => crate::mcp_serve::run(args).await,
     }
+}
+
+/// Runs `work` until it ends or SIGINT/SIGTERM (Ctrl-C on Windows) arrives. On a signal, `work`
+/// is dropped before returning: that drops the client and its transport, which kills a stdio
+/// server together with everything it started (the owned-process layer kills its group before
+/// anything is reaped). Exit status 128 + the signal number, as `vmcp run`.
+async fn until_signal(
+    work: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let mut work = Box::pin(work);
+    let sig = tokio::select! {
+        r = &mut work => return r,
+        sig = crate::run::signal::termination() => sig,
+    };
+    drop(work);
+    eprintln!("vmcp: got {}, stopped the MCP client", sig.name);
+    Ok(ExitCode::from(128 + sig.number))
 }
 
 /// Longest `--timeout` accepted (a year; longer is surely a typo, and `Duration` has limits).

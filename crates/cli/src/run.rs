@@ -1,7 +1,7 @@
 //! `vmcp run`: one program in a fresh micro-VM, with the exit status of the program.
 //!
-//! Flow: find (or build) the guest image, pick the accelerator (a notice on stderr when it
-//! falls back to emulation), boot, exec, pump stdin/stdout/stderr, power off. The VM lives
+//! Flow: find (or build) the guest image, let the selector pick backend and accelerator (a
+//! notice on stderr when it falls back to something slower), boot, exec, pump stdin/stdout/stderr, power off. The VM lives
 //! inside one future; Ctrl-C, SIGTERM and `--timeout` drop that future, and dropping the VM
 //! kills QEMU and removes its runtime directory, so no path leaves anything behind.
 //!
@@ -15,10 +15,10 @@
 
 #[cfg(unix)]
 #[path = "run/signal_unix.rs"]
-mod signal;
+pub(crate) mod signal;
 #[cfg(not(unix))]
 #[path = "run/signal_other.rs"]
-mod signal;
+pub(crate) mod signal;
 
 use std::io::{IsTerminal, Read};
 
@@ -30,8 +30,7 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_vm::agent::{AgentClient, AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::qemu::QemuBackend;
-use vmcp_vm::{Accel, Arch, DiskConfig, Vm, VmConfig};
+use vmcp_vm::{Accel, Arch, BackendKind, DiskConfig, VmConfig};
 
 use crate::EXIT_VMCP_FAILED;
 
@@ -71,7 +70,10 @@ pub struct RunArgs {
     /// Destroy the VM and exit 124 when the program runs longer (seconds, decimals allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
-    /// Accelerator: kvm, tcg, hvf or whpx (probed when absent).
+    /// Backend: qemu (Linux, Windows) or vz (macOS); the host's best when absent.
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<BackendKind>,
+    /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = parse_accel)]
     pub accel: Option<Accel>,
     /// Forward stdin even when it is a terminal.
@@ -86,6 +88,13 @@ pub struct RunArgs {
     /// Also write the guest console to this file.
     #[arg(long, value_name = "FILE")]
     pub console_log: Option<PathBuf>,
+    /// Boot cold instead of restoring the matching snapshot.
+    #[arg(long, conflicts_with = "snapshot")]
+    pub cold: bool,
+    /// Restore this snapshot (`vmcp snapshot create --name NAME`); an error if it does not
+    /// fit the VM or cannot be restored. Default: the matching automatic snapshot.
+    #[arg(long, value_name = "NAME")]
+    pub snapshot: Option<String>,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -117,8 +126,14 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_accel(s: &str) -> Result<Accel, String> {
+/// Parses `--accel`.
+pub fn parse_accel(s: &str) -> Result<Accel, String> {
     s.parse::<Accel>().map_err(|e| e.to_string())
+}
+
+/// Parses `--backend`.
+pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    s.parse::<BackendKind>().map_err(|e| e.to_string())
 }
 
 /// Kernel and initrd to boot.
@@ -127,15 +142,17 @@ struct BootFiles {
     initrd: PathBuf,
 }
 
-fn image_arch(arch: Arch) -> anyhow::Result<vmcp_image::Arch> {
-    arch.as_str()
-        .parse()
-        .map_err(|e: vmcp_image::UnknownArch| anyhow::anyhow!("{e}"))
+/// The backend and accelerator for `config` (the selector's choice, written into `config`),
+/// and the notices to print once the VM is created.
+pub async fn select(config: &mut VmConfig) -> anyhow::Result<vmcp_vm::select::Selection> {
+    let selection = vmcp_vm::select::select(config).await?;
+    config.accel = selection.accel;
+    Ok(selection)
 }
 
 /// The built image for `arch` (kernel, initrd), if there is one; never builds.
 pub fn find_image(arch: Arch) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
-    let opts = vmcp_image::BuildOptions::new(image_arch(arch)?);
+    let opts = vmcp_image::BuildOptions::new(arch.into());
     Ok(vmcp_image::find_image(&opts)
         .context("cannot look up the guest image")?
         .map(|p| (p.kernel, p.initrd)))
@@ -146,7 +163,7 @@ pub async fn ensure_image(arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
     if let Some(found) = find_image(arch)? {
         return Ok(found);
     }
-    let arch = image_arch(arch)?;
+    let arch: vmcp_image::Arch = arch.into();
     eprintln!("vmcp: the guest image is not built yet; building it now (one time)");
     let paths = tokio::task::spawn_blocking(move || {
         vmcp_image::ensure_image(arch, &|line: &str| eprintln!("vmcp: image: {line}"))
@@ -192,25 +209,24 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         read_only: !args.rootfs_rw,
     });
     config.console_log = args.console_log.clone();
+    config.backend = args.backend;
     config.accel = args.accel;
-    let mut vm: Box<dyn Vm> = match native_backend(&config).await {
-        // The OS's own framework (Virtualization.framework on macOS) when no QEMU accelerator
-        // was asked for; none exists on Linux.
-        Some(backend) => backend.create(config).await?,
+    let selection = select(&mut config).await?;
+    let from_snapshot = snapshot_start(&args, &config, selection.backend.name()).await?;
+    let disposable = from_snapshot.is_some();
+    let mut vm = match from_snapshot {
+        Some(vm) => vm,
         None => {
-            let backend = QemuBackend::new();
-            let choice = backend.choose_accel(config.arch, config.accel)?;
-            config.accel = Some(choice.accel);
-            let vm = backend.create_qemu(config).await?;
+            let mut vm = selection.backend.create(config).await?;
             // After validation, so a bad input gets exactly one line.
-            if let Some(notice) = &choice.notice {
+            for notice in &selection.notices {
                 eprintln!("vmcp: notice: {notice}");
             }
-            Box::new(vm)
+            vm.start().await?;
+            vm.wait_ready(READY_TIMEOUT).await?;
+            vm
         }
     };
-    vm.start().await?;
-    vm.wait_ready(READY_TIMEOUT).await?;
     let agent = vm.agent()?;
     let spec = ExecSpec {
         argv: args.command.clone(),
@@ -219,6 +235,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         stdin: forward_stdin,
     };
     let program = args.command.first().cloned().unwrap_or_default();
+    tracing::debug!(program, "running the program");
     let code = match args.timeout {
         Some(t) => match tokio::time::timeout(t, exec(&agent, spec, &program)).await {
             Ok(r) => r?,
@@ -234,27 +251,95 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         None => exec(&agent, spec, &program).await?,
     };
     drop(agent);
-    if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
+    tracing::debug!("program done; stopping the VM");
+    if disposable {
+        // Nothing of a snapshot VM outlives it (its root disk, if any, is read-only), so a
+        // guest power-off would only cost time.
+        if let Err(e) = vm.kill().await {
+            tracing::warn!(error = %e, "VM kill failed");
+        }
+    } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
     Ok(ExitCode::from(code))
 }
 
-/// The first usable framework backend of this OS (`vz` on macOS), unless `--accel` asks for
-/// QEMU.
-async fn native_backend(config: &VmConfig) -> Option<Box<dyn vmcp_vm::Backend>> {
-    if config.accel.is_some() {
-        return None;
+/// A VM restored from a snapshot, or `None` for a cold boot: with `--snapshot NAME` that
+/// snapshot (errors are errors); else the automatic snapshot matching this VM, built on
+/// first use; a broken one is removed and the VM boots cold, with a notice. Only QEMU VMs
+/// without a writable root disk use snapshots (a restored guest's view of a disk that
+/// changed since would be wrong).
+async fn snapshot_start(
+    args: &RunArgs,
+    config: &VmConfig,
+    backend: &str,
+) -> anyhow::Result<Option<Box<dyn vmcp_vm::Vm>>> {
+    use crate::snapshots;
+    // A bad configuration is reported as such, not as a snapshot problem.
+    config.validate()?;
+    let usable = backend == "qemu" && !args.rootfs_rw && vmcp_vm::qemu::launch_supported().is_ok();
+    if args.cold || (!usable && args.snapshot.is_none()) {
+        return Ok(None);
     }
-    for b in vmcp_vm::vz::native_backends() {
-        match b.probe().await {
-            vmcp_vm::Probe::Usable { .. } => return Some(b),
-            other => {
-                tracing::info!(backend = b.name(), probe = ?other, "falling back to QEMU");
+    anyhow::ensure!(
+        usable,
+        "snapshots need the QEMU backend on Linux and no --rootfs-rw"
+    );
+    let record = vmcp_vm::qemu::binary::find(config.arch)
+        .map_err(anyhow::Error::new)
+        .and_then(|bin| snapshots::Record::for_config(config, &bin));
+    let store = snapshots::store_dir();
+    if let Some(name) = &args.snapshot {
+        let (record, store) = (record?, store?);
+        let stored = snapshots::find(&store, name)?
+            .ok_or_else(|| anyhow::anyhow!("no snapshot {name:?} (see `vmcp snapshot list`)"))?;
+        return snapshots::restore(&stored, config, &record, READY_TIMEOUT)
+            .await
+            .map(Some);
+    }
+    let (record, store) = match (record, store) {
+        (Ok(r), Ok(s)) => (r, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::info!(error = %e, "no snapshot for this VM; booting cold");
+            return Ok(None);
+        }
+    };
+    let name = record.auto_name();
+    match snapshots::find(&store, &name)? {
+        Some(stored) => match snapshots::restore(&stored, config, &record, READY_TIMEOUT).await {
+            Ok(vm) => Ok(Some(vm)),
+            Err(e) => {
+                let removed = snapshots::remove(&stored.dir).is_ok();
+                eprintln!(
+                    "vmcp: notice: {}; {}booting cold",
+                    chain(&e),
+                    if removed { "removed it, " } else { "" }
+                );
+                Ok(None)
+            }
+        },
+        None => {
+            snapshots::sweep_builds(&store, Duration::from_secs(3600));
+            eprintln!("vmcp: notice: building snapshot {name} for fast starts (one time)");
+            match snapshots::create(&store, &name, config, &record, READY_TIMEOUT).await {
+                Ok(vm) => Ok(Some(vm)),
+                Err(e) => {
+                    eprintln!(
+                        "vmcp: notice: cannot build the snapshot: {}; booting cold",
+                        chain(&e)
+                    );
+                    Ok(None)
+                }
             }
         }
     }
-    None
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.
@@ -320,7 +405,7 @@ pub fn exit_code(status: ExitStatus) -> u8 {
 /// Reads our stdin on a plain thread (not tokio's blocking pool, which would keep the
 /// runtime from shutting down while a read blocks) and hands chunks over; the channel
 /// closes at end of input.
-fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+pub(crate) fn stdin_reader() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let spawned = std::thread::Builder::new()
         .name("vmcp-stdin".into())
@@ -371,6 +456,8 @@ mod tests {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);
-        assert!(parse_accel("xen").unwrap_err().contains("kvm, tcg"));
+        assert!(parse_accel("xen").unwrap_err().contains("kvm or tcg"));
+        assert_eq!(parse_backend("qemu").unwrap(), BackendKind::Qemu);
+        assert!(parse_backend("xen").unwrap_err().contains("qemu"));
     }
 }

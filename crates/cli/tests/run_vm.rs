@@ -47,7 +47,7 @@ fn vm_ready() -> bool {
     if !doctor.status.success() {
         return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
     }
-    if image_args().is_empty() && !text.contains("ok   image") {
+    if image_args().is_empty() && !text.contains("[ok] image") {
         return skip(
             "no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL/VMCP_TEST_INITRD)",
         );
@@ -363,6 +363,25 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
     );
     check(
         env.cmd()
+            .args(["run", "--backend", "xen", "--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "unknown backend \"xen\"",
+    );
+    // A backend this OS does not have: the selector says which it has.
+    check(
+        env.cmd()
+            .args(["run", "--backend", "vz"])
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "backend vz does not exist on this OS: this build has qemu",
+    );
+    check(
+        env.cmd()
             .args(["run", "--cpus", "0"])
             .args(&files)
             .args(["--", "true"])
@@ -405,11 +424,15 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
 fn doctor_reports_backends() {
     let out = Command::new(VMCP).arg("doctor").output().unwrap();
     let t = text(&out.stdout);
-    assert!(t.contains("qemu:"), "{t}");
+    assert!(t.contains("QEMU backend\n"), "{t}");
+    assert!(t.contains("] qemu:"), "{t}");
     assert!(t.contains("accel tcg"), "{t}");
-    assert!(t.contains("image"), "{t}");
+    assert!(t.contains("] image"), "{t}");
     match out.status.code() {
-        Some(0) => assert!(t.contains("can run VMs here")),
+        Some(0) => assert!(
+            t.contains("can run VMs here: `vmcp run` uses backend qemu, accelerator "),
+            "{t}"
+        ),
         Some(1) => assert!(t.contains("cannot run VMs")),
         other => panic!("doctor exited {other:?}"),
     }
@@ -422,7 +445,15 @@ fn bench_reports_every_metric() {
         return;
     }
     let out = Command::new(VMCP)
-        .args(["bench", "--runs", "1", "--iterations", "20"])
+        .args([
+            "bench",
+            "--runs",
+            "1",
+            "--iterations",
+            "20",
+            "--pss-vms",
+            "1",
+        ])
         .args(image_args())
         .output()
         .unwrap();
@@ -435,6 +466,10 @@ fn bench_reports_every_metric() {
         "ping",
         "RSS",
         "target",
+        "checkpoint of a running VM",
+        "restore → agent ready",
+        "`vmcp run -- true` end to end",
+        "PSS of 1 idle VMs",
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }

@@ -14,6 +14,9 @@
 //! | `vmcp.rootfs_ro=1` | mount it read-only (`0`: read-write) | `0` |
 //! | `vmcp.rootfs_fstype=<type>` | its filesystem type | `ext4` |
 //! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
+//! | `vmcp.net=<a.b.c.d>/<prefix>` | bring up the first Ethernet interface with this address | none |
+//! | `vmcp.gw=<a.b.c.d>` | default route via this gateway (only with `vmcp.net`) | none |
+//! | `vmcp.proxy=<a.b.c.d>:<port>` | set `HTTP_PROXY`/`HTTPS_PROXY` (and lower-case forms) to `http://<a.b.c.d>:<port>` and `NO_PROXY=localhost,127.0.0.1,::1` for every process | none |
 //!
 //! Values may be double-quoted (`vmcp.token="a b"`). Unknown `vmcp.*` keys are reported as
 //! warnings (printed to the console) but do not stop the boot, so an older agent still boots
@@ -72,6 +75,18 @@ pub struct RootfsSpec {
     pub read_only: bool,
 }
 
+/// A static IPv4 configuration of the guest's network interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetSpec {
+    /// Interface address.
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway.
+    pub gateway: Option<std::net::Ipv4Addr>,
+}
+
 /// Everything the agent takes from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -84,6 +99,10 @@ pub struct BootConfig {
     pub rootfs: Option<RootfsSpec>,
     /// Verbose console output.
     pub debug: bool,
+    /// Static network configuration, if the VM has a network card.
+    pub net: Option<NetSpec>,
+    /// The host's egress proxy, `addr:port`, exported to every process.
+    pub proxy: Option<std::net::SocketAddrV4>,
     /// Problems that did not stop parsing (unknown keys), for the console.
     pub warnings: Vec<String>,
 }
@@ -108,6 +127,16 @@ pub enum CmdlineError {
     /// A parameter that needs a value has an empty one.
     #[error("{0} needs a value")]
     Empty(String),
+    /// A network parameter is malformed.
+    #[error("bad {key}={value:?}: expected {expected}")]
+    Net {
+        /// Parameter.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
     /// A device path is not absolute.
     #[error("bad {key}={value:?}: expected an absolute device path such as /dev/vda")]
     Path {
@@ -191,8 +220,11 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         },
         rootfs: None,
         debug: false,
+        net: None,
+        proxy: None,
         warnings: Vec::new(),
     };
+    let mut gateway = None;
     let mut rootfs_dev = None;
     let mut fstype = "ext4".to_string();
     let mut read_only = false;
@@ -221,10 +253,45 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                 fstype = value.to_string();
             }
             "debug" => cfg.debug = parse_bool("vmcp.debug", value)?,
+            "net" => {
+                let bad = || CmdlineError::Net {
+                    key: "vmcp.net".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address and prefix such as 10.0.2.15/24",
+                };
+                let (a, p) = value.split_once('/').ok_or_else(bad)?;
+                let addr = a.parse().map_err(|_| bad())?;
+                let prefix: u8 = p.parse().map_err(|_| bad())?;
+                if prefix == 0 || prefix > 30 {
+                    return Err(bad());
+                }
+                cfg.net = Some(NetSpec {
+                    addr,
+                    prefix,
+                    gateway: None,
+                });
+            }
+            "gw" => {
+                gateway = Some(value.parse().map_err(|_| CmdlineError::Net {
+                    key: "vmcp.gw".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address such as 10.0.2.2",
+                })?);
+            }
+            "proxy" => {
+                cfg.proxy = Some(value.parse().map_err(|_| CmdlineError::Net {
+                    key: "vmcp.proxy".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address and port such as 10.0.2.100:3128",
+                })?);
+            }
             _ => cfg
                 .warnings
                 .push(format!("unknown kernel parameter vmcp.{key} ignored")),
         }
+    }
+    if let Some(net) = cfg.net.as_mut() {
+        net.gateway = gateway;
     }
     cfg.rootfs = rootfs_dev.map(|device| RootfsSpec {
         device,
@@ -341,6 +408,32 @@ mod tests {
         assert!(cfg.debug);
         assert_eq!(cfg.warnings.len(), 1);
         assert!(cfg.warnings[0].contains("vmcp.frobnicate"));
+    }
+
+    #[test]
+    fn network_parameters() {
+        let cfg =
+            parse_cmdline("vmcp.net=10.0.2.15/24 vmcp.gw=10.0.2.2 vmcp.proxy=10.0.2.100:3128")
+                .unwrap();
+        let net = cfg.net.unwrap();
+        assert_eq!(net.addr.to_string(), "10.0.2.15");
+        assert_eq!(net.prefix, 24);
+        assert_eq!(net.gateway.unwrap().to_string(), "10.0.2.2");
+        assert_eq!(cfg.proxy.unwrap().to_string(), "10.0.2.100:3128");
+        let plain = parse_cmdline("quiet").unwrap();
+        assert_eq!((plain.net, plain.proxy), (None, None));
+        for bad in [
+            "vmcp.net=10.0.2.15",
+            "vmcp.net=10.0.2.15/0",
+            "vmcp.net=10.0.2.15/33",
+            "vmcp.net=x/24",
+            "vmcp.gw=nope",
+            "vmcp.proxy=10.0.2.100",
+            "vmcp.proxy=[::1]:80",
+        ] {
+            let e = parse_cmdline(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{e}");
+        }
     }
 
     proptest::proptest! {

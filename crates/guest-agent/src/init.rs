@@ -33,6 +33,8 @@ use crate::sys::linux::{
 
 /// How long the agent waits for its channel device or vsock listener.
 pub const CHANNEL_WAIT: Duration = Duration::from_secs(10);
+/// How long the agent waits for the network interface to appear.
+pub const NET_WAIT: Duration = Duration::from_secs(5);
 /// How long the agent waits for the root filesystem's block device.
 pub const ROOTFS_WAIT: Duration = Duration::from_secs(10);
 
@@ -165,6 +167,9 @@ fn source_text(e: &InitError) -> String {
 /// the hello, they load in the background after the channel is open, which keeps ~15 ms of
 /// TCG time off the critical path.
 const DEFERRABLE: &[&str] = &[
+    "failover",
+    "net_failover",
+    "virtio_net",
     "virtio_blk",
     "vsock",
     "vmw_vsock_virtio_transport_common",
@@ -179,6 +184,7 @@ fn module_name(path: &str) -> &str {
 fn needed_before_hello(name: &str, cfg: &BootConfig) -> bool {
     match name {
         "virtio_blk" => cfg.rootfs.is_some(),
+        "failover" | "net_failover" | "virtio_net" => cfg.net.is_some(),
         n if n.contains("vsock") => matches!(cfg.channel, ChannelSpec::Vsock { .. }),
         n => !DEFERRABLE.contains(&n),
     }
@@ -209,6 +215,81 @@ fn load_modules(modules: Vec<ModuleFile>, debug: bool) {
             Err(e) => eprintln!("vmcp-agent: warning: cannot load module {path}: {e}"),
         }
     }
+}
+
+/// The first network interface other than loopback (`eth0` on a vmcp guest).
+fn first_ethernet() -> Option<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names.into_iter().next()
+}
+
+/// Brings up loopback and, with `vmcp.net`, the VM's network card with its static address.
+/// Failures are reported on the console: the VM still boots, without that network.
+fn setup_network(cfg: &BootConfig) {
+    if let Err(e) = os::set_up("lo") {
+        eprintln!("vmcp-agent: warning: cannot bring up lo: {e}");
+    }
+    let Some(net) = cfg.net else {
+        return;
+    };
+    let start = Instant::now();
+    let name = loop {
+        if let Some(n) = first_ethernet() {
+            break n;
+        }
+        if start.elapsed() >= NET_WAIT {
+            eprintln!(
+                "vmcp-agent: warning: no network interface appeared within {} s (is virtio_net \
+                 in the image?)",
+                NET_WAIT.as_secs()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    if let Err(e) = os::configure_ipv4(&name, net.addr, net.prefix) {
+        eprintln!(
+            "vmcp-agent: warning: cannot configure {name} as {}/{}: {e}",
+            net.addr, net.prefix
+        );
+        return;
+    }
+    if let Some(gw) = net.gateway {
+        if let Err(e) = os::add_default_route(gw) {
+            eprintln!("vmcp-agent: warning: cannot add a default route via {gw}: {e}");
+        }
+    }
+    if cfg.debug {
+        eprintln!(
+            "vmcp-agent: {name} is {}/{} in {:?}",
+            net.addr,
+            net.prefix,
+            start.elapsed()
+        );
+    }
+}
+
+/// Environment that points every process at the host's egress proxy.
+pub fn proxy_env(proxy: Option<std::net::SocketAddrV4>) -> Vec<(String, String)> {
+    let Some(p) = proxy else {
+        return Vec::new();
+    };
+    let url = format!("http://{p}");
+    let no_proxy = "localhost,127.0.0.1,::1".to_string();
+    vec![
+        ("HTTP_PROXY".into(), url.clone()),
+        ("HTTPS_PROXY".into(), url.clone()),
+        ("http_proxy".into(), url.clone()),
+        ("https_proxy".into(), url),
+        ("NO_PROXY".into(), no_proxy.clone()),
+        ("no_proxy".into(), no_proxy),
+    ]
 }
 
 fn wait_for(path: &str, limit: Duration) -> bool {
@@ -319,6 +400,9 @@ fn boot() -> Result<(), InitError> {
         switch_root(rootfs)?;
     }
     mount_late();
+    setup_network(&cfg);
+    // Outlives each channel: a re-key's token must be the one of every later hello.
+    let token = std::sync::Arc::new(std::sync::Mutex::new(cfg.token.clone()));
     loop {
         let channel = open_channel(&cfg.channel, CHANNEL_WAIT)?;
         if !later.is_empty() {
@@ -344,7 +428,10 @@ fn boot() -> Result<(), InitError> {
             );
         }
         let mut options = ServeOptions::new(hello);
+        options.token = std::sync::Arc::clone(&token);
+        options.apply_rekey = Some(apply_rekey);
         options.reap_orphans = true;
+        options.env.extend(proxy_env(cfg.proxy));
         options.debug = cfg.debug;
         match serve(reader, channel, &options) {
             Ok(ServeEnd::Poweroff) => return Ok(()),
@@ -361,6 +448,18 @@ fn boot() -> Result<(), InitError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A restored guest's new identity: the host's entropy mixed in and the CRNG reseeded
+/// first (before anything else can draw from it), then the wall clock and the hostname.
+/// Returns the boot clock for the new hello.
+fn apply_rekey(r: &vmcp_guest_proto::Rekey) -> io::Result<u64> {
+    os::add_entropy_and_reseed(&r.entropy)?;
+    os::set_realtime(r.unix_time_ns)?;
+    if !r.hostname.is_empty() {
+        os::set_hostname(&r.hostname)?;
+    }
+    Ok(os::boottime_ns())
 }
 
 #[cfg(test)]
@@ -386,6 +485,26 @@ mod tests {
             &vsock
         ));
         assert!(!needed_before_hello("virtio_blk", &vsock));
+    }
+
+    #[test]
+    fn network_modules_load_first_only_with_a_network() {
+        let plain = parse_cmdline("quiet").unwrap();
+        let net = parse_cmdline("vmcp.net=10.0.2.15/24").unwrap();
+        for m in ["failover", "net_failover", "virtio_net"] {
+            assert!(!needed_before_hello(m, &plain), "{m}");
+            assert!(needed_before_hello(m, &net), "{m}");
+        }
+    }
+
+    #[test]
+    fn proxy_environment() {
+        assert!(proxy_env(None).is_empty());
+        let env = proxy_env(Some("10.0.2.100:3128".parse().unwrap()));
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("HTTPS_PROXY"), Some("http://10.0.2.100:3128"));
+        assert_eq!(get("http_proxy"), Some("http://10.0.2.100:3128"));
+        assert_eq!(get("NO_PROXY"), Some("localhost,127.0.0.1,::1"));
     }
 
     #[test]

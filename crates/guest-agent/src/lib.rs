@@ -53,7 +53,10 @@ mod unsupported;
 #[cfg(target_os = "linux")]
 pub use init::main;
 #[cfg(unix)]
-pub use serve::{serve, ServeEnd, ServeError, ServeOptions, DEFAULT_PATH, LINGER};
+pub use serve::{
+    serve, RekeyFn, ServeEnd, ServeError, ServeOptions, DEFAULT_PATH, LINGER, MAX_HOSTNAME,
+    MIN_REKEY_ENTROPY,
+};
 #[cfg(not(target_os = "linux"))]
 pub use unsupported::main;
 
@@ -68,8 +71,11 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Capabilities of this agent build.
 pub fn capabilities(rootfs: bool) -> Capabilities {
-    let mut bits =
-        Capabilities::EXEC | Capabilities::FILES | Capabilities::POWEROFF | Capabilities::SIGNAL;
+    let mut bits = Capabilities::EXEC
+        | Capabilities::FILES
+        | Capabilities::POWEROFF
+        | Capabilities::SIGNAL
+        | Capabilities::REKEY;
     if rootfs {
         bits |= Capabilities::ROOTFS;
     }

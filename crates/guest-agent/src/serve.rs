@@ -12,6 +12,13 @@
 //!   file, so every byte of output comes before the exit. If the process exits but a
 //!   background child keeps its stdout or stderr open and idle for [`LINGER`], the exit is
 //!   reported anyway and later output of that background child is dropped.
+//! - Flow control (see [`vmcp_guest_proto::STREAM_WINDOW`]): the output of each request
+//!   (both pipes of an exec, the chunks of a file read) is sent only within its window; a
+//!   pump thread without credit blocks, so the process blocks on a full pipe and nothing
+//!   queues here. [`HostMsg::Credit`] opens the window again; [`HostMsg::Discard`] makes the
+//!   pumps read and drop. Stdin is queued up to one window per process; each chunk written
+//!   into the pipe is given back with [`GuestMsg::StdinCredit`]. A host that sends more
+//!   stdin than the window gets that process's stdin closed.
 //! - Each process gets its own process group; [`HostMsg::Signal`] signals the whole group.
 //! - When `reap_orphans` is set (the agent is PID 1), one reaper thread peeks at every
 //!   zombie with `waitid(WNOWAIT)` and reaps it under the lock that also covers spawning:
@@ -20,8 +27,13 @@
 //! - When the loop ends (power-off, channel closed, broken frame) every process still
 //!   running is killed with SIGKILL.
 //!
-//! Limits: stdin chunks queue in memory until the process reads them; file reads and
-//! writes use the agent's own permissions (root in the guest).
+//! - [`HostMsg::Rekey`] (a restored snapshot's new identity) is handled inline too, before
+//!   the next request is read: the host sends nothing else until the new hello arrives, so
+//!   no process starts with the snapshot's random state or token.
+//!
+//! Limits: at most one [`STREAM_WINDOW`] of stdin per process queues in memory; output
+//! is never queued beyond one chunk per pipe; file reads and writes use the agent's own
+//! permissions (root in the guest).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -30,13 +42,13 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use vmcp_guest_proto::{
-    encode, read_msg, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, ProtoError,
-    RequestId, CHUNK_SIZE,
+    credit_cost, encode, read_msg, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg,
+    ProtoError, Rekey, RequestId, CHUNK_SIZE, STREAM_WINDOW,
 };
 
 use crate::sys::{self, WaitStatus};
@@ -62,13 +74,31 @@ pub struct ServeOptions {
     pub reap_orphans: bool,
     /// Print each request to stderr.
     pub debug: bool,
+    /// The token of every hello this server sends (it replaces `hello.token`). A re-key
+    /// replaces it; share it with whoever reopens the channel, so the next hello presents
+    /// the new token and never the one the guest booted with.
+    pub token: Arc<Mutex<String>>,
+    /// Applies a re-key to the system (entropy, reseed, clock, hostname) and returns the
+    /// guest boot clock in nanoseconds for the new hello. `None` refuses re-keys: only a
+    /// guest's PID 1 should change the machine's identity.
+    pub apply_rekey: Option<RekeyFn>,
 }
+
+/// See [`ServeOptions::apply_rekey`].
+pub type RekeyFn = fn(&Rekey) -> io::Result<u64>;
+
+/// Fewest entropy bytes a re-key must carry (256 bits).
+pub const MIN_REKEY_ENTROPY: usize = 32;
+/// Longest hostname a re-key may set (Linux's limit).
+pub const MAX_HOSTNAME: usize = 64;
 
 impl ServeOptions {
     /// Options with the default environment (`PATH`, `HOME=/root`), cwd `/`, no orphan
     /// reaping.
     pub fn new(hello: Hello) -> Self {
         ServeOptions {
+            token: Arc::new(Mutex::new(hello.token.clone())),
+            apply_rekey: None,
             hello,
             env: vec![
                 ("PATH".into(), DEFAULT_PATH.into()),
@@ -148,10 +178,67 @@ impl Out {
 /// A running process, by request id.
 struct Proc {
     pid: i32,
-    stdin: Option<mpsc::Sender<Vec<u8>>>,
+    stdin: Option<StdinQueue>,
+}
+
+/// The stdin of a process: chunks for its feeder thread and the credit they hold.
+struct StdinQueue {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Credit units queued and not yet given back (at most [`STREAM_WINDOW`]).
+    queued: Arc<AtomicU32>,
 }
 
 type Procs = Arc<Mutex<HashMap<RequestId, Proc>>>;
+
+/// Output window of one request (guest to host): how much the host has not yet given back.
+#[derive(Default)]
+struct Window {
+    state: Mutex<WindowState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct WindowState {
+    /// Credit units sent and not given back.
+    in_flight: u64,
+    /// The host does not want this output any more (or the channel is gone): drop it.
+    discard: bool,
+}
+
+impl Window {
+    /// Waits until `cost` more units fit in the window and takes them. Returns false when the
+    /// output is to be dropped instead.
+    fn acquire(&self, cost: u32) -> bool {
+        let mut st = lock(&self.state);
+        loop {
+            if st.discard {
+                return false;
+            }
+            if st.in_flight + u64::from(cost) <= u64::from(STREAM_WINDOW) {
+                st.in_flight += u64::from(cost);
+                return true;
+            }
+            st = self
+                .changed
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn credit(&self, credit: u32) {
+        let mut st = lock(&self.state);
+        st.in_flight = st.in_flight.saturating_sub(u64::from(credit));
+        self.changed.notify_all();
+    }
+
+    fn discard(&self) {
+        lock(&self.state).discard = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Output windows of the requests that stream output, by request id.
+type Windows = Arc<Mutex<HashMap<RequestId, Arc<Window>>>>;
 
 /// Orphan reaper state: pids of our own children and where their status goes.
 struct Reaper {
@@ -198,6 +285,7 @@ impl Reaper {
 struct Server<'a> {
     out: Out,
     procs: Procs,
+    windows: Windows,
     reaper: Option<Arc<Reaper>>,
     options: &'a ServeOptions,
 }
@@ -217,7 +305,9 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     let out = Out {
         w: Arc::new(Mutex::new(Box::new(writer))),
     };
-    out.send(&GuestMsg::Hello(options.hello.clone()))
+    let mut hello = options.hello.clone();
+    hello.token = lock(&options.token).clone();
+    out.send(&GuestMsg::Hello(hello))
         .map_err(ServeError::Write)?;
     let reaper = if options.reap_orphans {
         Some(Reaper::start().map_err(ServeError::Write)?)
@@ -227,6 +317,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     let server = Server {
         out,
         procs: Arc::new(Mutex::new(HashMap::new())),
+        windows: Arc::new(Mutex::new(HashMap::new())),
         reaper,
         options,
     };
@@ -252,8 +343,18 @@ impl Server<'_> {
                 HostMsg::Ping { id } => self.out.send(&GuestMsg::Pong { id }),
                 HostMsg::Exec(req) => self.exec(req),
                 HostMsg::Stdin { id, data } => {
-                    if let Some(tx) = lock(&self.procs).get(&id).and_then(|p| p.stdin.as_ref()) {
-                        let _ = tx.send(data);
+                    self.stdin(id, data);
+                    Ok(())
+                }
+                HostMsg::Credit { id, credit } => {
+                    if let Some(w) = lock(&self.windows).get(&id) {
+                        w.credit(credit);
+                    }
+                    Ok(())
+                }
+                HostMsg::Discard { id } => {
+                    if let Some(w) = lock(&self.windows).get(&id) {
+                        w.discard();
                     }
                     Ok(())
                 }
@@ -295,12 +396,61 @@ impl Server<'_> {
                         .map_err(ServeError::Write)?;
                     return Ok(ServeEnd::Poweroff);
                 }
+                HostMsg::Rekey(r) => self.rekey(r),
                 other => {
                     eprintln!("vmcp-agent: ignoring unsupported request {other:?}");
                     Ok(())
                 }
             };
             sent.map_err(ServeError::Write)?;
+        }
+    }
+
+    /// Takes the identity a restore gives this guest (see the module docs).
+    fn rekey(&self, r: Rekey) -> io::Result<()> {
+        let invalid = |m: String| Err((FailureKind::InvalidRequest, m));
+        let checked = if self.options.apply_rekey.is_none() {
+            invalid("this agent does not take a new identity (it is not a guest's PID 1)".into())
+        } else if r.token.is_empty() || r.token.len() > 256 {
+            invalid("a re-key needs a token of 1 to 256 bytes".into())
+        } else if !(MIN_REKEY_ENTROPY..=Rekey::MAX_ENTROPY).contains(&r.entropy.len()) {
+            invalid(format!(
+                "a re-key needs {MIN_REKEY_ENTROPY} to {} entropy bytes, got {}",
+                Rekey::MAX_ENTROPY,
+                r.entropy.len()
+            ))
+        } else if r.hostname.len() > MAX_HOSTNAME
+            || r.hostname
+                .bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+        {
+            invalid(format!(
+                "hostname {:?} is not a valid host name",
+                r.hostname
+            ))
+        } else {
+            Ok(())
+        };
+        let applied = checked.and_then(|()| match self.options.apply_rekey {
+            Some(apply) => apply(&r).map_err(|e| {
+                (
+                    FailureKind::Other,
+                    format!("cannot take the new identity: {e}"),
+                )
+            }),
+            None => Err((FailureKind::InvalidRequest, "no re-key".into())),
+        });
+        match applied {
+            Ok(boot_ns) => {
+                let mut hello = self.options.hello.clone();
+                hello.boot_ns = boot_ns;
+                let mut token = lock(&self.options.token);
+                token.clone_from(&r.token);
+                hello.token = r.token;
+                drop(token);
+                self.out.send(&GuestMsg::Hello(hello))
+            }
+            Err((kind, message)) => self.out.fail(r.id, kind, message),
         }
     }
 
@@ -311,6 +461,41 @@ impl Server<'_> {
             let _ = sys::kill(p.pid, libc::SIGKILL);
         }
         procs.clear();
+        // Nobody gives credit any more: pumps and file readers drop what they have and end.
+        for w in lock(&self.windows).drain().map(|(_, w)| w) {
+            w.discard();
+        }
+    }
+
+    /// Queues stdin for process `id` within its window; a host that overruns the window gets
+    /// the process's stdin closed.
+    fn stdin(&self, id: RequestId, data: Vec<u8>) {
+        let mut procs = lock(&self.procs);
+        let Some(p) = procs.get_mut(&id) else { return };
+        let Some(q) = &p.stdin else { return };
+        let cost = credit_cost(data.len());
+        let queued = q.queued.load(Ordering::Acquire);
+        if u64::from(queued) + u64::from(cost) > u64::from(STREAM_WINDOW) {
+            eprintln!(
+                "vmcp-agent: the host sent stdin of request {id} beyond its window \
+                 ({queued} + {cost} > {STREAM_WINDOW}); closing that stdin"
+            );
+            p.stdin = None;
+            return;
+        }
+        q.queued.fetch_add(cost, Ordering::AcqRel);
+        if q.tx.send(data).is_err() {
+            p.stdin = None;
+        }
+    }
+
+    /// A new output window for request `id`.
+    fn open_window(&self, id: RequestId) -> Arc<Window> {
+        let w = Arc::new(Window::default());
+        if let Some(old) = lock(&self.windows).insert(id, Arc::clone(&w)) {
+            old.discard();
+        }
+        w
     }
 
     fn exec(&self, req: ExecRequest) -> io::Result<()> {
@@ -376,14 +561,20 @@ impl Server<'_> {
 
         let stdin_tx = child.stdin.take().map(|mut stdin| {
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            let queued = Arc::new(AtomicU32::new(0));
+            let (queued2, out) = (Arc::clone(&queued), self.out.clone());
             let spawned = spawn_thread("stdin", move || {
+                let mut open = true;
                 for data in rx {
-                    if stdin.write_all(&data).is_err() {
-                        break;
-                    }
+                    // After the process closed its stdin, the rest is dropped, but credit
+                    // still goes back so the host's writer is not left waiting.
+                    open = open && stdin.write_all(&data).is_ok();
+                    let credit = credit_cost(data.len());
+                    queued2.fetch_sub(credit, Ordering::AcqRel);
+                    let _ = out.send(&GuestMsg::StdinCredit { id, credit });
                 }
             });
-            spawned.map(|()| tx)
+            spawned.map(|()| StdinQueue { tx, queued })
         });
         let stdin_tx = match stdin_tx.transpose() {
             Ok(tx) => tx,
@@ -412,6 +603,7 @@ impl Server<'_> {
         }
         let streams = Arc::new(Streams::default());
         let finished = Arc::new(AtomicBool::new(false));
+        let window = self.open_window(id);
         let pipes: [(Option<Box<dyn Read + Send>>, bool); 2] = [
             (child.stdout.take().map(|p| Box::new(p) as _), true),
             (child.stderr.take().map(|p| Box::new(p) as _), false),
@@ -419,14 +611,15 @@ impl Server<'_> {
         for (pipe, is_stdout) in pipes {
             let Some(pipe) = pipe else { continue };
             lock(&streams.state).open += 1;
-            let (out, streams2, finished2) = (
+            let (out, streams2, finished2, window2) = (
                 self.out.clone(),
                 Arc::clone(&streams),
                 Arc::clone(&finished),
+                Arc::clone(&window),
             );
             let name = if is_stdout { "stdout" } else { "stderr" };
             if spawn_thread(name, move || {
-                pump(pipe, id, is_stdout, &out, &streams2, &finished2)
+                pump(pipe, id, is_stdout, &out, &streams2, &finished2, &window2)
             })
             .is_err()
             {
@@ -435,7 +628,11 @@ impl Server<'_> {
                 st.open -= 1;
             }
         }
-        let (out, procs) = (self.out.clone(), Arc::clone(&self.procs));
+        let (out, procs, windows) = (
+            self.out.clone(),
+            Arc::clone(&self.procs),
+            Arc::clone(&self.windows),
+        );
         let waiter = move || {
             let status = match status_rx {
                 Some(rx) => rx.recv().ok(),
@@ -450,10 +647,20 @@ impl Server<'_> {
                 None => ExitStatus::Signal(libc::SIGKILL),
             };
             let _ = out.send_gated(&finished, &GuestMsg::Exited { id, status }, true);
+            // A lingering background child's output is dropped from now on; its pump must
+            // not wait for credit the host will never give.
+            window.discard();
+            let mut windows = lock(&windows);
+            if windows.get(&id).is_some_and(|w| Arc::ptr_eq(w, &window)) {
+                windows.remove(&id);
+            }
         };
         if let Err(e) = spawn_thread("waiter", waiter) {
             let _ = sys::kill(-pid, libc::SIGKILL);
             lock(&self.procs).remove(&id);
+            if let Some(w) = lock(&self.windows).remove(&id) {
+                w.discard();
+            }
             return Err((FailureKind::Other, format!("cannot start a thread: {e}")));
         }
         drop(child);
@@ -466,9 +673,15 @@ impl Server<'_> {
             Err((kind, message)) => return self.out.fail(id, kind, message),
         };
         let out = self.out.clone();
+        let window = self.open_window(id);
+        let windows = Arc::clone(&self.windows);
         let job = move || {
-            if let Err((kind, message)) = send_file(file, id, &path, &out) {
+            if let Err((kind, message)) = send_file(file, id, &path, &out, &window) {
                 let _ = out.fail(id, kind, message);
+            }
+            let mut windows = lock(&windows);
+            if windows.get(&id).is_some_and(|w| Arc::ptr_eq(w, &window)) {
+                windows.remove(&id);
             }
         };
         match spawn_thread("read-file", job) {
@@ -561,6 +774,7 @@ fn pump(
     out: &Out,
     streams: &Streams,
     finished: &AtomicBool,
+    window: &Window,
 ) {
     let mut buf = vec![0u8; CHUNK_SIZE];
     loop {
@@ -577,8 +791,11 @@ fn pump(
         } else {
             GuestMsg::Stderr { id, data }
         };
-        // On a broken channel keep draining so the process does not block on a full pipe.
-        let _ = out.send_gated(finished, &msg, false);
+        // Waits for credit (the process meanwhile blocks on its full pipe). Discarded output
+        // and a broken channel: keep draining so the process does not block for ever.
+        if window.acquire(credit_cost(n)) {
+            let _ = out.send_gated(finished, &msg, false);
+        }
         let mut st = lock(&streams.state);
         st.busy -= 1;
         st.last = Some(Instant::now());
@@ -678,7 +895,13 @@ fn fill(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-fn send_file(mut file: File, id: RequestId, path: &str, out: &Out) -> Result<(), Failure> {
+fn send_file(
+    mut file: File,
+    id: RequestId,
+    path: &str,
+    out: &Out,
+    window: &Window,
+) -> Result<(), Failure> {
     let mut cur = vec![0u8; CHUNK_SIZE];
     let mut next = vec![0u8; CHUNK_SIZE];
     let mut n = fill(&mut file, &mut cur).map_err(|e| io_failure("read", path, &e))?;
@@ -690,6 +913,10 @@ fn send_file(mut file: File, id: RequestId, path: &str, out: &Out) -> Result<(),
             let m = fill(&mut file, &mut next).map_err(|e| io_failure("read", path, &e))?;
             (m, m == 0)
         };
+        if !window.acquire(credit_cost(n)) {
+            // The host gave up on this read (or the channel is gone).
+            return Ok(());
+        }
         let msg = GuestMsg::FileData {
             id,
             data: cur[..n].to_vec(),
@@ -721,5 +948,4 @@ fn describe(msg: &HostMsg) -> String {
 }
 
 #[cfg(test)]
-#[path = "serve_tests.rs"]
 mod tests;

@@ -20,6 +20,11 @@
 //! host-chosen [`RequestId`]; every answer names the request it belongs to, so many execs and
 //! file transfers share one channel.
 //!
+//! Flow control (protocol 2): output and stdin of each request travel within a window of
+//! [`STREAM_WINDOW`] credit units per direction, given back with [`HostMsg::Credit`] and
+//! [`GuestMsg::StdinCredit`]; see [`STREAM_WINDOW`]. So neither side has to buffer more than
+//! one window per request, whatever the other side's reader does.
+//!
 //! The crate is sans-IO at its core ([`encode`], [`decode`]) with small blocking helpers
 //! ([`read_msg`], [`write_msg`]) for the guest and async ones for the host (feature `tokio`).
 
@@ -33,8 +38,8 @@ pub use codec::{
     HEADER_LEN, MAX_PAYLOAD,
 };
 pub use message::{
-    Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg, RequestId,
-    PROTOCOL_VERSION,
+    credit_cost, Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg,
+    Rekey, RequestId, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
 };
 #[cfg(feature = "tokio")]
-pub use tokio_io::{read_msg_async, write_msg_async};
+pub use tokio_io::{read_msg_async, write_msg_async, FrameReader};

@@ -3,8 +3,43 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. The guest announces it in [`Hello`]; the host refuses a guest
-/// whose version it does not speak.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// whose version it does not speak (and a host of an older version refuses this one), so an
+/// old agent meeting a new host, or the reverse, ends in a clear version error at the
+/// handshake, never in a stall.
+///
+/// History: 1 = the first message set; 2 = per-request flow control ([`HostMsg::Credit`],
+/// [`HostMsg::Discard`], [`GuestMsg::StdinCredit`], [`STREAM_WINDOW`]). [`HostMsg::Rekey`]
+/// came without a version change: it is gated by [`Capabilities::REKEY`].
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Flow-control window of one request, per direction, in credit units (see [`credit_cost`]).
+///
+/// Guest to host: the guest sends output ([`GuestMsg::Stdout`], [`GuestMsg::Stderr`],
+/// [`GuestMsg::FileData`]) of one request only while the cost of what it sent and the host
+/// has not yet given back with [`HostMsg::Credit`] stays within this window. The host gives
+/// credit back as its consumer takes the data, so a consumer that stops reading stops the
+/// guest process (its pipe fills up) instead of growing host memory.
+///
+/// Host to guest: the host sends [`HostMsg::Stdin`] of one process only within the window;
+/// the guest gives credit back with [`GuestMsg::StdinCredit`] once the bytes are in the
+/// process's stdin pipe.
+///
+/// A peer that overruns the window breaks the protocol; the receiver stops trusting it
+/// (the host closes the channel, the guest closes that process's stdin).
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Credit units one message costs beyond its data bytes, so that a flood of empty or tiny
+/// messages is bounded by the window too (it stands for the receiver's per-message
+/// bookkeeping).
+pub const MSG_COST: u32 = 64;
+
+/// Credit units a data message carrying `data_len` bytes costs: `data_len + MSG_COST`,
+/// saturating.
+pub fn credit_cost(data_len: usize) -> u32 {
+    u32::try_from(data_len)
+        .unwrap_or(u32::MAX)
+        .saturating_add(MSG_COST)
+}
 
 /// Host-chosen identifier that ties answers to their request.
 pub type RequestId = u32;
@@ -24,6 +59,8 @@ impl Capabilities {
     pub const SIGNAL: u64 = 1 << 3;
     /// A root filesystem from a block device is mounted.
     pub const ROOTFS: u64 = 1 << 4;
+    /// Takes a new identity after a snapshot restore ([`HostMsg::Rekey`]).
+    pub const REKEY: u64 = 1 << 5;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -61,6 +98,44 @@ pub struct ExecRequest {
     /// Whether the host streams stdin ([`HostMsg::Stdin`], [`HostMsg::StdinEof`]); when false
     /// the process reads `/dev/null`.
     pub stdin: bool,
+}
+
+/// A new identity for a guest restored from a snapshot: every VM restored from one snapshot
+/// starts with the same memory, so the host gives each its own token, fresh entropy for the
+/// kernel's random number generator, the current wall clock and a hostname.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rekey {
+    /// Request id (a failure names it).
+    pub id: RequestId,
+    /// The channel token from now on: the agent presents it in every later [`Hello`], and
+    /// the one it booted with is forgotten.
+    pub token: String,
+    /// Random bytes from the host, mixed into the guest kernel's pool, which is then
+    /// reseeded (at most [`Rekey::MAX_ENTROPY`] bytes).
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Host wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: u64,
+    /// The guest's hostname from now on (empty: keep it).
+    pub hostname: String,
+}
+
+impl Rekey {
+    /// Most entropy bytes a re-key may carry.
+    pub const MAX_ENTROPY: usize = 512;
+}
+
+impl std::fmt::Debug for Rekey {
+    // The token and the entropy are secrets: never in logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rekey")
+            .field("id", &self.id)
+            .field("token", &"<redacted>")
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("unix_time_ns", &self.unix_time_ns)
+            .field("hostname", &self.hostname)
+            .finish()
+    }
 }
 
 /// Messages from host to guest.
@@ -125,6 +200,26 @@ pub enum HostMsg {
         /// Request id.
         id: RequestId,
     },
+    /// The host's consumer took output of request `id` worth `credit` units (see
+    /// [`credit_cost`]): the guest may send that much more within [`STREAM_WINDOW`]. Credit
+    /// for an unknown or finished request is ignored. No answer.
+    Credit {
+        /// Exec or read-file request id.
+        id: RequestId,
+        /// Credit units given back.
+        credit: u32,
+    },
+    /// The host no longer reads the answers of request `id`: the guest stops sending its
+    /// output (a process keeps running and its output is read and dropped; a file read
+    /// stops). The exit of a process is still reported. No answer.
+    Discard {
+        /// Exec or read-file request id.
+        id: RequestId,
+    },
+    /// Take a new identity after a snapshot restore (capability [`Capabilities::REKEY`]):
+    /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
+    /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
+    Rekey(Rekey),
 }
 
 /// How a guest process ended.
@@ -215,4 +310,48 @@ pub enum GuestMsg {
         /// Whether this is the last chunk.
         eof: bool,
     },
+    /// Stdin of exec `id` worth `credit` units (see [`credit_cost`]) went into the process's
+    /// pipe (or was dropped because the process closed it): the host may send that much more
+    /// within [`STREAM_WINDOW`].
+    StdinCredit {
+        /// Exec request id.
+        id: RequestId,
+        /// Credit units given back.
+        credit: u32,
+    },
+}
+
+impl GuestMsg {
+    /// The request this message answers (`None` for [`GuestMsg::Hello`]).
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            GuestMsg::Hello(_) => None,
+            GuestMsg::Pong { id }
+            | GuestMsg::Started { id, .. }
+            | GuestMsg::Stdout { id, .. }
+            | GuestMsg::Stderr { id, .. }
+            | GuestMsg::Exited { id, .. }
+            | GuestMsg::Done { id }
+            | GuestMsg::Failed { id, .. }
+            | GuestMsg::FileData { id, .. }
+            | GuestMsg::StdinCredit { id, .. } => Some(*id),
+        }
+    }
+
+    /// Credit units this message uses of its request's window: [`credit_cost`] of the data
+    /// for output messages, 0 for everything else.
+    pub fn window_cost(&self) -> u32 {
+        match self {
+            GuestMsg::Stdout { data, .. }
+            | GuestMsg::Stderr { data, .. }
+            | GuestMsg::FileData { data, .. } => credit_cost(data.len()),
+            GuestMsg::Hello(_)
+            | GuestMsg::Pong { .. }
+            | GuestMsg::Started { .. }
+            | GuestMsg::Exited { .. }
+            | GuestMsg::Done { .. }
+            | GuestMsg::Failed { .. }
+            | GuestMsg::StdinCredit { .. } => 0,
+        }
+    }
 }

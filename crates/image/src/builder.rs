@@ -609,5 +609,4 @@ pub fn initramfs_entries(
 }
 
 #[cfg(test)]
-#[path = "builder_tests.rs"]
 mod tests;

@@ -522,5 +522,4 @@ where
 }
 
 #[cfg(test)]
-#[path = "balance_tests.rs"]
 mod tests;

@@ -822,5 +822,4 @@ impl fmt::Display for Failure {
 impl std::error::Error for Failure {}
 
 #[cfg(test)]
-#[path = "retry_tests.rs"]
 mod tests;

@@ -1,35 +1,30 @@
 //! Stdio transport: the MCP server is a child process; one JSON-RPC message per line on its
 //! stdin and stdout.
 //!
-//! The child is started in its own process group (Unix) with stdin and stdout piped and
-//! stderr passed through to ours, logged line by line (`tracing`, target `vmcp_mcp::stderr`)
-//! or dropped ([`StderrMode`]). It dies with its owner: on Linux through `PR_SET_PDEATHSIG`
-//! (even when vmcp is SIGKILLed), everywhere when the transport is dropped or closed (the
-//! whole process group is killed on Unix, so `npx`-style launchers do not leave their node
-//! behind). [`StdioTransport::close`] first closes the child's stdin and gives it
-//! [`StdioConfig::shutdown_grace`] to exit, as the MCP spec suggests.
+//! The child is started through the owned-process layer (`vmcp_host_process::spawn_owned`)
+//! with stdin and stdout piped and stderr passed through to ours, logged line by line
+//! (`tracing`, target `vmcp_mcp::stderr`) or dropped ([`StderrMode`]). It dies with its owner,
+//! together with everything it started (so `npx`-style launchers do not leave their `node`
+//! behind, nor a shell its background jobs): when the transport is closed or dropped, and
+//! when vmcp exits or is killed, SIGKILL included (Linux: watchdog-led process group and
+//! parent-death signal from the process-lifetime spawner thread; Windows: a kill-on-close Job
+//! Object). Spawning from a short-lived thread is fine. [`StdioTransport::close`] first closes
+//! the child's stdin and gives it [`StdioConfig::shutdown_grace`] to exit, as the MCP spec
+//! suggests.
 //!
 //! Limits: lines longer than [`MAX_LINE`] end the connection with an error; lines that are
 //! no JSON-RPC message are logged and skipped (some servers print banners on stdout). Logged
 //! stderr lines are cut at [`crate::limits::MAX_STDERR_LINE`] bytes and their control
 //! characters escaped.
 
-#[cfg(target_os = "linux")]
-mod sys_linux;
-#[cfg(not(target_os = "linux"))]
-mod sys_other;
-#[cfg(target_os = "linux")]
-use sys_linux as sys;
-#[cfg(not(target_os = "linux"))]
-use sys_other as sys;
-
 use std::ffi::OsString;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::Mutex;
+use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 
 use crate::jsonrpc::{self, Message};
 use crate::transport::{Transport, TransportError};
@@ -98,7 +93,7 @@ impl StdioConfig {
 pub struct StdioTransport {
     stdin: Mutex<Option<ChildStdin>>,
     stdout: Mutex<StdoutReader>,
-    child: Mutex<Option<Child>>,
+    child: Mutex<Option<OwnedChild>>,
     pid: Option<u32>,
     grace: Duration,
 }
@@ -110,7 +105,7 @@ struct StdoutReader {
 }
 
 impl StdioTransport {
-    /// Starts the server process.
+    /// Starts the server process. Must be called inside a tokio runtime.
     pub fn spawn(config: &StdioConfig) -> Result<Self, TransportError> {
         let mut cmd = Command::new(&config.program);
         cmd.args(&config.args)
@@ -121,18 +116,17 @@ impl StdioTransport {
                 StderrMode::Inherit => Stdio::inherit(),
                 StderrMode::Log => Stdio::piped(),
                 StderrMode::Null => Stdio::null(),
-            })
-            .kill_on_drop(true);
-        sys::prepare(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| TransportError::Spawn {
-            program: config.program.to_string_lossy().into_owned(),
-            source,
-        })?;
+            });
+        let mut child =
+            spawn_owned(cmd, SpawnOptions::default()).map_err(|source| TransportError::Spawn {
+                program: config.program.to_string_lossy().into_owned(),
+                source,
+            })?;
         let pid = child.id();
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let (Some(stdin), Some(stdout)) = (child.take_stdin(), child.take_stdout()) else {
             return Err(TransportError::Closed);
         };
-        if let Some(stderr) = child.stderr.take() {
+        if let Some(stderr) = child.take_stderr() {
             tokio::spawn(log_stderr(stderr, crate::limits::MAX_STDERR_LINE));
         }
         Ok(StdioTransport {
@@ -219,18 +213,10 @@ impl Transport for StdioTransport {
                 self.grace
             );
         }
-        if let Some(pid) = self.pid {
-            sys::kill_group(pid);
-        }
-        let _ = child.kill().await;
-    }
-}
-
-impl Drop for StdioTransport {
-    fn drop(&mut self) {
-        // The child itself is killed by kill_on_drop; its process group goes too.
-        if let Some(pid) = self.pid {
-            sys::kill_group(pid);
+        // Whatever the server left running (or the server itself) goes now; the group id is
+        // still reserved by the owned-process layer, so this cannot hit a reused id.
+        if let Err(e) = child.kill_and_wait(self.grace).await {
+            tracing::warn!("the MCP server could not be reaped: {e}");
         }
     }
 }

@@ -162,3 +162,128 @@ async fn child_and_its_children_die_when_the_client_is_dropped() {
         "server and its child are gone"
     );
 }
+
+/// Starts the test server (recording its pid and its child's in `pidfile`) from a thread that
+/// ends right after: the server must outlive that thread.
+fn spawn_from_a_short_lived_thread(
+    py: &'static str,
+    pidfile: &std::path::Path,
+    handle: tokio::runtime::Handle,
+) -> StdioTransport {
+    let cfg = StdioConfig::new(
+        py,
+        [
+            script().into_os_string(),
+            "legacy".into(),
+            pidfile.to_path_buf().into_os_string(),
+        ],
+    );
+    std::thread::spawn(move || {
+        let _g = handle.enter();
+        StdioTransport::spawn(&cfg).unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+async fn read_pids(pidfile: &std::path::Path) -> Vec<i32> {
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(pidfile) {
+            if text.ends_with('\n') {
+                return text
+                    .split_whitespace()
+                    .map(|p| p.parse().unwrap())
+                    .collect();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server wrote no pid file");
+}
+
+#[tokio::test]
+async fn server_survives_the_exit_of_the_thread_that_spawned_it() {
+    let Some(py) = python() else {
+        vmcp_test_support::skipped!("SKIPPED: no python3 to run the stdio test server");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pids");
+    let t = spawn_from_a_short_lived_thread(py, &pidfile, tokio::runtime::Handle::current());
+    let pids = read_pids(&pidfile).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "the server died with its spawning thread"
+    );
+    let c = Client::connect(t, ClientConfig::default()).await.unwrap();
+    assert!(!c.list_tools().await.unwrap().is_empty());
+    c.close().await;
+}
+
+/// Not a test on its own: the "vmcp" that [`server_and_its_children_die_with_vmcp`] kills.
+#[test]
+#[ignore = "helper process of server_and_its_children_die_with_vmcp"]
+fn vmcp_helper() {
+    let (Some(pidfile), Some(py)) = (std::env::var_os("VMCP_STDIO_HELPER"), python()) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pidfile = PathBuf::from(pidfile);
+    let t = spawn_from_a_short_lived_thread(py, &pidfile, rt.handle().clone());
+    let c = rt
+        .block_on(Client::connect(t, ClientConfig::default()))
+        .unwrap();
+    rt.block_on(c.list_tools()).unwrap();
+    println!("ready");
+    std::thread::sleep(Duration::from_secs(1000));
+}
+
+#[tokio::test]
+async fn server_and_its_children_die_with_vmcp() {
+    if !cfg!(target_os = "linux") {
+        vmcp_test_support::skipped!("SKIPPED: dying with a killed owner is checked on Linux only");
+        return;
+    }
+    if python().is_none() {
+        vmcp_test_support::skipped!("SKIPPED: no python3 to run the stdio test server");
+        return;
+    }
+    for signal in ["KILL", "TERM"] {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pids");
+        let mut vmcp = tokio::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "vmcp_helper", "--nocapture"])
+            .env("VMCP_STDIO_HELPER", &pidfile)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut out = tokio::io::BufReader::new(vmcp.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("ready") {
+            line.clear();
+            let n = tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+                .await
+                .unwrap();
+            assert!(n > 0, "the helper ended before it was ready");
+        }
+        let pids = read_pids(&pidfile).await;
+        assert!(pids.iter().all(|p| alive(*p)));
+        let killed = std::process::Command::new("kill")
+            .args([format!("-{signal}"), vmcp.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        vmcp.wait().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            pids.iter().all(|p| !alive(*p)),
+            "after SIG{signal} of vmcp, still running: {pids:?}"
+        );
+    }
+}

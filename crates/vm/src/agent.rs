@@ -1,25 +1,88 @@
 //! Host side of the guest agent channel: handshake, then many concurrent requests over one
 //! byte stream.
 //!
-//! A reader task routes every [`GuestMsg`] to the request it names; writes are serialised
-//! by a mutex so frames never interleave. When the channel closes, every pending request
-//! fails with [`AgentError::Closed`].
+//! A reader task routes every [`GuestMsg`] to the request it names; a writer task writes
+//! whole frames from a short queue, so frames never interleave and a caller that gives up
+//! half-way (a dropped future) never leaves half a frame on the channel. When the channel
+//! closes, every pending request fails with [`AgentError::Closed`] (or with the reason the
+//! channel was closed, [`AgentError::ChannelFailed`]).
+//!
+//! # Bounds (what a hostile or broken guest can make the host hold)
+//!
+//! - **Memory per request**: the answers of one request wait in its queue, which holds at
+//!   most [`STREAM_WINDOW`] credit units of output plus [`CONTROL_SLACK`] other messages.
+//!   The guest sends output only within the window and the client gives credit back
+//!   ([`HostMsg::Credit`]) as the consumer takes it ([`Process::next_event`] and the
+//!   collecting calls), so a consumer that stops reading stops the guest process, for every
+//!   user of this API. A guest that overruns the window breaks the protocol: the channel is
+//!   closed with [`AgentError::ChannelFailed`]. Stdin travels in the same window the other
+//!   way ([`ProcessControl::write_stdin`] waits for [`GuestMsg::StdinCredit`]).
+//! - **Collected bytes**: [`AgentClient::read_file`] and [`Process::wait_with_output`] stop at
+//!   [`AgentLimits::max_collect`] bytes with [`AgentError::TooLarge`].
+//! - **Time**: a request waits at most [`AgentLimits::answer_timeout`] for its next answer
+//!   (`Started`, `Pong`, `Done`, a file chunk); a running process that stays silent for
+//!   [`AgentLimits::idle_ping`] makes the client ping the agent, and an agent that does not
+//!   answer within the answer timeout is declared dead ([`AgentError::NoAnswer`], the channel
+//!   is closed).
+//! - **Text**: guest text in errors (failure messages, unexpected answers) is passed through
+//!   [`vmcp_sanitize::sanitize`]: no control characters, at most
+//!   [`vmcp_sanitize::DEFAULT_MAX_CHARS`] characters.
+//! - **CPU**: frames are decoded with [`FrameReader`], amortised O(1) per frame; answers to
+//!   unknown requests are dropped.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
 use vmcp_guest_proto::{
-    read_msg_async, write_msg_async, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello,
-    HostMsg, ProtoError, RequestId, CHUNK_SIZE, PROTOCOL_VERSION,
+    credit_cost, encode, ExecRequest, ExitStatus, FailureKind, FrameReader, GuestMsg, Hello,
+    HostMsg, ProtoError, Rekey, RequestId, CHUNK_SIZE, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,
 };
+use vmcp_sanitize::{sanitize, DEFAULT_MAX_CHARS};
 
 /// A byte stream to the guest agent.
 pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentStream for T {}
+
+/// Messages other than output (`Started`, `Exited`, `Pong`, `Done`, ...) one request's queue
+/// may hold besides its window of output; a correct agent sends at most three at a time.
+pub const CONTROL_SLACK: u32 = 16;
+
+/// Frames waiting for the writer task (each at most one chunk plus a header).
+const FRAME_QUEUE: usize = 16;
+
+/// The consumer gives credit back once it has taken this much (a quarter window), so one
+/// `Credit` frame covers several output chunks.
+const CREDIT_BATCH: u32 = STREAM_WINDOW / 4;
+
+/// Time and size bounds of one client. The defaults fit every correct guest with a wide
+/// margin (a ping takes well under a millisecond, starting a process a few).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AgentLimits {
+    /// How long a request waits for its next answer (`Started`, `Pong`, `Done`, the next
+    /// file chunk, a liveness ping's `Pong`). Default 30 s.
+    pub answer_timeout: Duration,
+    /// How long a running process may stay silent before the client pings the agent to see
+    /// that it is alive. Default 15 s.
+    pub idle_ping: Duration,
+    /// Most bytes [`AgentClient::read_file`] and [`Process::wait_with_output`] collect
+    /// (stdout and stderr together). Default 64 MiB.
+    pub max_collect: usize,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        AgentLimits {
+            answer_timeout: Duration::from_secs(30),
+            idle_ping: Duration::from_secs(15),
+            max_collect: 64 * 1024 * 1024,
+        }
+    }
+}
 
 /// Errors talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +91,9 @@ pub enum AgentError {
     /// The channel closed (the VM stopped or the agent died).
     #[error("the guest agent channel is closed")]
     Closed,
+    /// The channel was closed because something went wrong on it.
+    #[error("the guest agent channel was closed: {0}")]
+    ChannelFailed(String),
     /// The agent did not say hello in time.
     #[error("the guest agent did not say hello within {0:?}")]
     HelloTimeout(Duration),
@@ -51,25 +117,75 @@ pub enum AgentError {
     Failed {
         /// Classification.
         kind: FailureKind,
-        /// Guest's reason.
+        /// Guest's reason (control characters escaped, length capped).
         message: String,
     },
     /// The guest answered with a message that does not fit the request.
     #[error("unexpected answer from the guest agent: {0}")]
     Unexpected(String),
+    /// The agent did not answer in time.
+    #[error("the guest agent did not answer {what} within {after:?}")]
+    NoAnswer {
+        /// What was asked.
+        what: &'static str,
+        /// How long the client waited.
+        after: Duration,
+    },
+    /// More bytes than the client collects.
+    #[error("{what} is larger than {limit} bytes{action}")]
+    TooLarge {
+        /// What was collected.
+        what: &'static str,
+        /// The limit ([`AgentLimits::max_collect`]).
+        limit: usize,
+        /// What was done about it (e.g. "; the process was killed").
+        action: &'static str,
+    },
+    /// Stdin cannot be written: it was not requested, was closed, or the process ended.
+    #[error("the process's stdin is closed")]
+    StdinClosed,
     /// A request argument is invalid on the host side already.
     #[error("{0}")]
     Invalid(String),
 }
 
-type Route = mpsc::UnboundedSender<GuestMsg>;
+/// Where the reader task puts the answers of one request.
+struct Route {
+    tx: mpsc::UnboundedSender<GuestMsg>,
+    /// Units queued in `tx` and not yet taken ([`queue_cost`] of each message).
+    queued: Arc<AtomicU64>,
+    /// The stdin window of an exec with stdin.
+    stdin: Option<Arc<StdinWindow>>,
+}
+
+/// The host-to-guest window of one process's stdin.
+struct StdinWindow {
+    /// Credit units the client may still send.
+    permits: Semaphore,
+    /// Units sent and not yet given back by the guest.
+    outstanding: AtomicU64,
+}
+
+/// What a message costs in its request's queue: its window cost for output, [`MSG_COST`]
+/// for anything else.
+fn queue_cost(msg: &GuestMsg) -> u64 {
+    match msg.window_cost() {
+        0 => u64::from(MSG_COST),
+        c => u64::from(c),
+    }
+}
+
+/// Most units one request's queue may hold: a full window plus the control slack.
+const QUEUE_LIMIT: u64 = STREAM_WINDOW as u64 + CONTROL_SLACK as u64 * MSG_COST as u64;
 
 struct Shared {
-    writer: tokio::sync::Mutex<WriteHalf<Box<dyn AgentStream>>>,
+    frames: mpsc::Sender<Vec<u8>>,
     routes: Mutex<HashMap<RequestId, Route>>,
     next_id: AtomicU32,
     closed: AtomicBool,
+    close_reason: Mutex<Option<String>>,
     hello: Hello,
+    limits: AgentLimits,
 }
 
 impl Shared {
@@ -78,6 +194,20 @@ impl Shared {
         self.routes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn reason(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.close_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The error of a request that finds the channel closed.
+    fn closed_error(&self) -> AgentError {
+        match self.reason().clone() {
+            Some(reason) => AgentError::ChannelFailed(reason),
+            None => AgentError::Closed,
+        }
     }
 }
 
@@ -141,77 +271,205 @@ pub struct Output {
     pub status: ExitStatus,
 }
 
+/// The receiving end of one request's answers; gives credit back as it takes output.
+#[derive(Debug)]
+struct Answers {
+    id: RequestId,
+    rx: mpsc::UnboundedReceiver<GuestMsg>,
+    queued: Arc<AtomicU64>,
+    /// Output units taken and not yet given back.
+    uncredited: u32,
+}
+
+impl Answers {
+    /// The next answer, `None` when the route is gone (channel closed). Cancel-safe: credit
+    /// owed is sent before waiting and kept until it is sent.
+    async fn recv(&mut self, client: &AgentClient) -> Option<GuestMsg> {
+        if self.uncredited >= CREDIT_BATCH {
+            self.give_credit(client).await;
+        }
+        let msg = self.rx.recv().await?;
+        self.queued.fetch_sub(queue_cost(&msg), Ordering::AcqRel);
+        self.uncredited = self.uncredited.saturating_add(msg.window_cost());
+        Some(msg)
+    }
+
+    async fn give_credit(&mut self, client: &AgentClient) {
+        let msg = HostMsg::Credit {
+            id: self.id,
+            credit: self.uncredited,
+        };
+        // A closed channel needs no credit; the next recv reports it.
+        if client.send(&msg).await.is_ok() {
+            self.uncredited = 0;
+        }
+    }
+}
+
 /// A process running in the guest.
 #[derive(Debug)]
 pub struct Process {
     control: ProcessControl,
     pid: u32,
-    events: mpsc::UnboundedReceiver<GuestMsg>,
+    events: Answers,
     done: bool,
 }
 
 impl AgentClient {
     /// Waits for the agent's hello on `stream`, checks protocol version and `token`, and starts
-    /// the reader task. Must be called inside a tokio runtime.
+    /// the reader and writer tasks, with the default [`AgentLimits`]. Must be called inside a
+    /// tokio runtime.
     pub async fn connect<S: AgentStream>(
         stream: S,
         token: &str,
         timeout: Duration,
     ) -> Result<AgentClient, AgentError> {
+        Self::connect_with_limits(stream, token, timeout, AgentLimits::default()).await
+    }
+
+    /// [`AgentClient::connect`] with other limits.
+    pub async fn connect_with_limits<S: AgentStream>(
+        stream: S,
+        token: &str,
+        timeout: Duration,
+        limits: AgentLimits,
+    ) -> Result<AgentClient, AgentError> {
         let stream: Box<dyn AgentStream> = Box::new(stream);
-        let (mut reader, writer) = tokio::io::split(stream);
-        let mut buf = Vec::new();
-        let first = tokio::time::timeout(
-            timeout,
-            read_msg_async::<GuestMsg, _>(&mut reader, &mut buf),
-        )
-        .await
-        .map_err(|_| AgentError::HelloTimeout(timeout))??;
+        let (reader, writer) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(reader);
+        let first = tokio::time::timeout(timeout, reader.next::<GuestMsg>())
+            .await
+            .map_err(|_| AgentError::HelloTimeout(timeout))??;
         let hello = match first {
             Some(GuestMsg::Hello(h)) => h,
-            Some(other) => return Err(AgentError::NoHello(format!("{other:?}"))),
+            Some(other) => return Err(AgentError::NoHello(describe(&other))),
             None => return Err(AgentError::Closed),
         };
-        if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
-            return Err(AgentError::BadToken);
-        }
-        if hello.protocol_version != PROTOCOL_VERSION {
-            return Err(AgentError::Version {
-                guest: hello.protocol_version,
-            });
-        }
+        check_hello(&hello, token)?;
+        Ok(Self::serve(reader, writer, hello, limits))
+    }
+
+    /// After a snapshot restore: gives the agent its new identity (`rekey`: token, entropy,
+    /// clock, hostname) and waits for the hello that presents the new token. A hello with any
+    /// other token (the snapshot's own) is refused, so the token left in the snapshot's
+    /// memory never opens this VM's channel. The agent must have the
+    /// [`vmcp_guest_proto::Capabilities::REKEY`] capability (it announced it when the
+    /// snapshot was taken; an agent without it answers with a failure).
+    ///
+    /// `old_hello`: where the channel reconnects after a restore (vsock), the agent first
+    /// says hello with the token it was saved with; that hello must carry exactly this token.
+    pub async fn connect_restored<S: AgentStream>(
+        stream: S,
+        rekey: Rekey,
+        old_hello: Option<&str>,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let stream: Box<dyn AgentStream> = Box::new(stream);
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = FrameReader::new(reader);
+        let token = rekey.token.clone();
+        let exchange = async {
+            if let Some(old) = old_hello {
+                match reader.next::<GuestMsg>().await? {
+                    Some(GuestMsg::Hello(h)) => check_hello(&h, old)?,
+                    Some(other) => return Err(AgentError::NoHello(describe(&other))),
+                    None => return Err(AgentError::Closed),
+                }
+            }
+            let frame = encode(&HostMsg::Rekey(rekey))?;
+            let written = async {
+                writer.write_all(&frame).await?;
+                writer.flush().await
+            };
+            written.await.map_err(|_| AgentError::Closed)?;
+            match reader.next::<GuestMsg>().await? {
+                Some(GuestMsg::Hello(h)) => Ok(h),
+                Some(GuestMsg::Failed { kind, message, .. }) => Err(failed(kind, &message)),
+                Some(other) => Err(AgentError::NoHello(describe(&other))),
+                None => Err(AgentError::Closed),
+            }
+        };
+        let hello = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| AgentError::HelloTimeout(timeout))??;
+        check_hello(&hello, &token)?;
+        Ok(Self::serve(reader, writer, hello, AgentLimits::default()))
+    }
+
+    /// Starts the reader and writer tasks of a channel whose hello was accepted.
+    fn serve(
+        mut reader: FrameReader<tokio::io::ReadHalf<Box<dyn AgentStream>>>,
+        mut writer: tokio::io::WriteHalf<Box<dyn AgentStream>>,
+        mut hello: Hello,
+        limits: AgentLimits,
+    ) -> AgentClient {
+        hello.agent_version = sanitize(&hello.agent_version, 64);
+        let (frames, mut frame_rx) = mpsc::channel::<Vec<u8>>(FRAME_QUEUE);
         let shared = Arc::new(Shared {
-            writer: tokio::sync::Mutex::new(writer),
+            frames,
             routes: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
             closed: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
             hello,
+            limits,
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
             loop {
-                let msg = read_msg_async::<GuestMsg, _>(&mut reader, &mut buf).await;
+                let msg = reader.next::<GuestMsg>().await;
                 let Some(shared) = weak.upgrade() else { break };
                 match msg {
-                    Ok(Some(msg)) => route(&shared, msg),
+                    Ok(Some(msg)) => {
+                        if let Err(reason) = route(&shared, msg) {
+                            tracing::warn!(%reason, "closing the guest agent channel");
+                            close(&shared, Some(reason));
+                            break;
+                        }
+                    }
                     Ok(None) => {
-                        close(&shared);
+                        close(&shared, None);
                         break;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "guest agent channel failed");
-                        close(&shared);
+                        close(&shared, Some(error_text(&e)));
                         break;
                     }
                 }
             }
         });
-        Ok(AgentClient { shared })
+        let weak = Arc::downgrade(&shared);
+        tokio::spawn(async move {
+            // Ends when every client is gone (the queue's senders drop) or a write fails.
+            while let Some(frame) = frame_rx.recv().await {
+                let written = async {
+                    writer.write_all(&frame).await?;
+                    writer.flush().await
+                };
+                if let Err(e) = written.await {
+                    if let Some(shared) = weak.upgrade() {
+                        close(
+                            &shared,
+                            Some(format!("cannot write to the guest agent: {e}")),
+                        );
+                    }
+                    break;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        AgentClient { shared }
     }
 
     /// What the agent announced.
     pub fn hello(&self) -> &Hello {
         &self.shared.hello
+    }
+
+    /// The limits of this client.
+    pub fn limits(&self) -> AgentLimits {
+        self.shared.limits
     }
 
     /// What the agent announced, as the lifecycle API reports it; `ready_after` is the host
@@ -232,11 +490,18 @@ impl AgentClient {
         self.shared.closed.load(Ordering::Acquire)
     }
 
-    fn register(&self) -> Result<(RequestId, mpsc::UnboundedReceiver<GuestMsg>), AgentError> {
+    fn register(&self, stdin: bool) -> Result<(Answers, Option<Arc<StdinWindow>>), AgentError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicU64::new(0));
+        let stdin = stdin.then(|| {
+            Arc::new(StdinWindow {
+                permits: Semaphore::new(STREAM_WINDOW as usize),
+                outstanding: AtomicU64::new(0),
+            })
+        });
         let mut routes = self.shared.routes();
         if self.is_closed() {
-            return Err(AgentError::Closed);
+            return Err(self.shared.closed_error());
         }
         let id = loop {
             let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -244,47 +509,91 @@ impl AgentClient {
                 break id;
             }
         };
-        routes.insert(id, tx);
-        Ok((id, rx))
+        routes.insert(
+            id,
+            Route {
+                tx,
+                queued: Arc::clone(&queued),
+                stdin: stdin.clone(),
+            },
+        );
+        let answers = Answers {
+            id,
+            rx,
+            queued,
+            uncredited: 0,
+        };
+        Ok((answers, stdin))
     }
 
     fn unregister(&self, id: RequestId) {
-        self.shared.routes().remove(&id);
+        if let Some(route) = self.shared.routes().remove(&id) {
+            if let Some(w) = route.stdin {
+                w.permits.close();
+            }
+        }
+    }
+
+    /// Stops the answers of `id` (unregisters it and tells the guest to stop sending), from
+    /// synchronous code too.
+    fn discard(&self, id: RequestId) {
+        self.unregister(id);
+        let Ok(frame) = encode(&HostMsg::Discard { id }) else {
+            return;
+        };
+        match self.shared.frames.try_send(frame) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let frames = self.shared.frames.clone();
+                    rt.spawn(async move {
+                        let _ = frames.send(frame).await;
+                    });
+                }
+            }
+        }
     }
 
     async fn send(&self, msg: &HostMsg) -> Result<(), AgentError> {
         if self.is_closed() {
-            return Err(AgentError::Closed);
+            return Err(self.shared.closed_error());
         }
-        let mut w = self.shared.writer.lock().await;
-        write_msg_async(&mut *w, msg).await.map_err(|e| match e {
-            ProtoError::Io(_) => AgentError::Closed,
-            other => AgentError::Proto(other),
-        })
+        let frame = encode(msg)?;
+        self.shared
+            .frames
+            .send(frame)
+            .await
+            .map_err(|_| self.shared.closed_error())
     }
 
+    /// The next answer to a request, within the answer timeout; a `Failed` becomes an error.
     async fn one_answer(
         &self,
-        id: RequestId,
-        rx: &mut mpsc::UnboundedReceiver<GuestMsg>,
+        answers: &mut Answers,
+        what: &'static str,
     ) -> Result<GuestMsg, AgentError> {
-        let msg = rx.recv().await.ok_or(AgentError::Closed);
-        if let Ok(GuestMsg::Failed { kind, message, .. }) = msg {
-            self.unregister(id);
-            return Err(AgentError::Failed { kind, message });
+        let after = self.shared.limits.answer_timeout;
+        let msg = tokio::time::timeout(after, answers.recv(self))
+            .await
+            .map_err(|_| AgentError::NoAnswer { what, after })?;
+        match msg {
+            Some(GuestMsg::Failed { kind, message, .. }) => Err(failed(kind, &message)),
+            Some(msg) => Ok(msg),
+            None => Err(self.shared.closed_error()),
         }
-        msg
     }
 
-    /// Round trip to the agent; returns the time it took.
+    /// Round trip to the agent; returns the time it took. Fails with
+    /// [`AgentError::NoAnswer`] after [`AgentLimits::answer_timeout`].
     pub async fn ping(&self) -> Result<Duration, AgentError> {
-        let (id, mut rx) = self.register()?;
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
         let t = Instant::now();
         let res = async {
             self.send(&HostMsg::Ping { id }).await?;
-            match self.one_answer(id, &mut rx).await? {
+            match self.one_answer(&mut answers, "a ping").await? {
                 GuestMsg::Pong { .. } => Ok(t.elapsed()),
-                other => Err(AgentError::Unexpected(format!("{other:?}"))),
+                other => Err(AgentError::Unexpected(describe(&other))),
             }
         }
         .await;
@@ -292,12 +601,14 @@ impl AgentClient {
         res
     }
 
-    /// Starts a process; returns once the guest reports it running.
+    /// Starts a process; returns once the guest reports it running (or fails with
+    /// [`AgentError::NoAnswer`] after [`AgentLimits::answer_timeout`]).
     pub async fn exec(&self, spec: ExecSpec) -> Result<Process, AgentError> {
         if spec.argv.is_empty() {
             return Err(AgentError::Invalid("no program given".into()));
         }
-        let (id, mut rx) = self.register()?;
+        let (mut answers, stdin) = self.register(spec.stdin)?;
+        let id = answers.id;
         let req = HostMsg::Exec(ExecRequest {
             id,
             argv: spec.argv,
@@ -305,26 +616,31 @@ impl AgentClient {
             cwd: spec.cwd,
             stdin: spec.stdin,
         });
-        if let Err(e) = self.send(&req).await {
-            self.unregister(id);
-            return Err(e);
+        let started = async {
+            self.send(&req).await?;
+            match self
+                .one_answer(&mut answers, "the start of a process")
+                .await?
+            {
+                GuestMsg::Started { pid, .. } => Ok(pid),
+                other => Err(AgentError::Unexpected(describe(&other))),
+            }
         }
-        match self.one_answer(id, &mut rx).await {
-            Ok(GuestMsg::Started { pid, .. }) => Ok(Process {
+        .await;
+        match started {
+            Ok(pid) => Ok(Process {
                 control: ProcessControl {
                     id,
                     client: self.clone(),
+                    stdin,
                 },
                 pid,
-                events: rx,
+                events: answers,
                 done: false,
             }),
-            Ok(other) => {
-                self.unregister(id);
-                Err(AgentError::Unexpected(format!("{other:?}")))
-            }
             Err(e) => {
-                self.unregister(id);
+                // A process that starts late must not run unobserved with a blocked window.
+                self.discard(id);
                 Err(e)
             }
         }
@@ -332,7 +648,8 @@ impl AgentClient {
 
     /// Writes `data` to `path` in the guest (created or truncated, permission bits `mode`).
     pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<(), AgentError> {
-        let (id, mut rx) = self.register()?;
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
         let res = async {
             let mut offset = 0usize;
             loop {
@@ -347,9 +664,9 @@ impl AgentClient {
                     last,
                 })
                 .await?;
-                match self.one_answer(id, &mut rx).await? {
+                match self.one_answer(&mut answers, "a file write").await? {
                     GuestMsg::Done { .. } => {}
-                    other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+                    other => return Err(AgentError::Unexpected(describe(&other))),
                 }
                 if last {
                     return Ok(());
@@ -362,9 +679,19 @@ impl AgentClient {
         res
     }
 
-    /// Reads the whole file `path` from the guest.
+    /// Reads the whole file `path` from the guest, at most [`AgentLimits::max_collect`]
+    /// bytes ([`AgentError::TooLarge`] beyond).
     pub async fn read_file(&self, path: &str) -> Result<Vec<u8>, AgentError> {
-        let (id, mut rx) = self.register()?;
+        self.read_file_max(path, self.shared.limits.max_collect)
+            .await
+    }
+
+    /// Reads the file `path` from the guest, failing with [`AgentError::TooLarge`] as soon as
+    /// more than `max` bytes arrived (the guest is told to stop sending the rest), so the
+    /// host never holds more than `max` bytes of it.
+    pub async fn read_file_max(&self, path: &str, max: usize) -> Result<Vec<u8>, AgentError> {
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
         let res = async {
             self.send(&HostMsg::ReadFile {
                 id,
@@ -373,69 +700,207 @@ impl AgentClient {
             .await?;
             let mut out = Vec::new();
             loop {
-                match self.one_answer(id, &mut rx).await? {
+                match self.one_answer(&mut answers, "a file read").await? {
                     GuestMsg::FileData { data, eof, .. } => {
+                        if out.len().saturating_add(data.len()) > max {
+                            return Err(AgentError::TooLarge {
+                                what: "the file",
+                                limit: max,
+                                action: "",
+                            });
+                        }
                         out.extend_from_slice(&data);
                         if eof {
                             return Ok(out);
                         }
                     }
-                    other => return Err(AgentError::Unexpected(format!("{other:?}"))),
+                    other => return Err(AgentError::Unexpected(describe(&other))),
                 }
             }
         }
         .await;
-        self.unregister(id);
+        match &res {
+            Ok(_) => self.unregister(id),
+            Err(_) => self.discard(id),
+        }
         res
     }
 
     /// Asks the guest to sync and power off. Returns when the agent has accepted (or the
     /// channel closed because it already went down).
     pub async fn poweroff(&self) -> Result<(), AgentError> {
-        let (id, mut rx) = self.register()?;
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
         let res = async {
             self.send(&HostMsg::Poweroff { id }).await?;
-            match rx.recv().await {
-                Some(GuestMsg::Done { .. }) | None => Ok(()),
-                Some(GuestMsg::Failed { kind, message, .. }) => {
-                    Err(AgentError::Failed { kind, message })
-                }
-                Some(other) => Err(AgentError::Unexpected(format!("{other:?}"))),
+            match self.one_answer(&mut answers, "a power-off").await {
+                Ok(GuestMsg::Done { .. }) => Ok(()),
+                Ok(other) => Err(AgentError::Unexpected(describe(&other))),
+                Err(AgentError::Closed | AgentError::ChannelFailed(_)) => Ok(()),
+                Err(e) => Err(e),
             }
         }
         .await;
         self.unregister(id);
         res
     }
-}
 
-fn route(shared: &Shared, msg: GuestMsg) {
-    let id = match &msg {
-        GuestMsg::Pong { id }
-        | GuestMsg::Started { id, .. }
-        | GuestMsg::Stdout { id, .. }
-        | GuestMsg::Stderr { id, .. }
-        | GuestMsg::Exited { id, .. }
-        | GuestMsg::Done { id }
-        | GuestMsg::Failed { id, .. }
-        | GuestMsg::FileData { id, .. } => *id,
-        other => {
-            tracing::debug!(?other, "unrouted message from the guest agent");
-            return;
-        }
-    };
-    let mut routes = shared.routes();
-    if let Some(tx) = routes.get(&id) {
-        if tx.send(msg).is_err() {
-            routes.remove(&id);
+    /// Whether the agent answers a ping within the answer timeout; if not, the channel is
+    /// closed (the agent is taken for dead) and the error says why.
+    async fn check_alive(&self) -> Result<(), AgentError> {
+        match self.ping().await {
+            Ok(_) => Ok(()),
+            Err(e @ AgentError::NoAnswer { .. }) => {
+                close(
+                    &self.shared,
+                    Some(format!("{e} while a process was running; taken for dead")),
+                );
+                Err(e)
+            }
+            Err(e) => Err(e),
         }
     }
 }
 
-fn close(shared: &Shared) {
+/// Routes one message to its request. `Err` (with the reason) when the guest broke the
+/// protocol badly enough that the channel must close.
+fn route(shared: &Shared, msg: GuestMsg) -> Result<(), String> {
+    let Some(id) = msg.request_id() else {
+        tracing::debug!(msg = %describe(&msg), "unrouted message from the guest agent");
+        return Ok(());
+    };
     let mut routes = shared.routes();
+    let Some(route) = routes.get(&id) else {
+        // An answer to a request that ended or never was: dropped (costs nothing to keep).
+        return Ok(());
+    };
+    if let GuestMsg::StdinCredit { credit, .. } = msg {
+        let Some(w) = &route.stdin else {
+            return Ok(());
+        };
+        let credit = u64::from(credit);
+        let outstanding = w.outstanding.load(Ordering::Acquire);
+        if credit > outstanding {
+            return Err(format!(
+                "the guest gave back {credit} units of stdin credit for request {id}, but only {outstanding} were sent"
+            ));
+        }
+        w.outstanding.fetch_sub(credit, Ordering::AcqRel);
+        // `credit <= outstanding <= STREAM_WINDOW`, so this cannot overflow the semaphore.
+        w.permits.add_permits(credit as usize);
+        return Ok(());
+    }
+    let cost = queue_cost(&msg);
+    let queued = route.queued.load(Ordering::Acquire);
+    if queued + cost > QUEUE_LIMIT {
+        return Err(format!(
+            "the guest overran the flow-control window of request {id} ({queued} + {cost} units queued, the limit is {QUEUE_LIMIT})"
+        ));
+    }
+    let ends = matches!(msg, GuestMsg::Exited { .. } | GuestMsg::Failed { .. });
+    route.queued.fetch_add(cost, Ordering::AcqRel);
+    if route.tx.send(msg).is_err() {
+        routes.remove(&id);
+    } else if ends {
+        // No stdin goes to a process that ended.
+        if let Some(w) = &route.stdin {
+            w.permits.close();
+        }
+    }
+    Ok(())
+}
+
+fn close(shared: &Shared, reason: Option<String>) {
+    let mut routes = shared.routes();
+    if !shared.closed.load(Ordering::Acquire) {
+        *shared.reason() = reason;
+    }
     shared.closed.store(true, Ordering::Release);
-    routes.clear();
+    for (_, route) in routes.drain() {
+        if let Some(w) = route.stdin {
+            w.permits.close();
+        }
+    }
+}
+
+/// An error and its sources, as one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn failed(kind: FailureKind, message: &str) -> AgentError {
+    AgentError::Failed {
+        kind,
+        message: sanitize(message, DEFAULT_MAX_CHARS),
+    }
+}
+
+/// A guest message in a few words, for errors: the kind, the id and the size of any data,
+/// never the data itself.
+fn describe(msg: &GuestMsg) -> String {
+    match msg {
+        GuestMsg::Hello(h) => format!(
+            "a second hello (protocol {}, agent {})",
+            h.protocol_version,
+            sanitize(&h.agent_version, 64)
+        ),
+        GuestMsg::Pong { id } => format!("a pong for request {id}"),
+        GuestMsg::Started { id, pid } => format!("`started` (pid {pid}) for request {id}"),
+        GuestMsg::Stdout { id, data } => format!("{} bytes of stdout for request {id}", data.len()),
+        GuestMsg::Stderr { id, data } => format!("{} bytes of stderr for request {id}", data.len()),
+        GuestMsg::Exited { id, status } => format!("an exit ({status:?}) for request {id}"),
+        GuestMsg::Done { id } => format!("`done` for request {id}"),
+        GuestMsg::Failed { id, kind, message } => format!(
+            "a failure ({kind:?}: {}) for request {id}",
+            sanitize(message, DEFAULT_MAX_CHARS)
+        ),
+        GuestMsg::FileData { id, data, eof } => format!(
+            "{} bytes of file data (eof {eof}) for request {id}",
+            data.len()
+        ),
+        GuestMsg::StdinCredit { id, credit } => {
+            format!("{credit} units of stdin credit for request {id}")
+        }
+        _ => "a message this vmcp does not know".to_string(),
+    }
+}
+
+/// A new identity for a VM restored from a snapshot: `token`, fresh random bytes from the
+/// host for the guest's kernel RNG, the host's wall clock now, and `hostname`.
+pub fn new_identity(token: &str, hostname: &str) -> Rekey {
+    let mut entropy = Vec::with_capacity(64);
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    entropy.extend_from_slice(&rand::random::<[u8; 32]>());
+    let unix_time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Rekey {
+        id: 0,
+        token: token.to_string(),
+        entropy,
+        unix_time_ns,
+        hostname: hostname.to_string(),
+    }
+}
+
+/// The token and protocol version of a hello.
+fn check_hello(hello: &Hello, token: &str) -> Result<(), AgentError> {
+    if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
+        return Err(AgentError::BadToken);
+    }
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(AgentError::Version {
+            guest: hello.protocol_version,
+        });
+    }
+    Ok(())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -454,37 +919,74 @@ impl Process {
     }
 
     /// Next output or the exit. `Ok(None)` after the exit was returned.
+    ///
+    /// Taking an event gives its window credit back to the guest: a caller that stops
+    /// calling this stops the guest process once one window ([`STREAM_WINDOW`]) is queued.
+    /// While the process is silent for [`AgentLimits::idle_ping`], the agent is pinged; an
+    /// agent that does not answer ends the wait with [`AgentError::NoAnswer`].
     pub async fn next_event(&mut self) -> Result<Option<ProcessEvent>, AgentError> {
         if self.done {
             return Ok(None);
         }
-        match self.events.recv().await {
+        let client = self.control.client.clone();
+        let idle = client.shared.limits.idle_ping;
+        let msg = loop {
+            tokio::select! {
+                msg = self.events.recv(&client) => break msg,
+                () = tokio::time::sleep(idle) => {
+                    if let Err(e) = client.check_alive().await {
+                        self.done = true;
+                        client.discard(self.control.id);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        match msg {
             Some(GuestMsg::Stdout { data, .. }) => Ok(Some(ProcessEvent::Stdout(data))),
             Some(GuestMsg::Stderr { data, .. }) => Ok(Some(ProcessEvent::Stderr(data))),
             Some(GuestMsg::Exited { status, .. }) => {
                 self.done = true;
-                self.control.client.unregister(self.control.id);
+                client.unregister(self.control.id);
                 Ok(Some(ProcessEvent::Exited(status)))
             }
             Some(GuestMsg::Failed { kind, message, .. }) => {
                 self.done = true;
-                self.control.client.unregister(self.control.id);
-                Err(AgentError::Failed { kind, message })
+                client.unregister(self.control.id);
+                Err(failed(kind, &message))
             }
-            Some(other) => Err(AgentError::Unexpected(format!("{other:?}"))),
+            Some(other) => Err(AgentError::Unexpected(describe(&other))),
             None => {
                 self.done = true;
-                Err(AgentError::Closed)
+                Err(client.shared.closed_error())
             }
         }
     }
 
-    /// Collects all output until the process exits.
+    /// Collects all output until the process exits, at most [`AgentLimits::max_collect`]
+    /// bytes of stdout and stderr together: beyond that the process is killed (SIGKILL to its
+    /// process group) and the result is [`AgentError::TooLarge`].
     pub async fn wait_with_output(mut self) -> Result<Output, AgentError> {
+        let limit = self.control.client.shared.limits.max_collect;
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         loop {
-            match self.next_event().await? {
+            let event = self.next_event().await?;
+            let room = limit.saturating_sub(stdout.len() + stderr.len());
+            let over = match &event {
+                Some(ProcessEvent::Stdout(d) | ProcessEvent::Stderr(d)) => d.len() > room,
+                _ => false,
+            };
+            if over {
+                let _ = self.control.signal(9).await;
+                // Dropping `self` discards the rest of the output.
+                return Err(AgentError::TooLarge {
+                    what: "the process's output",
+                    limit,
+                    action: "; the process was killed",
+                });
+            }
+            match event {
                 Some(ProcessEvent::Stdout(d)) => stdout.extend_from_slice(&d),
                 Some(ProcessEvent::Stderr(d)) => stderr.extend_from_slice(&d),
                 Some(ProcessEvent::Exited(status)) => {
@@ -503,22 +1005,47 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         if !self.done {
-            self.control.client.unregister(self.control.id);
+            // The process keeps running; its output is dropped in the guest, not queued here.
+            self.control.client.discard(self.control.id);
         }
     }
 }
 
 /// Sends stdin and signals to a running process from another task.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProcessControl {
     id: RequestId,
     client: AgentClient,
+    stdin: Option<Arc<StdinWindow>>,
+}
+
+impl std::fmt::Debug for ProcessControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessControl")
+            .field("id", &self.id)
+            .field("stdin", &self.stdin.is_some())
+            .finish()
+    }
 }
 
 impl ProcessControl {
-    /// Sends bytes to the process's stdin (only if the spec asked for stdin).
+    /// Sends bytes to the process's stdin (only if the spec asked for stdin). Waits while the
+    /// guest holds a full window of stdin the process has not read yet, so a process that
+    /// does not read stdin makes this wait rather than grow the guest's memory. Fails with
+    /// [`AgentError::StdinClosed`] once the process has ended or stdin was closed.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
+        let Some(w) = &self.stdin else {
+            return Err(AgentError::StdinClosed);
+        };
         for chunk in data.chunks(CHUNK_SIZE) {
+            let cost = credit_cost(chunk.len());
+            let permit = match w.permits.acquire_many(cost).await {
+                Ok(p) => p,
+                Err(_) if self.client.is_closed() => return Err(self.client.shared.closed_error()),
+                Err(_) => return Err(AgentError::StdinClosed),
+            };
+            permit.forget();
+            w.outstanding.fetch_add(u64::from(cost), Ordering::AcqRel);
             self.client
                 .send(&HostMsg::Stdin {
                     id: self.id,

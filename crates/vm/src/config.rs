@@ -38,6 +38,28 @@ impl Arch {
     }
 }
 
+/// The guest image crate's name for the same architecture.
+impl From<Arch> for vmcp_image::Arch {
+    fn from(a: Arch) -> Self {
+        match a {
+            Arch::X86_64 => vmcp_image::Arch::X86_64,
+            Arch::Aarch64 => vmcp_image::Arch::Aarch64,
+        }
+    }
+}
+
+/// An image architecture this crate can run (the image crate may know more).
+impl TryFrom<vmcp_image::Arch> for Arch {
+    type Error = ConfigError;
+    fn try_from(a: vmcp_image::Arch) -> Result<Self, Self::Error> {
+        match a {
+            vmcp_image::Arch::X86_64 => Ok(Arch::X86_64),
+            vmcp_image::Arch::Aarch64 => Ok(Arch::Aarch64),
+            other => Err(ConfigError::UnknownArch(other.to_string())),
+        }
+    }
+}
+
 impl FromStr for Arch {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -93,6 +115,43 @@ impl std::fmt::Display for Accel {
     }
 }
 
+/// A VM backend, named in [`VmConfig::backend`] (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// QEMU (KVM or TCG on Linux, WHPX or TCG on Windows).
+    Qemu,
+    /// Apple's Virtualization.framework (macOS).
+    Vz,
+}
+
+impl BackendKind {
+    /// The backend's name (`Backend::name`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Vz => "vz",
+        }
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qemu" => Ok(BackendKind::Qemu),
+            "vz" => Ok(BackendKind::Vz),
+            other => Err(ConfigError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A disk image attached as virtio-block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
@@ -122,7 +181,10 @@ pub struct VmConfig {
     pub rootfs: Option<DiskConfig>,
     /// Where the guest console goes; `console.log` in the runtime directory when `None`.
     pub console_log: Option<PathBuf>,
-    /// Accelerator override; probed when `None`.
+    /// Backend to use; chosen by [`crate::select::select`] when `None`.
+    pub backend: Option<BackendKind>,
+    /// Accelerator, for backends that offer a choice (QEMU); chosen by the backend when
+    /// `None`.
     pub accel: Option<Accel>,
     /// Give the guest a network device (off by default).
     pub network: bool,
@@ -140,6 +202,7 @@ impl VmConfig {
             cmdline_extra: Vec::new(),
             rootfs: None,
             console_log: None,
+            backend: None,
             accel: None,
             network: false,
         }
@@ -258,6 +321,15 @@ mod tests {
             .to_string()
             .contains("xen"));
         assert_eq!("arm64".parse::<Arch>().unwrap(), Arch::Aarch64);
+        for a in [Arch::X86_64, Arch::Aarch64] {
+            let image: vmcp_image::Arch = a.into();
+            assert_eq!(image.name(), a.as_str());
+            assert_eq!(Arch::try_from(image).unwrap(), a);
+        }
+        assert_eq!("vz".parse::<BackendKind>().unwrap(), BackendKind::Vz);
+        assert_eq!(BackendKind::Qemu.to_string(), "qemu");
+        let e = "xen".parse::<BackendKind>().unwrap_err().to_string();
+        assert!(e.contains("xen") && e.contains("qemu"), "{e}");
         assert!("mips".parse::<Arch>().is_err());
     }
 }

@@ -35,8 +35,19 @@ pub enum ConfigError {
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),
     /// Unknown accelerator name.
-    #[error("unknown accelerator {0:?}: use kvm, tcg, hvf or whpx")]
+    #[error("unknown accelerator {0:?}: use kvm or tcg (Linux), whpx or tcg (Windows)")]
     UnknownAccel(String),
+    /// Unknown backend name.
+    #[error("unknown backend {0:?}: use qemu (Linux, Windows) or vz (macOS)")]
+    UnknownBackend(String),
+    /// The named backend is not part of this build for this OS.
+    #[error("backend {backend} does not exist on this OS: this build has {compiled}")]
+    BackendNotHere {
+        /// The backend asked for.
+        backend: crate::BackendKind,
+        /// The backends this build has.
+        compiled: String,
+    },
     /// Unknown architecture name.
     #[error("unknown architecture {0:?}: use x86_64 or aarch64")]
     UnknownArch(String),
@@ -81,6 +92,9 @@ pub enum VmError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The VM's private runtime directory could not be made.
+    #[error(transparent)]
+    RuntimeDir(#[from] vmcp_host_process::RuntimeDirError),
     /// Starting the hypervisor failed.
     #[error("cannot start the hypervisor")]
     Spawn(#[source] std::io::Error),
@@ -131,9 +145,27 @@ pub enum VmError {
         /// What happened.
         what: String,
     },
+    /// Saving a snapshot's state failed.
+    #[error("cannot save the VM snapshot")]
+    SnapshotSave(#[source] crate::qemu::snapshot::SnapshotError),
+    /// Restoring a snapshot's state failed.
+    #[error("cannot restore the VM snapshot")]
+    SnapshotRestore(#[source] crate::qemu::snapshot::SnapshotError),
     /// A snapshot's manifest is missing, unreadable or does not fit this VM.
     #[error("cannot use snapshot {path}", path = .0.snapshot().display())]
     Snapshot(#[from] crate::lifecycle::ManifestError),
+}
+
+/// `error` and its sources on one line: `a: b: c`.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
 }
 
 /// What kind of problem a [`VmError`] is, for callers that react differently (retry with
@@ -159,9 +191,11 @@ impl VmError {
     pub fn class(&self) -> ErrorClass {
         match self {
             VmError::Config(_) | VmError::Snapshot(_) => ErrorClass::Config,
-            VmError::Unavailable { .. } | VmError::Host { .. } | VmError::Spawn(_) => {
-                ErrorClass::HostSetup
-            }
+            VmError::SnapshotSave(e) | VmError::SnapshotRestore(e) => e.class(),
+            VmError::Unavailable { .. }
+            | VmError::Host { .. }
+            | VmError::RuntimeDir(_)
+            | VmError::Spawn(_) => ErrorClass::HostSetup,
             VmError::EarlyExit { .. } | VmError::ReadyTimeout { .. } | VmError::Agent(_) => {
                 ErrorClass::Guest
             }

@@ -343,16 +343,21 @@ async fn drop_poweroff(outer: DuplexStream, inner: DuplexStream, guest: JoinHand
 }
 
 /// A guest that says hello with `token`, then answers pings, writes and reads files in memory,
-/// and powers off on request. Exec requests fail with "not found".
+/// takes a new identity on a re-key (answering with a hello that carries the new token), and
+/// powers off on request. Exec requests fail with "not found".
 pub async fn responder_guest(mut s: DuplexStream, token: String) {
-    let hello = GuestMsg::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "fake".into(),
-        capabilities: Capabilities(Capabilities::FILES | Capabilities::POWEROFF),
-        token,
-        boot_ns: 0,
-    });
-    if write_msg_async(&mut s, &hello).await.is_err() {
+    let hello = |token: String| {
+        GuestMsg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "fake".into(),
+            capabilities: Capabilities(
+                Capabilities::FILES | Capabilities::POWEROFF | Capabilities::REKEY,
+            ),
+            token,
+            boot_ns: 0,
+        })
+    };
+    if write_msg_async(&mut s, &hello(token)).await.is_err() {
         return;
     }
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
@@ -393,6 +398,7 @@ pub async fn responder_guest(mut s: DuplexStream, token: String) {
                 let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
                 return;
             }
+            HostMsg::Rekey(r) => hello(r.token),
             _ => continue,
         };
         if write_msg_async(&mut s, &answer).await.is_err() {

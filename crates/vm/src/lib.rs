@@ -28,14 +28,12 @@ mod error;
 pub mod fake;
 pub mod lifecycle;
 pub mod qemu;
-mod runtime_dir;
 pub mod select;
 pub mod vz;
-pub mod windows;
 
-pub use config::{Accel, Arch, DiskConfig, VmConfig, MIN_MEMORY_MIB};
+pub use config::{Accel, Arch, BackendKind, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::{ErrorClass, VmError};
-pub use runtime_dir::{new_vm_id, RuntimeDir};
+pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;
 use std::time::Duration;
@@ -65,6 +63,34 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether this backend can run VMs here.
     async fn probe(&self) -> Probe;
+    /// Whether this backend can run `config` here, and with which accelerator; the error says
+    /// why not (for [`select::select`]). The default suits backends without an accelerator
+    /// choice: usable when [`Backend::probe`] says so, and only without
+    /// [`VmConfig::accel`].
+    async fn fit(&self, config: &VmConfig) -> Result<select::Fit, VmError> {
+        if let Some(accel) = config.accel {
+            return Err(error::ConfigError::Unsupported(format!(
+                "backend {} has no accelerator choice (--accel {accel} is for QEMU)",
+                self.name()
+            ))
+            .into());
+        }
+        match self.probe().await {
+            Probe::Usable { .. } => Ok(select::Fit::default()),
+            Probe::Unusable { reason } => Err(VmError::Unavailable {
+                backend: self.name(),
+                reason,
+            }),
+        }
+    }
+    /// This backend's section of `vmcp doctor`. The default is the probe as one check.
+    async fn checks(&self) -> select::Section {
+        let check = match self.probe().await {
+            Probe::Usable { detail } => select::Check::new(self.name(), true, detail),
+            Probe::Unusable { reason } => select::Check::new(self.name(), false, reason),
+        };
+        select::Section::new(format!("{} backend", self.name()), vec![check])
+    }
     /// Validates `config` and prepares a VM (runtime directory, command line); starts nothing.
     async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError>;
 }

@@ -23,20 +23,25 @@
 //!
 //! # Limits
 //! - No vsock channel yet ([`VmCapabilities::vsock`] is false); virtio-serial works everywhere.
-//! - Pause/resume are QMP `stop`/`cont`; no snapshot through this API yet.
+//! - Pause/resume are QMP `stop`/`cont`. Snapshots ([`snapshot`]) need the VM's RAM in a
+//!   shared file ([`QemuMachine::set_memory_file`]) and work on Linux only.
 
 pub mod accel;
 pub mod binary;
 pub mod cmdline;
 pub mod console;
+pub mod doctor;
+pub mod host_windows;
 pub mod qmp;
+pub mod snapshot;
 pub mod spawn;
-pub mod stale;
 
 #[cfg(target_os = "linux")]
 mod platform_linux;
 #[cfg(target_os = "linux")]
 use platform_linux as platform;
+#[cfg(not(target_os = "linux"))]
+mod no_snapshot;
 #[cfg(not(any(target_os = "linux", windows)))]
 mod platform_unsupported;
 #[cfg(not(any(target_os = "linux", windows)))]
@@ -48,14 +53,14 @@ use platform_windows as platform;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, QemuPlan, RootfsArg,
+    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, MemoryFile, QemuPlan, RootfsArg,
     VirtioTransport, AGENT_PORT,
 };
 
@@ -149,35 +154,17 @@ impl QemuBackend {
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
-        let binary = match &self.options.qemu_binary {
-            Some(b) => b.clone(),
-            None => binary::find(config.arch).map_err(|e| VmError::Unavailable {
-                backend: BACKEND,
-                reason: e.to_string(),
-            })?,
-        };
+        let binary = self.binary(config.arch)?;
         Lifecycle::prepare(&config, |prepared| {
+            // The runtime directory was made private, with its owner file, and its stale
+            // siblings swept, by `vmcp_host_process::RuntimeDir`.
             let runtime = prepared.dir;
-            if let Some(base) = runtime.path().parent() {
-                stale::sweep(base, platform::dir_is_mine, platform::start_time);
-            }
-            let me = std::process::id();
-            if let Some(start) = platform::start_time(me) {
-                std::fs::write(
-                    runtime.join(stale::OWNER_FILE),
-                    stale::owner_line(me, start),
-                )
-                .map_err(|source| VmError::Host {
-                    what: "write the runtime directory's owner file".into(),
-                    source,
-                })?;
-            }
             let console_log = config
                 .console_log
                 .clone()
                 .unwrap_or_else(|| runtime.join("console.log"));
-            let drop_to = (self.options.drop_privileges && platform::is_root())
-                .then(|| platform::unprivileged_ids(choice.accel == crate::Accel::Kvm));
+            let drop_to = (self.options.drop_privileges && vmcp_host_process::is_root())
+                .then(|| spawn::unprivileged_ids(choice.accel == crate::Accel::Kvm));
             Ok(QemuMachine {
                 config: config.clone(),
                 binary,
@@ -187,6 +174,7 @@ impl QemuBackend {
                 options: self.options.clone(),
                 drop_to,
                 console_log,
+                log: console::LogFile::default(),
                 child: None,
                 pid: None,
                 qmp: None,
@@ -195,8 +183,20 @@ impl QemuBackend {
                 stderr: console::Tail::default(),
                 tasks: Vec::new(),
                 argv: Vec::new(),
+                memory_file: None,
             })
         })
+    }
+
+    /// The QEMU binary for `arch`: the configured one, else found in `$VMCP_QEMU` and `PATH`.
+    fn binary(&self, arch: Arch) -> Result<PathBuf, VmError> {
+        match &self.options.qemu_binary {
+            Some(b) => Ok(b.clone()),
+            None => binary::find(arch).map_err(|e| VmError::Unavailable {
+                backend: BACKEND,
+                reason: e.to_string(),
+            }),
+        }
     }
 
     /// Probes the binary, its version and the accelerator.
@@ -229,6 +229,22 @@ impl Backend for QemuBackend {
         }
     }
 
+    /// QEMU fits when it can launch here and its binary is found; the accelerator is the
+    /// requested one if usable, else the host's hardware one, else TCG with a notice.
+    async fn fit(&self, config: &VmConfig) -> Result<crate::select::Fit, VmError> {
+        platform::LAUNCH_SUPPORTED.map_err(|reason| VmError::Unavailable {
+            backend: BACKEND,
+            reason: reason.to_string(),
+        })?;
+        self.binary(config.arch)?;
+        let choice = self.choose_accel(config.arch, config.accel)?;
+        Ok(crate::select::Fit::new(Some(choice.accel), choice.notice))
+    }
+
+    async fn checks(&self) -> crate::select::Section {
+        doctor::section(self).await
+    }
+
     async fn create(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {
         Ok(Box::new(self.create_qemu(config).await?))
     }
@@ -248,7 +264,9 @@ pub struct QemuMachine {
     options: QemuOptions,
     drop_to: Option<platform::Ids>,
     console_log: PathBuf,
-    child: Option<tokio::process::Child>,
+    /// The open console log (closed on drop, whatever the capture task does).
+    log: console::LogFile,
+    child: Option<vmcp_host_process::OwnedChild>,
     pid: Option<u32>,
     qmp: Option<qmp::QmpClient<platform::HostStream>>,
     agent_stream: Option<platform::HostStream>,
@@ -256,6 +274,8 @@ pub struct QemuMachine {
     stderr: console::Tail,
     tasks: Vec<JoinHandle<()>>,
     argv: Vec<OsString>,
+    /// Guest RAM in this file, mapped shared (a VM that can be saved).
+    memory_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for QemuMachine {
@@ -300,6 +320,15 @@ fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
 }
 
 impl QemuMachine {
+    /// Puts the guest's RAM in the file `path` (created or truncated, sparse, the VM's
+    /// memory size) instead of anonymous memory, which is what lets [`Vm::save_snapshot`]
+    /// write only the device state plus a copy of the pages the guest touched. Takes effect
+    /// at the next launch. Put the file on a fast file system (tmpfs or the snapshot
+    /// store's); it is removed with the VM only if it is inside its runtime directory.
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.memory_file = Some(path);
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.pid
@@ -322,7 +351,7 @@ impl QemuMachine {
 
     /// QEMU's resident set size in KiB, while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
-        self.pid.and_then(platform::rss_kib)
+        self.pid.and_then(vmcp_host_process::rss_kib)
     }
 
     /// Runs a QMP command without arguments, bounded by the QMP timeout.
@@ -377,19 +406,17 @@ impl QemuMachine {
 
     async fn kill_now(&mut self) -> Result<(), VmError> {
         if let Some(child) = self.child.as_mut() {
-            if let Ok(None) = child.try_wait() {
-                if let Some(pid) = child.id() {
-                    platform::kill_group(pid);
-                }
-                let _ = child.start_kill();
-            }
-            tokio::time::timeout(REAP_TIMEOUT, child.wait())
+            // Kills QEMU's whole process group, then reaps QEMU.
+            child
+                .kill_and_wait(REAP_TIMEOUT)
                 .await
-                .map_err(|_| VmError::Hypervisor {
-                    backend: BACKEND,
-                    what: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
-                })?
-                .map_err(host_err("reap QEMU"))?;
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::TimedOut => VmError::Hypervisor {
+                        backend: BACKEND,
+                        what: format!("QEMU did not exit within {REAP_TIMEOUT:?} of SIGKILL"),
+                    },
+                    _ => host_err("reap QEMU")(e),
+                })?;
         }
         self.reaped();
         Ok(())
@@ -399,13 +426,44 @@ impl QemuMachine {
         &self,
         token: &str,
         inherited: &mut Inherited,
+        restore_memory: Option<&Path>,
     ) -> Result<(QemuPlan, [platform::HostStream; 3]), VmError> {
-        let kernel = platform::open_for_child(&self.config.kernel, false).map_err(host_err(
-            format!("open kernel {}", self.config.kernel.display()),
-        ))?;
-        let initrd = platform::open_for_child(&self.config.initrd, false).map_err(host_err(
-            format!("open initrd {}", self.config.initrd.display()),
-        ))?;
+        let (kernel, initrd, memory) = match restore_memory {
+            // A restore boots nothing: the guest's memory already holds the kernel.
+            Some(memory) => {
+                let fd = platform::open_for_child(memory, false)
+                    .map_err(host_err(format!("open {}", memory.display())))?;
+                (
+                    FileRef::Path(self.config.kernel.clone()),
+                    FileRef::Path(self.config.initrd.clone()),
+                    Some(MemoryFile {
+                        file: inherited.file(fd),
+                        shared: false,
+                    }),
+                )
+            }
+            None => {
+                let kernel = platform::open_for_child(&self.config.kernel, false).map_err(
+                    host_err(format!("open kernel {}", self.config.kernel.display())),
+                )?;
+                let initrd = platform::open_for_child(&self.config.initrd, false).map_err(
+                    host_err(format!("open initrd {}", self.config.initrd.display())),
+                )?;
+                let memory = match &self.memory_file {
+                    Some(path) => {
+                        let bytes = u64::from(self.config.memory_mib) << 20;
+                        let fd = platform::create_memory_file(path, bytes, self.drop_to.as_ref())
+                            .map_err(host_err(format!("create {}", path.display())))?;
+                        Some(MemoryFile {
+                            file: inherited.file(fd),
+                            shared: true,
+                        })
+                    }
+                    None => None,
+                };
+                (inherited.file(kernel), inherited.file(initrd), memory)
+            }
+        };
         let rootfs = match &self.config.rootfs {
             None => None,
             Some(d) => {
@@ -436,8 +494,8 @@ impl QemuMachine {
             host: self.host,
             cpus: self.config.cpus,
             memory_mib: self.config.memory_mib,
-            kernel: inherited.file(kernel),
-            initrd: inherited.file(initrd),
+            kernel,
+            initrd,
             append: self.kernel_args(token).render(),
             rootfs,
             qmp,
@@ -447,6 +505,8 @@ impl QemuMachine {
             virtio: self.options.virtio,
             network: self.config.network,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
+            memory,
+            incoming: restore_memory.is_some(),
         };
         Ok((plan, [qmp_host, console_host, agent_host]))
     }
@@ -461,6 +521,7 @@ impl Machine for QemuMachine {
     fn capabilities(&self) -> VmCapabilities {
         VmCapabilities {
             pause: true,
+            snapshot: self.host == HostOs::Linux && self.memory_file.is_some(),
             ..VmCapabilities::default()
         }
     }
@@ -480,73 +541,7 @@ impl Machine for QemuMachine {
     /// Start = spawn + QMP handshake + `query-status` is `running`, so bad QEMU arguments fail
     /// here with QEMU's own message.
     async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
-        let mut inherited = Inherited { fds: Vec::new() };
-        let (plan, [qmp_host, console_host, agent_host]) = self.plan(token, &mut inherited)?;
-        self.argv = plan.argv();
-        tracing::debug!(argv = ?self.argv, "starting QEMU");
-        let mut child = platform::spawn(platform::SpawnSpec {
-            argv: self.argv.clone(),
-            inherit: inherited.fds.iter().map(platform::ChildFd::raw).collect(),
-            drop_to: self.drop_to.clone(),
-        })
-        .await
-        .map_err(VmError::Spawn)?;
-        drop(inherited);
-        self.pid = child.id();
-        let log = self.console_log.clone();
-        let tail = self.console.clone();
-        self.tasks.push(tokio::spawn(async move {
-            console::capture(console_host, tail, Some(&log)).await;
-        }));
-        if let Some(stderr) = child.stderr.take() {
-            let tail = self.stderr.clone();
-            self.tasks.push(tokio::spawn(async move {
-                console::capture(stderr, tail, None).await
-            }));
-        }
-        self.agent_stream = Some(agent_host);
-        let handshake = async {
-            let mut q = qmp::QmpClient::connect(qmp_host).await?;
-            let status = q.query_status().await?;
-            Ok::<_, qmp::QmpError>((q, status))
-        };
-        let qmp_timeout = self.options.qmp_timeout;
-        let result = tokio::select! {
-            r = tokio::time::timeout(qmp_timeout, handshake) => r,
-            status = child.wait() => {
-                self.child = Some(child);
-                return Err(LaunchError::Exited(self.exited(status).await));
-            }
-        };
-        self.child = Some(child);
-        let failure = match result {
-            Ok(Ok((q, status))) if status == "running" => {
-                self.qmp = Some(q);
-                return Ok(());
-            }
-            Ok(Ok((_, status))) => VmError::Hypervisor {
-                backend: BACKEND,
-                what: format!("QEMU reports state {status:?} after start"),
-            },
-            Ok(Err(source)) => VmError::Qmp {
-                command: "qmp_capabilities and query-status",
-                source,
-            },
-            Err(_) => VmError::Qmp {
-                command: "qmp_capabilities and query-status",
-                source: qmp::QmpError::Timeout(qmp_timeout),
-            },
-        };
-        // QEMU is up but not as expected, or died mid-handshake: report its exit if it is
-        // exiting, else kill it and report what QMP said.
-        if let Some(child) = self.child.as_mut() {
-            if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), child.wait()).await
-            {
-                return Err(LaunchError::Exited(self.exited(status).await));
-            }
-        }
-        let _ = self.kill_now().await;
-        Err(failure.into())
+        self.spawn_qemu(token, None).await
     }
 
     fn agent_stream(&mut self) -> AgentConnect {
@@ -580,6 +575,179 @@ impl Machine for QemuMachine {
     async fn resume(&mut self) -> Result<(), VmError> {
         self.qmp_command("cont").await
     }
+
+    fn snapshot_support(&self) -> Result<(), VmError> {
+        if self.host == HostOs::Linux {
+            Ok(())
+        } else {
+            Err(VmError::Unsupported(
+                "save or restore a QEMU snapshot on this OS (Linux only so far)",
+            ))
+        }
+    }
+
+    /// The saved guest's agent is idle in a read of its virtio-serial port, which stays
+    /// connected across the restore: it says nothing until the lifecycle re-keys it.
+    fn agent_hello_after_load(&self) -> bool {
+        false
+    }
+
+    /// Writes the snapshot directory `path`: the device state (QEMU stopped by the
+    /// lifecycle) and a sparse copy of the memory file, so the VM can go on running.
+    async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        let Some(memory) = self.memory_file.clone() else {
+            return Err(VmError::Unsupported(
+                "save a QEMU VM started without a memory file (QemuMachine::set_memory_file)",
+            ));
+        };
+        std::fs::create_dir_all(path).map_err(host_err(format!("create {}", path.display())))?;
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = std::fs::File::create(&files.state)
+            .map_err(host_err(format!("create {}", files.state.display())))?;
+        let Some(q) = self.qmp.as_mut() else {
+            return Err(VmError::Qmp {
+                command: "migrate",
+                source: qmp::QmpError::Closed,
+            });
+        };
+        snapshot::save(q, &state, false)
+            .await
+            .map_err(VmError::SnapshotSave)?;
+        let (from, to) = (memory.clone(), files.memory.clone());
+        tokio::task::spawn_blocking(move || platform::copy_sparse(&from, &to))
+            .await
+            .map_err(|e| host_err("copy the memory file")(std::io::Error::other(e)))?
+            .map_err(host_err(format!(
+                "copy {} to {}",
+                memory.display(),
+                files.memory.display()
+            )))?;
+        platform::seal_memory_file(&files.memory, self.drop_to.as_ref())
+            .map_err(host_err(format!("seal {}", files.memory.display())))
+    }
+
+    /// QEMU with the snapshot's memory mapped copy-on-write and no kernel; the device state
+    /// loaded over QMP; the guest running.
+    async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
+        let files = snapshot::SnapshotFiles::in_dir(path);
+        let state = files
+            .check(self.config.memory_mib)
+            .map_err(VmError::SnapshotRestore)?;
+        self.spawn_qemu(token, Some(&files.memory)).await?;
+        tracing::debug!("QEMU answers on QMP; loading the device state");
+        let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
+            return Err(LaunchError::Failed(VmError::Qmp {
+                command: "migrate-incoming",
+                source: qmp::QmpError::Closed,
+            }));
+        };
+        let loaded = tokio::select! {
+            r = snapshot::load(q, &state) => Ok(r),
+            status = child.wait() => Err(status),
+        };
+        match loaded {
+            Ok(Ok(())) => {
+                tracing::debug!("device state loaded, guest running");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                let _ = self.kill_now().await;
+                Err(LaunchError::Failed(VmError::SnapshotRestore(e)))
+            }
+            Err(status) => Err(LaunchError::Exited(self.exited(status).await)),
+        }
+    }
+}
+
+impl QemuMachine {
+    /// Spawns QEMU and checks it over QMP: `running` after a boot, `inmigrate` when
+    /// `restore_memory` names a snapshot's memory file (the state is loaded next).
+    async fn spawn_qemu(
+        &mut self,
+        token: &str,
+        restore_memory: Option<&Path>,
+    ) -> Result<(), LaunchError> {
+        let expected = if restore_memory.is_some() {
+            "inmigrate"
+        } else {
+            "running"
+        };
+        // Opened once, before QEMU starts, so a refused path (a symlink, another user's file)
+        // fails the start with its reason.
+        let log = console::LogFile::open(&self.console_log).map_err(host_err(format!(
+            "open the console log {}",
+            self.console_log.display()
+        )))?;
+        self.log.close();
+        self.log = log.clone();
+        let mut inherited = Inherited { fds: Vec::new() };
+        let (plan, [qmp_host, console_host, agent_host]) =
+            self.plan(token, &mut inherited, restore_memory)?;
+        self.argv = plan.argv();
+        tracing::debug!(argv = ?self.argv, "starting QEMU");
+        let mut child = platform::spawn(platform::SpawnSpec {
+            argv: self.argv.clone(),
+            inherit: inherited.fds.iter().map(platform::ChildFd::raw).collect(),
+            drop_to: self.drop_to.clone(),
+        })
+        .await
+        .map_err(VmError::Spawn)?;
+        drop(inherited);
+        self.pid = child.id();
+        let tail = self.console.clone();
+        self.tasks.push(tokio::spawn(async move {
+            console::capture(console_host, tail, Some(log)).await;
+        }));
+        if let Some(stderr) = child.take_stderr() {
+            let tail = self.stderr.clone();
+            self.tasks.push(tokio::spawn(async move {
+                console::capture(stderr, tail, None).await
+            }));
+        }
+        self.agent_stream = Some(agent_host);
+        let handshake = async {
+            let mut q = qmp::QmpClient::connect(qmp_host).await?;
+            let status = q.query_status().await?;
+            Ok::<_, qmp::QmpError>((q, status))
+        };
+        let qmp_timeout = self.options.qmp_timeout;
+        let result = tokio::select! {
+            r = tokio::time::timeout(qmp_timeout, handshake) => r,
+            status = child.wait() => {
+                self.child = Some(child);
+                return Err(LaunchError::Exited(self.exited(status).await));
+            }
+        };
+        self.child = Some(child);
+        let failure = match result {
+            Ok(Ok((q, status))) if status == expected => {
+                self.qmp = Some(q);
+                return Ok(());
+            }
+            Ok(Ok((_, status))) => VmError::Hypervisor {
+                backend: BACKEND,
+                what: format!("QEMU reports state {status:?} after start"),
+            },
+            Ok(Err(source)) => VmError::Qmp {
+                command: "qmp_capabilities and query-status",
+                source,
+            },
+            Err(_) => VmError::Qmp {
+                command: "qmp_capabilities and query-status",
+                source: qmp::QmpError::Timeout(qmp_timeout),
+            },
+        };
+        // QEMU is up but not as expected, or died mid-handshake: report its exit if it is
+        // exiting, else kill it and report what QMP said.
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(status) = tokio::time::timeout(Duration::from_millis(500), child.wait()).await
+            {
+                return Err(LaunchError::Exited(self.exited(status).await));
+            }
+        }
+        let _ = self.kill_now().await;
+        Err(failure.into())
+    }
 }
 
 impl Drop for QemuMachine {
@@ -587,26 +755,9 @@ impl Drop for QemuMachine {
         for t in &self.tasks {
             t.abort();
         }
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(None) = child.try_wait() {
-            if let Some(pid) = child.id() {
-                platform::kill_group(pid);
-            }
-            let _ = child.start_kill();
-            // Reap synchronously (bounded): a dropped VM must not outlive its handle. SIGKILL
-            // takes effect in milliseconds; the loop only waits for the kernel to tear down.
-            let until = Instant::now() + REAP_TIMEOUT;
-            while Instant::now() < until {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        }
-        // `child` drops here (kill_on_drop covers the case where reaping timed out; tokio
-        // then reaps it in the background). The runtime directory is removed after this.
+        self.log.close();
+        // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
+        // runtime directory is removed after this.
     }
 }
 
@@ -640,6 +791,11 @@ impl Lifecycle<QemuMachine> {
     /// QEMU's resident set size in KiB, while it runs.
     pub fn rss_kib(&self) -> Option<u64> {
         self.machine().rss_kib()
+    }
+
+    /// See [`QemuMachine::set_memory_file`]; call before [`Vm::start`].
+    pub fn set_memory_file(&mut self, path: PathBuf) {
+        self.machine_mut().set_memory_file(path);
     }
 }
 

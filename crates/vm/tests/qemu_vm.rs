@@ -338,6 +338,116 @@ async fn boot_failures_are_reported_with_the_console() {
     assert!(text.to_lowercase().contains("panic"), "{text}");
 }
 
+/// Resident memory of this process in KiB (Linux `/proc`), `None` elsewhere.
+fn own_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A guest writing without pause to a library consumer that stops reading for 15 s: the
+/// flow-control window stops the guest process, this process's memory stays flat, and the
+/// output flows again when the consumer reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_consumer_keeps_host_memory_flat() {
+    let Some(img) = prerequisites() else { return };
+    let Some(before) = own_rss_kib() else {
+        vmcp_test_support::skipped!("SKIPPED: needs /proc/self/status to measure memory");
+        return;
+    };
+    let _lock = vm_lock().await;
+    let (mut vm, _) = boot(&img, QemuBackend::new()).await;
+    let agent = vm.agent().unwrap();
+    let mut p = agent
+        .exec(ExecSpec::new(["head", "-c", "2000000000", "/dev/zero"]))
+        .await
+        .unwrap();
+    // Take the first event, then stall for 15 s while sampling memory.
+    assert!(matches!(
+        p.next_event().await.unwrap(),
+        Some(ProcessEvent::Stdout(_))
+    ));
+    let mut peak = 0;
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak = peak.max(own_rss_kib().unwrap());
+    }
+    assert!(
+        peak < 64 * 1024,
+        "RSS {peak} KiB (before the VM: {before} KiB)"
+    );
+    assert!(
+        peak < before + 16 * 1024,
+        "RSS grew from {before} to {peak} KiB while the consumer stalled"
+    );
+    // Reading again: output flows (well beyond one window).
+    let mut got = 0usize;
+    while got < 32 * 1024 * 1024 {
+        match p.next_event().await.unwrap() {
+            Some(ProcessEvent::Stdout(d)) => got += d.len(),
+            other => panic!("{other:?}"),
+        }
+    }
+    p.control().signal(9).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match p.next_event().await.unwrap() {
+                Some(ProcessEvent::Exited(s)) => break s,
+                Some(_) => {}
+                None => panic!("no exit"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out, ExitStatus::Signal(9));
+    // The agent still answers after all that.
+    agent.ping().await.unwrap();
+    vm.shutdown(Duration::from_secs(20)).await.unwrap();
+}
+
+/// More stdin than the guest has memory, into a process that does not read it: the agent
+/// holds one window, the host's writer waits, and the guest stays alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_stdin_does_not_exhaust_guest_memory() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let backend = QemuBackend::new();
+    let mut config = img.config();
+    config.memory_mib = 128;
+    let mut vm = backend.create_qemu(config).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    let agent = vm.agent().unwrap();
+    let mut spec = ExecSpec::new(["sh", "-c", "sleep 6; head -c 1000000 | wc -c"]);
+    spec.stdin = true;
+    let p = agent.exec(spec).await.unwrap();
+    let ctl = p.control().clone();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'z'; 1 << 20];
+        let mut sent = 0usize;
+        // 300 MB, far more than the guest's 128 MiB.
+        while sent < 300 << 20 {
+            if ctl.write_stdin(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), p.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000000");
+    // The writer got an error (the process ended) long before 300 MB.
+    let sent = writer.await.unwrap();
+    assert!(sent < 300 << 20, "{sent}");
+    agent.ping().await.unwrap();
+    vm.shutdown(Duration::from_secs(20)).await.unwrap();
+}
+
 /// A small ext4 image holding a static busybox and a marker file, or `None` (printed SKIPPED)
 /// when the host lacks `mkfs.ext4` or a static busybox.
 fn make_rootfs(dir: &std::path::Path) -> Option<std::path::PathBuf> {

@@ -37,6 +37,24 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
         ),
         (id, s).prop_map(|(id, path)| HostMsg::ReadFile { id, path }),
         id.prop_map(|id| HostMsg::Poweroff { id }),
+        (
+            id,
+            s,
+            proptest::collection::vec(any::<u8>(), 0..64),
+            any::<u64>(),
+            s
+        )
+            .prop_map(
+                |(id, token, entropy, unix_time_ns, hostname)| HostMsg::Rekey(Rekey {
+                    id,
+                    token,
+                    entropy,
+                    unix_time_ns,
+                    hostname
+                })
+            ),
+        (id, any::<u32>()).prop_map(|(id, credit)| HostMsg::Credit { id, credit }),
+        id.prop_map(|id| HostMsg::Discard { id }),
     ]
 }
 
@@ -79,6 +97,7 @@ fn guest_msg() -> impl Strategy<Value = GuestMsg> {
             message
         }),
         (id, data, any::<bool>()).prop_map(|(id, data, eof)| GuestMsg::FileData { id, data, eof }),
+        (id, any::<u32>()).prop_map(|(id, credit)| GuestMsg::StdinCredit { id, credit }),
     ]
 }
 
@@ -216,4 +235,84 @@ fn capabilities_bits() {
     assert!(c.has(Capabilities::EXEC));
     assert!(c.has(Capabilities::EXEC | Capabilities::FILES));
     assert!(!c.has(Capabilities::POWEROFF));
+}
+
+#[test]
+fn rekey_debug_hides_its_secrets() {
+    let r = Rekey {
+        id: 7,
+        token: "sekrit-token".into(),
+        entropy: vec![0xAB; 32],
+        unix_time_ns: 1,
+        hostname: "vmcp-abc".into(),
+    };
+    let text = format!("{:?}", HostMsg::Rekey(r));
+    assert!(!text.contains("sekrit") && !text.contains("171"), "{text}");
+    assert!(
+        text.contains("<32 bytes>") && text.contains("vmcp-abc"),
+        "{text}"
+    );
+}
+
+#[test]
+fn flow_control_accounting() {
+    assert_eq!(credit_cost(0), MSG_COST);
+    assert_eq!(credit_cost(CHUNK_SIZE), CHUNK_SIZE as u32 + MSG_COST);
+    assert_eq!(credit_cost(usize::MAX), u32::MAX);
+    // A full window holds at least a few full chunks.
+    assert!(STREAM_WINDOW / credit_cost(CHUNK_SIZE) >= 8);
+    let out = GuestMsg::Stdout {
+        id: 3,
+        data: vec![0; 10],
+    };
+    assert_eq!(
+        (out.request_id(), out.window_cost()),
+        (Some(3), 10 + MSG_COST)
+    );
+    let file = GuestMsg::FileData {
+        id: 4,
+        data: vec![],
+        eof: true,
+    };
+    assert_eq!(file.window_cost(), MSG_COST);
+    assert_eq!(
+        GuestMsg::Exited {
+            id: 5,
+            status: ExitStatus::Code(0)
+        }
+        .window_cost(),
+        0
+    );
+    assert_eq!(
+        GuestMsg::StdinCredit { id: 6, credit: 9 }.request_id(),
+        Some(6)
+    );
+    let hello = GuestMsg::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: String::new(),
+        capabilities: Capabilities(0),
+        token: String::new(),
+        boot_ns: 0,
+    });
+    assert_eq!((hello.request_id(), hello.window_cost()), (None, 0));
+}
+
+/// The hello of protocol 1 and of this version have the same layout, so a host can always
+/// read the version of the agent it meets and refuse it with a clear message.
+#[test]
+fn hello_layout_is_stable_across_versions() {
+    let old = GuestMsg::Hello(Hello {
+        protocol_version: 1,
+        agent_version: "0.1.0".into(),
+        capabilities: Capabilities(15),
+        token: "t".into(),
+        boot_ns: 7,
+    });
+    // Bytes a protocol-1 agent sent (variant 0, fields in order, varints).
+    let v1_frame: &[u8] = &[
+        12, 0, 0, 0, 1, 0, 1, 5, b'0', b'.', b'1', b'.', b'0', 15, 1, b't', 7,
+    ];
+    assert_eq!(encode(&old).unwrap(), v1_frame);
+    let (back, _) = decode::<GuestMsg>(v1_frame).unwrap().unwrap();
+    assert_eq!(back, old);
 }

@@ -15,8 +15,10 @@
 //!   no agent), then a kill when the guest is not down by the deadline;
 //! - snapshots: pause, [`Machine::save_state`], resume, and a backend-neutral
 //!   [`SnapshotManifest`] beside the state file; restore is [`Machine::load_state`] with the
-//!   manifest's token, then the usual wait for the agent, which reconnects and says hello
-//!   with the token it had when it was saved.
+//!   manifest's token (the saved guest's kernel command line), then the wait for the agent
+//!   **re-keys** it: a restore is a new VM, so the agent gets this VM's own token, fresh
+//!   entropy for its kernel RNG, the host's wall clock and the hostname `vmcp-<id>`
+//!   ([`AgentClient::connect_restored`]); the token in the snapshot's memory opens nothing.
 //!
 //! ```text
 //! Created --start--> Starting --wait_ready--> Running <--pause/resume--> Paused
@@ -140,6 +142,12 @@ pub trait Machine: Send + Sync + 'static {
         let _ = path;
         Err(VmError::Unsupported("save a VM snapshot"))
     }
+    /// Whether the agent of a machine brought up by [`Machine::load_state`] says hello again
+    /// (with the token it was saved with) before it is re-keyed: `true` where the channel
+    /// reconnects (vsock), `false` where it stays connected across the restore.
+    fn agent_hello_after_load(&self) -> bool {
+        true
+    }
     /// Instead of [`Machine::launch`]: brings the machine up from the state at `path`,
     /// running, with the guest's kernel command line carrying `token` (the token the saved
     /// guest knows). The agent then reconnects through [`Machine::agent_stream`].
@@ -181,6 +189,8 @@ pub struct Lifecycle<M: Machine> {
     state: VmState,
     agent: Option<AgentClient>,
     started: Option<Instant>,
+    /// Brought up from a snapshot whose guest knows this token: re-key before ready.
+    restored_from: Option<String>,
 }
 
 impl<M: Machine> std::fmt::Debug for Lifecycle<M> {
@@ -228,12 +238,23 @@ impl<M: Machine> Lifecycle<M> {
             state: VmState::Created,
             agent: None,
             started: None,
+            restored_from: None,
         })
     }
 
     /// The backend's machine (for backend-specific queries such as QEMU's pid).
     pub fn machine(&self) -> &M {
         &self.machine
+    }
+
+    /// The backend's machine, for backend-specific settings before a start.
+    pub fn machine_mut(&mut self) -> &mut M {
+        &mut self.machine
+    }
+
+    /// Whether this VM was brought up from a snapshot.
+    pub fn is_restored(&self) -> bool {
+        self.restored_from.is_some()
     }
 
     fn expect_state(&self, op: &'static str, ok: &[VmState]) -> Result<VmState, VmError> {
@@ -339,6 +360,12 @@ impl<M: Machine> Vm for Lifecycle<M> {
         let deadline = Instant::now() + timeout;
         let connect = self.machine.agent_stream();
         let token = self.token.clone();
+        // A restored guest: its old hello (where the channel reconnects), then the re-key.
+        let rekey = self.restored_from.clone().map(|old| {
+            let old_hello = self.machine.agent_hello_after_load().then_some(old);
+            let identity = crate::agent::new_identity(&token, &format!("vmcp-{}", self.id));
+            (identity, old_hello)
+        });
         let hello = async move {
             let stream = match tokio::time::timeout(timeout, connect).await {
                 Ok(Ok(s)) => s,
@@ -346,7 +373,14 @@ impl<M: Machine> Vm for Lifecycle<M> {
                 Err(_) => return Waited::TimedOut,
             };
             let left = deadline.saturating_duration_since(Instant::now());
-            match AgentClient::connect(stream, &token, left).await {
+            let connected = match rekey {
+                Some((identity, old_hello)) => {
+                    AgentClient::connect_restored(stream, identity, old_hello.as_deref(), left)
+                        .await
+                }
+                None => AgentClient::connect(stream, &token, left).await,
+            };
+            match connected {
                 Ok(client) => Waited::Ready(client),
                 Err(AgentError::HelloTimeout(_)) => Waited::TimedOut,
                 Err(e) => Waited::Agent(e),
@@ -358,6 +392,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
         };
         match waited {
             Waited::Ready(client) => {
+                tracing::debug!(restored = self.restored_from.is_some(), "agent ready");
                 let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
                 self.agent = Some(client);
                 self.state = VmState::Running;
@@ -492,8 +527,9 @@ impl<M: Machine> Vm for Lifecycle<M> {
         self.started = Some(Instant::now());
         match self.machine.load_state(path, &manifest.token).await {
             Ok(()) => {
-                // The restored guest knows the token it was saved with.
-                self.token = manifest.token;
+                // The restored guest knows the token it was saved with; `wait_ready` gives it
+                // this VM's own.
+                self.restored_from = Some(manifest.token);
                 self.state = VmState::Starting;
                 Ok(())
             }

@@ -286,10 +286,15 @@ async fn snapshot_save_and_restore_to_ready_with_the_saved_token() {
     let mut restored = b.create(cfg.clone()).await.unwrap();
     restored.restore_snapshot(&snap).await.unwrap();
     assert_eq!(restored.state(), VmState::Starting);
-    // The fake guest says hello with the token it was given: the manifest's, not the new
-    // VM's own, and the lifecycle accepts it.
+    // The fake guest says hello with the token it was given (the manifest's); the lifecycle
+    // accepts that hello only as the start of the re-key, and the agent then presents the
+    // restored VM's own token.
     restored.wait_ready(T).await.unwrap();
-    restored.agent().unwrap().ping().await.unwrap();
+    let agent = restored.agent().unwrap();
+    assert_ne!(agent.hello().token, manifest.token, "re-keyed");
+    assert_eq!(agent.hello().token.len(), 32);
+    agent.ping().await.unwrap();
+    drop(agent);
     assert!(matches!(
         restored.restore_snapshot(&snap).await,
         Err(VmError::InvalidState { .. })
@@ -408,4 +413,47 @@ async fn restore_refuses_missing_bad_or_foreign_manifests() {
     write(&ok).unwrap();
     vm.restore_snapshot(&snap).await.unwrap();
     vm.wait_ready(T).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restored_guest_that_keeps_the_snapshots_token_is_refused() {
+    let (d, cfg) = config();
+    let snap = d.path().join("vm.state");
+    let b = FakeBackend::responder(Faults::default());
+    let mut vm = b.create(cfg.clone()).await.unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(T).await.unwrap();
+    vm.save_snapshot(&snap).await.unwrap();
+    drop(vm);
+    // This guest answers the re-key with a hello carrying the old token again.
+    let stubborn = FakeBackend::new(
+        Arc::new(|mut s, token| {
+            Box::pin(async move {
+                use vmcp_guest_proto::{read_msg_async, write_msg_async, GuestMsg, Hello};
+                let hello = GuestMsg::Hello(Hello {
+                    protocol_version: vmcp_guest_proto::PROTOCOL_VERSION,
+                    agent_version: "stubborn".into(),
+                    capabilities: vmcp_guest_proto::Capabilities(0),
+                    token,
+                    boot_ns: 0,
+                });
+                let mut buf = Vec::new();
+                let _ = write_msg_async(&mut s, &hello).await;
+                while let Ok(Some(_)) =
+                    read_msg_async::<vmcp_guest_proto::HostMsg, _>(&mut s, &mut buf).await
+                {
+                    let _ = write_msg_async(&mut s, &hello).await;
+                }
+            })
+        }),
+        Faults::default(),
+    );
+    let mut restored = stubborn.create(cfg).await.unwrap();
+    restored.restore_snapshot(&snap).await.unwrap();
+    let e = restored.wait_ready(T).await.unwrap_err();
+    assert!(
+        matches!(e, VmError::Agent(crate::agent::AgentError::BadToken)),
+        "{e:?}"
+    );
+    assert_eq!(restored.state(), VmState::Stopped);
 }

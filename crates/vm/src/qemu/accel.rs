@@ -151,7 +151,7 @@ pub fn read_host_facts(os: HostOs, arch: Arch) -> HostFacts {
         cpu_khz: cpuinfo.as_deref().and_then(parse_cpu_khz),
         vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
         hvf: Err("not probed by this build".into()),
-        whpx: crate::windows::whpx_fact(),
+        whpx: crate::qemu::host_windows::whpx_fact(),
     }
 }
 

@@ -27,7 +27,7 @@ pub enum FindError {
         package: &'static str,
     },
     /// Not in `PATH` nor in `%ProgramFiles%\\qemu` (Windows).
-    #[error("{name} was not found in PATH or in %ProgramFiles%\\qemu: install QEMU for Windows from {url} or set ${QEMU_ENV}", url = crate::windows::qemu_args::QEMU_DOWNLOAD_URL)]
+    #[error("{name} was not found in PATH or in %ProgramFiles%\\qemu: install QEMU for Windows from {url} or set ${QEMU_ENV}", url = crate::qemu::host_windows::qemu_args::QEMU_DOWNLOAD_URL)]
     NotFoundWindows {
         /// Binary name looked for.
         name: String,
@@ -101,7 +101,7 @@ pub fn find(arch: Arch) -> Result<PathBuf, FindError> {
     match found {
         // Windows: the QEMU installer does not add itself to PATH; try its default folder.
         Err(FindError::NotFound { name, .. }) if cfg!(windows) => {
-            crate::windows::qemu_args::find_qemu(
+            crate::qemu::host_windows::qemu_args::find_qemu(
                 arch,
                 None,
                 std::env::var_os("ProgramFiles").as_deref(),

@@ -104,6 +104,18 @@ impl Endpoint {
     }
 }
 
+/// Guest RAM backed by a file instead of anonymous memory: what makes fast snapshots
+/// possible (see `qemu/snapshot.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryFile {
+    /// The file (its size is the guest's memory).
+    pub file: FileRef,
+    /// `true`: mapped shared, guest writes land in the file (a VM whose memory becomes a
+    /// snapshot). `false`: opened read-only and mapped copy-on-write, the guest's writes stay
+    /// private to this QEMU (a VM restored from a snapshot; many share the file's pages).
+    pub shared: bool,
+}
+
 /// How virtio devices are attached to the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VirtioTransport {
@@ -152,6 +164,11 @@ pub struct QemuPlan {
     pub network: bool,
     /// Turn on QEMU's seccomp sandbox.
     pub sandbox: bool,
+    /// Guest RAM from a file; `None`: anonymous memory.
+    pub memory: Option<MemoryFile>,
+    /// Restore instead of boot: no kernel, initrd or command line (the guest's memory comes
+    /// from a snapshot), and `-incoming defer` (the state is loaded over QMP).
+    pub incoming: bool,
 }
 
 /// The `-sandbox` value: deny everything QEMU does not need once it runs.
@@ -182,11 +199,7 @@ impl QemuPlan {
     }
 
     fn accel_arg(&self) -> String {
-        match self.accel {
-            // Windows' WHPX cannot run the in-kernel irqchip QEMU would ask for by default.
-            Accel::Whpx => "whpx,kernel-irqchip=off".into(),
-            other => other.as_str().into(),
-        }
+        accel_arg(self.accel)
     }
 
     fn cpu_model(&self) -> Option<&'static str> {
@@ -212,7 +225,10 @@ impl QemuPlan {
         push("-accel");
         push(&self.accel_arg());
         push("-M");
-        push(&self.machine());
+        match &self.memory {
+            Some(_) => push(&format!("{},memory-backend=mem", self.machine())),
+            None => push(&self.machine()),
+        }
         if let Some(cpu) = self.cpu_model() {
             push("-cpu");
             push(cpu);
@@ -230,6 +246,21 @@ impl QemuPlan {
         push(&self.cpus.to_string());
         push("-m");
         push(&format!("{}M", self.memory_mib));
+        if let Some(mem) = &self.memory {
+            // A copy-on-write restore opens the file read-only; `rom=off` keeps the memory
+            // writable for the guest (QEMU would otherwise make a read-only file a ROM).
+            let mode = if mem.shared {
+                "share=on"
+            } else {
+                "share=off,readonly=on,rom=off"
+            };
+            push("-object");
+            push(&format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},{mode}",
+                self.memory_mib,
+                escape_opt(&mem.file.to_arg().to_string_lossy())
+            ));
+        }
         if self.sandbox {
             push("-sandbox");
             push(SANDBOX);
@@ -282,6 +313,11 @@ impl QemuPlan {
         let mut out = Vec::with_capacity(a.len() + 7);
         out.push(self.binary.clone().into_os_string());
         out.append(&mut a);
+        if self.incoming {
+            out.push("-incoming".into());
+            out.push("defer".into());
+            return out;
+        }
         out.push("-kernel".into());
         out.push(self.kernel.to_arg());
         out.push("-initrd".into());
@@ -375,6 +411,16 @@ impl KernelArgs {
         }
         v.extend(self.extra.iter().cloned());
         v.join(" ")
+    }
+}
+
+/// The value of QEMU's `-accel` for `accel`. WHPX gets the userspace irqchip: QEMU's
+/// in-kernel (Hyper-V) APIC emulation is the part of WHPX that fails most often with Linux
+/// guests (unverified on real hardware from here; see docs/windows.md).
+pub fn accel_arg(accel: Accel) -> String {
+    match accel {
+        Accel::Whpx => "whpx,kernel-irqchip=off".into(),
+        other => other.as_str().into(),
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// How many bytes of console output are kept in memory.
 pub const TAIL_BYTES: usize = 16 * 1024;
@@ -60,30 +60,65 @@ impl Tail {
     }
 }
 
-/// Copies `stream` into `tail` and, when given, appends at most [`MAX_LOG_BYTES`] of it to the
-/// file at `log` (created if missing). Ends at end of stream or on a read error.
-pub async fn capture<R: AsyncRead + Unpin>(stream: R, tail: Tail, log: Option<&Path>) {
+/// The console log: opened once by [`LogFile::open`] (`vmcp_host_process::open_log`: no
+/// symlink, no file of another user, created 0600), shared by the capture task and the VM.
+/// [`LogFile::close`] closes it at once, whatever the capture task is doing: on Windows an open
+/// handle would keep the VM's runtime folder from being removed when the VM is dropped (the
+/// capture task is only aborted, and drops its state later).
+#[derive(Debug, Clone, Default)]
+pub struct LogFile {
+    file: Arc<Mutex<Option<std::fs::File>>>,
+}
+
+impl LogFile {
+    /// Opens `path` for appending (see the type docs).
+    pub fn open(path: &Path) -> std::io::Result<LogFile> {
+        let f = vmcp_host_process::open_log(path)?;
+        Ok(LogFile {
+            file: Arc::new(Mutex::new(Some(f))),
+        })
+    }
+
+    /// Closes the file; later writes are dropped.
+    pub fn close(&self) {
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<std::fs::File>> {
+        self.file
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends `data` (then `trailer`). A local file and chunks of at most 8 KiB: written in
+    /// place, without a blocking-pool hop.
+    fn append(&self, data: &[u8], trailer: Option<&[u8]>) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut guard = self.lock();
+        let Some(f) = guard.as_mut() else {
+            return Ok(());
+        };
+        f.write_all(data)?;
+        if let Some(t) = trailer {
+            f.write_all(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `stream` into `tail` and, when given, appends at most [`MAX_LOG_BYTES`] of it to
+/// `log`. Ends at end of stream or on a read error.
+pub async fn capture<R: AsyncRead + Unpin>(stream: R, tail: Tail, log: Option<LogFile>) {
     capture_limited(stream, tail, log, MAX_LOG_BYTES).await
 }
 
 /// [`capture`] with an explicit log size limit.
-///
-/// The log is opened for each chunk and closed after it, so no handle outlives a write: on
-/// Windows an open handle keeps the VM's runtime folder from being removed when the VM is
-/// dropped (the capture task is only aborted, and drops its state later).
 pub async fn capture_limited<R: AsyncRead + Unpin>(
     mut stream: R,
     tail: Tail,
-    log: Option<&Path>,
+    mut log: Option<LogFile>,
     limit: u64,
 ) {
-    let mut log = log.map(Path::to_path_buf);
-    if let Some(p) = log.clone() {
-        if let Err(e) = append(&p, &[], None).await {
-            tracing::warn!(path = %p.display(), error = %e, "cannot open the console log");
-            log = None;
-        }
-    }
     let mut buf = vec![0u8; 8192];
     let mut written = 0u64;
     loop {
@@ -92,13 +127,13 @@ pub async fn capture_limited<R: AsyncRead + Unpin>(
             Ok(n) => n,
         };
         tail.push(&buf[..n]);
-        if let Some(p) = log.clone() {
+        if let Some(l) = log.clone() {
             let room = usize::try_from(limit.saturating_sub(written)).unwrap_or(usize::MAX);
             let take = n.min(room);
             let trailer: Option<&[u8]> = (take < n).then_some(
                 &b"\n[vmcp: console log limit reached; further output is not logged]\n"[..],
             );
-            let result = append(&p, &buf[..take], trailer).await;
+            let result = l.append(&buf[..take], trailer);
             written += take as u64;
             if take < n {
                 log = None;
@@ -111,24 +146,10 @@ pub async fn capture_limited<R: AsyncRead + Unpin>(
     }
 }
 
-/// Appends `data` (then `trailer`) to `path`, created if missing, and closes it again.
-async fn append(path: &Path, data: &[u8], trailer: Option<&[u8]>) -> std::io::Result<()> {
-    let mut f = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .await?;
-    f.write_all(data).await?;
-    if let Some(t) = trailer {
-        f.write_all(t).await?;
-    }
-    // Waits for tokio's background write, so the handle is closed when `f` drops.
-    f.flush().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn keeps_only_the_last_bytes_and_lines() {
@@ -153,8 +174,8 @@ mod tests {
         let tail = Tail::default();
         let task = tokio::spawn({
             let tail = tail.clone();
-            let log = log.clone();
-            async move { capture(r, tail, Some(&log)).await }
+            let log = LogFile::open(&log).unwrap();
+            async move { capture(r, tail, Some(log)).await }
         });
         w.write_all(b"Linux version 6.1\nkernel panic\n")
             .await
@@ -175,8 +196,8 @@ mod tests {
         let (mut w, r) = tokio::io::duplex(64);
         let tail = Tail::default();
         let t2 = tail.clone();
-        let l2 = log.clone();
-        let task = tokio::spawn(async move { capture_limited(r, t2, Some(&l2), 10).await });
+        let l2 = LogFile::open(&log).unwrap();
+        let task = tokio::spawn(async move { capture_limited(r, t2, Some(l2), 10).await });
         w.write_all(b"0123456789abcdef\n").await.unwrap();
         w.write_all(b"more\n").await.unwrap();
         drop(w);
@@ -191,16 +212,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unwritable_log_still_fills_tail() {
+    async fn closed_log_still_fills_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let log = LogFile::open(&path).unwrap();
+        log.close();
         let (mut w, r) = tokio::io::duplex(64);
         let tail = Tail::default();
         let t2 = tail.clone();
-        let task = tokio::spawn(async move {
-            capture(r, t2, Some(Path::new("/nonexistent/dir/console.log"))).await
-        });
+        let task = tokio::spawn(async move { capture(r, t2, Some(log)).await });
         w.write_all(b"hello\n").await.unwrap();
         drop(w);
         task.await.unwrap();
         assert_eq!(tail.lines(1), "hello");
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
     }
 }

@@ -1,30 +1,26 @@
-//! Linux process and descriptor plumbing for the QEMU backend. All of the backend's `unsafe`
-//! is here.
+//! Linux descriptor plumbing for the QEMU backend, and its spawn through the owned-process
+//! layer (`vmcp_host_process`), which keeps the `unsafe` of starting processes.
 //!
 //! What it guarantees about the QEMU child:
-//! - **Dies with its owner.** `PR_SET_PDEATHSIG(SIGKILL)` is set in the child between fork
-//!   and exec, after the uid change (a credential change clears it). The kernel sends the
-//!   signal when the *thread* that forked exits, not the process; so every QEMU is forked by
-//!   one dedicated spawner thread that lives as long as the process (a tokio blocking-pool
-//!   or worker thread could exit earlier and take the VM with it). If vmcp died before the
-//!   `prctl`, the child sees a different parent and fails instead of running ownerless.
-//! - **Own process group** (`setpgid(0, 0)`), so a terminal's Ctrl-C reaches vmcp, not QEMU
-//!   (vmcp shuts the VM down itself), and the whole group can be killed at once.
-//! - **Unprivileged when vmcp is root**: supplementary groups, gid and uid are set to an
-//!   unprivileged user before exec. QEMU's own `-run-with user=` cannot be used: under
-//!   `-sandbox ...,elevateprivileges=deny` the drop itself is a denied syscall (SIGSYS).
+//! - **Dies with its owner, in its own process group** (`vmcp_host_process::spawn_owned`: a
+//!   watchdog-led group, `PR_SET_PDEATHSIG` armed from the process-lifetime spawner thread), so
+//!   a terminal's Ctrl-C reaches vmcp, not QEMU (vmcp shuts the VM down itself).
+//! - **Unprivileged when vmcp is root**: supplementary groups, gid and uid are set to the
+//!   dedicated `vmcp-qemu` user (`nobody` with a warning where it is missing) before exec.
+//!   QEMU's own `-run-with user=` cannot be used: under `-sandbox ...,elevateprivileges=deny`
+//!   the drop itself is a denied syscall (SIGSYS).
 //! - **Only the descriptors it is given**: every descriptor vmcp opens is close-on-exec; the
 //!   ones QEMU must inherit (socketpair ends, kernel, initrd, disk) have the flag cleared in
 //!   the child only. Files are opened by vmcp and handed over, so QEMU needs no access to
 //!   the paths (the image cache may sit in a home directory only root can enter).
-//! - `kill_on_drop`, an environment with only `PATH`, stdin and stdout on `/dev/null`, stderr piped.
+//! - An environment with only `PATH`, stdin and stdout on `/dev/null`, stderr piped.
 
 pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::mpsc;
-use std::sync::OnceLock;
+
+use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 
 use super::cmdline::HostOs;
 
@@ -84,69 +80,8 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
     Ok(ChildFd(OwnedFd::from(f)))
 }
 
-/// Whether vmcp runs as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The unprivileged user QEMU runs as when vmcp is root: `nobody` (from `/etc/passwd`, else
-/// 65534), plus the `kvm` group when `with_kvm_group` (so `/dev/kvm` stays usable).
-pub fn unprivileged_ids(with_kvm_group: bool) -> Ids {
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    unprivileged_ids_from(&passwd, &group, with_kvm_group)
-}
-
-/// [`unprivileged_ids`] over given file contents.
-pub fn unprivileged_ids_from(passwd: &str, group: &str, with_kvm_group: bool) -> Ids {
-    let (uid, gid) = passwd
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 4 && f[0] == "nobody")
-                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
-        })
-        .unwrap_or((65534, 65534));
-    let groups = if with_kvm_group {
-        group
-            .lines()
-            .find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() >= 3 && f[0] == "kvm").then(|| f[2].parse().ok())?
-            })
-            .into_iter()
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Ids { uid, gid, groups }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The process-lifetime spawner thread (see the module docs for why).
-fn spawner() -> io::Result<&'static mpsc::Sender<Job>> {
-    static SPAWNER: OnceLock<Option<mpsc::Sender<Job>>> = OnceLock::new();
-    SPAWNER
-        .get_or_init(|| {
-            let (tx, rx) = mpsc::channel::<Job>();
-            std::thread::Builder::new()
-                .name("vmcp-qemu-spawner".into())
-                .spawn(move || {
-                    for job in rx {
-                        job();
-                    }
-                })
-                .ok()
-                .map(|_| tx)
-        })
-        .as_ref()
-        .ok_or_else(|| io::Error::other("cannot start the QEMU spawner thread"))
-}
-
 /// Starts QEMU as described by `spec`. Must be called inside a tokio runtime.
-pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
+pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
     let Some((bin, args)) = spec.argv.split_first() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
     };
@@ -156,151 +91,264 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
         .envs(std::env::var_os("PATH").map(|p| ("PATH", p)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .process_group(0);
-    let inherit = spec.inherit;
-    let drop_to = spec.drop_to;
-    let parent = std::process::id() as libc::pid_t;
-    let child_setup = move || -> io::Result<()> {
-        for &fd in &inherit {
-            // SAFETY: F_SETFD on a descriptor number only changes its flags; if `fd` were
-            // not open the call fails with EBADF, which we report.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
+        .stderr(std::process::Stdio::piped());
+    spawn_owned(
+        cmd,
+        SpawnOptions::default()
+            .with_inherited_fds(spec.inherit)
+            .with_run_as(spec.drop_to),
+    )
+}
+
+/// Sends `data` on `stream` with `file`'s descriptor attached (`SCM_RIGHTS`): how QMP's
+/// `add-fd` receives a file, so QEMU writes or reads a snapshot it could not open itself.
+pub async fn send_with_fd(
+    stream: &HostStream,
+    data: &[u8],
+    file: &std::fs::File,
+) -> io::Result<()> {
+    let mut off = 0;
+    while off < data.len() {
+        stream.writable().await?;
+        let first = off == 0;
+        let res = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            send_part(
+                stream.as_raw_fd(),
+                &data[off..],
+                first.then(|| file.as_raw_fd()),
+            )
+        });
+        match res {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-        if let Some(ids) = &drop_to {
-            // SAFETY: `ids.groups` is a live Vec for the whole call; setgroups reads exactly
-            // `len` gid_t values from it.
-            if unsafe { libc::setgroups(ids.groups.len(), ids.groups.as_ptr()) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: setgid/setuid take plain integers; order matters (gid while still root).
-            if unsafe { libc::setgid(ids.gid) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: as above.
-            if unsafe { libc::setuid(ids.uid) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
+    }
+    Ok(())
+}
+
+/// One `sendmsg`, with `fd` as `SCM_RIGHTS` ancillary data when given.
+fn send_part(sock: RawFd, data: &[u8], fd: Option<RawFd>) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // Room for one cmsghdr with one int, in u64 words for alignment.
+    let mut control = [0u64; 4];
+    // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if let Some(fd) = fd {
+        // SAFETY: CMSG_SPACE/CMSG_LEN compute sizes from a constant; no memory is touched.
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize,
+                libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize,
+            )
+        };
+        if space > std::mem::size_of_val(&control) {
+            return Err(io::Error::other("control buffer too small"));
         }
-        // SAFETY: PR_SET_PDEATHSIG takes a signal number as its only argument. Set after the
-        // credential change, which would clear it.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
+        msg.msg_control = control.as_mut_ptr().cast::<libc::c_void>();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points at `control`, which is large enough (checked above) and
+        // aligned for cmsghdr; CMSG_FIRSTHDR returns its start, and CMSG_DATA a pointer inside
+        // it with room for one int.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(io::Error::other("no room for the descriptor"));
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = len as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        }
+    }
+    // SAFETY: `msg` points at `iov` (describing `data`) and `control`, all alive for the call;
+    // the kernel only reads them.
+    let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Creates (or truncates) the file that will hold a VM's memory, `bytes` long (sparse), for
+/// QEMU to map shared. When QEMU runs as another user it must be able to open it read-write
+/// through `/dev/fd/N`, so the file is given to that user for the VM's lifetime.
+pub fn create_memory_file(path: &Path, bytes: u64, owner: Option<&Ids>) -> io::Result<ChildFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_len(bytes)?;
+    if let Some(ids) = owner {
+        std::os::unix::fs::fchown(&f, Some(ids.uid), Some(ids.gid))?;
+    }
+    Ok(ChildFd(OwnedFd::from(f)))
+}
+
+/// After a save: the memory file belongs to vmcp's user again; a QEMU that runs as another
+/// user may read it (through its group) to restore from it, never write it.
+pub fn seal_memory_file(path: &Path, reader: Option<&Ids>) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = match reader {
+        Some(ids) => {
+            std::os::unix::fs::fchown(&f, Some(me), Some(ids.gid))?;
+            0o640
+        }
+        None => 0o600,
+    };
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.sync_all()
+}
+
+/// Copies `from` to a new file `to` (mode 0600), data extents only, so the copy is as
+/// sparse as the original (a guest's memory file is mostly holes).
+pub fn copy_sparse(from: &Path, to: &Path) -> io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(to)?;
+    dst.set_len(len)?;
+    let off = |o: u64| libc::off_t::try_from(o).map_err(|_| io::Error::other("file too large"));
+    let mut pos = 0u64;
+    let mut copied = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        // SAFETY: lseek on an open descriptor with a valid whence; no memory is touched.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off(pos)?, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole is left
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != parent {
-            // vmcp died before the prctl took effect: do not run without an owner.
-            return Err(io::Error::other("the parent exited during spawn"));
+        let (start, end) = (data as u64, (hole as u64).min(len));
+        src.seek(SeekFrom::Start(start))?;
+        dst.seek(SeekFrom::Start(start))?;
+        let mut left = end - start;
+        while left > 0 {
+            let n = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
+            src.read_exact(&mut buf[..n])?;
+            dst.write_all(&buf[..n])?;
+            left -= n as u64;
         }
-        Ok(())
-    };
-    // SAFETY: the closure only makes async-signal-safe system calls (fcntl, setgroups,
-    // setgid, setuid, prctl, getppid) and allocates nothing: the Vec it reads was built before
-    // the fork.
-    unsafe {
-        cmd.pre_exec(child_setup);
+        copied += end - start;
+        pos = end;
     }
-    let handle = tokio::runtime::Handle::current();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    spawner()?
-        .send(Box::new(move || {
-            let _guard = handle.enter();
-            let _ = tx.send(cmd.spawn());
-        }))
-        .map_err(|_| io::Error::other("the QEMU spawner thread is gone"))?;
-    rx.await
-        .map_err(|_| io::Error::other("the QEMU spawner thread dropped the request"))?
-}
-
-/// Sends SIGKILL to the process group `pgid` (QEMU's own group). The caller must still own
-/// the un-reaped child whose pid is `pgid`, so the id cannot have been reused.
-pub fn kill_group(pgid: u32) {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
-        return;
-    };
-    if pgid <= 1 {
-        return;
-    }
-    // SAFETY: killpg with a positive group id and a valid signal has no memory effects; the
-    // group is our un-reaped child's, so it cannot belong to another process.
-    unsafe {
-        libc::killpg(pgid, libc::SIGKILL);
-    }
-}
-
-/// Start time of process `pid` (clock ticks since boot, `/proc/<pid>/stat` field 22), which
-/// with the pid identifies a process across pid reuse.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
-}
-
-/// Field 22 of a `/proc/<pid>/stat` line (the command name may contain spaces and parens).
-pub fn parse_start_time(stat: &str) -> Option<u64> {
-    let after = &stat[stat.rfind(')')? + 1..];
-    // After the name: field 3 (state) is the first; start time is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether `path` is a directory owned by vmcp's effective user (and not a symlink).
-pub fn dir_is_mine(path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::symlink_metadata(path) {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        Ok(m) => m.is_dir() && m.uid() == unsafe { libc::geteuid() },
-        Err(_) => false,
-    }
-}
-
-/// Resident set size of process `pid` in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix("VmRSS:")?;
-        rest.trim().trim_end_matches("kB").trim().parse().ok()
-    })
+    Ok(copied)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn ids_from_files() {
-        let passwd = "root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/usr/sbin/nologin\n";
-        let group = "root:x:0:\nkvm:x:993:\n";
-        assert_eq!(
-            unprivileged_ids_from(passwd, group, true),
-            Ids {
-                uid: 65534,
-                gid: 65534,
-                groups: vec![993]
-            }
-        );
-        assert_eq!(
-            unprivileged_ids_from(passwd, group, false).groups,
-            Vec::<u32>::new()
-        );
-        let odd = "nobody:x:99:98::/:\n";
-        let ids = unprivileged_ids_from(odd, "", true);
-        assert_eq!((ids.uid, ids.gid, ids.groups.len()), (99, 98, 0));
-        assert_eq!(
-            unprivileged_ids_from("garbage", "kvm:x:nan:", true).uid,
-            65534
-        );
+    #[tokio::test]
+    async fn a_descriptor_crosses_the_socket() {
+        let (host, child) = stream_pair().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"passed").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        send_with_fd(&host, b"{\"execute\":\"add-fd\"}\n", &file)
+            .await
+            .unwrap();
+        // Receive on the other end with recvmsg and read the file through the new descriptor.
+        let mut buf = [0u8; 64];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 4];
+        // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: `msg` points at `buf` and `control`, both alive and writable for the call.
+        let n = unsafe { libc::recvmsg(child.raw(), &mut msg, 0) };
+        assert_eq!(&buf[..n as usize], b"{\"execute\":\"add-fd\"}\n");
+        // SAFETY: the kernel filled `control`; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+        let fd = unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            assert!(!cmsg.is_null());
+            assert_eq!((*cmsg).cmsg_type, libc::SCM_RIGHTS);
+            std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>())
+        };
+        let mut got = String::new();
+        use std::io::Read;
+        // SAFETY: `fd` was just received and is owned by nobody else.
+        let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "passed");
     }
 
     #[test]
-    fn stat_parsing() {
-        let stat = "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 3 0 987654 1000 200";
-        assert_eq!(parse_start_time(stat), Some(987654));
-        assert_eq!(parse_start_time("garbage"), None);
-        assert!(start_time(std::process::id()).is_some());
-        assert!(rss_kib(std::process::id()).unwrap() > 0);
-        assert_eq!(rss_kib(u32::MAX), None);
+    fn sparse_copies_keep_data_and_holes() {
+        use std::io::{Seek, SeekFrom, Write};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut f = std::fs::File::create(&a).unwrap();
+        f.set_len(32 << 20).unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        f.seek(SeekFrom::Start((32 << 20) - 3)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        copy_sparse(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        assert!(std::fs::metadata(&b).unwrap().blocks() * 512 < 4 << 20);
+        // An all-hole file copies to an all-hole file of the same length.
+        std::fs::File::create(&a).unwrap().set_len(1 << 20).unwrap();
+        assert_eq!(copy_sparse(&a, &b).unwrap(), 0);
+        assert_eq!(std::fs::metadata(&b).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn memory_files_are_sparse_and_sealed_private() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let fd = create_memory_file(&path, 64 << 20, None).unwrap();
+        drop(fd);
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "not sparse: {} blocks",
+            m.blocks()
+        );
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        seal_memory_file(&path, None).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[tokio::test]
@@ -320,13 +368,20 @@ mod tests {
         .unwrap();
         drop(child);
         let mut out = String::new();
-        tokio::io::AsyncReadExt::read_to_string(c.stderr.as_mut().unwrap(), &mut out)
+        tokio::io::AsyncReadExt::read_to_string(&mut c.take_stderr().unwrap(), &mut out)
             .await
             .unwrap();
         assert!(c.wait().await.unwrap().success());
         let v: Vec<&str> = out.split_whitespace().collect();
         assert_eq!(v.len(), 3, "{out:?}");
-        assert_eq!(v[0], v[1], "QEMU must lead its own process group");
+        assert_ne!(v[0], v[1], "QEMU is in the group its watchdog leads");
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let own_pgrp = own[own.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_owned();
+        assert_ne!(v[0], own_pgrp, "not in vmcp's group");
         assert_eq!(v[2], "ok");
     }
 
@@ -350,11 +405,11 @@ mod tests {
 
     #[tokio::test]
     async fn drops_privileges_when_root() {
-        if !is_root() {
+        if !vmcp_host_process::is_root() {
             vmcp_test_support::skipped!("SKIPPED: dropping privileges needs root");
             return;
         }
-        let ids = unprivileged_ids(false);
+        let ids = super::super::spawn::unprivileged_ids(false);
         let mut c = spawn(SpawnSpec {
             argv: vec![
                 "/bin/sh".into(),
@@ -390,12 +445,5 @@ mod tests {
         })
         .await
         .is_err());
-    }
-
-    #[test]
-    fn kill_group_ignores_bad_ids() {
-        kill_group(0);
-        kill_group(1);
-        kill_group(u32::MAX);
     }
 }

@@ -1,6 +1,7 @@
-//! Stand-in OS layer where the QEMU backend cannot launch VMs yet (macOS and Windows until
-//! their launch code lands). The pure parts of the backend (command line, accelerator choice,
-//! QMP) still build and are tested here; creating a VM reports the backend as unavailable.
+//! Stand-in OS layer where the QEMU backend cannot launch VMs (macOS: VMs run on the `vz`
+//! backend there, and QEMU with HVF is not offered). The pure parts of the backend (command
+//! line, accelerator choice, QMP) still build and are tested here; selecting or creating a VM
+//! reports the backend as unavailable, and `vmcp doctor` says so.
 
 pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
@@ -19,44 +20,45 @@ pub fn host_os() -> HostOs {
 
 /// Whether the QEMU backend can launch VMs on this OS.
 pub const LAUNCH_SUPPORTED: Result<(), &str> =
-    Err("launching QEMU is not implemented on this OS yet");
+    Err("this build cannot launch QEMU on this OS (on macOS, VMs run on the vz backend)");
 
 /// The host end of a channel to QEMU.
 pub type HostStream = tokio::io::DuplexStream;
 
-/// A descriptor QEMU would inherit.
+/// A descriptor QEMU would inherit: none can exist here ([`stream_pair`] and
+/// [`open_for_child`] always fail), so the type has no values.
 #[derive(Debug)]
-pub struct ChildFd(i32);
+pub enum ChildFd {}
 
 impl ChildFd {
     /// Its number.
     pub fn raw(&self) -> i32 {
-        self.0
+        match *self {}
     }
 
-    /// How the plan names this file: by inherited descriptor.
+    /// How the plan names this file.
     pub fn file_ref(&self) -> super::cmdline::FileRef {
-        super::cmdline::FileRef::Fd(self.raw())
+        match *self {}
     }
 
-    /// How the plan names this channel end: by inherited descriptor.
+    /// How the plan names this channel end.
     pub fn endpoint(&self) -> super::cmdline::Endpoint {
-        super::cmdline::Endpoint::Fd(self.raw())
+        match *self {}
     }
 }
 
-/// A disk handed over as descriptors in fd set `set`.
+/// A disk handed over as descriptors: there are none here.
 pub fn disk_source(set: u32, fds: &[ChildFd]) -> super::cmdline::DiskSource {
-    super::cmdline::DiskSource::FdSet {
-        set,
-        fds: fds.iter().map(ChildFd::raw).collect(),
+    match fds.first() {
+        Some(fd) => match *fd {},
+        None => super::cmdline::DiskSource::FdSet { set, fds: vec![] },
     }
 }
 
 fn unsupported() -> io::Error {
     io::Error::new(
         io::ErrorKind::Unsupported,
-        "launching QEMU is not implemented on this OS yet",
+        "this build cannot launch QEMU on this OS",
     )
 }
 
@@ -70,22 +72,8 @@ pub fn open_for_child(_path: &Path, _write: bool) -> io::Result<ChildFd> {
     Err(unsupported())
 }
 
-/// Never root here.
-pub fn is_root() -> bool {
-    false
-}
-
-/// Not used here.
-pub fn unprivileged_ids(_with_kvm_group: bool) -> Ids {
-    Ids {
-        uid: 0,
-        gid: 0,
-        groups: Vec::new(),
-    }
-}
-
 /// Not available here.
-pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
+pub async fn spawn(spec: SpawnSpec) -> io::Result<vmcp_host_process::OwnedChild> {
     let SpawnSpec {
         argv,
         inherit,
@@ -100,20 +88,5 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
     Err(unsupported())
 }
 
-/// Nothing to kill here.
-pub fn kill_group(_pgid: u32) {}
-
-/// Unknown here.
-pub fn start_time(_pid: u32) -> Option<u64> {
-    None
-}
-
-/// Unknown here.
-pub fn rss_kib(_pid: u32) -> Option<u64> {
-    None
-}
-
-/// Never claims a directory here (stale directories are not swept).
-pub fn dir_is_mine(_path: &Path) -> bool {
-    false
-}
+/// No QEMU snapshots on this OS: the shared "Linux only" answers.
+pub use super::no_snapshot::{copy_sparse, create_memory_file, seal_memory_file, send_with_fd};

@@ -1,22 +1,20 @@
-//! Windows process and channel plumbing for the QEMU backend (engineer "windows"; the
-//! `unsafe` it needs lives in `crate::windows`'s OS layer).
+//! Windows process and channel plumbing for the QEMU backend (the process `unsafe` lives in
+//! `vmcp_host_process`).
 //!
 //! Differences from Linux, and why:
 //! - **Channels** are loopback TCP, not inherited socketpairs: QMP, console and agent port
 //!   each get a [`PendingTcpStream`] bound to `127.0.0.1:<ephemeral>` before QEMU starts;
 //!   QEMU connects as a client (`-chardev socket,host=127.0.0.1,port=N`). The agent channel is
-//!   authenticated by the per-VM token (see `crate::windows::channel` for the limits).
+//!   authenticated by the per-VM token (see `crate::qemu::host_windows::channel` for the limits).
 //! - **Files by path**: QEMU gets the kernel, initrd and disk paths (without the `\\?\`
 //!   prefix). vmcp opens each once first, so a missing or unreadable file is reported by vmcp
 //!   before QEMU starts. No descriptors are inherited; [`ChildFd::raw`] is always -1 and
 //!   [`SpawnSpec::inherit`] is ignored.
-//! - **Dies with its owner**: every QEMU is put in one process-wide Job Object with
-//!   `JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE`. vmcp holds the only handle; when vmcp exits or is
-//!   killed, Windows closes it and terminates every QEMU in the job. A dropped VM still kills
-//!   its QEMU at once (`TerminateProcess` through `kill_on_drop`/`start_kill`). Between
-//!   `CreateProcess` and the assignment there is a window of microseconds in which a killed
-//!   vmcp would leave QEMU running (std cannot create a process inside a job); QEMU starts
-//!   no children of its own, so nothing escapes the job after that.
+//! - **Dies with its owner** (`vmcp_host_process::spawn_owned`): each QEMU is put in its own
+//!   Job Object with `JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE`. vmcp holds the only handle; when vmcp
+//!   exits or is killed, Windows closes it and terminates QEMU. A dropped VM terminates the job
+//!   at once. Between `CreateProcess` and the assignment there is a window of microseconds in
+//!   which a killed vmcp would leave QEMU running (std cannot create a process inside a job).
 //! - **Own process group, no console window** (`CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW`):
 //!   Ctrl-C in vmcp's console reaches vmcp, which shuts the VM down itself.
 //! - **Stale folders:** a killed vmcp leaves its runtime folder in `%TEMP%`; the next VM removes
@@ -28,14 +26,12 @@ pub use super::spawn::{Ids, SpawnSpec};
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use windows_sys::Win32::System::Threading::{CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW};
+use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 
 use super::cmdline::{DiskSource, Endpoint, FileRef, HostOs};
-use crate::windows::channel::PendingTcpStream;
-use crate::windows::qemu_args::host_path;
-use crate::windows::KillOnCloseJob;
+use crate::qemu::host_windows::channel::PendingTcpStream;
+use crate::qemu::host_windows::qemu_args::host_path;
 
 /// The host OS this module serves.
 pub fn host_os() -> HostOs {
@@ -108,35 +104,8 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
     Ok(ChildFd::File(PathBuf::from(plain)))
 }
 
-/// vmcp never drops privileges on Windows.
-pub fn is_root() -> bool {
-    false
-}
-
-/// Not used on Windows.
-pub fn unprivileged_ids(_with_kvm_group: bool) -> Ids {
-    Ids {
-        uid: 0,
-        gid: 0,
-        groups: Vec::new(),
-    }
-}
-
-/// The process-wide kill-on-close job every QEMU goes into.
-fn qemu_job() -> io::Result<&'static KillOnCloseJob> {
-    static JOB: OnceLock<Result<KillOnCloseJob, (io::ErrorKind, String)>> = OnceLock::new();
-    JOB.get_or_init(|| KillOnCloseJob::new().map_err(|e| (e.kind(), e.to_string())))
-        .as_ref()
-        .map_err(|(kind, msg)| {
-            io::Error::new(
-                *kind,
-                format!("cannot create the Job Object for QEMU: {msg}"),
-            )
-        })
-}
-
-/// Starts QEMU inside the kill-on-close job. Must be called inside a tokio runtime.
-pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
+/// Starts QEMU in its own kill-on-close job. Must be called inside a tokio runtime.
+pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
     let Some((bin, args)) = spec.argv.split_first() else {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
     };
@@ -146,56 +115,21 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<tokio::process::Child> {
             "running QEMU as another user is not supported on Windows",
         ));
     }
-    tracing::debug!(
-        handles = spec.inherit.len(),
-        "Windows passes files by path and channels by loopback address; nothing is inherited"
-    );
-    let job = qemu_job()?;
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .creation_flags(CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW);
-    let mut child = cmd.spawn()?;
-    if let Err(e) = job.assign(&child) {
-        let _ = child.start_kill();
-        return Err(io::Error::new(
-            e.kind(),
-            format!("cannot put QEMU in its Job Object: {e}"),
-        ));
-    }
-    Ok(child)
+        .stderr(std::process::Stdio::piped());
+    spawn_owned(
+        cmd,
+        SpawnOptions::default()
+            .with_inherited_fds(spec.inherit)
+            .with_no_window(true),
+    )
 }
 
-/// Nothing to do: the child itself is terminated by the caller, the job covers the rest.
-pub fn kill_group(_pgid: u32) {}
-
-/// Creation time of running process `pid` (for the owner file of runtime folders).
-pub fn start_time(pid: u32) -> Option<u64> {
-    crate::windows::process_start_time(pid)
-}
-
-/// Working set of process `pid` in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    crate::windows::process_rss_kib(pid)
-}
-
-/// Whether `path` is a runtime folder of this user: a folder directly in this user's own
-/// temp folder (`%TEMP%` is per user on Windows), where vmcp creates them.
-pub fn dir_is_mine(path: &Path) -> bool {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return false;
-    };
-    let (Some(parent), Ok(temp)) = (
-        path.parent().and_then(|p| std::fs::canonicalize(p).ok()),
-        std::fs::canonicalize(std::env::temp_dir()),
-    ) else {
-        return false;
-    };
-    meta.is_dir() && parent == temp
-}
+/// No QEMU snapshots on this OS: the shared "Linux only" answers.
+pub use super::no_snapshot::{copy_sparse, create_memory_file, seal_memory_file, send_with_fd};
 
 #[cfg(test)]
 mod tests {
@@ -214,43 +148,11 @@ mod tests {
         .await
         .unwrap();
         assert!(child.try_wait().unwrap().is_none());
-        child.start_kill().unwrap();
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), child.wait())
+        let status = child
+            .kill_and_wait(std::time::Duration::from_secs(10))
             .await
-            .unwrap()
             .unwrap();
         assert!(!status.success());
-    }
-
-    #[test]
-    fn stale_folder_of_a_dead_owner_is_swept() {
-        let me = std::process::id();
-        let start = start_time(me).unwrap();
-        assert!(rss_kib(me).unwrap() > 0);
-        let temp = std::env::temp_dir();
-        let dead = tempfile::Builder::new()
-            .prefix("vmcp-stale-")
-            .tempdir_in(&temp)
-            .unwrap();
-        let alive = tempfile::Builder::new()
-            .prefix("vmcp-alive-")
-            .tempdir_in(&temp)
-            .unwrap();
-        // A pid that cannot be running (Windows pids are multiples of 4).
-        std::fs::write(dead.path().join(super::super::stale::OWNER_FILE), "3 1\n").unwrap();
-        std::fs::write(
-            alive.path().join(super::super::stale::OWNER_FILE),
-            super::super::stale::owner_line(me, start),
-        )
-        .unwrap();
-        assert!(dir_is_mine(dead.path()));
-        assert!(!dir_is_mine(&temp.join("vmcp-no-such-folder")));
-        let removed = super::super::stale::sweep(&temp, dir_is_mine, start_time);
-        assert!(removed
-            .iter()
-            .any(|p| p.ends_with(dead.path().file_name().unwrap())));
-        assert!(!dead.path().exists());
-        assert!(alive.path().exists());
     }
 
     #[tokio::test]

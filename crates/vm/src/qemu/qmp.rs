@@ -108,6 +108,17 @@ pub fn parse_line(line: &[u8]) -> Result<QmpMessage, QmpError> {
     ))
 }
 
+/// The bytes of one QMP request line.
+pub fn request(command: &str, arguments: Option<Value>) -> Result<Vec<u8>, QmpError> {
+    let mut req = json!({ "execute": command });
+    if let Some(args) = arguments {
+        req["arguments"] = args;
+    }
+    let mut bytes = serde_json::to_vec(&req).map_err(|e| QmpError::Malformed(e.to_string()))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
 /// A negotiated QMP session.
 #[derive(Debug)]
 pub struct QmpClient<S> {
@@ -177,15 +188,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> QmpClient<S> {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
-        let mut req = json!({ "execute": command });
-        if let Some(args) = arguments {
-            req["arguments"] = args;
-        }
-        let mut bytes = serde_json::to_vec(&req).map_err(|e| QmpError::Malformed(e.to_string()))?;
-        bytes.push(b'\n');
+        let bytes = request(command, arguments)?;
         let w = self.stream.get_mut();
         w.write_all(&bytes).await?;
         w.flush().await?;
+        self.answer(command).await
+    }
+
+    /// The stream, for a caller that writes a request itself (e.g. with a file descriptor
+    /// attached, see [`request`]) and then reads the [`QmpClient::answer`].
+    pub fn stream_mut(&mut self) -> &mut S {
+        self.stream.get_mut()
+    }
+
+    /// Reads the answer to `command`, which the caller sent; events on the way are recorded.
+    pub async fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             match self.next_message().await? {
                 QmpMessage::Return(v) => return Ok(v),

@@ -1,23 +1,36 @@
-//! Lifecycle tests of the QEMU backend against a scripted stand-in for QEMU
-//! (`tests/fixtures/fake_qemu.py`); real boots are in `tests/`.
+//! Lifecycle tests of the QEMU backend against the stand-in for QEMU (`examples/fake_qemu.rs`,
+//! the same one the Windows launch tests use); real boots are in `tests/`.
 
 use super::*;
 use crate::agent::AgentError;
 use crate::{ShutdownOutcome, VmState};
 use std::time::Instant;
 
+/// The stand-in, built beside this test binary: `cargo test -p vmcp-vm` builds the crate's
+/// examples before it runs tests. A `--lib`-only run has not built it: then these tests are
+/// skipped loudly (and fail under `VMCP_REQUIRE_VM=1`); a stale one from an older build makes
+/// them fail, never pass.
 fn fake_qemu() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_qemu.py");
-    let python_ok = std::process::Command::new("python3")
-        .arg("-c")
-        .arg("pass")
-        .status()
-        .is_ok_and(|s| s.success());
-    if !python_ok {
-        vmcp_test_support::skipped!("SKIPPED: python3 is needed for the scripted QEMU stand-in");
-        return None;
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/<test binary> -> target/<profile>/examples/fake_qemu
+    let path = exe
+        .parent()?
+        .parent()?
+        .join("examples")
+        .join(format!("fake_qemu{}", std::env::consts::EXE_SUFFIX));
+    if path.is_file() {
+        return Some(path);
     }
-    Some(script)
+    let why = format!(
+        "the QEMU stand-in {} is not built: run `cargo test -p vmcp-vm` (not only --lib) or `cargo build -p vmcp-vm --example fake_qemu`",
+        path.display()
+    );
+    assert!(
+        std::env::var_os("VMCP_REQUIRE_VM").is_none_or(|v| v != "1"),
+        "VMCP_REQUIRE_VM=1: {why}"
+    );
+    vmcp_test_support::skipped!("SKIPPED: {why}");
+    None
 }
 
 struct Fixture {
@@ -27,7 +40,7 @@ struct Fixture {
 }
 
 fn fixture(mode: &str) -> Option<Fixture> {
-    let script = fake_qemu()?;
+    let stand_in = fake_qemu()?;
     let files = tempfile::tempdir().ok()?;
     let k = files.path().join("kernel");
     let i = files.path().join("initrd");
@@ -37,10 +50,10 @@ fn fixture(mode: &str) -> Option<Fixture> {
     config.cmdline_extra = vec![format!("fake={mode}")];
     config.accel = Some(crate::Accel::Tcg);
     let backend = QemuBackend::with_options(QemuOptions {
-        qemu_binary: Some(script),
+        qemu_binary: Some(stand_in),
         qmp_timeout: Duration::from_secs(10),
-        // The stand-in is a script: no sandbox flags matter, but keep the privilege drop off
-        // so it can read its own file under /root.
+        // The stand-in ignores the sandbox flags; keep the privilege drop off so it can run
+        // from a target directory under /root.
         drop_privileges: false,
         ..QemuOptions::default()
     });
@@ -63,7 +76,7 @@ async fn full_lifecycle_against_the_stand_in() {
     assert_eq!(vm.state(), VmState::Created);
     assert!(vm.agent().is_err());
     let dir = vm.runtime_dir().to_path_buf();
-    assert!(dir.join(stale::OWNER_FILE).is_file());
+    assert!(dir.join(vmcp_host_process::OWNER_FILE).is_file());
     vm.start().await.unwrap();
     assert_eq!(vm.state(), VmState::Starting);
     let pid = vm.pid().unwrap();
@@ -73,7 +86,7 @@ async fn full_lifecycle_against_the_stand_in() {
         VmError::InvalidState { op: "start", .. }
     ));
     let info = vm.wait_ready(Duration::from_secs(10)).await.unwrap();
-    assert_eq!(info.agent_version, "fake-0");
+    assert_eq!(info.agent_version, "fake-qemu");
     assert_eq!(info.guest_boot, Duration::from_millis(1500));
     assert_eq!(vm.state(), VmState::Running);
     vm.agent().unwrap().ping().await.unwrap();
@@ -245,8 +258,8 @@ async fn stale_dirs_of_dead_owners_are_swept_on_create() {
     std::fs::create_dir_all(&stale_dir).unwrap();
     // pid 1's start time is never u64::MAX: an owner that is gone.
     std::fs::write(
-        stale_dir.join(stale::OWNER_FILE),
-        stale::owner_line(1, u64::MAX),
+        stale_dir.join(vmcp_host_process::OWNER_FILE),
+        vmcp_host_process::owner_line(1, u64::MAX),
     )
     .unwrap();
     let vm = f.backend.create_qemu(f.config).await.unwrap();
@@ -266,4 +279,110 @@ async fn probe_reports_something() {
         .choose_accel(Arch::host(), Some(crate::Accel::Tcg))
         .unwrap();
     assert_eq!(c.accel, crate::Accel::Tcg);
+}
+
+#[test]
+fn log_refuses_symlinks_and_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, b"precious\n").unwrap();
+    let link = dir.path().join("console.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let e = console::LogFile::open(&link).unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    let fresh = dir.path().join("fresh.log");
+    console::LogFile::open(&fresh).unwrap();
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(console::LogFile::open(Path::new("/nonexistent/dir/console.log")).is_err());
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).map_or(0, |m| m.permissions().mode() & 0o7777)
+}
+
+/// Runs `argv` as the unprivileged uid/gid 65534 (another local user); true if it succeeded.
+fn as_other_user(argv: &[&std::ffi::OsStr]) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn runtime_dir_and_console_log_are_private_to_vmcp_user() {
+    let Some(f) = fixture("agent") else { return };
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    let dir = vm.runtime_dir().to_path_buf();
+    let log = dir.join("console.log");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(&log), 0o600);
+    assert_eq!(mode(&dir.join(vmcp_host_process::OWNER_FILE)), 0o600);
+    if !vmcp_host_process::is_root() {
+        vmcp_test_support::skipped!("SKIPPED: reading as another local user needs root");
+        return;
+    }
+    assert!(
+        !as_other_user(&["cat".as_ref(), log.as_os_str()]),
+        "another user read the console log"
+    );
+    assert!(
+        !as_other_user(&["ls".as_ref(), dir.as_os_str()]),
+        "another user listed the runtime dir"
+    );
+    // The check itself works: the same user reads a world-readable file.
+    assert!(as_other_user(&["cat".as_ref(), "/etc/hostname".as_ref()]));
+}
+
+#[tokio::test]
+async fn console_log_symlink_planted_by_another_user_is_refused() {
+    if !vmcp_host_process::is_root() {
+        vmcp_test_support::skipped!("SKIPPED: planting a file as another local user needs root");
+        return;
+    }
+    let Some(mut f) = fixture("agent") else {
+        return;
+    };
+    // A directory of another user (not sticky, so the kernel's protected_symlinks does not
+    // step in), where that user plants console.log -> a file of vmcp's user.
+    let base = tempfile::tempdir_in("/tmp").unwrap();
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(
+        base.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let target = base.path().join("precious");
+    std::fs::write(&target, b"precious\n").unwrap();
+    let link = theirs.join("console.log");
+    assert!(as_other_user(&[
+        "ln".as_ref(),
+        "-s".as_ref(),
+        target.as_os_str(),
+        link.as_os_str()
+    ]));
+    f.config.console_log = Some(link.clone());
+    let mut vm = f.backend.create_qemu(f.config.clone()).await.unwrap();
+    let e = vm.start().await.unwrap_err();
+    let chain = vmcp_test_support::error_chain(&e);
+    assert!(chain.contains("symbolic link"), "{chain}");
+    assert_ne!(vm.state(), VmState::Running);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious\n");
+    // A regular file planted there by that user is refused too (vmcp would append to it).
+    std::fs::remove_file(&link).unwrap();
+    assert!(as_other_user(&["touch".as_ref(), link.as_os_str()]));
+    drop(vm);
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    let chain = vmcp_test_support::error_chain(&vm.start().await.unwrap_err());
+    assert!(chain.contains("belongs to uid 65534"), "{chain}");
 }

@@ -176,14 +176,18 @@ fn spawn_agent(inner: &Arc<Inner>) {
         } else {
             inner.token.clone()
         };
-        let hello = GuestMsg::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            agent_version: "fake-vz-agent".into(),
-            capabilities: Capabilities(Capabilities::EXEC | Capabilities::POWEROFF),
-            token,
-            boot_ns: 42_000_000,
-        });
-        if write_msg_async(&mut guest, &hello).await.is_err() {
+        let hello = |token: String| {
+            GuestMsg::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_version: "fake-vz-agent".into(),
+                capabilities: Capabilities(
+                    Capabilities::EXEC | Capabilities::POWEROFF | Capabilities::REKEY,
+                ),
+                token,
+                boot_ns: 42_000_000,
+            })
+        };
+        if write_msg_async(&mut guest, &hello(token)).await.is_err() {
             return;
         }
         let mut buf = Vec::new();
@@ -197,6 +201,8 @@ fn spawn_agent(inner: &Arc<Inner>) {
                     }
                     return;
                 }
+                // A restored guest takes the new identity the lifecycle gives it.
+                HostMsg::Rekey(r) => hello(r.token),
                 _ => continue,
             };
             if write_msg_async(&mut guest, &reply).await.is_err() {

@@ -67,11 +67,7 @@ pub fn prerequisites() -> Option<Image> {
 }
 
 fn image_from_cache() -> Option<Image> {
-    let arch: vmcp_image::Arch = match test_arch().as_str().parse() {
-        Ok(a) => a,
-        Err(e) => return skip(&format!("{e}")),
-    };
-    match vmcp_image::find_image(&vmcp_image::BuildOptions::new(arch)) {
+    match vmcp_image::find_image(&vmcp_image::BuildOptions::new(test_arch().into())) {
         Ok(Some(p)) => Some(Image {
             kernel: p.kernel,
             initrd: p.initrd,

@@ -19,6 +19,8 @@ fn plan() -> QemuPlan {
         virtio: VirtioTransport::Pci,
         network: false,
         sandbox: true,
+        memory: None,
+        incoming: false,
     }
 }
 
@@ -229,4 +231,37 @@ fn kernel_args_rootfs_kvm_and_arm() {
     let mut k = kargs();
     k.tsc_khz = None;
     assert!(!k.render().contains("tsc_early_khz"));
+}
+
+#[test]
+fn memory_files_for_snapshots() {
+    let mut p = plan();
+    p.memory = Some(MemoryFile {
+        file: FileRef::Fd(9),
+        shared: true,
+    });
+    let a = args(&p);
+    assert_eq!(after(&a, "-M"), ["microvm,pcie=on,memory-backend=mem"]);
+    assert_eq!(
+        after(&a, "-object"),
+        ["memory-backend-file,id=mem,size=256M,mem-path=/dev/fd/9,share=on"]
+    );
+    assert!(a.iter().any(|x| x == "-kernel"));
+    assert!(!a.iter().any(|x| x == "-incoming"));
+
+    // A restore: copy-on-write, no boot files, state loaded later over QMP.
+    p.memory = Some(MemoryFile {
+        file: FileRef::Path("/snaps/a,b/memory".into()),
+        shared: false,
+    });
+    p.incoming = true;
+    let a = args(&p);
+    assert_eq!(
+        after(&a, "-object"),
+        ["memory-backend-file,id=mem,size=256M,mem-path=/snaps/a,,b/memory,share=off,readonly=on,rom=off"]
+    );
+    assert_eq!(after(&a, "-incoming"), ["defer"]);
+    for absent in ["-kernel", "-initrd", "-append"] {
+        assert!(!a.iter().any(|x| x == absent), "{absent} in a restore");
+    }
 }

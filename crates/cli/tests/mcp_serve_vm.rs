@@ -1,0 +1,396 @@
+//! `vmcp mcp serve` with real VMs (TCG here): our client drives every tool over stdio and
+//! HTTP; SIGTERM and SIGKILL of the server leave no VM and (after the next start) no runtime
+//! directory. Each test gives vmcp its own `XDG_RUNTIME_DIR`; without QEMU or a built image
+//! they print `SKIPPED: <reason>` (fail under `VMCP_REQUIRE_VM=1`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTransport};
+use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
+use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
+
+const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
+
+fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn image_args() -> Vec<String> {
+    match (
+        std::env::var("VMCP_TEST_KERNEL"),
+        std::env::var("VMCP_TEST_INITRD"),
+    ) {
+        (Ok(k), Ok(i)) => vec!["--kernel".into(), k, "--initrd".into(), i],
+        _ => Vec::new(),
+    }
+}
+
+fn vm_ready() -> bool {
+    let skip = |reason: &str| {
+        if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
+            panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
+        }
+        vmcp_test_support::skipped!("SKIPPED: {reason}");
+        false
+    };
+    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    if !doctor.status.success() {
+        return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
+    }
+    if image_args().is_empty() && !text.contains("ok   image") {
+        return skip("no guest image: run `vmcp image build`");
+    }
+    true
+}
+
+fn assert_clean(dir: &Path) {
+    let left: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+fn qemu_children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid: u32 = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if ppid == parent && stat[open + 1..close].starts_with("qemu-system") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+fn gone_within(pid: u32, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+async fn call<T: Transport>(c: &Client<T>, tool: &str, args: Value) -> Value {
+    let r = c.call_tool(tool, Some(&args)).await.unwrap();
+    assert!(!r.is_error(), "{tool} failed: {:?}", r.content);
+    r.structured_content.unwrap()
+}
+
+/// Every working tool, in the order an agent would use them.
+async fn drive<T: Transport>(c: &Client<T>) {
+    let names: Vec<String> = c
+        .list_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert!(names.len() >= 15, "{names:?}");
+    let id = call(c, "sandbox_create", json!({"memory_mib": 256})).await["sandbox_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        c,
+        "sandbox_exec",
+        json!({"sandbox_id": id, "command": "echo $X; echo e >&2; exit 4", "env": {"X": "hi"}}),
+    )
+    .await;
+    assert_eq!(
+        (
+            r["stdout"].clone(),
+            r["stderr"].clone(),
+            r["exit_code"].clone()
+        ),
+        (json!("hi\n"), json!("e\n"), json!(4))
+    );
+    let r = call(
+        c,
+        "sandbox_exec",
+        json!({"sandbox_id": id, "argv": ["tr", "a-z", "A-Z"], "stdin": "up", "cwd": "/tmp"}),
+    )
+    .await;
+    assert_eq!(r["stdout"], "UP");
+    call(
+        c,
+        "sandbox_write_file",
+        json!({"sandbox_id": id, "path": "/tmp/f.txt", "content": "state kept"}),
+    )
+    .await;
+    let r = call(
+        c,
+        "sandbox_exec",
+        json!({"sandbox_id": id, "command": "cat /tmp/f.txt"}),
+    )
+    .await;
+    assert_eq!(r["stdout"], "state kept");
+    let r = call(
+        c,
+        "sandbox_read_file",
+        json!({"sandbox_id": id, "path": "/tmp/f.txt"}),
+    )
+    .await;
+    assert_eq!(r["content"], "state kept");
+    let r = call(
+        c,
+        "sandbox_list_files",
+        json!({"sandbox_id": id, "path": "/tmp"}),
+    )
+    .await;
+    assert!(
+        r["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "f.txt" && e["size"] == 10 && e["type"] == "file"),
+        "{r}"
+    );
+    let p = call(
+        c,
+        "sandbox_exec_start",
+        json!({"sandbox_id": id, "command": "read x; echo got $x; sleep 600", "stdin_open": true}),
+    )
+    .await;
+    let pid = p["process_id"].as_str().unwrap().to_owned();
+    call(
+        c,
+        "sandbox_exec_write_stdin",
+        json!({"sandbox_id": id, "process_id": pid, "data": "line\n"}),
+    )
+    .await;
+    let mut cursor = 0;
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let r = call(
+            c,
+            "sandbox_exec_poll",
+            json!({"sandbox_id": id, "process_id": pid, "cursor": cursor, "wait_ms": 2000}),
+        )
+        .await;
+        seen.push_str(r["stdout"].as_str().unwrap());
+        cursor = r["next_cursor"].as_u64().unwrap();
+        if seen.contains("got line") {
+            break;
+        }
+    }
+    assert_eq!(seen, "got line\n");
+    call(
+        c,
+        "sandbox_exec_signal",
+        json!({"sandbox_id": id, "process_id": pid, "signal": "SIGKILL"}),
+    )
+    .await;
+    let r = call(
+        c,
+        "sandbox_exec_poll",
+        json!({"sandbox_id": id, "process_id": pid, "cursor": cursor, "wait_ms": 10000}),
+    )
+    .await;
+    assert_eq!(
+        (r["running"].clone(), r["signal"].clone()),
+        (json!(false), json!(9)),
+        "{r}"
+    );
+    let r = call(
+        c,
+        "sandbox_exec",
+        json!({"sandbox_id": id, "command": "sleep 30", "timeout_secs": 0.5}),
+    )
+    .await;
+    assert_eq!(r["timed_out"], true);
+    let r = call(c, "sandbox_list", json!({})).await;
+    assert_eq!(r["sandboxes"][0]["sandbox_id"], json!(id));
+    call(c, "sandbox_destroy", json!({"sandbox_id": id})).await;
+    let r = call(c, "run", json!({"argv": ["true"]})).await;
+    assert_eq!(r["exit_code"], 0);
+    let r = c
+        .call_tool("sandbox_fork", Some(&json!({"sandbox_id": id})))
+        .await
+        .unwrap();
+    assert!(r.is_error());
+    assert!(r.content[0]
+        .as_text()
+        .unwrap()
+        .contains("not available yet"));
+}
+
+#[test]
+fn our_client_drives_every_tool_over_stdio() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut args = vec!["mcp".to_owned(), "serve".to_owned()];
+        args.extend(image_args());
+        let cfg = StdioConfig::new(VMCP, args)
+            .with_env("XDG_RUNTIME_DIR", runtime.path())
+            .with_stderr(StderrMode::Null);
+        let t = StdioTransport::spawn(&cfg).unwrap();
+        let c = Client::connect(
+            t,
+            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
+        )
+        .await
+        .unwrap();
+        drive(&c).await;
+        // A sandbox left alive is killed when the session ends (stdin closed).
+        call(&c, "sandbox_create", json!({})).await;
+        c.close().await;
+    });
+    assert_clean(runtime.path());
+}
+
+/// Starts `vmcp mcp serve --http 127.0.0.1:0`; returns the child and the endpoint URL.
+fn serve_http(runtime: &Path) -> (std::process::Child, String) {
+    let mut child = Command::new(VMCP)
+        .args(["mcp", "serve", "--http", "127.0.0.1:0"])
+        .args(image_args())
+        .env("XDG_RUNTIME_DIR", runtime)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "vmcp mcp serve exited early"
+        );
+        if let Some(u) = line.trim().strip_prefix("vmcp: MCP server listening on ") {
+            break u.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in err.lines() {});
+    (child, url)
+}
+
+async fn http_client(
+    url: &str,
+    lifecycle: Lifecycle,
+) -> Client<StreamableHttpTransport<ReqwestClient>> {
+    let http = ReqwestClient::new(&ReqwestOptions::default()).unwrap();
+    let t = StreamableHttpTransport::new(http, HttpConfig::new([url.to_owned()])).unwrap();
+    Client::connect(t, ClientConfig::default().with_lifecycle(lifecycle))
+        .await
+        .unwrap()
+}
+
+#[test]
+fn http_both_generations_then_sigterm_destroys_every_sandbox() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let (mut child, url) = serve_http(runtime.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let modern = http_client(&url, Lifecycle::Discover).await;
+        drive(&modern).await;
+        let legacy = http_client(&url, Lifecycle::Initialize).await;
+        let id = call(&legacy, "sandbox_create", json!({})).await["sandbox_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // The stateless client sees and uses the legacy session's sandbox by id.
+        let r = call(
+            &modern,
+            "sandbox_exec",
+            json!({"sandbox_id": id, "argv": ["echo", "shared"]}),
+        )
+        .await;
+        assert_eq!(r["stdout"], "shared\n");
+    });
+    let qemu = qemu_children(child.id());
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    // The shell's builtin `kill`: no procps needed.
+    let sent = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+    assert!(gone_within(qemu[0], Duration::from_secs(5)));
+    assert_clean(runtime.path());
+}
+
+#[test]
+fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let (mut child, url) = serve_http(runtime.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = http_client(&url, Lifecycle::Auto).await;
+        call(&c, "sandbox_create", json!({})).await;
+    });
+    let qemu = qemu_children(child.id());
+    assert_eq!(qemu.len(), 1, "{qemu:?}");
+    child.kill().unwrap(); // SIGKILL: no destructor runs
+    child.wait().unwrap();
+    assert!(
+        gone_within(qemu[0], Duration::from_secs(5)),
+        "QEMU outlived the SIGKILLed server"
+    );
+    // Its runtime directory is left; the next start sweeps it.
+    assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_some());
+    let out = Command::new(VMCP)
+        .args(["run"])
+        .args(image_args())
+        .args(["--", "true"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clean(runtime.path());
+}

@@ -1,0 +1,676 @@
+//! Streamable HTTP server (one endpoint, default `/mcp`), both protocol generations.
+//!
+//! Per request, in this order: path; `Host` and `Origin` ([`guard`], DNS-rebinding
+//! protection); bearer token when one is configured; method (`POST`; `DELETE` ends a session;
+//! `GET` is answered 405, since this server sends nothing outside a request's own stream);
+//! `Content-Type: application/json`; body size; then the JSON-RPC message.
+//!
+//! - **2025 revisions**: `initialize` creates a session (`Mcp-Session-Id`, 128 random bits);
+//!   later requests must carry it (missing: 400, unknown or expired: 404, so the client
+//!   re-initializes). A session ends on `DELETE`, or after [`HttpConfig::session_idle`]
+//!   without requests and with no call in flight.
+//! - **2026-07-28**: no session; `MCP-Protocol-Version`, `Mcp-Method` and (for `tools/call`)
+//!   `Mcp-Name` must match the body, else 400 with error -32020 (HeaderMismatch).
+//!
+//! Answers: quick methods get one `application/json` body. A `tools/call` gets its response
+//! head at once and its body when the tool finishes: `text/event-stream` (progress
+//! notifications, then the answer) when the client accepts it and sent a `progressToken`,
+//! else one JSON body. When the client drops the connection before the answer, the call is
+//! cancelled (this is the 2026-07-28 cancellation signal; 2025 clients may also send
+//! `notifications/cancelled`). Sockets get `TCP_NODELAY` (an SSE answer is several writes).
+//!
+//! Limits (all in [`HttpConfig`]): request body [`HttpConfig::max_body`] (413 beyond),
+//! sessions [`HttpConfig::max_sessions`] (503 beyond), connections
+//! [`HttpConfig::max_connections`] (further ones are closed at once), SSE queue
+//! [`HttpConfig::sse_queue`] messages per call (progress beyond it is dropped).
+
+pub mod guard;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ACCEPT, ALLOW, AUTHORIZATION, CONTENT_TYPE, HOST, ORIGIN};
+use http::{Method, StatusCode};
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use vmcp_mcp::jsonrpc::{
+    self, Message, RequestId, RpcError, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR,
+};
+use vmcp_mcp::model::{self, LEGACY_VERSIONS, MODERN_VERSIONS};
+
+use crate::server::{error, Connection, Discard, Handled, Outbound, Server};
+
+/// Settings of the HTTP endpoint.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// Path of the MCP endpoint.
+    pub path: String,
+    /// Bearer token every request must present; required for a non-loopback address.
+    pub token: Option<String>,
+    /// Host names accepted in `Host`/`Origin` besides the loopback names and the bound IP.
+    pub allowed_hosts: Vec<String>,
+    /// Whole origins accepted besides those of allowed hosts.
+    pub allowed_origins: Vec<String>,
+    /// Largest request body.
+    pub max_body: usize,
+    /// Sessions (2025 revisions) alive at once.
+    pub max_sessions: usize,
+    /// A session idle this long (no request, no call in flight) ends.
+    pub session_idle: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Messages queued per SSE answer.
+    pub sse_queue: usize,
+}
+
+impl HttpConfig {
+    /// Defaults for `addr`: `/mcp`, no token, 4 MiB bodies, 64 sessions idle-ended after 30
+    /// minutes, 256 connections, 64 queued SSE messages.
+    pub fn new(addr: SocketAddr) -> Self {
+        HttpConfig {
+            addr,
+            path: "/mcp".into(),
+            token: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_body: 4 << 20,
+            max_sessions: 64,
+            session_idle: Duration::from_secs(30 * 60),
+            max_connections: 256,
+            sse_queue: 64,
+        }
+    }
+}
+
+/// Errors starting the HTTP endpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// A non-loopback address without a token.
+    #[error("refusing to listen on {0} without a bearer token: anyone who can reach it could run commands in sandboxes (give --token-file, or listen on 127.0.0.1)")]
+    NoToken(SocketAddr),
+    /// Binding failed.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token is empty.
+    #[error("the bearer token is empty")]
+    EmptyToken,
+}
+
+struct Session {
+    conn: Arc<Connection>,
+    last_seen: Mutex<Instant>,
+}
+
+struct State {
+    server: Server,
+    config: HttpConfig,
+    allowed: guard::Allowed,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+}
+
+impl State {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn end_session(&self, id: &Arc<str>) -> bool {
+        let removed = self.sessions().remove(id);
+        match removed {
+            Some(s) => {
+                s.conn.cancel_all();
+                self.server.tools().session_ended(id);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn sweep(&self) {
+        let now = Instant::now();
+        let idle = self.config.session_idle;
+        let expired: Vec<Arc<str>> = self
+            .sessions()
+            .iter()
+            .filter(|(_, s)| {
+                s.conn.in_flight() == 0
+                    && now
+                        .duration_since(*s.last_seen.lock().unwrap_or_else(PoisonError::into_inner))
+                        >= idle
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in expired {
+            tracing::info!(session = %id, "MCP session idle for {idle:?}; ended it");
+            self.end_session(&id);
+        }
+    }
+}
+
+/// A bound HTTP endpoint, not serving yet.
+pub struct HttpServer {
+    listener: TcpListener,
+    config: HttpConfig,
+}
+
+impl std::fmt::Debug for HttpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpServer")
+            .field("addr", &self.local_addr())
+            .finish()
+    }
+}
+
+impl HttpServer {
+    /// Binds the address; refuses a non-loopback address without a token.
+    pub async fn bind(config: HttpConfig) -> Result<Self, HttpError> {
+        match &config.token {
+            Some(t) if t.is_empty() => return Err(HttpError::EmptyToken),
+            None if !config.addr.ip().is_loopback() => return Err(HttpError::NoToken(config.addr)),
+            _ => {}
+        }
+        let listener = TcpListener::bind(config.addr)
+            .await
+            .map_err(|source| HttpError::Bind {
+                addr: config.addr,
+                source,
+            })?;
+        Ok(HttpServer { listener, config })
+    }
+
+    /// The address actually bound (port 0 picks one).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown` resolves; then ends every session (so its sandboxes go) and
+    /// closes every connection.
+    pub async fn serve(self, server: Server, shutdown: impl Future<Output = ()>) {
+        let bound = self.local_addr().unwrap_or(self.config.addr);
+        let allowed = guard::Allowed::new(
+            bound.ip(),
+            &self.config.allowed_hosts,
+            &self.config.allowed_origins,
+        );
+        let state = Arc::new(State {
+            server,
+            allowed,
+            sessions: Mutex::new(HashMap::new()),
+            config: self.config,
+        });
+        let permits = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
+        let mut conns = tokio::task::JoinSet::new();
+        let sweep_every = (state.config.session_idle / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let mut sweep = tokio::time::interval(sweep_every);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                _ = sweep.tick() => state.sweep(),
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many connections ({}); closed this one", state.config.max_connections);
+                        continue;
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let st = state.clone();
+                    conns.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            let st = st.clone();
+                            async move { Ok::<_, Infallible>(handle(&st, req).await) }
+                        });
+                        let io = hyper_util::rt::TokioIo::new(stream);
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await
+                        {
+                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        conns.abort_all();
+        let ids: Vec<Arc<str>> = state.sessions().keys().cloned().collect();
+        for id in ids {
+            state.end_session(&id);
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+type Resp = hyper::Response<Body>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+fn simple(status: StatusCode, text: &str) -> Resp {
+    let mut r = hyper::Response::new(full(text.to_owned()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_resp(status: StatusCode, msg: &Message) -> Resp {
+    let mut r = hyper::Response::new(full(msg.to_vec()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn rpc_error(status: StatusCode, id: Option<RequestId>, code: i64, text: String) -> Resp {
+    json_resp(status, &error(id, RpcError::new(code, text)))
+}
+
+fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A response body fed by a channel (SSE events, or one JSON body that comes later).
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn sse_event(msg: &Message) -> Bytes {
+    let mut v = Vec::with_capacity(256);
+    v.extend_from_slice(b"event: message\ndata: ");
+    msg.write_to(&mut v);
+    v.extend_from_slice(b"\n\n");
+    Bytes::from(v)
+}
+
+struct SseOut(mpsc::Sender<Bytes>);
+
+impl Outbound for SseOut {
+    fn notify(&self, msg: Message) -> bool {
+        self.0.try_send(sse_event(&msg)).is_ok()
+    }
+}
+
+async fn handle(st: &State, req: hyper::Request<Incoming>) -> Resp {
+    if req.uri().path() != st.config.path {
+        return simple(
+            StatusCode::NOT_FOUND,
+            &format!("not found: the MCP endpoint is {}", st.config.path),
+        );
+    }
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Err(e) = st.allowed.check_host(host) {
+        return rpc_error(StatusCode::FORBIDDEN, None, INVALID_REQUEST, e);
+    }
+    if let Err(e) = st
+        .allowed
+        .check_origin(req.headers().get(ORIGIN).and_then(|v| v.to_str().ok()))
+    {
+        return rpc_error(StatusCode::FORBIDDEN, None, INVALID_REQUEST, e);
+    }
+    if let Some(token) = &st.config.token {
+        let auth = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if !guard::check_bearer(token, auth) {
+            let mut r = rpc_error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                INVALID_REQUEST,
+                "missing or wrong bearer token (Authorization: Bearer ...)".into(),
+            );
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    }
+    match *req.method() {
+        Method::POST => post(st, req).await,
+        Method::DELETE => {
+            let Some(id) = header(&req, "mcp-session-id") else {
+                return simple(
+                    StatusCode::BAD_REQUEST,
+                    "DELETE needs an Mcp-Session-Id header",
+                );
+            };
+            let id: Arc<str> = Arc::from(id);
+            if st.end_session(&id) {
+                simple(StatusCode::OK, "session ended")
+            } else {
+                simple(StatusCode::NOT_FOUND, "no such session")
+            }
+        }
+        _ => {
+            let mut r = simple(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "use POST (this server sends no messages outside a request's own answer, so it offers no GET stream)",
+            );
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST, DELETE"));
+            r
+        }
+    }
+}
+
+fn accepts(req: &hyper::Request<Incoming>, what: &str) -> bool {
+    req.headers().get_all(ACCEPT).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|part| {
+                let t = part.split(';').next().unwrap_or("").trim();
+                t.eq_ignore_ascii_case(what)
+                    || t == "*/*"
+                    || t.eq_ignore_ascii_case("application/*") && what.starts_with("application/")
+            })
+        })
+    }) || req.headers().get(ACCEPT).is_none()
+}
+
+async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
+    let ct = header(&req, "content-type").unwrap_or("");
+    if !ct
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return simple(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        );
+    }
+    let want_json = accepts(&req, "application/json");
+    let want_sse = accepts(&req, "text/event-stream");
+    if !want_json && !want_sse {
+        return simple(
+            StatusCode::NOT_ACCEPTABLE,
+            "accept application/json or text/event-stream",
+        );
+    }
+    let version_header = header(&req, "mcp-protocol-version").map(str::to_owned);
+    let mcp_method = header(&req, "mcp-method").map(str::to_owned);
+    let mcp_name = header(&req, "mcp-name").map(str::to_owned);
+    let session_header = header(&req, "mcp-session-id").map(str::to_owned);
+    let max = st.config.max_body;
+    if req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > max as u64)
+    {
+        return too_large(max);
+    }
+    let body = match Limited::new(req.into_body(), max).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_large(max);
+            }
+            return simple(StatusCode::BAD_REQUEST, "cannot read the request body");
+        }
+    };
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            INVALID_REQUEST,
+            "JSON-RPC batches are not supported".into(),
+        );
+    }
+    let msg = match jsonrpc::parse_message(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            let code = match e {
+                jsonrpc::Error::Json(_) => PARSE_ERROR,
+                _ => INVALID_REQUEST,
+            };
+            return rpc_error(StatusCode::BAD_REQUEST, None, code, e.to_string());
+        }
+    };
+    let id = match &msg {
+        Message::Request(r) => Some(r.id.clone()),
+        _ => None,
+    };
+    if let Some(v) = &version_header {
+        if !LEGACY_VERSIONS.contains(&v.as_str()) && !MODERN_VERSIONS.contains(&v.as_str()) {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_REQUEST,
+                format!(
+                    "unsupported MCP-Protocol-Version {v:?} (supported: {})",
+                    MODERN_VERSIONS
+                        .iter()
+                        .chain(LEGACY_VERSIONS)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+        }
+    }
+    let modern = version_header.as_deref().is_some_and(model::is_modern);
+    let conn = if modern {
+        if let Err(e) = check_modern_headers(&msg, mcp_method.as_deref(), mcp_name.as_deref()) {
+            return rpc_error(StatusCode::BAD_REQUEST, id, HEADER_MISMATCH, e);
+        }
+        Connection::new(None)
+    } else if msg.method() == Some("initialize") && id.is_some() {
+        if st.sessions().len() >= st.config.max_sessions {
+            st.sweep();
+            if st.sessions().len() >= st.config.max_sessions {
+                return rpc_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    id,
+                    jsonrpc::INTERNAL_ERROR,
+                    format!(
+                        "too many MCP sessions ({}); end one (HTTP DELETE) or wait for one to expire",
+                        st.config.max_sessions
+                    ),
+                );
+            }
+        }
+        let sid: Arc<str> = Arc::from(format!("{:032x}", rand::random::<u128>()).as_str());
+        let conn = Connection::new(Some(sid.clone()));
+        let answer = st.server.handle_now(msg, &conn, Arc::new(Discard)).await;
+        let Some(answer) = answer else {
+            return simple(StatusCode::ACCEPTED, "");
+        };
+        let ok = matches!(answer, Message::Response(_));
+        let mut r = json_resp(StatusCode::OK, &answer);
+        if ok {
+            st.sessions().insert(
+                sid.clone(),
+                Arc::new(Session {
+                    conn,
+                    last_seen: Mutex::new(Instant::now()),
+                }),
+            );
+            if let Ok(v) = HeaderValue::from_str(&sid) {
+                r.headers_mut().insert("mcp-session-id", v);
+            }
+        }
+        return r;
+    } else {
+        let Some(sid) = session_header else {
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                id,
+                INVALID_REQUEST,
+                "missing Mcp-Session-Id: initialize first (or use protocol 2026-07-28)".into(),
+            );
+        };
+        let session = st.sessions().get(sid.as_str()).cloned();
+        let Some(session) = session else {
+            return rpc_error(
+                StatusCode::NOT_FOUND,
+                id,
+                INVALID_REQUEST,
+                "unknown or expired MCP session; initialize again".into(),
+            );
+        };
+        *session
+            .last_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        session.conn.clone()
+    };
+    let progress = matches!(&msg, Message::Request(r) if r.params.as_deref().is_some_and(|p| p.get().contains("progressToken")));
+    let stream = want_sse && (progress || !want_json);
+    let (tx, rx) = mpsc::channel::<Bytes>(if stream {
+        st.config.sse_queue.max(2)
+    } else {
+        1
+    });
+    let out: Arc<dyn Outbound> = if stream {
+        Arc::new(SseOut(tx.clone()))
+    } else {
+        Arc::new(Discard)
+    };
+    match st.server.handle(msg, &conn, out) {
+        Handled::Nothing => simple(StatusCode::ACCEPTED, ""),
+        Handled::Reply(m) => {
+            if stream {
+                sse_resp(full(sse_event(&m)))
+            } else {
+                json_resp(StatusCode::OK, &m)
+            }
+        }
+        Handled::Later(mut fut) => {
+            let call_id = id;
+            tokio::spawn(async move {
+                tokio::select! {
+                    answer = &mut fut => {
+                        if let Some(m) = answer {
+                            let bytes = if stream { sse_event(&m) } else { Bytes::from(m.to_vec()) };
+                            let _ = tx.send(bytes).await;
+                        }
+                    }
+                    () = tx.closed() => {
+                        // The client went away: that cancels the call.
+                        if let Some(id) = &call_id {
+                            conn.cancel(id);
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(10), fut).await;
+                    }
+                }
+            });
+            let body = ChannelBody(rx).boxed();
+            if stream {
+                sse_resp(body)
+            } else {
+                let mut r = hyper::Response::new(body);
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
+            }
+        }
+    }
+}
+
+fn sse_resp(body: Body) -> Resp {
+    let mut r = hyper::Response::new(body);
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert("cache-control", HeaderValue::from_static("no-cache"));
+    r
+}
+
+fn too_large(max: usize) -> Resp {
+    simple(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body is larger than {max} bytes"),
+    )
+}
+
+fn check_modern_headers(
+    msg: &Message,
+    method: Option<&str>,
+    name: Option<&str>,
+) -> Result<(), String> {
+    let Some(m) = msg.method() else {
+        return Ok(());
+    };
+    if let Some(h) = method {
+        if h != m {
+            return Err(format!(
+                "Mcp-Method {h:?} does not match the body's method {m:?}"
+            ));
+        }
+    }
+    if let (Some(h), Message::Request(r)) = (name, msg) {
+        if matches!(m, "tools/call" | "resources/read" | "prompts/get") {
+            let body_name = r
+                .params
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<serde_json::Value>(p.get()).ok())
+                .and_then(|v| {
+                    v.get("name")
+                        .or_else(|| v.get("uri"))
+                        .and_then(|n| n.as_str().map(str::to_owned))
+                });
+            let decoded = decode_sentinel(h);
+            if body_name.as_deref() != Some(decoded.as_str()) {
+                return Err(format!("Mcp-Name {h:?} does not match the body"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the `=?base64?...?=` sentinel of 2026-07-28 header values.
+fn decode_sentinel(v: &str) -> String {
+    use base64::Engine as _;
+    v.strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| v.to_owned())
+}

@@ -1,0 +1,768 @@
+//! Live sandboxes: creation within limits, ownership by client sessions, idle/lifetime/grace
+//! reaping, background processes, and teardown.
+//!
+//! Every sandbox is a VM from the [`VmFactory`] plus its agent session. The manager holds
+//! them in one map; removing a sandbox from the map and dropping it kills its VM (the `Vm`
+//! implementations kill on drop), so [`Manager::shutdown_all`] and dropping the manager both
+//! leave nothing running. A reaper task (every [`Limits::reap_every`]) ends sandboxes that
+//! were idle longer than their idle timeout, lived longer than their lifetime, or whose
+//! session ended more than [`Limits::session_grace`] ago without another session using them.
+//!
+//! Ownership: a sandbox belongs to the session that created it (stateless 2026-07-28 calls
+//! have none: such sandboxes end by timeout or `sandbox_destroy` only). Its id (96 random
+//! bits) is the capability: a call from another session that names it takes it over, which
+//! is how a client that reconnects (new session) keeps its sandboxes within the grace period.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use vmcp_guest_proto::ExitStatus;
+use vmcp_mcp_server::tool::SessionKey;
+use vmcp_vm::agent::{AgentClient, Process, ProcessControl, ProcessEvent};
+use vmcp_vm::Vm;
+
+use crate::output::{Polled, ProcLog, Stream};
+
+/// The error type of a [`VmFactory`].
+pub type FactoryError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Size of a sandbox VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmSpec {
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+}
+
+impl VmSpec {
+    /// A spec.
+    pub fn new(cpus: u32, memory_mib: u32) -> Self {
+        VmSpec { cpus, memory_mib }
+    }
+}
+
+/// Makes the VMs of sandboxes (created, not started). The CLI's factory boots the built guest
+/// image on the QEMU backend; tests use the vm crate's fake backend.
+#[async_trait]
+pub trait VmFactory: Send + Sync + 'static {
+    /// A new VM of this size, not started.
+    async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, FactoryError>;
+}
+
+/// Limits of the sandbox server. Every one is enforced with an error that names it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Sandboxes alive at once (including those of `run` calls).
+    pub max_sandboxes: usize,
+    /// Sum of the memory of live sandboxes, MiB.
+    pub memory_budget_mib: u64,
+    /// Largest vCPU count of one sandbox.
+    pub max_cpus: u32,
+    /// Largest memory of one sandbox, MiB.
+    pub max_memory_mib: u32,
+    /// Bytes of stdout, and separately of stderr, one `sandbox_exec`/`run` returns.
+    pub max_output: usize,
+    /// Bytes of output one background process keeps for polling (oldest dropped beyond).
+    pub process_buffer: usize,
+    /// Background processes per sandbox (finished ones are forgotten first when full).
+    pub max_processes: usize,
+    /// Largest file read or written in one call.
+    pub max_file: usize,
+    /// Idle timeout when `sandbox_create` gives none.
+    pub default_idle: Duration,
+    /// Lifetime when `sandbox_create` gives none.
+    pub default_lifetime: Duration,
+    /// Largest idle timeout or lifetime a client may ask for.
+    pub max_lifetime: Duration,
+    /// How long a sandbox outlives the end of its session (for reconnects).
+    pub session_grace: Duration,
+    /// `sandbox_exec` timeout when the call gives none.
+    pub default_exec_timeout: Duration,
+    /// How long a VM may take to boot.
+    pub boot_timeout: Duration,
+    /// How often the reaper looks.
+    pub reap_every: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sandboxes: 4,
+            memory_budget_mib: 2048,
+            max_cpus: 4,
+            max_memory_mib: 2048,
+            max_output: 1 << 20,
+            process_buffer: 1 << 20,
+            max_processes: 16,
+            max_file: 8 << 20,
+            default_idle: Duration::from_secs(10 * 60),
+            default_lifetime: Duration::from_secs(60 * 60),
+            max_lifetime: Duration::from_secs(24 * 60 * 60),
+            session_grace: Duration::from_secs(60),
+            default_exec_timeout: Duration::from_secs(60),
+            boot_timeout: Duration::from_secs(60),
+            reap_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Errors of the manager; each says what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// The sandbox count limit.
+    #[error(
+        "too many sandboxes: {live} of {max} are alive; destroy one with sandbox_destroy first"
+    )]
+    TooMany {
+        /// Live (and booting) sandboxes.
+        live: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The memory budget.
+    #[error("the memory budget is used up: {used} of {budget} MiB are taken and {asked} MiB were asked for; destroy a sandbox or ask for less memory")]
+    Memory {
+        /// MiB in use.
+        used: u64,
+        /// The budget.
+        budget: u64,
+        /// MiB asked for.
+        asked: u64,
+    },
+    /// No such sandbox.
+    #[error("no sandbox {0:?} (it may have been destroyed or timed out; sandbox_list shows the live ones)")]
+    NotFound(String),
+    /// No such process.
+    #[error("no process {0:?} in this sandbox (sandbox_exec_start returns the id)")]
+    NoProcess(String),
+    /// The process limit.
+    #[error(
+        "too many background processes in this sandbox ({0}); wait for one to end or signal it"
+    )]
+    TooManyProcesses(usize),
+    /// Creating the VM failed.
+    #[error("cannot create the VM")]
+    Create(#[source] FactoryError),
+    /// Booting failed.
+    #[error("the VM did not boot")]
+    Boot(#[source] vmcp_vm::VmError),
+    /// Booting was cancelled.
+    #[error("cancelled while the VM booted")]
+    Cancelled,
+    /// Talking to the guest failed.
+    #[error("the guest agent failed")]
+    Agent(#[from] vmcp_vm::agent::AgentError),
+}
+
+/// Where a background process's output goes, and its end.
+pub(crate) struct Proc {
+    pub id: String,
+    pub pid: u32,
+    pub argv: Vec<String>,
+    pub control: ProcessControl,
+    log: Mutex<(ProcLog, Option<Result<ExitStatus, String>>)>,
+    changed: Notify,
+}
+
+/// What `sandbox_exec_poll` reports.
+#[derive(Debug, Clone)]
+pub struct PollResult {
+    /// The output window.
+    pub output: Polled,
+    /// How the process ended, once all its output was read: `Ok(status)` or the failure.
+    pub ended: Option<Result<ExitStatus, String>>,
+}
+
+impl Proc {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (ProcLog, Option<Result<ExitStatus, String>>)> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn finished(&self) -> bool {
+        self.lock().1.is_some()
+    }
+
+    /// Output from `cursor`, waiting up to `wait` for some when there is none yet.
+    pub(crate) async fn poll(&self, cursor: u64, max: usize, wait: Duration) -> PollResult {
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = self.lock();
+                let output = g.0.read(cursor, max);
+                let has_news = output.next > cursor.min(g.0.end())
+                    || output.missed > 0
+                    || g.1.is_some()
+                    || Instant::now() >= deadline;
+                if has_news {
+                    let ended = if output.next >= g.0.end() {
+                        g.1.clone()
+                    } else {
+                        None
+                    };
+                    return PollResult { output, ended };
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), notified)
+                .await
+                .is_err()
+            {
+                let g = self.lock();
+                let output = g.0.read(cursor, max);
+                let ended = if output.next >= g.0.end() {
+                    g.1.clone()
+                } else {
+                    None
+                };
+                return PollResult { output, ended };
+            }
+        }
+    }
+}
+
+struct Owner {
+    session: SessionKey,
+    orphaned_at: Option<Instant>,
+}
+
+/// One live sandbox.
+pub struct Sandbox {
+    id: String,
+    spec: VmSpec,
+    created: SystemTime,
+    created_at: Instant,
+    idle_timeout: Duration,
+    lifetime: Duration,
+    agent: AgentClient,
+    vm: tokio::sync::Mutex<Option<Box<dyn Vm>>>,
+    last_used: Mutex<Instant>,
+    busy: AtomicUsize,
+    owner: Mutex<Owner>,
+    procs: Mutex<HashMap<String, Arc<Proc>>>,
+    next_proc: AtomicU64,
+    process_buffer: usize,
+    max_processes: usize,
+    boot: Duration,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).finish()
+    }
+}
+
+/// Keeps a sandbox from being idle-reaped while a call uses it.
+pub struct InUse(Arc<Sandbox>);
+
+impl std::ops::Deref for InUse {
+    type Target = Sandbox;
+    fn deref(&self) -> &Sandbox {
+        &self.0
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        *self
+            .0
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A summary for `sandbox_list`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SandboxInfo {
+    /// Id.
+    pub id: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Seconds since it was created.
+    pub age_secs: u64,
+    /// Seconds since a call last used it.
+    pub idle_secs: u64,
+    /// Its idle timeout.
+    pub idle_timeout_secs: u64,
+    /// Seconds until its lifetime ends.
+    pub expires_in_secs: u64,
+    /// Background processes it keeps, and how many still run.
+    pub processes: usize,
+    /// Of those, running.
+    pub running: usize,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+impl Sandbox {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The agent session.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+    /// Its size.
+    pub fn spec(&self) -> VmSpec {
+        self.spec
+    }
+    /// How long boot took.
+    pub fn boot_time(&self) -> Duration {
+        self.boot
+    }
+
+    fn info(&self, now: Instant) -> SandboxInfo {
+        let procs = self.procs.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = *self
+            .last_used
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        SandboxInfo {
+            id: self.id.clone(),
+            cpus: self.spec.cpus,
+            memory_mib: self.spec.memory_mib,
+            age_secs: now.duration_since(self.created_at).as_secs(),
+            idle_secs: now.duration_since(last).as_secs(),
+            idle_timeout_secs: self.idle_timeout.as_secs(),
+            expires_in_secs: self
+                .lifetime
+                .saturating_sub(now.duration_since(self.created_at))
+                .as_secs(),
+            processes: procs.len(),
+            running: procs.values().filter(|p| !p.finished()).count(),
+            created_unix: self
+                .created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// Why the reaper should end it now, if it should.
+    fn expired(&self, now: Instant, grace: Duration) -> Option<String> {
+        if now.duration_since(self.created_at) >= self.lifetime {
+            return Some(format!(
+                "its lifetime of {}s ended",
+                self.lifetime.as_secs()
+            ));
+        }
+        if self.busy.load(Ordering::Acquire) == 0 {
+            let last = *self
+                .last_used
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if now.duration_since(last) >= self.idle_timeout {
+                return Some(format!("idle for {}s", self.idle_timeout.as_secs()));
+            }
+        }
+        let owner = self.owner.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = owner.orphaned_at {
+            if now.duration_since(at) >= grace {
+                return Some(format!("its client session ended {}s ago", grace.as_secs()));
+            }
+        }
+        None
+    }
+
+    /// Starts a background process and the task that collects its output.
+    pub(crate) fn add_process(
+        &self,
+        process: Process,
+        argv: Vec<String>,
+    ) -> Result<Arc<Proc>, SandboxError> {
+        let mut procs = self.procs.lock().unwrap_or_else(PoisonError::into_inner);
+        if procs.len() >= self.max_processes {
+            // Forget the oldest finished process to make room.
+            let oldest = procs
+                .values()
+                .filter(|p| p.finished())
+                .min_by_key(|p| p.id[1..].parse::<u64>().unwrap_or(0))
+                .map(|p| p.id.clone());
+            match oldest {
+                Some(id) => {
+                    procs.remove(&id);
+                }
+                None => return Err(SandboxError::TooManyProcesses(self.max_processes)),
+            }
+        }
+        let id = format!("p{}", self.next_proc.fetch_add(1, Ordering::Relaxed) + 1);
+        let proc = Arc::new(Proc {
+            id: id.clone(),
+            pid: process.pid(),
+            argv,
+            control: process.control().clone(),
+            log: Mutex::new((ProcLog::new(self.process_buffer), None)),
+            changed: Notify::new(),
+        });
+        procs.insert(id, proc.clone());
+        let weak = Arc::downgrade(&proc);
+        tokio::spawn(pump(process, weak));
+        Ok(proc)
+    }
+
+    /// A background process by id.
+    pub(crate) fn process(&self, id: &str) -> Result<Arc<Proc>, SandboxError> {
+        self.procs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NoProcess(id.to_owned()))
+    }
+
+    async fn kill(&self) {
+        if let Some(mut vm) = self.vm.lock().await.take() {
+            if let Err(e) = vm.kill().await {
+                tracing::warn!(sandbox = %self.id, error = %e, "killing the VM failed; dropping it");
+            }
+        }
+    }
+}
+
+async fn pump(mut process: Process, proc: Weak<Proc>) {
+    loop {
+        let ev = process.next_event().await;
+        let Some(p) = proc.upgrade() else { return };
+        let done = {
+            let mut g = p.lock();
+            match ev {
+                Ok(Some(ProcessEvent::Stdout(d))) => {
+                    g.0.push(Stream::Stdout, &d);
+                    false
+                }
+                Ok(Some(ProcessEvent::Stderr(d))) => {
+                    g.0.push(Stream::Stderr, &d);
+                    false
+                }
+                Ok(Some(ProcessEvent::Exited(s))) => {
+                    g.1 = Some(Ok(s));
+                    true
+                }
+                Ok(None) => {
+                    g.1 = Some(Err(
+                        "the guest agent ended the process without an exit status".into(),
+                    ));
+                    true
+                }
+                Err(e) => {
+                    g.1 = Some(Err(format!("lost the process: {e}")));
+                    true
+                }
+            }
+        };
+        p.changed.notify_waiters();
+        if done {
+            return;
+        }
+    }
+}
+
+#[derive(Default)]
+struct Reserved {
+    count: usize,
+    mem: u64,
+}
+
+struct Inner {
+    factory: Arc<dyn VmFactory>,
+    limits: Limits,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    reserved: Mutex<Reserved>,
+}
+
+impl Inner {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A slot in the limits, held while a sandbox boots and released if it never comes up.
+struct Reservation<'a> {
+    inner: &'a Inner,
+    mem: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut r = self
+            .inner
+            .reserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        r.count -= 1;
+        r.mem -= self.mem;
+    }
+}
+
+/// What `sandbox_create` asks for.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct CreateRequest {
+    /// Size.
+    pub spec: VmSpec,
+    /// Idle timeout (None: the default).
+    pub idle_timeout: Option<Duration>,
+    /// Lifetime (None: the default).
+    pub lifetime: Option<Duration>,
+}
+
+impl CreateRequest {
+    /// A request for a VM of `spec` with default timeouts.
+    pub fn new(spec: VmSpec) -> Self {
+        CreateRequest {
+            spec,
+            idle_timeout: None,
+            lifetime: None,
+        }
+    }
+}
+
+/// The sandboxes of one server.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("live", &self.inner.map().len())
+            .finish()
+    }
+}
+
+impl Manager {
+    /// A manager making VMs with `factory`; starts the reaper (needs a tokio runtime).
+    pub fn new(factory: Arc<dyn VmFactory>, limits: Limits) -> Manager {
+        let inner = Arc::new(Inner {
+            factory,
+            limits,
+            sandboxes: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(Reserved::default()),
+        });
+        let weak = Arc::downgrade(&inner);
+        let every = inner.limits.reap_every.max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Manager { inner }.reap().await;
+            }
+        });
+        Manager { inner }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Memory (MiB) held by live and booting sandboxes, and their count.
+    pub fn usage(&self) -> (usize, u64) {
+        let r = self
+            .inner
+            .reserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        (r.count, r.mem)
+    }
+
+    fn reserve(&self, mem: u64) -> Result<Reservation<'_>, SandboxError> {
+        let l = &self.inner.limits;
+        let mut r = self
+            .inner
+            .reserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if r.count >= l.max_sandboxes {
+            return Err(SandboxError::TooMany {
+                live: r.count,
+                max: l.max_sandboxes,
+            });
+        }
+        if r.mem + mem > l.memory_budget_mib {
+            return Err(SandboxError::Memory {
+                used: r.mem,
+                budget: l.memory_budget_mib,
+                asked: mem,
+            });
+        }
+        r.count += 1;
+        r.mem += mem;
+        Ok(Reservation {
+            inner: &self.inner,
+            mem,
+        })
+    }
+
+    /// Boots a sandbox for `session`; `progress` hears about the boot; `cancel` stops it.
+    pub async fn create(
+        &self,
+        req: CreateRequest,
+        session: SessionKey,
+        progress: &(dyn Fn(&str) + Send + Sync),
+        cancel: impl std::future::Future<Output = ()>,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
+        let mem = u64::from(req.spec.memory_mib);
+        let reservation = self.reserve(mem)?;
+        let l = &self.inner.limits;
+        let started = Instant::now();
+        progress(&format!(
+            "booting a VM ({} vCPU, {} MiB)",
+            req.spec.cpus, req.spec.memory_mib
+        ));
+        let boot = async {
+            let mut vm = self
+                .inner
+                .factory
+                .create(req.spec)
+                .await
+                .map_err(SandboxError::Create)?;
+            vm.start().await.map_err(SandboxError::Boot)?;
+            vm.wait_ready(l.boot_timeout)
+                .await
+                .map_err(SandboxError::Boot)?;
+            let agent = vm.agent().map_err(SandboxError::Boot)?;
+            Ok::<_, SandboxError>((vm, agent))
+        };
+        let (vm, agent) = tokio::select! {
+            r = boot => r?,
+            () = cancel => return Err(SandboxError::Cancelled),
+        };
+        let boot = started.elapsed();
+        progress(&format!("VM ready after {} ms", boot.as_millis()));
+        let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
+        let now = Instant::now();
+        let sandbox = Arc::new(Sandbox {
+            id: id.clone(),
+            spec: req.spec,
+            created: SystemTime::now(),
+            created_at: now,
+            idle_timeout: req.idle_timeout.unwrap_or(l.default_idle),
+            lifetime: req.lifetime.unwrap_or(l.default_lifetime),
+            agent,
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            last_used: Mutex::new(now),
+            busy: AtomicUsize::new(0),
+            owner: Mutex::new(Owner {
+                session,
+                orphaned_at: None,
+            }),
+            procs: Mutex::new(HashMap::new()),
+            next_proc: AtomicU64::new(0),
+            process_buffer: l.process_buffer,
+            max_processes: l.max_processes,
+            boot,
+        });
+        // The reservation now belongs to the live sandbox; it is released in `remove`.
+        std::mem::forget(reservation);
+        self.inner.map().insert(id, sandbox.clone());
+        Ok(sandbox)
+    }
+
+    /// The sandbox `id`, marked in use by `session` until the returned guard drops.
+    pub fn get(&self, id: &str, session: &SessionKey) -> Result<InUse, SandboxError> {
+        let sb = self
+            .inner
+            .map()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))?;
+        sb.busy.fetch_add(1, Ordering::AcqRel);
+        {
+            let mut owner = sb.owner.lock().unwrap_or_else(PoisonError::into_inner);
+            if owner.session.is_some() && session.is_some() && owner.session != *session {
+                tracing::info!(sandbox = %id, "sandbox taken over by another session");
+                owner.session = session.clone();
+            }
+            owner.orphaned_at = None;
+        }
+        Ok(InUse(sb))
+    }
+
+    /// Live sandboxes.
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let now = Instant::now();
+        let mut v: Vec<SandboxInfo> = self.inner.map().values().map(|s| s.info(now)).collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Destroys sandbox `id` (its VM is killed). False when there was none.
+    pub async fn destroy(&self, id: &str) -> bool {
+        let sb = self.inner.map().remove(id);
+        match sb {
+            Some(sb) => {
+                self.release(&sb);
+                sb.kill().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn release(&self, sb: &Sandbox) {
+        let mut r = self
+            .inner
+            .reserved
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        r.count = r.count.saturating_sub(1);
+        r.mem = r.mem.saturating_sub(u64::from(sb.spec.memory_mib));
+    }
+
+    /// The session ended: its sandboxes end after the grace period unless another session
+    /// takes them over.
+    pub fn session_ended(&self, session: &Arc<str>) {
+        let now = Instant::now();
+        for sb in self.inner.map().values() {
+            let mut owner = sb.owner.lock().unwrap_or_else(PoisonError::into_inner);
+            if owner.session.as_deref() == Some(&**session) {
+                owner.orphaned_at = Some(now);
+            }
+        }
+    }
+
+    async fn reap(&self) {
+        let now = Instant::now();
+        let grace = self.inner.limits.session_grace;
+        let doomed: Vec<(String, String)> = self
+            .inner
+            .map()
+            .values()
+            .filter_map(|s| s.expired(now, grace).map(|why| (s.id.clone(), why)))
+            .collect();
+        for (id, why) in doomed {
+            tracing::info!(sandbox = %id, "ending sandbox: {why}");
+            self.destroy(&id).await;
+        }
+    }
+
+    /// Kills every sandbox (server shutdown).
+    pub async fn shutdown_all(&self) {
+        let all: Vec<Arc<Sandbox>> = self.inner.map().drain().map(|(_, s)| s).collect();
+        for sb in &all {
+            self.release(sb);
+        }
+        for sb in all {
+            sb.kill().await;
+        }
+    }
+}
