@@ -99,6 +99,9 @@ pub enum PlanError {
     /// A token or extra argument would break the command line.
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),
+    /// `--net allow=...` or `--publish` (not wired to the VZ NAT attachment yet).
+    #[error("--net allow=... and --publish are not available with Virtualization.framework yet: use --net nat or --net none, or the QEMU backend (`--backend qemu`)")]
+    NetUnsupported,
 }
 
 /// A virtio-block disk in the plan.
@@ -125,6 +128,8 @@ pub struct VzPlan {
     pub cmdline: String,
     /// Rootfs as virtio-block, if any.
     pub rootfs: Option<DiskPlan>,
+    /// More virtio-block disks after the rootfs, in order (an image and its scratch disk).
+    pub disks: Vec<DiskPlan>,
     /// File the virtio console writes to.
     pub console_log: PathBuf,
     /// vsock port the host listens on for the agent.
@@ -162,6 +167,9 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             max: l.max_cpus,
         });
     }
+    if matches!(config.net.mode, crate::net::NetMode::Allow(_)) || !config.net.publish.is_empty() {
+        return Err(PlanError::NetUnsupported);
+    }
     let memory_bytes = u64::from(config.memory_mib) * MIB;
     if memory_bytes < l.min_memory_bytes || memory_bytes > l.max_memory_bytes {
         return Err(PlanError::Memory {
@@ -185,6 +193,23 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
         extra.push("vmcp.rootfs=/dev/vda".to_string());
         extra.push(format!("vmcp.rootfs_ro={}", u8::from(disk.read_only)));
     }
+    let mut disks = Vec::new();
+    if let Some(image) = &config.image {
+        // Validation keeps rootfs and image apart, so the image is the first disk.
+        extra.push("vmcp.image=/dev/vda".to_string());
+        extra.push("vmcp.scratch=/dev/vdb".to_string());
+        if let Some((uid, gid)) = image.user {
+            extra.push(format!("vmcp.user={uid}:{gid}"));
+        }
+        disks.push(DiskPlan {
+            path: image.path.clone(),
+            read_only: true,
+        });
+        disks.push(DiskPlan {
+            path: image.scratch.clone(),
+            read_only: false,
+        });
+    }
     extra.extend(config.cmdline_extra.iter().cloned());
     let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {
@@ -197,12 +222,13 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             path: d.path.clone(),
             read_only: d.read_only,
         }),
+        disks,
         console_log: config
             .console_log
             .clone()
             .unwrap_or_else(|| inputs.default_console_log.to_path_buf()),
         agent_port: AGENT_VSOCK_PORT,
-        network: config.network,
+        network: matches!(config.net.mode, crate::net::NetMode::Nat),
     })
 }
 
@@ -298,6 +324,34 @@ mod tests {
     }
 
     #[test]
+    fn image_attaches_base_read_only_and_scratch_read_write() {
+        let head = arm64_head();
+        let log = PathBuf::from("/run/vm/console.log");
+        let mut c = config();
+        let mut image = crate::ImageConfig::new("/c/rootfs.ext4", "oci-1", "/tmp/scratch");
+        image.user = Some((1000, 1000));
+        c.image = Some(image);
+        let p = plan(&c, inputs(&head, &log)).unwrap();
+        assert_eq!(p.rootfs, None);
+        assert_eq!(
+            p.disks,
+            [
+                DiskPlan {
+                    path: "/c/rootfs.ext4".into(),
+                    read_only: true
+                },
+                DiskPlan {
+                    path: "/tmp/scratch".into(),
+                    read_only: false
+                }
+            ]
+        );
+        assert!(p
+            .cmdline
+            .ends_with("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb vmcp.user=1000:1000"));
+    }
+
+    #[test]
     fn plan_copies_config_and_adds_channel() {
         let head = arm64_head();
         let log = PathBuf::from("/run/vm/console.log");
@@ -340,7 +394,7 @@ mod tests {
         let log = PathBuf::from("/default.log");
         let mut c = config();
         c.console_log = Some("/tmp/mine.log".into());
-        c.network = true;
+        c.net.mode = crate::net::NetMode::Nat;
         c.rootfs = Some(DiskConfig {
             path: "/img/rw.ext4".into(),
             read_only: false,
