@@ -8,6 +8,7 @@ mod doctor;
 mod image_cmd;
 mod mcp_cmd;
 mod mcp_serve;
+mod mcp_wrap;
 mod run;
 mod snapshot_cmd;
 mod snapshots;
@@ -79,6 +80,12 @@ pub fn print_error(err: &anyhow::Error) {
 }
 
 fn main() -> ExitCode {
+    // QEMU starts `vmcp __egress-pipe ADDR` once per guest connection to the egress proxy;
+    // that hidden mode skips argument parsing, logging and the runtime to start fast.
+    let mut raw = std::env::args();
+    if raw.nth(1).as_deref() == Some(vmcp_egress::pipe::ARG) {
+        return vmcp_egress::pipe::main(&raw.next().unwrap_or_default());
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -50,6 +50,8 @@ pub enum McpCommand {
     },
     /// Serve MCP: tools that create and drive sandboxes (micro-VMs), over stdio or HTTP.
     Serve(crate::mcp_serve::ServeArgs),
+    /// Run a stdio MCP server inside a micro-VM and relay MCP to it over our stdio.
+    Wrap(crate::mcp_wrap::WrapArgs),
 }
 
 /// How to reach the server (shared by every subcommand).
@@ -113,6 +115,7 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
             .await
         }
         McpCommand::Serve(args) => crate::mcp_serve::run(args).await,
+        McpCommand::Wrap(args) => crate::mcp_wrap::run(args).await,
     }
 }
 

@@ -76,7 +76,7 @@ impl VmFactory for SelectedFactory {
         let mut config = self.template.clone();
         config.cpus = spec.cpus;
         config.memory_mib = spec.memory_mib;
-        config.network = false;
+        config.net = vmcp_vm::NetConfig::default();
         Ok(self.backend.create(config).await?)
     }
 }

@@ -30,7 +30,7 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_vm::agent::{AgentClient, AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::{Accel, Arch, BackendKind, DiskConfig, VmConfig};
+use vmcp_vm::{Accel, Arch, BackendKind, DiskConfig, NetMode, PortForward, VmConfig};
 
 use crate::EXIT_VMCP_FAILED;
 
@@ -76,6 +76,14 @@ pub struct RunArgs {
     /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = parse_accel)]
     pub accel: Option<Accel>,
+    /// Guest network: none (no network card), allow=HOST[:PORT],... (only through vmcp's
+    /// egress proxy; names, *.suffix, IP addresses, CIDR ranges), or nat (unrestricted).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_net)]
+    pub net: NetMode,
+    /// Publish a guest TCP port on the host: HOST_PORT:GUEST_PORT (on 127.0.0.1) or
+    /// ADDRESS:HOST_PORT:GUEST_PORT (repeatable).
+    #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
+    pub publish: Vec<PortForward>,
     /// Forward stdin even when it is a terminal.
     #[arg(long, short = 'i')]
     pub interactive: bool,
@@ -124,6 +132,24 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `--net`.
+pub fn parse_net(s: &str) -> Result<NetMode, String> {
+    s.parse::<NetMode>().map_err(|e| {
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(cause) = src {
+            msg.push_str(&format!(": {cause}"));
+            src = cause.source();
+        }
+        msg
+    })
+}
+
+/// Parses `--publish`.
+pub fn parse_publish(s: &str) -> Result<PortForward, String> {
+    s.parse::<PortForward>().map_err(|e| e.to_string())
 }
 
 /// Parses `--accel`.
@@ -209,6 +235,11 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         read_only: !args.rootfs_rw,
     });
     config.console_log = args.console_log.clone();
+    config.net.mode = args.net.clone();
+    config.net.publish = args.publish.clone();
+    if let Some(w) = config.net.warning() {
+        eprintln!("vmcp: {w}");
+    }
     config.backend = args.backend;
     config.accel = args.accel;
     let selection = select(&mut config).await?;

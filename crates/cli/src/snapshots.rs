@@ -119,7 +119,7 @@ impl Record {
                 Some(d) => Some(FileId::of(&d.path)?),
                 None => None,
             },
-            network: config.network,
+            network: config.net.has_device(),
             cmdline_extra: config.cmdline_extra.clone(),
             hypervisor: FileId::of(hypervisor)?,
             vmcp_version: env!("CARGO_PKG_VERSION").into(),

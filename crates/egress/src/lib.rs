@@ -28,6 +28,7 @@
 
 pub mod addr;
 mod idle;
+pub mod pipe;
 pub mod policy;
 pub mod proxy;
 mod ratelimit;

@@ -200,10 +200,6 @@ pub enum HostMsg {
         /// Request id.
         id: RequestId,
     },
-    /// Take a new identity after a snapshot restore (capability [`Capabilities::REKEY`]):
-    /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
-    /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
-    Rekey(Rekey),
     /// The host's consumer took output of request `id` worth `credit` units (see
     /// [`credit_cost`]): the guest may send that much more within [`STREAM_WINDOW`]. Credit
     /// for an unknown or finished request is ignored. No answer.
@@ -220,6 +216,10 @@ pub enum HostMsg {
         /// Exec or read-file request id.
         id: RequestId,
     },
+    /// Take a new identity after a snapshot restore (capability [`Capabilities::REKEY`]):
+    /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
+    /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
+    Rekey(Rekey),
 }
 
 /// How a guest process ended.

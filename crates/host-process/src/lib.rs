@@ -77,6 +77,9 @@ pub struct SpawnOptions {
     pub run_as: Option<Ids>,
     /// Windows: start without a console window (`CREATE_NO_WINDOW`).
     pub no_window: bool,
+    /// Linux: set `PR_SET_NO_NEW_PRIVS` in the child, so neither it nor anything it executes
+    /// can gain privileges through set-user-ID or file-capability executables.
+    pub no_new_privs: bool,
 }
 
 impl SpawnOptions {
@@ -89,6 +92,12 @@ impl SpawnOptions {
     /// Run as `ids`.
     pub fn with_run_as(mut self, ids: Option<Ids>) -> Self {
         self.run_as = ids;
+        self
+    }
+
+    /// Set `no_new_privs` in the child (Linux; ignored elsewhere).
+    pub fn with_no_new_privs(mut self, on: bool) -> Self {
+        self.no_new_privs = on;
         self
     }
 

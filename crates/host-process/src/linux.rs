@@ -111,6 +111,7 @@ pub(crate) fn spawn(
         .map_err(|_| io::Error::other("an owned process must be spawned inside a tokio runtime"))?;
     let inherit = options.inherit_fds.clone();
     let run_as = options.run_as.clone();
+    let no_new_privs = options.no_new_privs;
     let parent = std::process::id() as libc::pid_t;
     let child_setup = move || -> io::Result<()> {
         for &fd in &inherit {
@@ -132,6 +133,13 @@ pub(crate) fn spawn(
             }
             // SAFETY: as above.
             if unsafe { libc::setuid(ids.uid) } == -1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if no_new_privs {
+            // SAFETY: PR_SET_NO_NEW_PRIVS takes the constant 1 and unused zero arguments.
+            let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) };
+            if rc == -1 {
                 return Err(io::Error::last_os_error());
             }
         }

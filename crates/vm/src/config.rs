@@ -186,8 +186,9 @@ pub struct VmConfig {
     /// Accelerator, for backends that offer a choice (QEMU); chosen by the backend when
     /// `None`.
     pub accel: Option<Accel>,
-    /// Give the guest a network device (off by default).
-    pub network: bool,
+    /// The guest's network: none (default), allow-listed through the egress proxy, or NAT;
+    /// plus published ports (see [`crate::net`]).
+    pub net: crate::net::NetConfig,
 }
 
 impl VmConfig {
@@ -204,7 +205,7 @@ impl VmConfig {
             console_log: None,
             backend: None,
             accel: None,
-            network: false,
+            net: crate::net::NetConfig::default(),
         }
     }
 
@@ -215,6 +216,14 @@ impl VmConfig {
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib).into());
+        }
+        if self.net.publish.len() > crate::net::MAX_PUBLISH {
+            return Err(ConfigError::Network(format!(
+                "{} published ports; at most {}",
+                self.net.publish.len(),
+                crate::net::MAX_PUBLISH
+            ))
+            .into());
         }
         check_file("kernel", &self.kernel)?;
         check_file("initrd", &self.initrd)?;

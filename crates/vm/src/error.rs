@@ -7,6 +7,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// The network settings cannot be used (with this backend or host).
+    #[error("network: {0}")]
+    Network(String),
     /// vCPU count out of range.
     #[error("invalid vCPU count {0}: use 1 to {max}", max = crate::config::MAX_CPUS)]
     Cpus(u32),

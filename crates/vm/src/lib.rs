@@ -27,12 +27,14 @@ mod error;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
 pub mod lifecycle;
+pub mod net;
 pub mod qemu;
 pub mod select;
 pub mod vz;
 
 pub use config::{Accel, Arch, BackendKind, DiskConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::{ErrorClass, VmError};
+pub use net::{NetConfig, NetMode, PortForward};
 pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;

@@ -52,6 +52,7 @@ mod platform_windows;
 use platform_windows as platform;
 
 use std::ffi::OsString;
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,13 +61,14 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, HostOs, KernelArgs, MemoryFile, QemuPlan, RootfsArg,
-    VirtioTransport, AGENT_PORT,
+    DiskPlan, DiskSource, Endpoint, FileRef, GuestForward, HostOs, KernelArgs, KernelNet,
+    MemoryFile, NetPlan, QemuPlan, RootfsArg, VirtioTransport, AGENT_PORT,
 };
 
 use crate::agent::AgentStream;
 use crate::error::ConfigError;
 use crate::lifecycle::{AgentConnect, Exit, LaunchError, Lifecycle, Machine, TAIL_LINES};
+use crate::net::{self, NetMode};
 use crate::{Arch, Backend, Probe, Vm, VmCapabilities, VmConfig, VmError};
 
 const BACKEND: &str = "qemu";
@@ -183,6 +185,7 @@ impl QemuBackend {
                 stderr: console::Tail::default(),
                 tasks: Vec::new(),
                 argv: Vec::new(),
+                egress: None,
                 memory_file: None,
             })
         })
@@ -276,6 +279,8 @@ pub struct QemuMachine {
     argv: Vec<OsString>,
     /// Guest RAM in this file, mapped shared (a VM that can be saved).
     memory_file: Option<PathBuf>,
+    /// The egress proxy of an allow-listed network and its loopback port; stopped with QEMU.
+    egress: Option<(vmcp_egress::ProxyHandle, u16)>,
 }
 
 impl std::fmt::Debug for QemuMachine {
@@ -379,8 +384,76 @@ impl QemuMachine {
                 device: "/dev/vda".into(),
                 read_only: d.read_only,
             }),
+            net: self.config.net.has_device().then(|| {
+                let allow = matches!(self.config.net.mode, NetMode::Allow(_));
+                KernelNet {
+                    addr: net::GUEST_ADDR,
+                    prefix: net::GUEST_PREFIX,
+                    gateway: matches!(self.config.net.mode, NetMode::Nat).then_some(net::GATEWAY),
+                    proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
+                }
+            }),
             extra: self.config.cmdline_extra.clone(),
         }
+    }
+
+    /// Starts the VM's egress proxy on host loopback (allow-list mode only).
+    async fn start_egress(&mut self) -> Result<(), VmError> {
+        self.egress = None;
+        let NetMode::Allow(policy) = &self.config.net.mode else {
+            return Ok(());
+        };
+        if self.host == HostOs::Windows {
+            return Err(ConfigError::Network(
+                "--net allow=... needs QEMU to start a forward helper per connection, which \
+                 QEMU does not do on Windows: use --net nat or --net none there"
+                    .into(),
+            )
+            .into());
+        }
+        let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .await
+            .map_err(host_err("listen for the egress proxy on 127.0.0.1"))?;
+        let port = listener
+            .local_addr()
+            .map_err(host_err("read the egress proxy's address"))?
+            .port();
+        let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
+        let handle =
+            vmcp_egress::Proxy::new(policy, vmcp_egress::Limits::default()).spawn(listener);
+        self.egress = Some((handle, port));
+        Ok(())
+    }
+
+    fn net_plan(&self) -> Result<Option<NetPlan>, VmError> {
+        let net = &self.config.net;
+        if !net.has_device() {
+            return Ok(None);
+        }
+        let guestfwd = match &self.egress {
+            None => None,
+            Some((_, port)) => {
+                let program = match &net.pipe_program {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe()
+                        .map_err(host_err("find the vmcp executable for the egress forward"))?,
+                };
+                Some(GuestForward {
+                    addr: net::PROXY_ADDR,
+                    port: net::PROXY_PORT,
+                    command: vec![
+                        program.to_string_lossy().into_owned(),
+                        vmcp_egress::pipe::ARG.into(),
+                        format!("127.0.0.1:{port}"),
+                    ],
+                })
+            }
+        };
+        Ok(Some(NetPlan {
+            restrict: !matches!(net.mode, NetMode::Nat),
+            guestfwd,
+            hostfwd: net.publish.clone(),
+        }))
     }
 
     /// Marks QEMU as gone.
@@ -389,6 +462,7 @@ impl QemuMachine {
         self.pid = None;
         self.qmp = None;
         self.agent_stream = None;
+        self.egress = None;
     }
 
     /// After QEMU exited with `status`: let the capture tasks drain what QEMU wrote before it
@@ -503,7 +577,7 @@ impl QemuMachine {
             agent,
             agent_port: AGENT_PORT.to_string(),
             virtio: self.options.virtio,
-            network: self.config.network,
+            network: self.net_plan()?,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
             memory,
             incoming: restore_memory.is_some(),
@@ -680,6 +754,7 @@ impl QemuMachine {
         )))?;
         self.log.close();
         self.log = log.clone();
+        self.start_egress().await?;
         let mut inherited = Inherited { fds: Vec::new() };
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, restore_memory)?;

@@ -12,7 +12,14 @@
 //!   config files, no window, and a guest reboot ends QEMU instead of looping.
 //! - The guest sees: one serial console, one virtio-serial port for the agent, optionally one
 //!   virtio-blk disk and a user-mode network card. No other device, no host file sharing.
-//! - `-sandbox` (seccomp) only where QEMU supports it (Linux).
+//! - `-sandbox` (seccomp) only where QEMU supports it (Linux). It denies spawning processes,
+//!   except for a VM whose network goes through the egress proxy: QEMU's user-mode network
+//!   starts one `vmcp __egress-pipe` per guest connection (`guestfwd=...-cmd:`, which forks,
+//!   calls `setsid` and executes it), so there `spawn=allow,elevateprivileges=allow`, with
+//!   QEMU under `no_new_privs` (see docs/network.md).
+//! - Network (`-netdev user`, QEMU's slirp): none by default; `restrict=on` plus one
+//!   `guestfwd` to the egress proxy for allow-listed egress; plain NAT on request;
+//!   `hostfwd` for published ports.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -160,8 +167,8 @@ pub struct QemuPlan {
     pub agent_port: String,
     /// virtio transport.
     pub virtio: VirtioTransport,
-    /// Add a user-mode (NAT) network card.
-    pub network: bool,
+    /// A user-mode network card, if any.
+    pub network: Option<NetPlan>,
     /// Turn on QEMU's seccomp sandbox.
     pub sandbox: bool,
     /// Guest RAM from a file; `None`: anonymous memory.
@@ -171,8 +178,72 @@ pub struct QemuPlan {
     pub incoming: bool,
 }
 
+/// The user-mode network card of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetPlan {
+    /// `restrict=on`: the guest reaches nothing but `guestfwd`, and only published ports
+    /// reach it.
+    pub restrict: bool,
+    /// The one forward out of a restricted network: guest connections to `addr:port` are
+    /// handed to a new `command` each (stdin/stdout are the connection).
+    pub guestfwd: Option<GuestForward>,
+    /// Published ports.
+    pub hostfwd: Vec<crate::net::PortForward>,
+}
+
+/// A `guestfwd` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestForward {
+    /// Guest-side address.
+    pub addr: std::net::Ipv4Addr,
+    /// Guest-side port.
+    pub port: u16,
+    /// Program and arguments (each quoted for QEMU's shell-style split).
+    pub command: Vec<String>,
+}
+
+impl NetPlan {
+    /// The `-netdev` value.
+    pub fn netdev(&self) -> String {
+        let mut s = String::from("user,id=net0");
+        if self.restrict {
+            s.push_str(",restrict=on");
+        }
+        if let Some(g) = &self.guestfwd {
+            let cmd: Vec<String> = g.command.iter().map(|a| shell_quote(a)).collect();
+            s.push_str(&format!(
+                ",guestfwd=tcp:{}:{}-cmd:{}",
+                g.addr,
+                g.port,
+                escape_opt(&cmd.join(" "))
+            ));
+        }
+        for f in &self.hostfwd {
+            s.push_str(&format!(
+                ",hostfwd=tcp:{}:{}-:{}",
+                f.host.ip(),
+                f.host.port(),
+                f.guest_port
+            ));
+        }
+        s
+    }
+}
+
+/// Single-quotes `s` for GLib's shell-style argument split (`'` becomes `'\''`).
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// The `-sandbox` value: deny everything QEMU does not need once it runs.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// The `-sandbox` value for a VM whose network spawns a forward helper per connection: QEMU's
+/// user-mode network forks, calls `setsid` and executes the helper, so both spawning and the
+/// set*id calls must be allowed. QEMU is started with `no_new_privs` (see
+/// `platform_linux.rs`), so nothing it executes can gain privileges.
+pub const SANDBOX_SPAWN: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny";
 
 /// Default name of the agent's virtio-serial port.
 pub const AGENT_PORT: &str = "vmcp.agent";
@@ -263,7 +334,8 @@ impl QemuPlan {
         }
         if self.sandbox {
             push("-sandbox");
-            push(SANDBOX);
+            let spawns = self.network.as_ref().is_some_and(|n| n.guestfwd.is_some());
+            push(if spawns { SANDBOX_SPAWN } else { SANDBOX });
         }
         // Control.
         push("-chardev");
@@ -304,9 +376,9 @@ impl QemuPlan {
             push("-device");
             push(&format!("{},drive=rootfs", self.device("virtio-blk")));
         }
-        if self.network {
+        if let Some(net) = &self.network {
             push("-netdev");
-            push("user,id=net0");
+            push(&net.netdev());
             push("-device");
             push(&format!("{},netdev=net0", self.device("virtio-net")));
         }
@@ -350,8 +422,23 @@ pub struct KernelArgs {
     pub agent_port: String,
     /// Guest device of the root filesystem, when one is attached.
     pub rootfs: Option<RootfsArg>,
+    /// Static network configuration of the guest (`vmcp.net`, `vmcp.gw`, `vmcp.proxy`).
+    pub net: Option<KernelNet>,
     /// Caller's extra arguments (already validated: no whitespace).
     pub extra: Vec<String>,
+}
+
+/// The guest's network settings on the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelNet {
+    /// Address of the card.
+    pub addr: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway (NAT only).
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The egress proxy (allow-list mode only).
+    pub proxy: Option<std::net::SocketAddrV4>,
 }
 
 /// The `vmcp.rootfs=` and `vmcp.rootfs_ro=` arguments.
@@ -408,6 +495,15 @@ impl KernelArgs {
         if let Some(r) = &self.rootfs {
             v.push(format!("vmcp.rootfs={}", r.device));
             v.push(format!("vmcp.rootfs_ro={}", u8::from(r.read_only)));
+        }
+        if let Some(n) = &self.net {
+            v.push(format!("vmcp.net={}/{}", n.addr, n.prefix));
+            if let Some(gw) = n.gateway {
+                v.push(format!("vmcp.gw={gw}"));
+            }
+            if let Some(p) = n.proxy {
+                v.push(format!("vmcp.proxy={p}"));
+            }
         }
         v.extend(self.extra.iter().cloned());
         v.join(" ")

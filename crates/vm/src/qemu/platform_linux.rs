@@ -96,7 +96,10 @@ pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
         cmd,
         SpawnOptions::default()
             .with_inherited_fds(spec.inherit)
-            .with_run_as(spec.drop_to),
+            .with_run_as(spec.drop_to)
+            // Nothing QEMU executes (the egress forward helper of `--net allow`) may gain
+            // privileges through a set-user-ID file, even where the sandbox allows spawning.
+            .with_no_new_privs(true),
     )
 }
 

@@ -99,6 +99,9 @@ pub enum PlanError {
     /// A token or extra argument would break the command line.
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),
+    /// `--net allow=...` or `--publish` (not wired to the VZ NAT attachment yet).
+    #[error("--net allow=... and --publish are not available with Virtualization.framework yet: use --net nat or --net none, or the QEMU backend (`--backend qemu`)")]
+    NetUnsupported,
 }
 
 /// A virtio-block disk in the plan.
@@ -162,6 +165,9 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             max: l.max_cpus,
         });
     }
+    if matches!(config.net.mode, crate::net::NetMode::Allow(_)) || !config.net.publish.is_empty() {
+        return Err(PlanError::NetUnsupported);
+    }
     let memory_bytes = u64::from(config.memory_mib) * MIB;
     if memory_bytes < l.min_memory_bytes || memory_bytes > l.max_memory_bytes {
         return Err(PlanError::Memory {
@@ -202,7 +208,7 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             .clone()
             .unwrap_or_else(|| inputs.default_console_log.to_path_buf()),
         agent_port: AGENT_VSOCK_PORT,
-        network: config.network,
+        network: matches!(config.net.mode, crate::net::NetMode::Nat),
     })
 }
 
@@ -340,7 +346,7 @@ mod tests {
         let log = PathBuf::from("/default.log");
         let mut c = config();
         c.console_log = Some("/tmp/mine.log".into());
-        c.network = true;
+        c.net.mode = crate::net::NetMode::Nat;
         c.rootfs = Some(DiskConfig {
             path: "/img/rw.ext4".into(),
             read_only: false,

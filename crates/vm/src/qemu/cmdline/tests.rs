@@ -17,7 +17,7 @@ fn plan() -> QemuPlan {
         agent: Endpoint::Fd(5),
         agent_port: AGENT_PORT.into(),
         virtio: VirtioTransport::Pci,
-        network: false,
+        network: None,
         sandbox: true,
         memory: None,
         incoming: false,
@@ -86,7 +86,11 @@ fn linux_tcg_microvm_line() {
 fn rootfs_by_fd_set_read_write_and_network() {
     let mut p = plan();
     p.virtio = VirtioTransport::Mmio;
-    p.network = true;
+    p.network = Some(NetPlan {
+        restrict: false,
+        guestfwd: None,
+        hostfwd: Vec::new(),
+    });
     p.rootfs = Some(DiskPlan {
         source: DiskSource::FdSet {
             set: 1,
@@ -176,6 +180,7 @@ fn kargs() -> KernelArgs {
         token: "abc123".into(),
         agent_port: AGENT_PORT.into(),
         rootfs: None,
+        net: None,
         extra: vec!["vmcp.debug=1".into()],
     }
 }
@@ -264,4 +269,60 @@ fn memory_files_for_snapshots() {
     for absent in ["-kernel", "-initrd", "-append"] {
         assert!(!a.iter().any(|x| x == absent), "{absent} in a restore");
     }
+}
+
+#[test]
+fn allow_list_network_is_restricted_with_one_forward_and_may_spawn() {
+    let mut p = plan();
+    p.network = Some(NetPlan {
+        restrict: true,
+        guestfwd: Some(GuestForward {
+            addr: "10.0.2.100".parse().unwrap(),
+            port: 3128,
+            command: vec![
+                "/opt/my tools,x/vmcp".into(),
+                "__egress-pipe".into(),
+                "127.0.0.1:4567".into(),
+            ],
+        }),
+        hostfwd: vec!["8080:80".parse().unwrap()],
+    });
+    let a = args(&p);
+    assert_eq!(
+        after(&a, "-netdev"),
+        ["user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:'/opt/my tools,,x/vmcp' '__egress-pipe' '127.0.0.1:4567',hostfwd=tcp:127.0.0.1:8080-:80"]
+    );
+    assert_eq!(after(&a, "-sandbox"), [SANDBOX_SPAWN]);
+    assert_eq!(shell_quote("a'b"), "'a'\\''b'");
+}
+
+#[test]
+fn nat_and_none_keep_the_strict_sandbox() {
+    let mut p = plan();
+    assert_eq!(after(&args(&p), "-sandbox"), [SANDBOX]);
+    p.network = Some(NetPlan {
+        restrict: false,
+        guestfwd: None,
+        hostfwd: Vec::new(),
+    });
+    let a = args(&p);
+    assert_eq!(after(&a, "-sandbox"), [SANDBOX]);
+    assert_eq!(after(&a, "-netdev"), ["user,id=net0"]);
+}
+
+#[test]
+fn kernel_args_carry_the_network() {
+    let mut k = kargs();
+    k.net = Some(KernelNet {
+        addr: "10.0.2.15".parse().unwrap(),
+        prefix: 24,
+        gateway: None,
+        proxy: Some("10.0.2.100:3128".parse().unwrap()),
+    });
+    let s = k.render();
+    assert!(
+        s.contains("vmcp.net=10.0.2.15/24 vmcp.proxy=10.0.2.100:3128"),
+        "{s}"
+    );
+    assert!(!s.contains("vmcp.gw"), "{s}");
 }

@@ -245,7 +245,7 @@ mod tests {
             agent: tcp(50003),
             agent_port: AGENT_PORT.into(),
             virtio: VirtioTransport::Pci,
-            network: false,
+            network: None,
             sandbox: QemuPlan::sandbox_supported(HostOs::Windows),
             memory: None,
             incoming: false,

@@ -1,0 +1,244 @@
+//! Guest networking as a user runs it: `vmcp run --net ... --publish ...` with real VMs.
+//!
+//! Only loopback addresses are used: the "outside" is test-made servers on 127.0.0.1, which
+//! the guest could reach through QEMU's gateway 10.0.2.2 if the network were not restricted,
+//! so every "refused" below is a real attempt that must fail. Without QEMU or an image the
+//! tests print `SKIPPED: <reason>` (fail under `VMCP_REQUIRE_VM=1`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
+
+fn lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn vm_ready() -> bool {
+    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    let reason = if !doctor.status.success() {
+        format!("`vmcp doctor` says no VMs can run here:\n{text}")
+    } else if !text.contains("[ok] image") {
+        "no guest image: run `vmcp image build`".to_string()
+    } else {
+        return true;
+    };
+    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
+        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
+    }
+    vmcp_test_support::skipped!("SKIPPED: {reason}");
+    false
+}
+
+fn run(runtime: &tempfile::TempDir, flags: &[&str], script: &str) -> Output {
+    Command::new(VMCP)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .arg("run")
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A loopback HTTP server that answers every request with `body` and counts connections.
+fn http_server(body: &'static str) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = Arc::clone(&hits);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn none_mode_has_no_network_card() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let rt = tempfile::tempdir().unwrap();
+    let out = run(&rt, &[], "ls /sys/class/net; env | grep -ci proxy || true");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "lo\n0\n");
+}
+
+#[test]
+fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let rt = tempfile::tempdir().unwrap();
+    // The guest's proxy settings exclude 127.0.0.1, which in the guest is the guest itself;
+    // clearing NO_PROXY sends these requests for the host's 127.0.0.1 through the proxy.
+    let script = format!(
+        "export NO_PROXY= no_proxy=
+         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
+         wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\"
+         wget -q -O - http://169.254.169.254/latest/meta-data/ >/dev/null 2>&1; echo \"M:$?\"
+         wget -q -O - http://10.0.0.1/ >/dev/null 2>&1; echo \"P:$?\"
+         echo \"D:$(echo x | nc -w 2 10.0.2.2 {allowed} 2>/dev/null | head -c 40)\"
+         echo ping | nc -u -w 1 10.0.2.2 {udp_port}
+         echo \"R:$(grep -c nameserver /etc/resolv.conf 2>/dev/null || echo 0)\""
+    );
+    let out = run(
+        &rt,
+        &["--net", &format!("allow=127.0.0.1:{allowed}")],
+        &script,
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let line = |k: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k}: line in {stdout}"))
+            .to_string()
+    };
+    assert_eq!(line("A"), "allowed-body", "{stderr}");
+    for k in ["B", "M", "P"] {
+        assert_ne!(line(k), "0", "{k} was not refused: {stdout}");
+    }
+    // Direct TCP to the host through QEMU's gateway gets nowhere.
+    assert_eq!(line("D"), "", "{stdout}");
+    assert_eq!(line("R"), "0", "the guest has a resolver configured");
+    // Refusals are explained on vmcp's stderr, naming the target and the reason.
+    assert!(
+        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("no rule allows 169.254.169.254:80"),
+        "{stderr}"
+    );
+    // The allowed server saw exactly the proxied request; the others nothing.
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "a UDP datagram left the guest"
+    );
+    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn nat_mode_warns_and_reaches_the_host() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let (port, hits) = http_server("nat-body");
+    let rt = tempfile::tempdir().unwrap();
+    let out = run(
+        &rt,
+        &["--net", "nat"],
+        &format!("wget -q -O - http://10.0.2.2:{port}/; env | grep -ci proxy || true"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "nat-body0\n");
+    assert!(text(&out.stderr).contains("warning: --net nat gives the guest unrestricted"));
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+/// A non-loopback address of this host, if it has one.
+fn non_loopback_addr() -> Option<std::net::IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn published_port_is_reachable_on_loopback_only() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let host_port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let rt = tempfile::tempdir().unwrap();
+    let child = Command::new(VMCP)
+        .env("XDG_RUNTIME_DIR", rt.path())
+        .args(["run", "--timeout", "40", "--publish"])
+        .arg(format!("{host_port}:8000"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /tmp/w && echo published-body > /tmp/w/index.html && httpd -f -p 8000 -h /tmp/w",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let get = |addr: String| -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.contains("published-body").then_some(out)
+    };
+    let start = Instant::now();
+    let mut got = None;
+    while got.is_none() && start.elapsed() < Duration::from_secs(35) {
+        got = get(format!("127.0.0.1:{host_port}"));
+        if got.is_none() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let other = non_loopback_addr().map(|ip| get(format!("{ip}:{host_port}")));
+    let mut child = child;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        got.is_some(),
+        "published port never answered: {}",
+        text(&out.stderr)
+    );
+    match other {
+        Some(r) => assert!(
+            r.is_none(),
+            "the published port answered on a non-loopback address"
+        ),
+        None => vmcp_test_support::skipped!("SKIPPED (part): no non-loopback address to check"),
+    }
+}

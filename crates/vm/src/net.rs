@@ -1,0 +1,203 @@
+//! Guest networking modes and published ports (backend-neutral; the QEMU plan turns them into
+//! `-netdev user` arguments, see `docs/network.md`).
+//!
+//! - [`NetMode::None`] (default): no network card at all.
+//! - [`NetMode::Allow`]: a card on a QEMU user-mode network with `restrict=on`, so the guest
+//!   can reach nothing but one forward, `PROXY_ADDR:PROXY_PORT`, which QEMU hands to a
+//!   per-connection helper (`vmcp __egress-pipe`) that connects to the VM's
+//!   [`vmcp_egress::Proxy`] on host loopback. The guest gets no resolver; DNS happens on the
+//!   host, inside the proxy.
+//! - [`NetMode::Nat`]: unrestricted user-mode NAT (QEMU's slirp), guest DNS through it.
+//!
+//! Published ports ([`PortForward`]) are QEMU `hostfwd` rules, on 127.0.0.1 unless an
+//! address is given; with [`NetMode::None`] they give the guest a restricted card that only
+//! accepts them.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use vmcp_egress::Policy;
+
+/// The guest's address on the user-mode network.
+pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+/// Prefix length of the user-mode network.
+pub const GUEST_PREFIX: u8 = 24;
+/// The user-mode network's gateway (QEMU's slirp host side).
+pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// Where the guest finds the egress proxy in [`NetMode::Allow`].
+pub const PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+/// Port of the egress proxy inside the guest's network.
+pub const PROXY_PORT: u16 = 3128;
+/// Most published ports per VM.
+pub const MAX_PUBLISH: usize = 64;
+
+/// How the guest reaches the network.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NetMode {
+    /// No network card.
+    #[default]
+    None,
+    /// Only through the per-VM egress proxy, under this policy.
+    Allow(Policy),
+    /// Unrestricted outbound NAT.
+    Nat,
+}
+
+/// A `--net` value that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// Unknown mode.
+    #[error("bad --net {0:?}: expected none, nat or allow=HOST[:PORT],...")]
+    Mode(String),
+    /// Bad allow list.
+    #[error("bad --net allow list")]
+    Policy(#[from] vmcp_egress::RuleError),
+    /// Bad `--publish`.
+    #[error("bad --publish {0:?}: expected HOST_PORT:GUEST_PORT or ADDRESS:HOST_PORT:GUEST_PORT (ports 1-65535)")]
+    Publish(String),
+}
+
+impl FromStr for NetMode {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(NetMode::None),
+            "nat" => Ok(NetMode::Nat),
+            _ => match s.strip_prefix("allow=") {
+                Some(list) => Ok(NetMode::Allow(list.parse()?)),
+                None => Err(NetError::Mode(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for NetMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetMode::None => f.write_str("none"),
+            NetMode::Nat => f.write_str("nat"),
+            NetMode::Allow(p) => write!(f, "allow={p}"),
+        }
+    }
+}
+
+/// A host port forwarded to a guest port (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    /// Host address and port to listen on.
+    pub host: SocketAddr,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+impl FromStr for PortForward {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || NetError::Publish(s.to_string());
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(bad()),
+            Ok(n) => Ok(n),
+        };
+        let (host_part, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+        let guest_port = port(guest)?;
+        let host = match host_part.rsplit_once(':') {
+            None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port(host_part)?),
+            Some((addr, p)) => {
+                let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+                SocketAddr::new(IpAddr::V4(addr), port(p)?)
+            }
+        };
+        Ok(PortForward { host, guest_port })
+    }
+}
+
+impl fmt::Display for PortForward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest_port)
+    }
+}
+
+/// The network of one VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetConfig {
+    /// Mode.
+    pub mode: NetMode,
+    /// Published ports (at most [`MAX_PUBLISH`]).
+    pub publish: Vec<PortForward>,
+    /// The program QEMU starts per guest connection to the proxy, called as
+    /// `PROGRAM __egress-pipe 127.0.0.1:PORT`; the running executable when `None` (the `vmcp`
+    /// binary handles that argument).
+    pub pipe_program: Option<PathBuf>,
+}
+
+impl NetConfig {
+    /// Whether the guest gets a network card.
+    pub fn has_device(&self) -> bool {
+        !matches!(self.mode, NetMode::None) || !self.publish.is_empty()
+    }
+
+    /// A warning line for the user, if the mode deserves one.
+    pub fn warning(&self) -> Option<&'static str> {
+        match self.mode {
+            NetMode::Nat => Some(
+                "warning: --net nat gives the guest unrestricted outbound network access (any host, any port, DNS, the host's loopback services through 10.0.2.2); use --net allow=HOST,... to restrict it",
+            ),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("none".parse::<NetMode>().unwrap(), NetMode::None);
+        assert_eq!("nat".parse::<NetMode>().unwrap(), NetMode::Nat);
+        let m: NetMode = "allow=api.example.com:443,10.0.0.0/8".parse().unwrap();
+        assert_eq!(m.to_string(), "allow=api.example.com:443,10.0.0.0/8");
+        let e = "open".parse::<NetMode>().unwrap_err().to_string();
+        assert!(e.contains("none, nat or allow="), "{e}");
+        let e = vmcp_test_support::error_chain(&"allow=a..b".parse::<NetMode>().unwrap_err());
+        assert!(e.contains("bad host \"a..b\""), "{e}");
+    }
+
+    #[test]
+    fn publish_parses_with_loopback_default() {
+        let p: PortForward = "8080:80".parse().unwrap();
+        assert_eq!(p.host.to_string(), "127.0.0.1:8080");
+        assert_eq!(p.guest_port, 80);
+        let p: PortForward = "0.0.0.0:8080:80".parse().unwrap();
+        assert_eq!(p.host.to_string(), "0.0.0.0:8080");
+        for bad in [
+            "80",
+            "0:80",
+            "8080:0",
+            "x:80",
+            "a:1:2",
+            "1.2.3.4:70000:1",
+            "",
+        ] {
+            assert!(bad.parse::<PortForward>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_only_when_asked() {
+        let mut n = NetConfig::default();
+        assert!(!n.has_device());
+        n.publish.push("8080:80".parse().unwrap());
+        assert!(n.has_device());
+        let nat = NetConfig {
+            mode: NetMode::Nat,
+            ..NetConfig::default()
+        };
+        assert!(nat.has_device() && nat.warning().is_some());
+    }
+}
