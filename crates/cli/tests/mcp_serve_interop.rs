@@ -3,7 +3,8 @@
 //! Streamable HTTP, in both protocol generations (`legacy` = initialize; `auto` = discover,
 //! which picks 2026-07-28). VM-free runs boot nothing (sandbox_list, an invalid argument, a
 //! not-yet tool); one run over HTTP drives every VM tool when VMs can boot here. Without the
-//! SDK the tests print `SKIPPED` (fail under `VMCP_INTEROP_REQUIRE=1` / `VMCP_REQUIRE_INTEROP=1`).
+//! SDK the tests print `SKIPPED` (fail under `VMCP_REQUIRE_INTEROP=1`). The TypeScript SDK client
+//! (2025 generation only) lists and calls over stdio and HTTP too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -158,4 +159,50 @@ fn python_sdk_client_drives_every_vm_tool_over_http() {
     assert!(sent.success());
     assert_eq!(child.wait().unwrap().code(), Some(143));
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
+}
+
+/// The TypeScript SDK (`@modelcontextprotocol/sdk`, the version `server-everything` pins, 1.32.2
+/// with 2026.8.31) speaks the 2025 generation only.
+#[test]
+fn typescript_sdk_client_over_stdio_and_http() {
+    let sdk = prefix().join("ts/node_modules/@modelcontextprotocol/sdk");
+    if !sdk.join("package.json").is_file() {
+        skip(&format!("no TypeScript MCP SDK at {}", sdk.display()));
+        return;
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        skip("no node");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/ts_client.mjs");
+    let runtime = tempfile::tempdir().unwrap();
+    let image = dummy_image(runtime.path());
+    let node = |args: Vec<String>| {
+        let out = Command::new("node")
+            .arg(&script)
+            .arg(&sdk)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "ts_client {args:?}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("tools listed: 15") && stdout.contains("invalid argument ok"),
+            "{stdout}"
+        );
+        stdout
+    };
+    let mut args: Vec<String> = vec!["stdio".into(), VMCP.into(), "mcp".into(), "serve".into()];
+    args.extend(image.clone());
+    node(args);
+    let (mut child, url) = serve_http(runtime.path(), &image);
+    let out = node(vec!["http".into(), url]);
+    assert!(out.trim_end().ends_with("OK 2025-11-25"), "{out}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
