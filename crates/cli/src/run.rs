@@ -422,9 +422,12 @@ async fn snapshot_start(
     config.validate()?;
     // An image VM mounts its own fresh writable layer at boot; a restored guest would have
     // another VM's layer mounted. Such VMs boot cold until snapshots carry the layer too.
+    // A VM with a network device boots cold too: restoring a guest's network state onto a new
+    // netdev and egress proxy is untested.
     let usable = backend == "qemu"
         && !args.rootfs_rw
         && args.image.is_none()
+        && !config.net.has_device()
         && vmcp_vm::qemu::launch_supported().is_ok();
     if args.cold || (!usable && args.snapshot.is_none()) {
         return Ok(None);
