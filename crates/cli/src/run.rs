@@ -603,7 +603,7 @@ mod tests {
         assert!(parse_env("noequals").is_err());
         assert_eq!(parse_secs("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
-        for bad in ["0", "-1", "nan", "inf", "x"] {
+        for bad in ["0", "-1", "nan", "inf", "x", "1e30", "1e9", "-0", "1e-400"] {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);
