@@ -536,17 +536,20 @@ async fn snapshot_start(
     config.validate()?;
     // An image VM mounts its own fresh writable layer at boot; a restored guest would have
     // another VM's layer mounted. Such VMs boot cold until snapshots carry the layer too.
+    // A VM with a network device boots cold too: restoring a guest's network state onto a new
+    // netdev and egress proxy is untested.
     let usable = backend == "qemu"
         && !args.rootfs_rw
         && args.image.is_none()
         && args.share.is_empty()
+        && !config.net.has_device()
         && vmcp_vm::qemu::launch_supported().is_ok();
     if args.cold || (!usable && args.snapshot.is_none()) {
         return Ok(None);
     }
     anyhow::ensure!(
         usable,
-        "snapshots need the QEMU backend on Linux, no --rootfs-rw, --image or --share"
+        "snapshots need the QEMU backend on Linux, no --rootfs-rw, --image, --share or --net/--publish"
     );
     let record = vmcp_vm::qemu::binary::find(config.arch)
         .map_err(anyhow::Error::new)
@@ -715,7 +718,7 @@ mod tests {
         assert!(parse_env("noequals").is_err());
         assert_eq!(parse_secs("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
-        for bad in ["0", "-1", "nan", "inf", "x"] {
+        for bad in ["0", "-1", "nan", "inf", "x", "1e30", "1e9", "-0", "1e-400"] {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);

@@ -334,6 +334,21 @@ impl VmConfig {
             }
             check_file("share disk", &share.disk)?;
         }
+        if let Some(disk) = &self.rootfs {
+            // The agent mounts it as ext4 unless the command line names another type.
+            let other_fs = self
+                .cmdline_extra
+                .iter()
+                .any(|a| a.starts_with("vmcp.rootfs_fstype=") && !a.ends_with("=ext4"));
+            if !other_fs {
+                crate::disk_image::check_ext4(&disk.path).map_err(|problem| {
+                    ConfigError::BadRootfs {
+                        path: disk.path.clone(),
+                        problem,
+                    }
+                })?;
+            }
+        }
         for arg in &self.cmdline_extra {
             if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(ConfigError::CmdlineArg(arg.clone()).into());
@@ -415,6 +430,25 @@ mod tests {
         });
         let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn non_ext4_rootfs_rejected_on_the_host() {
+        let (d, mut c) = files();
+        let passwd = d.path().join("passwd");
+        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/sh\n".repeat(100)).unwrap();
+        c.rootfs = Some(DiskConfig {
+            path: passwd.clone(),
+            read_only: true,
+        });
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
+        assert!(
+            e.contains("not an ext4 image") && e.contains(&passwd.display().to_string()),
+            "{e}"
+        );
+        // Another filesystem type named on the command line is left to the guest.
+        c.cmdline_extra = vec!["vmcp.rootfs_fstype=squashfs".into()];
+        c.validate().unwrap();
     }
 
     #[test]

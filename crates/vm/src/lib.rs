@@ -23,6 +23,7 @@
 
 pub mod agent;
 mod config;
+mod disk_image;
 mod error;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
