@@ -8,6 +8,7 @@ mod doctor;
 mod image_cmd;
 mod mcp_cmd;
 mod mcp_serve;
+mod mcp_wrap;
 mod run;
 mod snapshot_cmd;
 mod snapshots;

@@ -50,6 +50,8 @@ pub enum McpCommand {
     },
     /// Serve MCP: tools that create and drive sandboxes (micro-VMs), over stdio or HTTP.
     Serve(crate::mcp_serve::ServeArgs),
+    /// Run a stdio MCP server inside a micro-VM and relay MCP to it over our stdio.
+    Wrap(crate::mcp_wrap::WrapArgs),
 }
 
 /// How to reach the server (shared by every subcommand).
@@ -113,6 +115,7 @@ pub async fn run(cmd: McpCommand) -> anyhow::Result<ExitCode> {
             .await
         }
         McpCommand::Serve(args) => crate::mcp_serve::run(args).await,
+        McpCommand::Wrap(args) => crate::mcp_wrap::run(args).await,
     }
 }
 
@@ -282,8 +285,14 @@ async fn call(c: &AnyClient, tool: &str, args: &Value, json: bool) -> anyhow::Re
         AnyClient::Stdio(c) => call_on(c, tool, args).await,
     }
     .map_err(explain)?;
-    let result: vmcp_mcp::model::CallToolResult = serde_json::from_str(raw.get())
-        .with_context(|| format!("the server's result of tool {tool:?} is malformed"))?;
+    let (result, _): (vmcp_mcp::model::CallToolResult, _) =
+        vmcp_mcp::client::decode_bounded("tools/call", &raw, vmcp_mcp::limits::MAX_RESULT_NODES)
+            .with_context(|| {
+                format!(
+                    "the server's result of tool {} is malformed",
+                    sanitize::for_display(&format!("{tool:?}"), 100)
+                )
+            })?;
     if json {
         println!("{}", raw.get());
     } else {

@@ -47,7 +47,7 @@ fn vm_ready() -> bool {
     if !doctor.status.success() {
         return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
     }
-    if image_args().is_empty() && !text.contains("ok   image") {
+    if image_args().is_empty() && !text.contains("[ok] image") {
         return skip("no guest image: run `vmcp image build`");
     }
     true

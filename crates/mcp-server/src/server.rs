@@ -8,7 +8,8 @@
 //! - **2026-07-28** (stateless): `server/discover`, and every request carries its protocol
 //!   version in `params._meta["io.modelcontextprotocol/protocolVersion"]`; an unknown version
 //!   is answered with error -32022 and the `supported` list; results carry
-//!   `"resultType": "complete"`.
+//!   `"resultType": "complete"`, and the cacheable ones (`tools/list`, `server/discover`)
+//!   `"ttlMs": 0, "cacheScope": "private"`.
 //!
 //! `tools/call` arguments are validated against the tool's published `inputSchema`
 //! ([`crate::schema`]); a bad argument is a tool error (`isError: true`) naming the field, an
@@ -392,7 +393,16 @@ impl Server {
                 ))
             }
         };
-        Handled::Reply(reply(id, &finish(result, modern)))
+        let mut result = finish(result, modern);
+        if modern && matches!(method.as_str(), "tools/list" | "server/discover") {
+            // 2026-07-28 cacheable results: required caching hints. Private, and stale at once
+            // (the tool list never changes while we run, but a client must not share it).
+            if let Value::Object(m) = &mut result {
+                m.insert("ttlMs".into(), 0.into());
+                m.insert("cacheScope".into(), "private".into());
+            }
+        }
+        Handled::Reply(reply(id, &result))
     }
 
     fn call(

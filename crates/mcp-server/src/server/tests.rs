@@ -224,6 +224,26 @@ async fn modern_requests() {
     );
     assert_eq!(d["supportedVersions"], json!(["2026-07-28"]));
     assert_eq!(d["resultType"], "complete");
+    assert_eq!(
+        (d["ttlMs"].clone(), d["cacheScope"].clone()),
+        (json!(0), json!("private"))
+    );
+    let l = result(
+        s.handle_now(
+            req(5, "tools/list", json!({"_meta": meta})),
+            &c,
+            Arc::new(Discard),
+        )
+        .await,
+    );
+    assert_eq!(
+        (
+            l["ttlMs"].clone(),
+            l["cacheScope"].clone(),
+            l["resultType"].clone()
+        ),
+        (json!(0), json!("private"), json!("complete"))
+    );
     let r = result(
         s.handle_now(
             req(
