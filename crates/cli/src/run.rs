@@ -434,7 +434,7 @@ async fn snapshot_start(
     }
     anyhow::ensure!(
         usable,
-        "snapshots need the QEMU backend on Linux, no --rootfs-rw and no --image"
+        "snapshots need the QEMU backend on Linux, no --rootfs-rw, no --image and no --net/--publish"
     );
     let record = vmcp_vm::qemu::binary::find(config.arch)
         .map_err(anyhow::Error::new)

@@ -879,6 +879,15 @@ impl Drop for QemuMachine {
 
 /// QEMU-specific queries on a QEMU VM.
 impl Lifecycle<QemuMachine> {
+    /// Where the VM's egress proxy listens on host loopback while QEMU runs (allow-list
+    /// network only).
+    pub fn egress_proxy_addr(&self) -> Option<std::net::SocketAddr> {
+        self.machine()
+            .egress
+            .as_ref()
+            .map(|(_, port)| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *port)))
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.machine().pid()
