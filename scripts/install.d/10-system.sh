@@ -11,7 +11,7 @@ log "installing QEMU and guest inputs"
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${QEMU_SUITE[@]}" \
   qemu-system-x86 qemu-system-arm >/dev/null
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  busybox-static cpio xz-utils zstd ca-certificates >/dev/null
+  busybox-static cpio xz-utils zstd ca-certificates e2fsprogs mmdebstrap >/dev/null
 if [ "${VMCP_INSTALL_CROSS:-0}" = "1" ]; then
   log "installing mingw-w64 and wine (Windows cross checks)"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -3,7 +3,7 @@
 # image fails there instead of skipping. Here: doctor must find a working backend and the
 # built image, and the README command must behave as documented.
 ./target/debug/vmcp doctor | tee /tmp/vmcp-doctor.out
-grep -q '^ok   image' /tmp/vmcp-doctor.out || { echo "vmcp doctor finds no guest image" >&2; exit 1; }
+grep -qE '^ *\[ok\] image:' /tmp/vmcp-doctor.out || { echo "vmcp doctor finds no guest image" >&2; exit 1; }
 rm -f /tmp/vmcp-doctor.out
 # The README command: guest kernel on stdout, 'to-stderr' on stderr, exit status 3.
 set +e

@@ -285,8 +285,14 @@ async fn call(c: &AnyClient, tool: &str, args: &Value, json: bool) -> anyhow::Re
         AnyClient::Stdio(c) => call_on(c, tool, args).await,
     }
     .map_err(explain)?;
-    let result: vmcp_mcp::model::CallToolResult = serde_json::from_str(raw.get())
-        .with_context(|| format!("the server's result of tool {tool:?} is malformed"))?;
+    let (result, _): (vmcp_mcp::model::CallToolResult, _) =
+        vmcp_mcp::client::decode_bounded("tools/call", &raw, vmcp_mcp::limits::MAX_RESULT_NODES)
+            .with_context(|| {
+                format!(
+                    "the server's result of tool {} is malformed",
+                    sanitize::for_display(&format!("{tool:?}"), 100)
+                )
+            })?;
     if json {
         println!("{}", raw.get());
     } else {

@@ -61,6 +61,16 @@ pub struct RunArgs {
     /// Attach the root filesystem read-write (default: read-only).
     #[arg(long, requires = "rootfs")]
     pub rootfs_rw: bool,
+    /// Root filesystem image (a name or key from `vmcp image list`, or an ext4 file), shared
+    /// read-only; the VM writes to its own layer, discarded at the end.
+    #[arg(long, value_name = "NAME|PATH", conflicts_with = "rootfs")]
+    pub image: Option<String>,
+    /// Keep the VM's writable layer in this new file (ext4; the changes are under /upper).
+    #[arg(long, value_name = "PATH", requires = "image")]
+    pub keep_changes: Option<PathBuf>,
+    /// When the program ends, print the files it created (A), modified (M) and deleted (D).
+    #[arg(long, requires = "image")]
+    pub diff: bool,
     /// Environment variable for the program (repeatable).
     #[arg(long = "env", short = 'e', value_name = "K=V", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -225,8 +235,72 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// An image attached to this run: what the VM config needs, the run defaults, and the
+/// writable layer's file (removed at the end unless kept).
+struct AttachedImage {
+    config: vmcp_vm::ImageConfig,
+    env: Vec<(String, String)>,
+    workdir: Option<String>,
+    _scratch_dir: Option<tempfile::TempDir>,
+}
+
+fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<AttachedImage> {
+    let cache = vmcp_image::default_cache_dir()?;
+    let (path, id, info) = match vmcp_image::rootfs::find(&cache, what) {
+        Ok(img) => (img.disk, img.info.key.clone(), Some(img.info)),
+        Err(_) if std::path::Path::new(what).is_file() => {
+            let path = std::fs::canonicalize(what)
+                .with_context(|| format!("cannot resolve the image path {what}"))?;
+            // An image file copied out of the cache keeps its metadata next to it.
+            let info = path
+                .parent()
+                .and_then(|d| vmcp_image::rootfs::load(d).ok())
+                .filter(|i| i.disk == path)
+                .map(|i| i.info);
+            let id = format!("path:{}", path.display());
+            (path, id, info)
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot use --image {what}"))),
+    };
+    let (scratch, dir) = match keep {
+        Some(p) => (p.to_path_buf(), None),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("vmcp-layer-")
+                .tempdir()
+                .context("cannot create a directory for the writable layer")?;
+            (dir.path().join("layer.ext4"), Some(dir))
+        }
+    };
+    crate::image_cmd::import::make_scratch(&scratch)
+        .with_context(|| format!("cannot create the writable layer {}", scratch.display()))?;
+    let mut config = vmcp_vm::ImageConfig::new(path, id, scratch);
+    let (mut env, mut workdir) = (Vec::new(), None);
+    if let Some(info) = info {
+        config.user = info.uid_gid;
+        env = info
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        workdir = info.workdir;
+    }
+    Ok(AttachedImage {
+        config,
+        env,
+        workdir,
+        _scratch_dir: dir,
+    })
+}
+
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
     let files = boot_files(&args).await?;
+    let image = match &args.image {
+        Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
+        None => None,
+    };
     let mut config = VmConfig::new(files.kernel, files.initrd);
     config.cpus = args.cpus;
     config.memory_mib = args.memory;
@@ -234,6 +308,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         path,
         read_only: !args.rootfs_rw,
     });
+    config.image = image.as_ref().map(|i| i.config.clone());
     config.console_log = args.console_log.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
@@ -259,10 +334,16 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         }
     };
     let agent = vm.agent()?;
+    // The image's Env and WorkingDir are defaults; -e and -w win.
+    let mut env = image.as_ref().map(|i| i.env.clone()).unwrap_or_default();
+    env.extend(args.env.iter().cloned());
     let spec = ExecSpec {
         argv: args.command.clone(),
-        env: args.env.clone(),
-        cwd: args.workdir.clone(),
+        env,
+        cwd: args
+            .workdir
+            .clone()
+            .or_else(|| image.as_ref().and_then(|i| i.workdir.clone())),
         stdin: forward_stdin,
     };
     let program = args.command.first().cloned().unwrap_or_default();
@@ -281,6 +362,9 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         },
         None => exec(&agent, spec, &program).await?,
     };
+    if args.diff {
+        print_changes(&agent).await;
+    }
     drop(agent);
     tracing::debug!("program done; stopping the VM");
     if disposable {
@@ -292,7 +376,35 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    if let Some(p) = &args.keep_changes {
+        eprintln!(
+            "vmcp: kept the writable layer in {} (ext4; the changes are under /upper)",
+            p.display()
+        );
+    }
     Ok(ExitCode::from(code))
+}
+
+/// `--diff`: the change list on stderr, one `A|M|D <path>` line each.
+async fn print_changes(agent: &AgentClient) {
+    match agent.list_changes().await {
+        Ok(c) => {
+            eprintln!("vmcp: {} changes in the writable layer:", c.changes.len());
+            for ch in &c.changes {
+                let k = match ch.kind {
+                    vmcp_vm::agent::ChangeKind::Added => 'A',
+                    vmcp_vm::agent::ChangeKind::Modified => 'M',
+                    vmcp_vm::agent::ChangeKind::Deleted => 'D',
+                    _ => '?',
+                };
+                eprintln!("{k} {}", ch.path);
+            }
+            if c.truncated {
+                eprintln!("vmcp: the change list was cut at the guest's size limit");
+            }
+        }
+        Err(e) => eprintln!("vmcp: cannot list the changes: {e}"),
+    }
 }
 
 /// A VM restored from a snapshot, or `None` for a cold boot: with `--snapshot NAME` that
@@ -308,13 +420,21 @@ async fn snapshot_start(
     use crate::snapshots;
     // A bad configuration is reported as such, not as a snapshot problem.
     config.validate()?;
-    let usable = backend == "qemu" && !args.rootfs_rw && vmcp_vm::qemu::launch_supported().is_ok();
+    // An image VM mounts its own fresh writable layer at boot; a restored guest would have
+    // another VM's layer mounted. Such VMs boot cold until snapshots carry the layer too.
+    // A VM with a network device boots cold too: restoring a guest's network state onto a new
+    // netdev and egress proxy is untested.
+    let usable = backend == "qemu"
+        && !args.rootfs_rw
+        && args.image.is_none()
+        && !config.net.has_device()
+        && vmcp_vm::qemu::launch_supported().is_ok();
     if args.cold || (!usable && args.snapshot.is_none()) {
         return Ok(None);
     }
     anyhow::ensure!(
         usable,
-        "snapshots need the QEMU backend on Linux and no --rootfs-rw"
+        "snapshots need the QEMU backend on Linux, no --rootfs-rw, no --image and no --net/--publish"
     );
     let record = vmcp_vm::qemu::binary::find(config.arch)
         .map_err(anyhow::Error::new)
@@ -483,7 +603,7 @@ mod tests {
         assert!(parse_env("noequals").is_err());
         assert_eq!(parse_secs("0.5").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_secs("30").unwrap(), Duration::from_secs(30));
-        for bad in ["0", "-1", "nan", "inf", "x"] {
+        for bad in ["0", "-1", "nan", "inf", "x", "1e30", "1e9", "-0", "1e-400"] {
             assert!(parse_secs(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_accel("tcg").unwrap(), Accel::Tcg);

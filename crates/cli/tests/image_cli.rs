@@ -74,3 +74,80 @@ fn prune_of_an_empty_cache_removes_nothing() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[cfg(unix)]
+#[test]
+fn import_list_rm_and_prune_rootfs_images() {
+    use vmcp_image::oci_write::{config_json, write_docker_archive, Layer};
+    if vmcp_image::import::find_tool("mkfs.ext4").is_none() {
+        vmcp_test_support::skipped!("SKIPPED: mkfs.ext4 (e2fsprogs) not installed");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let cfg = config_json("amd64", &serde_json::json!({"Env": ["A=1"]}));
+    let mut layer = Layer::new();
+    layer
+        .file("bin/hello", 0o755, b"#!/bin/sh\necho hi\n")
+        .unwrap();
+    let archive = d.path().join("img.tar");
+    write_docker_archive(
+        &archive,
+        Some("hello:1"),
+        &cfg,
+        &[layer.finish().unwrap()],
+        true,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = vmcp()
+            .args(args)
+            .arg("--arch")
+            .arg("x86_64")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let a = archive.to_str().unwrap();
+    let (code, out, err) = run(&["image", "import", a]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("hello:1\toci-"), "{out}");
+    assert!(err.contains("layer 1/1"), "{err}");
+    // Again, under another name: a cache hit that moves nothing but the name.
+    let (code, out2, err) = run(&["image", "import", a, "--name", "other"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("already imported"), "{err}");
+    assert!(out2.starts_with("hello:1,other\t"), "{out2}");
+    let (_, list, _) = run(&["image", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    // A hostile archive: one line, exit 125, nothing left behind.
+    let mut bad = Layer::new();
+    bad.file("../../x", 0o644, b"x").unwrap();
+    let bad_archive = d.path().join("bad.tar");
+    write_docker_archive(&bad_archive, None, &cfg, &[bad.finish().unwrap()], false).unwrap();
+    let (code, _, err) = run(&["image", "import", bad_archive.to_str().unwrap()]);
+    assert_eq!(code, Some(125));
+    assert_eq!(
+        err.lines().last().map(|l| l.contains("..")),
+        Some(true),
+        "{err}"
+    );
+    let (code, _, err) = run(&["image", "rm", "no-such-image"]);
+    assert_eq!(code, Some(125));
+    assert!(err.contains("vmcp image list"), "{err}");
+    // Prune keeps named images; rm removes them.
+    let (code, _, _) = run(&["image", "prune"]);
+    assert_eq!(code, Some(0));
+    let (_, list, _) = run(&["image", "list"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    let (code, _, err) = run(&["image", "rm", "other"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, list, _) = run(&["image", "list"]);
+    assert!(list.is_empty(), "{list}");
+}

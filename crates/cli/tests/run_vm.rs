@@ -416,8 +416,126 @@ fn bad_input_gives_one_line_and_leaves_nothing() {
         125,
         "K=V",
     );
+    // A timeout too large for a duration is refused, not a panic.
+    check(
+        env.cmd()
+            .args(["run", "--timeout", "1e30", "--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "timeout",
+    );
+    // A rootfs that is not an ext4 image is refused on the host, before booting.
+    check(
+        env.cmd()
+            .args(["run", "--rootfs", "/etc/passwd"])
+            .args(&files)
+            .args(["--", "true"])
+            .output()
+            .unwrap(),
+        125,
+        "not an ext4 image",
+    );
     // No program.
     check(env.cmd().args(["run"]).output().unwrap(), 125, "PROGRAM");
+}
+
+/// `VmRSS` of process `pid` in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The guest writes without pause; whoever reads vmcp's stdout stalls for 15 s: vmcp's
+/// memory stays flat (flow control stops the guest process), and output flows again after.
+#[test]
+fn stalled_stdout_reader_keeps_vmcp_memory_flat() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    if rss_kib(std::process::id()).is_none() {
+        vmcp_test_support::skipped!("SKIPPED: needs /proc to measure vmcp's memory");
+        return;
+    }
+    let env = Env::new();
+    let mut child = env
+        .cmd()
+        .arg("run")
+        .args(image_args())
+        .args(["--", "sh", "-c", "head -c 2000000000 /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    // Wait until output arrives (the VM booted), then stop reading.
+    let mut buf = vec![0u8; 1 << 16];
+    let first = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+    assert!(first > 0);
+    let mut peak = 0;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_secs(1));
+        peak = peak.max(rss_kib(pid).unwrap_or(0));
+    }
+    assert!(peak > 0);
+    assert!(peak < 64 * 1024, "vmcp RSS reached {peak} KiB");
+    // Reading again: the output flows (far more than any buffer).
+    let mut got = 0usize;
+    while got < 64 * 1024 * 1024 {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "output stopped after {got} bytes");
+        got += n;
+    }
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    let status = child.wait().unwrap();
+    let _ = drain.join();
+    assert_eq!(status.code(), Some(143));
+    env.assert_clean();
+}
+
+/// 300 MB of stdin into a 128 MiB guest whose program does not read it: the agent holds
+/// one window, vmcp's forwarder waits, and the guest stays alive to report the program's
+/// own exit.
+#[test]
+fn big_stdin_into_a_small_guest_that_does_not_read() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let mut child = env
+        .cmd()
+        .arg("run")
+        .args(image_args())
+        .args(["--memory", "128", "--", "sh", "-c", "sleep 8; echo alive"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0usize;
+        while sent < 300 << 20 {
+            if input.write_all(&chunk).is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let out = child.wait_with_output().unwrap();
+    let sent = writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "alive\n");
+    assert!(sent < 300 << 20, "vmcp took all {sent} bytes");
+    env.assert_clean();
 }
 
 #[test]
@@ -473,4 +591,92 @@ fn bench_reports_every_metric() {
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }
+}
+
+/// The guest image's initrd with `/init` replaced by `script` (a later archive member
+/// overrides an earlier one when the kernel unpacks concatenated archives), or `None` when
+/// there is no image to extend.
+fn hostile_initrd(env: &Env, dir: &Path, script: &str) -> Option<(PathBuf, PathBuf)> {
+    let (kernel, initrd) = match (
+        std::env::var("VMCP_TEST_KERNEL"),
+        std::env::var("VMCP_TEST_INITRD"),
+    ) {
+        (Ok(k), Ok(i)) => (PathBuf::from(k), PathBuf::from(i)),
+        _ => {
+            let out = env.cmd().args(["image", "path"]).output().unwrap();
+            let text = text(&out.stdout);
+            let field = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|p| PathBuf::from(p.trim()))
+            };
+            (field("kernel ")?, field("initrd ")?)
+        }
+    };
+    let mut data = std::fs::read(initrd).ok()?;
+    let entries = [vmcp_image::cpio::Entry::file(
+        "init",
+        0o755,
+        script.as_bytes().to_vec(),
+    )];
+    vmcp_image::cpio::write(&entries, &mut data).unwrap();
+    let path = dir.join("hostile.cpio");
+    std::fs::write(&path, data).unwrap();
+    Some((kernel, path))
+}
+
+/// A `/init` that loads the channel's modules, sends a valid hello (protocol 2, the
+/// token from the command line) and then never says anything again.
+const HELLO_THEN_SILENT: &str = r#"#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+while read m; do insmod "$m" 2>/dev/null; done < /etc/vmcp/modules
+tok=$(sed 's/.*vmcp\.token=\([^ ]*\).*/\1/' /proc/cmdline)
+port=
+while [ -z "$port" ]; do
+  for d in /sys/class/virtio-ports/*; do
+    [ "$(cat $d/name 2>/dev/null)" = vmcp.agent ] && port=/dev/${d##*/}
+  done
+  sleep 0.1
+done
+while [ ! -e "$port" ]; do sleep 0.1; done
+exec 3<>"$port"
+n=${#tok}
+len=$((7 + n))
+{ printf "\\$(printf %03o $len)\\000\\000\\000\\001\\000\\002\\001h\\017\\$(printf %03o $n)"; printf %s "$tok"; printf '\000'; } >&3
+echo "hostile init: said hello, now silent"
+exec sleep 100000
+"#;
+
+/// A guest that says hello and then never answers: `vmcp run` (no --timeout) ends with a
+/// clear error instead of hanging, and leaves nothing behind.
+#[test]
+fn a_guest_that_stops_answering_after_hello_does_not_hang_run() {
+    let _l = lock();
+    if !vm_ready() {
+        return;
+    }
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let Some((kernel, initrd)) = hostile_initrd(&env, dir.path(), HELLO_THEN_SILENT) else {
+        skip("no guest image to build the hostile initrd from");
+        return;
+    };
+    let t = Instant::now();
+    let out = env
+        .cmd()
+        .arg("run")
+        .arg("--cold")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("did not answer"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(150), "{:?}", t.elapsed());
+    env.assert_clean();
 }

@@ -13,6 +13,9 @@
 //! | `vmcp.rootfs=<dev>` | block device to mount as the root of every process, e.g. `/dev/vda` | none |
 //! | `vmcp.rootfs_ro=1` | mount it read-only (`0`: read-write) | `0` |
 //! | `vmcp.rootfs_fstype=<type>` | its filesystem type | `ext4` |
+//! | `vmcp.image=<dev>` | block device of a read-only image: `/` becomes an overlayfs of it and a writable layer | none |
+//! | `vmcp.scratch=<dev>` | ext4 device holding the writable layer (without it: tmpfs) | none |
+//! | `vmcp.user=<uid>:<gid>` | default user and group of processes | `0:0` |
 //! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
 //! | `vmcp.net=<a.b.c.d>/<prefix>` | bring up the first Ethernet interface with this address | none |
 //! | `vmcp.gw=<a.b.c.d>` | default route via this gateway (only with `vmcp.net`) | none |
@@ -75,6 +78,16 @@ pub struct RootfsSpec {
     pub read_only: bool,
 }
 
+/// A read-only image under a writable layer, mounted as `/` with overlayfs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ImageSpec {
+    /// Device of the image (ext4, mounted read-only).
+    pub device: String,
+    /// Device of the writable layer (ext4); tmpfs when `None`.
+    pub scratch: Option<String>,
+}
+
 /// A static IPv4 configuration of the guest's network interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -97,6 +110,10 @@ pub struct BootConfig {
     pub channel: ChannelSpec,
     /// Root filesystem to mount, if any.
     pub rootfs: Option<RootfsSpec>,
+    /// Image with a writable layer to mount as `/`, if any.
+    pub image: Option<ImageSpec>,
+    /// Default uid and gid of processes.
+    pub user: Option<(u32, u32)>,
     /// Verbose console output.
     pub debug: bool,
     /// Static network configuration, if the VM has a network card.
@@ -127,6 +144,12 @@ pub enum CmdlineError {
     /// A parameter that needs a value has an empty one.
     #[error("{0} needs a value")]
     Empty(String),
+    /// `vmcp.user` is not `<uid>:<gid>`.
+    #[error("bad vmcp.user={0:?}: expected <uid>:<gid>")]
+    User(String),
+    /// `vmcp.rootfs` and `vmcp.image` both given.
+    #[error("vmcp.rootfs and vmcp.image exclude each other")]
+    RootfsAndImage,
     /// A network parameter is malformed.
     #[error("bad {key}={value:?}: expected {expected}")]
     Net {
@@ -219,10 +242,24 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
             name: DEFAULT_PORT_NAME.to_string(),
         },
         rootfs: None,
+        image: None,
+        user: None,
         debug: false,
         net: None,
         proxy: None,
         warnings: Vec::new(),
+    };
+    let mut image_dev = None;
+    let mut scratch_dev = None;
+    let abs = |key: &str, value: &str| -> Result<String, CmdlineError> {
+        if value.starts_with('/') {
+            Ok(value.to_string())
+        } else {
+            Err(CmdlineError::Path {
+                key: key.into(),
+                value: value.to_string(),
+            })
+        }
     };
     let mut gateway = None;
     let mut rootfs_dev = None;
@@ -251,6 +288,13 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                     return Err(CmdlineError::Empty("vmcp.rootfs_fstype".into()));
                 }
                 fstype = value.to_string();
+            }
+            "image" => image_dev = Some(abs("vmcp.image", value)?),
+            "scratch" => scratch_dev = Some(abs("vmcp.scratch", value)?),
+            "user" => {
+                let bad = || CmdlineError::User(value.to_string());
+                let (u, g) = value.split_once(':').ok_or_else(bad)?;
+                cfg.user = Some((u.parse().map_err(|_| bad())?, g.parse().map_err(|_| bad())?));
             }
             "debug" => cfg.debug = parse_bool("vmcp.debug", value)?,
             "net" => {
@@ -290,6 +334,9 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                 .push(format!("unknown kernel parameter vmcp.{key} ignored")),
         }
     }
+    if rootfs_dev.is_some() && image_dev.is_some() {
+        return Err(CmdlineError::RootfsAndImage);
+    }
     if let Some(net) = cfg.net.as_mut() {
         net.gateway = gateway;
     }
@@ -297,6 +344,10 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         device,
         fstype,
         read_only,
+    });
+    cfg.image = image_dev.map(|device| ImageSpec {
+        device,
+        scratch: scratch_dev,
     });
     Ok(cfg)
 }
@@ -347,6 +398,42 @@ mod tests {
         assert_eq!((r.fstype.as_str(), r.read_only), ("ext4", false));
         // Flags without a device mount nothing.
         assert_eq!(parse_cmdline("vmcp.rootfs_ro=1").unwrap().rootfs, None);
+    }
+
+    #[test]
+    fn image_scratch_and_user() {
+        let cfg =
+            parse_cmdline("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb vmcp.user=1000:100").unwrap();
+        assert_eq!(
+            cfg.image,
+            Some(ImageSpec {
+                device: "/dev/vda".into(),
+                scratch: Some("/dev/vdb".into())
+            })
+        );
+        assert_eq!(cfg.user, Some((1000, 100)));
+        assert_eq!(
+            parse_cmdline("vmcp.image=/dev/vdc")
+                .unwrap()
+                .image
+                .unwrap()
+                .scratch,
+            None
+        );
+        for bad in ["vmcp.user=1000", "vmcp.user=a:b", "vmcp.user=-1:0"] {
+            assert!(
+                matches!(parse_cmdline(bad), Err(CmdlineError::User(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_cmdline("vmcp.image=vda"),
+            Err(CmdlineError::Path { .. })
+        ));
+        assert!(matches!(
+            parse_cmdline("vmcp.image=/dev/vda vmcp.rootfs=/dev/vdb"),
+            Err(CmdlineError::RootfsAndImage)
+        ));
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::cmdline::{parse_cmdline, BootConfig, ChannelSpec, CmdlineError, RootfsSpec};
+use crate::changes::ChangeRoots;
+use crate::cmdline::{parse_cmdline, BootConfig, ChannelSpec, CmdlineError, ImageSpec, RootfsSpec};
 use crate::serve::{serve, ServeEnd, ServeOptions};
 use crate::sys::linux::{
     self as os, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REMOUNT,
@@ -171,6 +172,7 @@ const DEFERRABLE: &[&str] = &[
     "net_failover",
     "virtio_net",
     "virtio_blk",
+    "overlay",
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
@@ -183,7 +185,8 @@ fn module_name(path: &str) -> &str {
 
 fn needed_before_hello(name: &str, cfg: &BootConfig) -> bool {
     match name {
-        "virtio_blk" => cfg.rootfs.is_some(),
+        "virtio_blk" => cfg.rootfs.is_some() || cfg.image.is_some(),
+        "overlay" => cfg.image.is_some(),
         "failover" | "net_failover" | "virtio_net" => cfg.net.is_some(),
         n if n.contains("vsock") => matches!(cfg.channel, ChannelSpec::Vsock { .. }),
         n => !DEFERRABLE.contains(&n),
@@ -319,6 +322,15 @@ fn switch_root(spec: &RootfsSpec) -> Result<(), InitError> {
     let flags = if spec.read_only { MS_RDONLY } else { 0 };
     os::mount(&spec.device, newroot, Some(&spec.fstype), flags, None)
         .map_err(|e| fail(format!("mount as {} failed: {e}", spec.fstype)))?;
+    enter_root(newroot, &spec.device)
+}
+
+/// Moves `/dev`, `/proc`, `/sys` into the filesystem mounted at `newroot` and makes it `/`.
+fn enter_root(newroot: &str, device: &str) -> Result<(), InitError> {
+    let fail = |reason: String| InitError::Rootfs {
+        device: device.to_string(),
+        reason,
+    };
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{newroot}{m}");
         // Processes need /dev (even /dev/null for their stdin); create what is missing, or
@@ -337,6 +349,75 @@ fn switch_root(spec: &RootfsSpec) -> Result<(), InitError> {
     os::mount(".", "/", None, MS_MOVE, None)
         .map_err(|e| fail(format!("cannot move it to /: {e}")))?;
     os::chroot(".").map_err(|e| fail(format!("chroot failed: {e}")))
+}
+
+/// The layers of an image root, held open: after the switch they are only reachable
+/// through these descriptors (`/proc/self/fd/N`).
+struct ImageRoot {
+    upper: File,
+    lower: File,
+}
+
+impl ImageRoot {
+    fn roots(&self) -> ChangeRoots {
+        use std::os::fd::AsRawFd;
+        ChangeRoots {
+            upper: format!("/proc/self/fd/{}", self.upper.as_raw_fd()).into(),
+            lower: format!("/proc/self/fd/{}", self.lower.as_raw_fd()).into(),
+        }
+    }
+}
+
+/// Mounts the image read-only at `/lower`, the writable layer at `/scratch` (its ext4
+/// device, or tmpfs), an overlayfs of the two at `/newroot`, and makes that `/`.
+fn mount_image(spec: &ImageSpec) -> Result<ImageRoot, InitError> {
+    let fail = |reason: String| InitError::Rootfs {
+        device: spec.device.clone(),
+        reason,
+    };
+    for dev in std::iter::once(&spec.device).chain(spec.scratch.iter()) {
+        if !wait_for(dev, ROOTFS_WAIT) {
+            return Err(fail(format!(
+                "{dev} did not appear within {} s (is the disk attached?)",
+                ROOTFS_WAIT.as_secs()
+            )));
+        }
+    }
+    let _ = std::fs::create_dir_all("/lower");
+    os::mount(&spec.device, "/lower", Some("ext4"), MS_RDONLY, None)
+        .map_err(|e| fail(format!("mount as ext4 (read-only) failed: {e}")))?;
+    let _ = std::fs::create_dir_all("/scratch");
+    match &spec.scratch {
+        // No background zeroing of inode tables: the host made the file sparse and fresh.
+        Some(dev) => os::mount(dev, "/scratch", Some("ext4"), 0, Some("noinit_itable"))
+            .map_err(|e| fail(format!("mount of the writable layer {dev} failed: {e}")))?,
+        None => os::mount("tmpfs", "/scratch", Some("tmpfs"), 0, Some("mode=0755"))
+            .map_err(|e| fail(format!("mount of a tmpfs writable layer failed: {e}")))?,
+    }
+    for d in ["/scratch/upper", "/scratch/work"] {
+        std::fs::create_dir_all(d).map_err(|e| fail(format!("cannot create {d}: {e}")))?;
+    }
+    let newroot = "/newroot";
+    let _ = std::fs::create_dir_all(newroot);
+    os::mount(
+        "overlay",
+        newroot,
+        Some("overlay"),
+        0,
+        Some("lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work"),
+    )
+    .map_err(|e| {
+        fail(format!(
+            "overlayfs mount failed (is overlay.ko loaded?): {e}"
+        ))
+    })?;
+    let open = |p: &str| File::open(p).map_err(|e| fail(format!("cannot open {p}: {e}")));
+    let root = ImageRoot {
+        upper: open("/scratch/upper")?,
+        lower: open("/lower")?,
+    };
+    enter_root(newroot, &spec.device)?;
+    Ok(root)
 }
 
 fn find_virtio_port(name: &str) -> Option<String> {
@@ -399,6 +480,7 @@ fn boot() -> Result<(), InitError> {
     if let Some(rootfs) = &cfg.rootfs {
         switch_root(rootfs)?;
     }
+    let image = cfg.image.as_ref().map(mount_image).transpose()?;
     mount_late();
     setup_network(&cfg);
     // Outlives each channel: a re-key's token must be the one of every later hello.
@@ -419,7 +501,10 @@ fn boot() -> Result<(), InitError> {
             channel: cfg.channel.to_string(),
             reason: e.to_string(),
         })?;
-        let mut hello = crate::hello(&cfg.token, cfg.rootfs.is_some());
+        let mut hello = crate::hello(&cfg.token, cfg.rootfs.is_some() || image.is_some());
+        if image.is_some() {
+            hello.capabilities.0 |= vmcp_guest_proto::Capabilities::CHANGES;
+        }
         hello.boot_ns = os::boottime_ns();
         if cfg.debug {
             eprintln!(
@@ -433,6 +518,8 @@ fn boot() -> Result<(), InitError> {
         options.reap_orphans = true;
         options.env.extend(proxy_env(cfg.proxy));
         options.debug = cfg.debug;
+        options.user = cfg.user;
+        options.changes = image.as_ref().map(ImageRoot::roots);
         match serve(reader, channel, &options) {
             Ok(ServeEnd::Poweroff) => return Ok(()),
             Ok(_) => {
@@ -485,6 +572,10 @@ mod tests {
             &vsock
         ));
         assert!(!needed_before_hello("virtio_blk", &vsock));
+        assert!(!needed_before_hello("overlay", &disk));
+        let image = parse_cmdline("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb").unwrap();
+        assert!(needed_before_hello("overlay", &image));
+        assert!(needed_before_hello("virtio_blk", &image));
     }
 
     #[test]

@@ -40,6 +40,8 @@
 //! `/init` duties are Linux-only. The request server builds on every Unix. On other
 //! systems the binary only prints that it runs inside a Linux guest.
 
+#[cfg(unix)]
+pub mod changes;
 pub mod cmdline;
 #[cfg(target_os = "linux")]
 pub mod init;

@@ -82,6 +82,10 @@ pub struct ServeOptions {
     /// guest boot clock in nanoseconds for the new hello. `None` refuses re-keys: only a
     /// guest's PID 1 should change the machine's identity.
     pub apply_rekey: Option<RekeyFn>,
+    /// Default uid and gid of processes (an image's `User`); the agent's own when `None`.
+    pub user: Option<(u32, u32)>,
+    /// Layers of an image root, for [`HostMsg::ListChanges`]; that request fails without.
+    pub changes: Option<crate::changes::ChangeRoots>,
 }
 
 /// See [`ServeOptions::apply_rekey`].
@@ -107,6 +111,8 @@ impl ServeOptions {
             cwd: PathBuf::from("/"),
             reap_orphans: false,
             debug: false,
+            user: None,
+            changes: None,
         }
     }
 }
@@ -390,6 +396,7 @@ impl Server<'_> {
                     }
                 }
                 HostMsg::ReadFile { id, path } => self.read_file(id, path),
+                HostMsg::ListChanges { id } => self.list_changes(id),
                 HostMsg::Poweroff { id } => {
                     self.out
                         .send(&GuestMsg::Done { id })
@@ -544,6 +551,9 @@ impl Server<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some((uid, gid)) = self.options.user {
+            cmd.uid(uid).gid(gid);
+        }
 
         // Spawn and register under the reaper lock (see the module docs).
         let mut waiting = self.reaper.as_ref().map(|r| lock(&r.waiting));
@@ -667,6 +677,50 @@ impl Server<'_> {
         Ok(())
     }
 
+    fn list_changes(&self, id: RequestId) -> io::Result<()> {
+        let Some(roots) = self.options.changes.clone() else {
+            return self.out.fail(
+                id,
+                FailureKind::InvalidRequest,
+                "no image with a writable layer is mounted (boot with vmcp.image=)".into(),
+            );
+        };
+        let out = self.out.clone();
+        let window = self.open_window(id);
+        let windows = Arc::clone(&self.windows);
+        let job = move || {
+            let text = crate::changes::list(
+                &roots,
+                crate::changes::MAX_CHANGES_BYTES,
+                &crate::changes::overlay_whiteout,
+                &sys::overlay_opaque,
+            );
+            match text {
+                Ok(text) => {
+                    let mut w = ChunkWriter {
+                        out: out.clone(),
+                        id,
+                        buf: Vec::with_capacity(CHUNK_SIZE),
+                        window: Arc::clone(&window),
+                    };
+                    let _ = w.write_all(text.as_bytes()).and_then(|()| w.finish());
+                }
+                Err(e) => {
+                    let _ = out.fail(id, FailureKind::Other, format!("cannot list changes: {e}"));
+                }
+            }
+            close_window(&windows, id, &window);
+        };
+        match spawn_thread("list-changes", job) {
+            Ok(()) => Ok(()),
+            Err(e) => self.out.fail(
+                id,
+                FailureKind::Other,
+                format!("cannot start a thread: {e}"),
+            ),
+        }
+    }
+
     fn read_file(&self, id: RequestId, path: String) -> io::Result<()> {
         let file = match open_for_read(&path) {
             Ok(f) => f,
@@ -692,6 +746,56 @@ impl Server<'_> {
                 format!("cannot start a thread: {e}"),
             ),
         }
+    }
+}
+
+/// Drops the output window of `id` if it is still `window`.
+fn close_window(windows: &Windows, id: RequestId, window: &Arc<Window>) {
+    let mut windows = lock(windows);
+    if windows.get(&id).is_some_and(|w| Arc::ptr_eq(w, window)) {
+        windows.remove(&id);
+    }
+}
+
+/// Sends what is written as [`GuestMsg::FileData`] chunks within the request's output window;
+/// [`ChunkWriter::finish`] sends the last one with `eof`.
+struct ChunkWriter {
+    out: Out,
+    id: RequestId,
+    buf: Vec<u8>,
+    window: Arc<Window>,
+}
+
+impl ChunkWriter {
+    fn flush_chunk(&mut self, eof: bool) -> io::Result<()> {
+        if !self.window.acquire(credit_cost(self.buf.len())) {
+            return Err(io::Error::other("the host stopped reading"));
+        }
+        let msg = GuestMsg::FileData {
+            id: self.id,
+            data: std::mem::take(&mut self.buf),
+            eof,
+        };
+        self.out.send(&msg)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush_chunk(true)
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_SIZE - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_SIZE {
+            self.flush_chunk(false)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 

@@ -61,6 +61,9 @@ impl Capabilities {
     pub const ROOTFS: u64 = 1 << 4;
     /// Takes a new identity after a snapshot restore ([`HostMsg::Rekey`]).
     pub const REKEY: u64 = 1 << 5;
+    /// `/` is an image under a writable layer whose changes can be listed
+    /// ([`HostMsg::ListChanges`]).
+    pub const CHANGES: u64 = 1 << 6;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -220,6 +223,15 @@ pub enum HostMsg {
     /// answered by a new [`GuestMsg::Hello`] carrying the new token, or by
     /// [`GuestMsg::Failed`]. The host sends it before any other request on a restored VM.
     Rekey(Rekey),
+    /// List what changed under the writable layer of an image root: answered by
+    /// [`GuestMsg::FileData`] chunks of text, one change per line (`A`dded, `M`odified or
+    /// `D`eleted, a space, the absolute path with `%`, control bytes and DEL written as
+    /// `%XX`), the last chunk with `eof`; or by [`GuestMsg::Failed`] when there is no
+    /// image (see [`Capabilities::CHANGES`]).
+    ListChanges {
+        /// Request id.
+        id: RequestId,
+    },
 }
 
 /// How a guest process ended.

@@ -196,7 +196,7 @@ impl Plan {
 /// Leftovers of interrupted builds younger than this are left alone (a build may be running).
 const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
-fn is_stale(path: &Path) -> bool {
+pub(crate) fn is_stale(path: &Path) -> bool {
     std::fs::symlink_metadata(path)
         .and_then(|m| m.modified())
         .ok()

@@ -24,8 +24,17 @@ pub mod arm64;
 mod builder;
 pub mod cpio;
 pub mod deb;
+#[cfg(unix)]
+pub mod debian;
 pub mod fetch;
+#[cfg(unix)]
+pub mod import;
+#[cfg(unix)]
+pub mod layers;
 pub mod manifest;
+pub mod oci;
+pub mod oci_write;
+pub mod rootfs;
 
 pub use builder::{
     build, default_cache_dir, ensure_image, find_image, initramfs_entries, module_depends, prune,

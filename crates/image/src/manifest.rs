@@ -183,6 +183,8 @@ pub const INPUTS: &[ArchInputs] = &[
             "kernel/drivers/net/net_failover.ko",
             "kernel/drivers/net/virtio_net.ko",
             "kernel/drivers/block/virtio_blk.ko",
+            // `vmcp run --image`: overlayfs over the read-only image (ext4 is built in).
+            "kernel/fs/overlayfs/overlay.ko",
             "kernel/net/vmw_vsock/vsock.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
             "kernel/net/vmw_vsock/vmw_vsock_virtio_transport.ko",

@@ -222,7 +222,7 @@ pub enum ClientError {
         method: String,
     },
     /// A bound of [`crate::limits`] was hit.
-    #[error("{method} stopped: {source}")]
+    #[error("{method} stopped")]
     Limit {
         /// The request's method.
         method: String,

@@ -50,8 +50,8 @@ pub enum Error {
     BatchTooLarge(usize),
 }
 
-/// Most JSON values of an error's `data` that are decoded; larger data is dropped.
-pub const ERROR_DATA_MAX_NODES: usize = 4096;
+/// Most JSON values of an error's `data` that are decoded ([`crate::limits`]).
+pub use crate::limits::ERROR_DATA_MAX_NODES;
 
 /// A request id: a number or a string (never null in MCP).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -63,8 +63,9 @@ pub const MAX_REDIRECTS: usize = 3;
 pub const MAX_PRINTED_CHARS: usize = 200;
 /// Longest stdio stderr line logged (bytes; the rest of the line is dropped).
 pub const MAX_STDERR_LINE: usize = 4 << 10;
-/// Largest raw `error.data` of a JSON-RPC error that is decoded (bigger ones are dropped).
-pub const MAX_ERROR_DATA_BYTES: usize = 64 << 10;
+/// Most JSON values of a JSON-RPC error's `data` that are decoded (larger data is dropped,
+/// the error is kept).
+pub const ERROR_DATA_MAX_NODES: usize = 4096;
 
 /// The bounds in effect for one client or transport. Defaults: the constants of this module.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,28 +7,14 @@
 //! - [`url_for_display`]: an endpoint URL without its credentials (`user:password@`), query
 //!   (`?token=...`) and fragment, for every error message and log line.
 //!
-//! Written for the MCP client; nothing here is MCP-specific, so other crates may reuse it.
+//! [`for_display`] is the shared `vmcp-sanitize` rule; [`for_terminal`] (multi-line tool output)
+//! and [`url_for_display`] are the MCP client's additions.
 
-/// `text` with every control character (C0 but tab, DEL, C1) and every bidi or zero-width
-/// formatting character replaced by `\u{..}` escapes, newlines and tabs by a space, cut to
-/// `max_chars` characters (then ending in `…`).
+/// `text` as one printable line of at most `max_chars` characters: the workspace's shared
+/// rule, [`vmcp_sanitize::sanitize`] (control characters and bidi controls as `\u{..}`,
+/// line breaks as `\n`, a note of what was cut).
 pub fn for_display(text: &str, max_chars: usize) -> String {
-    let mut out = String::with_capacity(text.len().min(max_chars.saturating_mul(2)));
-    for (shown, c) in text.chars().enumerate() {
-        if shown >= max_chars {
-            out.push('…');
-            return out;
-        }
-        match c {
-            '\n' | '\r' | '\t' => out.push(' '),
-            c if is_unsafe(c) => {
-                use std::fmt::Write as _;
-                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out
+    vmcp_sanitize::sanitize(text, max_chars)
 }
 
 /// `text` for a terminal that shows it as is (multi-line tool output): like [`for_display`]
@@ -94,12 +80,15 @@ mod tests {
         assert!(!shown.chars().any(is_unsafe), "{shown}");
         assert!(shown.contains("\\u{1b}]0;pwned\\u{7}"), "{shown}");
         assert!(shown.contains("\\u{202e}"), "{shown}");
-        assert_eq!(for_display("a\nb\tc", 10), "a b c");
+        assert_eq!(for_display("a\nb", 10), "a\\nb");
     }
 
     #[test]
     fn caps_length() {
-        assert_eq!(for_display(&"é".repeat(500), 3), "ééé…");
+        assert_eq!(
+            for_display(&"é".repeat(500), 3),
+            "ééé… (497 more characters)"
+        );
         assert_eq!(for_display("abc", 3), "abc");
     }
 

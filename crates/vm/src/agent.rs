@@ -149,6 +149,73 @@ pub enum AgentError {
     Invalid(String),
 }
 
+/// Largest change list accepted from a guest ([`AgentClient::list_changes`]).
+pub const MAX_CHANGES_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
+
+/// How a path changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// Created.
+    Added,
+    /// Contents or metadata changed.
+    Modified,
+    /// Deleted.
+    Deleted,
+}
+
+/// One changed path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// Absolute guest path, with `%`, control bytes, DEL and non-ASCII bytes as `%XX` (safe
+    /// to print).
+    pub path: String,
+}
+
+/// A change list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Changes {
+    /// The changes, in walk order.
+    pub changes: Vec<Change>,
+    /// The guest stopped listing at its size bound.
+    pub truncated: bool,
+}
+
+impl Changes {
+    /// Parses the agent's text; lines it does not understand are skipped.
+    pub fn parse(text: &[u8]) -> Changes {
+        let mut out = Changes::default();
+        for line in text.split(|&b| b == b'\n') {
+            if line == b"! truncated" {
+                out.truncated = true;
+                continue;
+            }
+            let kind = match line.first() {
+                Some(b'A') => ChangeKind::Added,
+                Some(b'M') => ChangeKind::Modified,
+                Some(b'D') => ChangeKind::Deleted,
+                _ => continue,
+            };
+            // The agent escapes everything but printable ASCII; anything else is dropped.
+            let Some(path) = line.get(2..).filter(|p| {
+                line.get(1) == Some(&b' ')
+                    && p.first() == Some(&b'/')
+                    && p.iter().all(|b| (0x20..0x7f).contains(b))
+            }) else {
+                continue;
+            };
+            out.changes.push(Change {
+                kind,
+                path: String::from_utf8_lossy(path).into_owned(),
+            });
+        }
+        out
+    }
+}
+
 /// Where the reader task puts the answers of one request.
 struct Route {
     tx: mpsc::UnboundedSender<GuestMsg>,
@@ -712,6 +779,42 @@ impl AgentClient {
                         out.extend_from_slice(&data);
                         if eof {
                             return Ok(out);
+                        }
+                    }
+                    other => return Err(AgentError::Unexpected(describe(&other))),
+                }
+            }
+        }
+        .await;
+        match &res {
+            Ok(_) => self.unregister(id),
+            Err(_) => self.discard(id),
+        }
+        res
+    }
+
+    /// What processes changed under the writable layer of an image root (`vmcp run --image`):
+    /// one [`Change`] per created, modified or deleted path. The guest's answer is bounded
+    /// by [`MAX_CHANGES_BYTES`]; an agent that sends more is cut off with an error.
+    pub async fn list_changes(&self) -> Result<Changes, AgentError> {
+        let (mut answers, _) = self.register(false)?;
+        let id = answers.id;
+        let res = async {
+            self.send(&HostMsg::ListChanges { id }).await?;
+            let mut text = Vec::new();
+            loop {
+                match self.one_answer(&mut answers, "a change list").await? {
+                    GuestMsg::FileData { data, eof, .. } => {
+                        if text.len() + data.len() > MAX_CHANGES_BYTES {
+                            return Err(AgentError::TooLarge {
+                                what: "the change list",
+                                limit: MAX_CHANGES_BYTES,
+                                action: "",
+                            });
+                        }
+                        text.extend_from_slice(&data);
+                        if eof {
+                            return Ok(Changes::parse(&text));
                         }
                     }
                     other => return Err(AgentError::Unexpected(describe(&other))),

@@ -161,6 +161,42 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A root filesystem image shared read-only between VMs, with this VM's own writable layer.
+///
+/// The guest agent mounts `path` read-only, `scratch` read-write, and an overlayfs of the two
+/// as `/` of every process (docs/images.md). Many VMs may attach the same `path` at once;
+/// `scratch` belongs to one VM and holds exactly what it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ImageConfig {
+    /// The ext4 image, attached read-only.
+    pub path: PathBuf,
+    /// Its identity (the rootfs cache key, or `path:<file>`), so that a snapshot manifest can
+    /// name the image it needs to restore.
+    pub id: String,
+    /// An ext4 file with room for the writable layer (the overlay's upper and work
+    /// directories), attached read-write.
+    pub scratch: PathBuf,
+    /// Default user and group of processes (the image's `User`); root when `None`.
+    pub user: Option<(u32, u32)>,
+}
+
+impl ImageConfig {
+    /// An image at `path` named `id`, written through `scratch`, run as root.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        id: impl Into<String>,
+        scratch: impl Into<PathBuf>,
+    ) -> Self {
+        ImageConfig {
+            path: path.into(),
+            id: id.into(),
+            scratch: scratch.into(),
+            user: None,
+        }
+    }
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -179,6 +215,8 @@ pub struct VmConfig {
     pub cmdline_extra: Vec<String>,
     /// Root filesystem image attached as virtio-block and mounted by the agent.
     pub rootfs: Option<DiskConfig>,
+    /// Root filesystem image with a per-VM writable layer (instead of `rootfs`).
+    pub image: Option<ImageConfig>,
     /// Where the guest console goes; `console.log` in the runtime directory when `None`.
     pub console_log: Option<PathBuf>,
     /// Backend to use; chosen by [`crate::select::select`] when `None`.
@@ -202,6 +240,7 @@ impl VmConfig {
             initrd: initrd.into(),
             cmdline_extra: Vec::new(),
             rootfs: None,
+            image: None,
             console_log: None,
             backend: None,
             accel: None,
@@ -229,6 +268,31 @@ impl VmConfig {
         check_file("initrd", &self.initrd)?;
         if let Some(disk) = &self.rootfs {
             check_file("rootfs", &disk.path)?;
+        }
+        if let Some(image) = &self.image {
+            if self.rootfs.is_some() {
+                return Err(ConfigError::Unsupported(
+                    "a VM takes either a rootfs disk or an image, not both".into(),
+                )
+                .into());
+            }
+            check_file("image", &image.path)?;
+            check_file("image scratch disk", &image.scratch)?;
+        }
+        if let Some(disk) = &self.rootfs {
+            // The agent mounts it as ext4 unless the command line names another type.
+            let other_fs = self
+                .cmdline_extra
+                .iter()
+                .any(|a| a.starts_with("vmcp.rootfs_fstype=") && !a.ends_with("=ext4"));
+            if !other_fs {
+                crate::disk_image::check_ext4(&disk.path).map_err(|problem| {
+                    ConfigError::BadRootfs {
+                        path: disk.path.clone(),
+                        problem,
+                    }
+                })?;
+            }
         }
         for arg in &self.cmdline_extra {
             if arg.is_empty() || arg.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -311,6 +375,44 @@ mod tests {
         });
         let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn non_ext4_rootfs_rejected_on_the_host() {
+        let (d, mut c) = files();
+        let passwd = d.path().join("passwd");
+        std::fs::write(&passwd, "root:x:0:0:root:/root:/bin/sh\n".repeat(100)).unwrap();
+        c.rootfs = Some(DiskConfig {
+            path: passwd.clone(),
+            read_only: true,
+        });
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
+        assert!(
+            e.contains("not an ext4 image") && e.contains(&passwd.display().to_string()),
+            "{e}"
+        );
+        // Another filesystem type named on the command line is left to the guest.
+        c.cmdline_extra = vec!["vmcp.rootfs_fstype=squashfs".into()];
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn image_and_rootfs_exclude_each_other() {
+        let (d, mut c) = files();
+        let img = d.path().join("img");
+        std::fs::write(&img, b"x").unwrap();
+        c.image = Some(ImageConfig::new(&img, "oci-1", &img));
+        c.validate().unwrap();
+        c.rootfs = Some(DiskConfig {
+            path: img.clone(),
+            read_only: true,
+        });
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
+        assert!(e.contains("not both"), "{e}");
+        c.rootfs = None;
+        c.image = Some(ImageConfig::new(&img, "oci-1", d.path().join("nope")));
+        let e = vmcp_test_support::error_chain(&c.validate().unwrap_err());
+        assert!(e.contains("scratch"), "{e}");
     }
 
     #[test]

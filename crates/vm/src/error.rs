@@ -34,6 +34,14 @@ pub enum ConfigError {
         /// Its path.
         path: PathBuf,
     },
+    /// The root filesystem image is not a usable ext4 image.
+    #[error("rootfs {path}: {problem}")]
+    BadRootfs {
+        /// Its path.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// A kernel command-line argument is empty or has whitespace.
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),

@@ -23,6 +23,7 @@
 
 pub mod agent;
 mod config;
+mod disk_image;
 mod error;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake;
@@ -32,7 +33,7 @@ pub mod qemu;
 pub mod select;
 pub mod vz;
 
-pub use config::{Accel, Arch, BackendKind, DiskConfig, VmConfig, MIN_MEMORY_MIB};
+pub use config::{Accel, Arch, BackendKind, DiskConfig, ImageConfig, VmConfig, MIN_MEMORY_MIB};
 pub use error::{ErrorClass, VmError};
 pub use net::{NetConfig, NetMode, PortForward};
 pub use vmcp_host_process::{new_vm_id, RuntimeDir};

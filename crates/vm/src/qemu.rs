@@ -61,7 +61,7 @@ use tokio::task::JoinHandle;
 
 pub use accel::{AccelChoice, AccelError, HostFacts};
 pub use cmdline::{
-    DiskPlan, DiskSource, Endpoint, FileRef, GuestForward, HostOs, KernelArgs, KernelNet,
+    DiskPlan, DiskSource, Endpoint, FileRef, GuestForward, HostOs, ImageArg, KernelArgs, KernelNet,
     MemoryFile, NetPlan, QemuPlan, RootfsArg, VirtioTransport, AGENT_PORT,
 };
 
@@ -295,6 +295,8 @@ impl std::fmt::Debug for QemuMachine {
 /// Descriptors QEMU inherits for one start; closed in vmcp once QEMU has them.
 struct Inherited {
     fds: Vec<platform::ChildFd>,
+    /// fd sets handed out so far (each disk gets its own).
+    disk_sets: u32,
 }
 
 impl Inherited {
@@ -313,7 +315,8 @@ impl Inherited {
     }
 
     fn disk(&mut self, fds: Vec<platform::ChildFd>) -> DiskSource {
-        let source = platform::disk_source(1, &fds);
+        self.disk_sets += 1;
+        let source = platform::disk_source(self.disk_sets, &fds);
         self.fds.extend(fds);
         source
     }
@@ -383,6 +386,12 @@ impl QemuMachine {
             rootfs: self.config.rootfs.as_ref().map(|d| RootfsArg {
                 device: "/dev/vda".into(),
                 read_only: d.read_only,
+            }),
+            // The image and its scratch disk are the first and second disks (no rootfs then).
+            image: self.config.image.as_ref().map(|i| ImageArg {
+                device: "/dev/vda".into(),
+                scratch: "/dev/vdb".into(),
+                user: i.user,
             }),
             net: self.config.net.has_device().then(|| {
                 let allow = matches!(self.config.net.mode, NetMode::Allow(_));
@@ -553,6 +562,24 @@ impl QemuMachine {
                 })
             }
         };
+        let mut disks = Vec::new();
+        if let Some(image) = &self.config.image {
+            let what = format!("open image {}", image.path.display());
+            let base = platform::open_for_child(&image.path, false).map_err(host_err(&what))?;
+            disks.push(DiskPlan {
+                source: inherited.disk(vec![base]),
+                read_only: true,
+            });
+            let what = format!("open scratch disk {}", image.scratch.display());
+            let fds = vec![
+                platform::open_for_child(&image.scratch, false).map_err(host_err(&what))?,
+                platform::open_for_child(&image.scratch, true).map_err(host_err(&what))?,
+            ];
+            disks.push(DiskPlan {
+                source: inherited.disk(fds),
+                read_only: false,
+            });
+        }
         let mut endpoint = |name: &str| {
             let (host, child) =
                 platform::stream_pair().map_err(host_err(format!("create the {name} channel")))?;
@@ -572,6 +599,7 @@ impl QemuMachine {
             initrd,
             append: self.kernel_args(token).render(),
             rootfs,
+            disks,
             qmp,
             console,
             agent,
@@ -755,7 +783,10 @@ impl QemuMachine {
         self.log.close();
         self.log = log.clone();
         self.start_egress().await?;
-        let mut inherited = Inherited { fds: Vec::new() };
+        let mut inherited = Inherited {
+            fds: Vec::new(),
+            disk_sets: 0,
+        };
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, restore_memory)?;
         self.argv = plan.argv();
@@ -838,6 +869,15 @@ impl Drop for QemuMachine {
 
 /// QEMU-specific queries on a QEMU VM.
 impl Lifecycle<QemuMachine> {
+    /// Where the VM's egress proxy listens on host loopback while QEMU runs (allow-list
+    /// network only).
+    pub fn egress_proxy_addr(&self) -> Option<std::net::SocketAddr> {
+        self.machine()
+            .egress
+            .as_ref()
+            .map(|(_, port)| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *port)))
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.machine().pid()

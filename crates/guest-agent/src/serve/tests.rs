@@ -885,3 +885,47 @@ mod rekey {
         }
     }
 }
+
+#[test]
+fn list_changes_needs_an_image_and_walks_the_upper_layer() {
+    let mut h = Host::start();
+    h.send(HostMsg::ListChanges { id: 3 });
+    match h.recv() {
+        GuestMsg::Failed { id: 3, kind, .. } => assert_eq!(kind, FailureKind::InvalidRequest),
+        other => panic!("{other:?}"),
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (up, low) = (d.path().join("up"), d.path().join("low"));
+    std::fs::create_dir_all(up.join("etc")).unwrap();
+    std::fs::create_dir_all(low.join("etc")).unwrap();
+    std::fs::write(low.join("etc/conf"), b"1").unwrap();
+    std::fs::write(up.join("etc/conf"), b"2").unwrap();
+    std::fs::write(up.join("new"), b"").unwrap();
+    let roots = crate::changes::ChangeRoots {
+        upper: up,
+        lower: low,
+    };
+    let mut h = Host::with_options(|o| o.changes = Some(roots));
+    h.send(HostMsg::ListChanges { id: 4 });
+    match h.recv() {
+        GuestMsg::FileData { id: 4, data, eof } => {
+            assert!(eof);
+            assert_eq!(data, b"M /etc/conf\nA /new\n");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn processes_run_as_the_default_user() {
+    // Changing users needs root (a file we create is owned by our effective uid).
+    let probe = tempfile::tempdir().unwrap();
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(probe.path()).unwrap()) != 0 {
+        vmcp_test_support::skipped!("SKIPPED: not root; cannot test running as another user");
+        return;
+    }
+    let mut h = Host::with_options(|o| o.user = Some((4242, 4343)));
+    h.exec(1, &["sh", "-c", "id -u; id -g; id -G"]);
+    let run = h.collect(1);
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "4242\n4343\n4343\n");
+}

@@ -163,6 +163,26 @@ pub fn peek_zombie() -> io::Result<i32> {
     }
 }
 
+/// Whether directory `path` is marked opaque by overlayfs (`trusted.overlay.opaque` is `y`).
+pub fn overlay_opaque(path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(p) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut value = [0u8; 4];
+    // SAFETY: `p` and the attribute name are NUL-terminated and outlive the call; `value` is
+    // writable for the length passed.
+    let n = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            c"trusted.overlay.opaque".as_ptr(),
+            value.as_mut_ptr().cast::<libc::c_void>(),
+            value.len(),
+        )
+    };
+    n == 1 && value[0] == b'y'
+}
+
 /// A `sockaddr` holding an IPv4 address (port 0).
 fn sockaddr_v4(addr: std::net::Ipv4Addr) -> libc::sockaddr {
     // SAFETY: sockaddr_in is plain old data; all-zero is valid.

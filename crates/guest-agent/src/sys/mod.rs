@@ -9,9 +9,9 @@ pub mod linux;
 mod other;
 
 #[cfg(target_os = "linux")]
-pub use linux::peek_zombie;
+pub use linux::{overlay_opaque, peek_zombie};
 #[cfg(not(target_os = "linux"))]
-pub use other::peek_zombie;
+pub use other::{overlay_opaque, peek_zombie};
 
 use std::io;
 

@@ -10,3 +10,8 @@ pub fn peek_zombie() -> io::Result<i32> {
         "reaping orphans is only supported on Linux",
     ))
 }
+
+/// Overlayfs exists only on Linux.
+pub fn overlay_opaque(_path: &std::path::Path) -> bool {
+    false
+}

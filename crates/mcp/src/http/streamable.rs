@@ -1635,7 +1635,7 @@ mod tests {
         assert!(HttpConfig::new(["http://x"])
             .with_header_line("bad name: v")
             .is_err());
-        assert_eq!(snippet(" a\nb "), "a b");
+        assert_eq!(snippet(" a\nb "), "a\\nb");
     }
 
     #[test]

@@ -294,6 +294,32 @@ fn constant_time_eq_works() {
     assert!(!constant_time_eq(b"abc", b"ab"));
 }
 
+#[test]
+fn change_lists_parse_and_drop_what_is_not_a_change() {
+    let c = Changes::parse(
+        b"A /new\nM /etc/conf\nD /gone%0Aname\nX /what\nA relative\nA /bad\x1b[0m\n! truncated\n",
+    );
+    assert!(c.truncated);
+    assert_eq!(
+        c.changes,
+        [
+            Change {
+                kind: ChangeKind::Added,
+                path: "/new".into()
+            },
+            Change {
+                kind: ChangeKind::Modified,
+                path: "/etc/conf".into()
+            },
+            Change {
+                kind: ChangeKind::Deleted,
+                path: "/gone%0Aname".into()
+            },
+        ]
+    );
+    assert_eq!(Changes::parse(b""), Changes::default());
+}
+
 // ---- Flow control, bounds and hostile guests --------------------------------------------
 
 use vmcp_guest_proto::{credit_cost, FrameReader, STREAM_WINDOW};

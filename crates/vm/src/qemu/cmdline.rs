@@ -157,6 +157,9 @@ pub struct QemuPlan {
     pub append: String,
     /// Root filesystem disk.
     pub rootfs: Option<DiskPlan>,
+    /// More virtio-blk disks, attached after `rootfs` in this order (an image and its
+    /// scratch disk).
+    pub disks: Vec<DiskPlan>,
     /// QMP control channel.
     pub qmp: Endpoint,
     /// Serial console.
@@ -357,7 +360,13 @@ impl QemuPlan {
             "virtserialport,chardev=agent,name={}",
             escape_opt(&self.agent_port)
         ));
-        if let Some(disk) = &self.rootfs {
+        let disks = self.rootfs.iter().map(|d| ("rootfs".to_string(), d));
+        let extra = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (format!("disk{}", i + 1), d));
+        for (id, disk) in disks.chain(extra) {
             let file = match &disk.source {
                 DiskSource::Path(p) => escape_opt(&p.to_string_lossy()),
                 DiskSource::FdSet { set, fds } => {
@@ -370,11 +379,11 @@ impl QemuPlan {
             };
             push("-drive");
             push(&format!(
-                "file={file},format=raw,if=none,id=rootfs,read-only={}",
+                "file={file},format=raw,if=none,id={id},read-only={}",
                 if disk.read_only { "on" } else { "off" }
             ));
             push("-device");
-            push(&format!("{},drive=rootfs", self.device("virtio-blk")));
+            push(&format!("{},drive={id}", self.device("virtio-blk")));
         }
         if let Some(net) = &self.network {
             push("-netdev");
@@ -422,6 +431,8 @@ pub struct KernelArgs {
     pub agent_port: String,
     /// Guest device of the root filesystem, when one is attached.
     pub rootfs: Option<RootfsArg>,
+    /// Guest devices of an image and its scratch disk, when attached.
+    pub image: Option<ImageArg>,
     /// Static network configuration of the guest (`vmcp.net`, `vmcp.gw`, `vmcp.proxy`).
     pub net: Option<KernelNet>,
     /// Caller's extra arguments (already validated: no whitespace).
@@ -448,6 +459,17 @@ pub struct RootfsArg {
     pub device: String,
     /// Mount read-only.
     pub read_only: bool,
+}
+
+/// The `vmcp.image=`, `vmcp.scratch=` and `vmcp.user=` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageArg {
+    /// Guest block device of the read-only image (`/dev/vda`).
+    pub device: String,
+    /// Guest block device of the writable layer (`/dev/vdb`).
+    pub scratch: String,
+    /// Default uid and gid of processes.
+    pub user: Option<(u32, u32)>,
 }
 
 /// Initcalls that cost > 15 ms each under TCG and do nothing vmcp needs (measured, see
@@ -495,6 +517,13 @@ impl KernelArgs {
         if let Some(r) = &self.rootfs {
             v.push(format!("vmcp.rootfs={}", r.device));
             v.push(format!("vmcp.rootfs_ro={}", u8::from(r.read_only)));
+        }
+        if let Some(i) = &self.image {
+            v.push(format!("vmcp.image={}", i.device));
+            v.push(format!("vmcp.scratch={}", i.scratch));
+            if let Some((uid, gid)) = i.user {
+                v.push(format!("vmcp.user={uid}:{gid}"));
+            }
         }
         if let Some(n) = &self.net {
             v.push(format!("vmcp.net={}/{}", n.addr, n.prefix));

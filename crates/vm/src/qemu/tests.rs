@@ -386,3 +386,66 @@ async fn console_log_symlink_planted_by_another_user_is_refused() {
     let chain = vmcp_test_support::error_chain(&vm.start().await.unwrap_err());
     assert!(chain.contains("belongs to uid 65534"), "{chain}");
 }
+
+/// Whether something accepts connections on `addr`, waiting up to 2 s for it to go away.
+async fn still_listening(addr: std::net::SocketAddr) -> bool {
+    for _ in 0..40 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+#[tokio::test]
+async fn the_egress_proxy_lives_and_dies_with_qemu() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (mode, how) in [("agent", "shutdown"), ("hang", "kill")] {
+        let Some(mut f) = fixture(mode) else { return };
+        f.config.net.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
+        let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+        assert!(vm.egress_proxy_addr().is_none(), "a proxy before start");
+        vm.start().await.unwrap();
+        let addr = vm.egress_proxy_addr().expect("no proxy while QEMU runs");
+        let line = vm
+            .command_line()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            line.contains("restrict=on,guestfwd=tcp:10.0.2.100:3128-cmd:"),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("'__egress-pipe' '{addr}'")),
+            "{line}"
+        );
+        assert!(line.contains("vmcp.proxy=10.0.2.100:3128"), "{line}");
+        // It enforces the VM's policy.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await.unwrap();
+        assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+        assert!(resp.contains("no rule allows 169.254.169.254:80"), "{resp}");
+        match how {
+            "shutdown" => {
+                vm.wait_ready(Duration::from_secs(10)).await.unwrap();
+                vm.shutdown(Duration::from_secs(10)).await.unwrap();
+            }
+            _ => vm.kill().await.unwrap(),
+        }
+        assert!(
+            vm.egress_proxy_addr().is_none(),
+            "{how}: proxy still recorded"
+        );
+        assert!(
+            !still_listening(addr).await,
+            "{how}: the proxy outlived QEMU"
+        );
+    }
+}

@@ -233,22 +233,20 @@ fn configuration(plan: &VzPlan) -> Result<Retained<VZVirtualMachineConfiguration
         log.into_raw_fd(),
         true,
     );
-    let disk = match &plan.rootfs {
-        Some(d) => {
-            let url = file_url(&d.path)?;
-            // SAFETY: initialiser with a file URL; errors come back as NSError.
-            let attachment = unsafe {
-                VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
-                    VZDiskImageStorageDeviceAttachment::alloc(),
-                    &url,
-                    d.read_only,
-                )
-            }
-            .map_err(|e| ns_error("attach the rootfs image", &e))?;
-            Some(attachment)
+    let mut disks = Vec::new();
+    for d in plan.rootfs.iter().chain(plan.disks.iter()) {
+        let url = file_url(&d.path)?;
+        // SAFETY: initialiser with a file URL; errors come back as NSError.
+        let attachment = unsafe {
+            VZDiskImageStorageDeviceAttachment::initWithURL_readOnly_error(
+                VZDiskImageStorageDeviceAttachment::alloc(),
+                &url,
+                d.read_only,
+            )
         }
-        None => None,
-    };
+        .map_err(|e| ns_error("attach a disk image", &e))?;
+        disks.push(attachment);
+    }
     // SAFETY: plain initialisers and setters on objects created here and held only by this
     // function; nothing is shared with the framework until a VM copies the configuration.
     let config = unsafe {
@@ -282,13 +280,18 @@ fn configuration(plan: &VzPlan) -> Result<Retained<VZVirtualMachineConfiguration
         )];
         config.setSocketDevices(&NSArray::from_retained_slice(&socket));
 
-        if let Some(attachment) = &disk {
-            let block = VZVirtioBlockDeviceConfiguration::initWithAttachment(
-                VZVirtioBlockDeviceConfiguration::alloc(),
-                attachment.as_super(),
-            );
-            let disks: [Retained<VZStorageDeviceConfiguration>; 1] = [Retained::into_super(block)];
-            config.setStorageDevices(&NSArray::from_retained_slice(&disks));
+        if !disks.is_empty() {
+            // In order: the guest sees them as /dev/vda, /dev/vdb, ...
+            let blocks: Vec<Retained<VZStorageDeviceConfiguration>> = disks
+                .iter()
+                .map(|attachment| {
+                    Retained::into_super(VZVirtioBlockDeviceConfiguration::initWithAttachment(
+                        VZVirtioBlockDeviceConfiguration::alloc(),
+                        attachment.as_super(),
+                    ))
+                })
+                .collect();
+            config.setStorageDevices(&NSArray::from_retained_slice(&blocks));
         }
 
         if plan.network {

@@ -128,6 +128,8 @@ pub struct VzPlan {
     pub cmdline: String,
     /// Rootfs as virtio-block, if any.
     pub rootfs: Option<DiskPlan>,
+    /// More virtio-block disks after the rootfs, in order (an image and its scratch disk).
+    pub disks: Vec<DiskPlan>,
     /// File the virtio console writes to.
     pub console_log: PathBuf,
     /// vsock port the host listens on for the agent.
@@ -191,6 +193,23 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
         extra.push("vmcp.rootfs=/dev/vda".to_string());
         extra.push(format!("vmcp.rootfs_ro={}", u8::from(disk.read_only)));
     }
+    let mut disks = Vec::new();
+    if let Some(image) = &config.image {
+        // Validation keeps rootfs and image apart, so the image is the first disk.
+        extra.push("vmcp.image=/dev/vda".to_string());
+        extra.push("vmcp.scratch=/dev/vdb".to_string());
+        if let Some((uid, gid)) = image.user {
+            extra.push(format!("vmcp.user={uid}:{gid}"));
+        }
+        disks.push(DiskPlan {
+            path: image.path.clone(),
+            read_only: true,
+        });
+        disks.push(DiskPlan {
+            path: image.scratch.clone(),
+            read_only: false,
+        });
+    }
     extra.extend(config.cmdline_extra.iter().cloned());
     let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {
@@ -203,6 +222,7 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             path: d.path.clone(),
             read_only: d.read_only,
         }),
+        disks,
         console_log: config
             .console_log
             .clone()
@@ -301,6 +321,34 @@ mod tests {
         c.cpus = 2;
         c.memory_mib = 512;
         c
+    }
+
+    #[test]
+    fn image_attaches_base_read_only_and_scratch_read_write() {
+        let head = arm64_head();
+        let log = PathBuf::from("/run/vm/console.log");
+        let mut c = config();
+        let mut image = crate::ImageConfig::new("/c/rootfs.ext4", "oci-1", "/tmp/scratch");
+        image.user = Some((1000, 1000));
+        c.image = Some(image);
+        let p = plan(&c, inputs(&head, &log)).unwrap();
+        assert_eq!(p.rootfs, None);
+        assert_eq!(
+            p.disks,
+            [
+                DiskPlan {
+                    path: "/c/rootfs.ext4".into(),
+                    read_only: true
+                },
+                DiskPlan {
+                    path: "/tmp/scratch".into(),
+                    read_only: false
+                }
+            ]
+        );
+        assert!(p
+            .cmdline
+            .ends_with("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb vmcp.user=1000:1000"));
     }
 
     #[test]

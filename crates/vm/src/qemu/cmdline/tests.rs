@@ -12,6 +12,7 @@ fn plan() -> QemuPlan {
         initrd: FileRef::Path("/img/initrd, odd".into()),
         append: "console=ttyS0 quiet".into(),
         rootfs: None,
+        disks: Vec::new(),
         qmp: Endpoint::Fd(3),
         console: Endpoint::Fd(4),
         agent: Endpoint::Fd(5),
@@ -180,6 +181,7 @@ fn kargs() -> KernelArgs {
         token: "abc123".into(),
         agent_port: AGENT_PORT.into(),
         rootfs: None,
+        image: None,
         net: None,
         extra: vec!["vmcp.debug=1".into()],
     }
@@ -236,6 +238,53 @@ fn kernel_args_rootfs_kvm_and_arm() {
     let mut k = kargs();
     k.tsc_khz = None;
     assert!(!k.render().contains("tsc_early_khz"));
+}
+
+#[test]
+fn image_and_scratch_disks_get_their_own_fd_sets_and_kernel_args() {
+    let mut p = plan();
+    p.disks = vec![
+        DiskPlan {
+            source: DiskSource::FdSet {
+                set: 1,
+                fds: vec![9],
+            },
+            read_only: true,
+        },
+        DiskPlan {
+            source: DiskSource::FdSet {
+                set: 2,
+                fds: vec![10, 11],
+            },
+            read_only: false,
+        },
+    ];
+    let a = args(&p);
+    assert_eq!(
+        after(&a, "-drive"),
+        [
+            "file=/dev/fdset/1,format=raw,if=none,id=disk1,read-only=on",
+            "file=/dev/fdset/2,format=raw,if=none,id=disk2,read-only=off"
+        ]
+    );
+    assert_eq!(
+        after(&a, "-add-fd"),
+        ["fd=9,set=1", "fd=10,set=2", "fd=11,set=2"]
+    );
+    let devs = after(&a, "-device");
+    assert!(devs.contains(&"virtio-blk-pci,drive=disk1"));
+    assert!(devs.contains(&"virtio-blk-pci,drive=disk2"));
+    let mut k = kargs();
+    k.image = Some(ImageArg {
+        device: "/dev/vda".into(),
+        scratch: "/dev/vdb".into(),
+        user: Some((1000, 100)),
+    });
+    let s = k.render();
+    assert!(
+        s.contains("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb vmcp.user=1000:100"),
+        "{s}"
+    );
 }
 
 #[test]

@@ -240,6 +240,7 @@ mod tests {
                 source: DiskSource::Path(r"D:\disks, old\root.img".into()),
                 read_only: false,
             }),
+            disks: Vec::new(),
             qmp: tcp(50001),
             console: tcp(50002),
             agent: tcp(50003),

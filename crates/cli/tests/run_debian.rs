@@ -1,0 +1,97 @@
+//! `vmcp image rootfs --packages python3` and `python3 -c 'print(1+1)'` in it: one test,
+//! because the build takes minutes (mmdebstrap downloads and unpacks ~30 packages; about 4
+//! minutes on the loaded CI host). The image stays in the cache under the name
+//! `vmcp-test-python3`, so later runs are cache hits. Skipped loudly without QEMU, a guest
+//! image, mmdebstrap or e2fsprogs; `VMCP_REQUIRE_VM=1` turns the skips into failures.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::Command;
+
+const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
+
+fn skip(reason: &str) -> bool {
+    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
+        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
+    }
+    vmcp_test_support::skipped!("SKIPPED: {reason}");
+    false
+}
+
+fn ready() -> bool {
+    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    if !doctor.status.success() || !text.contains("[ok] image") {
+        return skip(&format!(
+            "no VM or no guest image here (`vmcp doctor`):\n{text}"
+        ));
+    }
+    for tool in ["mmdebstrap", "mkfs.ext4"] {
+        if vmcp_image::import::find_tool(tool).is_none() {
+            return skip(&format!(
+                "{tool} not installed (scripts/install-deps installs it)"
+            ));
+        }
+    }
+    true
+}
+
+#[test]
+fn python3_runs_in_an_image_built_from_debian_packages() {
+    if !ready() {
+        return;
+    }
+    let build = Command::new(VMCP)
+        .args([
+            "image",
+            "rootfs",
+            "--packages",
+            "python3",
+            "--name",
+            "vmcp-test-python3",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&build.stderr);
+    assert!(build.status.success(), "{err}");
+    let line = String::from_utf8_lossy(&build.stdout).into_owned();
+    let mut fields = line.split('\t');
+    let names = fields.next().unwrap_or_default();
+    assert!(names.split(',').any(|n| n == "vmcp-test-python3"), "{line}");
+    assert!(
+        fields.next().unwrap_or_default().starts_with("deb-"),
+        "{line}"
+    );
+    // The same inputs again: a cache hit.
+    let again = Command::new(VMCP)
+        .args(["image", "rootfs", "--packages", "python3"])
+        .output()
+        .unwrap();
+    let again_err = String::from_utf8_lossy(&again.stderr);
+    assert!(again_err.contains("already built"), "{again_err}");
+    assert_eq!(
+        String::from_utf8_lossy(&again.stdout).split('\t').nth(1),
+        line.split('\t').nth(1)
+    );
+    let run = Command::new(VMCP)
+        .args([
+            "run",
+            "--timeout",
+            "120",
+            "--image",
+            "vmcp-test-python3",
+            "--",
+            "python3",
+            "-c",
+            "print(1+1)",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "2\n",
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(run.status.code(), Some(0));
+}
