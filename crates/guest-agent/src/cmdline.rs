@@ -7,6 +7,7 @@
 //! | parameter | meaning | default |
 //! |---|---|---|
 //! | `vmcp.token=<string>` | echoed in the hello so the host knows who connected | empty |
+//! | `vmcp.token_fw_cfg=1` | read the token from QEMU's fw_cfg file `opt/vmcp/token` instead (kept off the command line, which every local user on the host can read) | `0` |
 //! | `vmcp.channel=virtio-serial:<name>` | the virtio-serial port whose name is `<name>` | `virtio-serial:vmcp.agent` |
 //! | `vmcp.channel=vsock:<port>` | connect to the host (CID 2) on vsock `<port>` | |
 //! | `vmcp.channel=serial:<dev>` | a tty such as `/dev/hvc0` or `/dev/ttyS1`, set to raw mode | |
@@ -106,6 +107,8 @@ pub struct NetSpec {
 pub struct BootConfig {
     /// Token echoed in the hello.
     pub token: String,
+    /// The token is in fw_cfg (`opt/vmcp/token`), not on the command line.
+    pub token_fw_cfg: bool,
     /// The channel to the host.
     pub channel: ChannelSpec,
     /// Root filesystem to mount, if any.
@@ -238,6 +241,7 @@ pub fn parse_channel(value: &str) -> Result<ChannelSpec, CmdlineError> {
 pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
     let mut cfg = BootConfig {
         token: String::new(),
+        token_fw_cfg: false,
         channel: ChannelSpec::VirtioSerial {
             name: DEFAULT_PORT_NAME.to_string(),
         },
@@ -272,6 +276,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
         match key {
             "token" => cfg.token = value.to_string(),
+            "token_fw_cfg" => cfg.token_fw_cfg = parse_bool("vmcp.token_fw_cfg", value)?,
             "channel" => cfg.channel = parse_channel(value)?,
             "rootfs" => {
                 if !value.starts_with('/') {
@@ -379,6 +384,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.token, "abc123");
+        assert!(!cfg.token_fw_cfg);
+        let fw = parse_cmdline("quiet vmcp.token_fw_cfg=1").unwrap();
+        assert!(fw.token_fw_cfg && fw.warnings.is_empty());
+        assert!(parse_cmdline("vmcp.token_fw_cfg=yes").is_err());
         assert_eq!(cfg.channel, ChannelSpec::Vsock { cid: 2, port: 1024 });
         assert_eq!(
             cfg.rootfs,

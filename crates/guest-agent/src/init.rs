@@ -68,6 +68,15 @@ pub enum InitError {
         /// What went wrong.
         reason: String,
     },
+    /// The token was to come from fw_cfg (`vmcp.token_fw_cfg=1`) and could not be read.
+    #[error("cannot read the agent token from {path}")]
+    FwCfgToken {
+        /// The sysfs file.
+        path: &'static str,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
     /// The channel to the host did not come up.
     #[error("cannot open channel {channel}: {reason}")]
     Channel {
@@ -188,8 +197,38 @@ fn needed_before_hello(name: &str, cfg: &BootConfig) -> bool {
         "virtio_blk" => cfg.rootfs.is_some() || cfg.image.is_some(),
         "overlay" => cfg.image.is_some(),
         "failover" | "net_failover" | "virtio_net" => cfg.net.is_some(),
+        "qemu_fw_cfg" => cfg.token_fw_cfg,
         n if n.contains("vsock") => matches!(cfg.channel, ChannelSpec::Vsock { .. }),
         n => !DEFERRABLE.contains(&n),
+    }
+}
+
+/// Where the `qemu_fw_cfg` driver shows the host's `-fw_cfg name=opt/vmcp/token`.
+const FW_CFG_TOKEN: &str = "/sys/firmware/qemu_fw_cfg/by_name/opt/vmcp/token/raw";
+/// Longest token accepted from fw_cfg (the host sends 32 hex digits).
+const MAX_TOKEN: u64 = 256;
+
+/// Reads the token the host put in fw_cfg (its driver was loaded before this; the file shows
+/// up as the driver probes, so a short wait covers a slow probe under emulation).
+fn read_fw_cfg_token() -> Result<String, InitError> {
+    use std::io::Read;
+    let start = Instant::now();
+    loop {
+        let read = File::open(FW_CFG_TOKEN).and_then(|f| {
+            let mut token = String::new();
+            f.take(MAX_TOKEN).read_to_string(&mut token)?;
+            Ok(token)
+        });
+        match read {
+            Ok(token) => return Ok(token.trim().to_string()),
+            Err(e) if start.elapsed() >= Duration::from_secs(2) => {
+                return Err(InitError::FwCfgToken {
+                    path: FW_CFG_TOKEN,
+                    source: e,
+                })
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
     }
 }
 
@@ -470,12 +509,15 @@ fn boot() -> Result<(), InitError> {
     mount_early()?;
     let t_mounted = os::boottime_ns();
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(InitError::ReadCmdline)?;
-    let cfg: BootConfig = parse_cmdline(&cmdline)?;
+    let mut cfg: BootConfig = parse_cmdline(&cmdline)?;
     for w in &cfg.warnings {
         eprintln!("vmcp-agent: warning: {w}");
     }
     let (now, mut later) = plan_modules(&cfg);
     load_modules(now, cfg.debug);
+    if cfg.token_fw_cfg {
+        cfg.token = read_fw_cfg_token()?;
+    }
     let t_modules = os::boottime_ns();
     if let Some(rootfs) = &cfg.rootfs {
         switch_root(rootfs)?;

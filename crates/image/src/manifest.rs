@@ -179,6 +179,7 @@ pub const INPUTS: &[ArchInputs] = &[
             "kernel/drivers/virtio/virtio_pci.ko",
             "kernel/drivers/virtio/virtio_mmio.ko",
             "kernel/drivers/char/virtio_console.ko",
+            "kernel/drivers/firmware/qemu_fw_cfg.ko",
             "kernel/net/core/failover.ko",
             "kernel/drivers/net/net_failover.ko",
             "kernel/drivers/net/virtio_net.ko",

@@ -7,7 +7,8 @@
 //! (`host=..,port=..`, Windows). On QMP it greets and answers `qmp_capabilities`,
 //! `query-status` (running, or paused after `stop` until `cont`) and `quit`; on the console it
 //! writes a few lines; on the agent channel it sends the guest hello with the token from
-//! `-append` (`vmcp.token=`), answers pings and exits on a poweroff request. Closed channels do
+//! `-append` (`vmcp.token=`) or from the fw_cfg file (`-fw_cfg name=opt/vmcp/token,file=`,
+//! read as QEMU does), answers pings and exits on a poweroff request. Closed channels do
 //! not make it exit (like QEMU), so a test can tell who stopped it.
 //!
 //! The word `fake=<mode>` on the kernel command line (`-append`) picks the behaviour:
@@ -216,10 +217,20 @@ async fn run() -> io::Result<()> {
         std::process::exit(1);
     }
     let devs = chardevs(&args);
-    let token = words
-        .get("vmcp.token")
-        .cloned()
-        .ok_or_else(|| io::Error::other("no vmcp.token= in -append"))?;
+    let fw_cfg_file = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("name=opt/vmcp/token,file="))
+        .next_back()
+        .map(str::to_owned);
+    let token = match (words.get("vmcp.token"), fw_cfg_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(file)) => std::fs::read_to_string(&file)?,
+        (None, None) => {
+            return Err(io::Error::other(
+                "no vmcp.token= in -append and no fw_cfg opt/vmcp/token",
+            ))
+        }
+    };
     let qmp_stream = connect(&devs, "qmp").await?;
     let console_stream = connect(&devs, "console").await?;
     let agent_stream = connect(&devs, "agent").await?;

@@ -376,12 +376,13 @@ impl QemuMachine {
         }
     }
 
-    fn kernel_args(&self, token: &str) -> KernelArgs {
+    fn kernel_args(&self, token: &str, token_in_fw_cfg: bool) -> KernelArgs {
         KernelArgs {
             arch: self.config.arch,
             accel: self.accel,
             tsc_khz: self.tsc_khz,
             token: token.to_string(),
+            token_in_fw_cfg,
             agent_port: AGENT_PORT.to_string(),
             rootfs: self.config.rootfs.as_ref().map(|d| RootfsArg {
                 device: "/dev/vda".into(),
@@ -588,6 +589,14 @@ impl QemuMachine {
         let (qmp_host, qmp) = endpoint("QMP")?;
         let (console_host, console) = endpoint("console")?;
         let (agent_host, agent) = endpoint("agent")?;
+        // The token goes where only QEMU reads it (fw_cfg from an inherited memfd) where the
+        // guest image has the fw_cfg driver (x86_64), else on the kernel command line.
+        let token_file = match self.config.arch {
+            Arch::X86_64 => platform::token_file(token)
+                .map_err(host_err("pass the agent token to QEMU"))?
+                .map(|fd| inherited.file(fd)),
+            Arch::Aarch64 => None,
+        };
         let plan = QemuPlan {
             binary: self.binary.clone(),
             arch: self.config.arch,
@@ -597,7 +606,7 @@ impl QemuMachine {
             memory_mib: self.config.memory_mib,
             kernel,
             initrd,
-            append: self.kernel_args(token).render(),
+            append: self.kernel_args(token, token_file.is_some()).render(),
             rootfs,
             disks,
             qmp,
@@ -609,6 +618,7 @@ impl QemuMachine {
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
             memory,
             incoming: restore_memory.is_some(),
+            token_file,
         };
         Ok((plan, [qmp_host, console_host, agent_host]))
     }

@@ -176,6 +176,9 @@ pub struct QemuPlan {
     pub sandbox: bool,
     /// Guest RAM from a file; `None`: anonymous memory.
     pub memory: Option<MemoryFile>,
+    /// The agent token as a file QEMU reads once at start and offers the guest as fw_cfg
+    /// `opt/vmcp/token` (see [`KernelArgs::token_in_fw_cfg`]).
+    pub token_file: Option<FileRef>,
     /// Restore instead of boot: no kernel, initrd or command line (the guest's memory comes
     /// from a snapshot), and `-incoming defer` (the state is loaded over QMP).
     pub incoming: bool,
@@ -250,6 +253,8 @@ pub const SANDBOX_SPAWN: &str =
 
 /// Default name of the agent's virtio-serial port.
 pub const AGENT_PORT: &str = "vmcp.agent";
+/// fw_cfg name of the agent token (the guest reads `/sys/firmware/qemu_fw_cfg/by_name/<it>/raw`).
+pub const TOKEN_FW_CFG: &str = "opt/vmcp/token";
 
 impl QemuPlan {
     /// Whether the host OS can sandbox QEMU with seccomp.
@@ -333,6 +338,13 @@ impl QemuPlan {
                 "memory-backend-file,id=mem,size={}M,mem-path={},{mode}",
                 self.memory_mib,
                 escape_opt(&mem.file.to_arg().to_string_lossy())
+            ));
+        }
+        if let Some(token) = &self.token_file {
+            push("-fw_cfg");
+            push(&format!(
+                "name={TOKEN_FW_CFG},file={}",
+                escape_opt(&token.to_arg().to_string_lossy())
             ));
         }
         if self.sandbox {
@@ -427,6 +439,10 @@ pub struct KernelArgs {
     pub tsc_khz: Option<u64>,
     /// Channel token the agent must present.
     pub token: String,
+    /// The token reaches the guest through QEMU's fw_cfg ([`QemuPlan::token_file`]), not this
+    /// command line (which every local user can read in `/proc/<pid>/cmdline`): only
+    /// `vmcp.token_fw_cfg=1` is written here.
+    pub token_in_fw_cfg: bool,
     /// Agent port name.
     pub agent_port: String,
     /// Guest device of the root filesystem, when one is attached.
@@ -512,7 +528,11 @@ impl KernelArgs {
                 v.push(format!("initcall_blacklist={TCG_INITCALL_BLACKLIST}"));
             }
         }
-        v.push(format!("vmcp.token={}", self.token));
+        if self.token_in_fw_cfg {
+            v.push("vmcp.token_fw_cfg=1".into());
+        } else {
+            v.push(format!("vmcp.token={}", self.token));
+        }
         v.push(format!("vmcp.channel=virtio-serial:{}", self.agent_port));
         if let Some(r) = &self.rootfs {
             v.push(format!("vmcp.rootfs={}", r.device));

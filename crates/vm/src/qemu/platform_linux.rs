@@ -80,6 +80,34 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
     Ok(ChildFd(OwnedFd::from(f)))
 }
 
+/// The agent token as a sealed memfd for QEMU to inherit and read through `/dev/fd/N` (a
+/// memfd's mode lets QEMU's unprivileged user open it; no other user can reach another
+/// process's descriptors).
+pub fn token_file(token: &str) -> io::Result<Option<ChildFd>> {
+    use std::io::Write;
+    // SAFETY: the name is a NUL-terminated string literal; the flags are valid; the result is
+    // checked and, when valid, a new descriptor that nothing else owns.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vmcp-token".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created above and is owned by nobody else.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut file = std::fs::File::from(owned);
+    file.write_all(token.as_bytes())?;
+    let seals = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own, with a plain integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(ChildFd(OwnedFd::from(file))))
+}
+
 /// Starts QEMU as described by `spec`. Must be called inside a tokio runtime.
 pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
     let Some((bin, args)) = spec.argv.split_first() else {

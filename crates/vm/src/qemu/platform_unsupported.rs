@@ -72,6 +72,11 @@ pub fn open_for_child(_path: &Path, _write: bool) -> io::Result<ChildFd> {
     Err(unsupported())
 }
 
+/// The token stays on the kernel command line here (no inherited descriptors).
+pub fn token_file(_token: &str) -> io::Result<Option<ChildFd>> {
+    Ok(None)
+}
+
 /// Not available here.
 pub async fn spawn(spec: SpawnSpec) -> io::Result<vmcp_host_process::OwnedChild> {
     let SpawnSpec {

@@ -104,6 +104,11 @@ pub fn open_for_child(path: &Path, write: bool) -> io::Result<ChildFd> {
     Ok(ChildFd::File(PathBuf::from(plain)))
 }
 
+/// The token stays on the kernel command line here (no inherited descriptors).
+pub fn token_file(_token: &str) -> io::Result<Option<ChildFd>> {
+    Ok(None)
+}
+
 /// Starts QEMU in its own kill-on-close job. Must be called inside a tokio runtime.
 pub async fn spawn(spec: SpawnSpec) -> io::Result<OwnedChild> {
     let Some((bin, args)) = spec.argv.split_first() else {

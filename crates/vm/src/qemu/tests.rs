@@ -104,9 +104,13 @@ async fn full_lifecycle_against_the_stand_in() {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // The token reaches the guest through fw_cfg, never through QEMU's command line (which
+    // every local user can read in /proc).
+    assert!(!argv.iter().any(|a| a.contains("vmcp.token=")), "{argv:?}");
+    assert!(argv.iter().any(|a| a.contains("vmcp.token_fw_cfg=1")));
     assert!(argv
         .iter()
-        .any(|a| a.starts_with("vmcp.token=") || a.contains(" vmcp.token=")));
+        .any(|a| a.starts_with("name=opt/vmcp/token,file=/dev/fd/")));
     assert_eq!(
         vm.shutdown(Duration::from_secs(10)).await.unwrap(),
         ShutdownOutcome::Graceful

@@ -22,6 +22,7 @@ fn plan() -> QemuPlan {
         sandbox: true,
         memory: None,
         incoming: false,
+        token_file: None,
     }
 }
 
@@ -179,6 +180,7 @@ fn kargs() -> KernelArgs {
         accel: Accel::Tcg,
         tsc_khz: Some(2_596_144),
         token: "abc123".into(),
+        token_in_fw_cfg: false,
         agent_port: AGENT_PORT.into(),
         rootfs: None,
         image: None,
@@ -374,4 +376,24 @@ fn kernel_args_carry_the_network() {
         "{s}"
     );
     assert!(!s.contains("vmcp.gw"), "{s}");
+}
+
+#[test]
+fn token_via_fw_cfg_leaves_the_command_line() {
+    let mut k = kargs();
+    k.token_in_fw_cfg = true;
+    let line = k.render();
+    assert!(!line.contains("abc123"), "{line}");
+    assert!(line.contains("vmcp.token_fw_cfg=1"), "{line}");
+    let mut p = plan();
+    p.append = line;
+    p.token_file = Some(FileRef::Fd(7));
+    let argv: Vec<String> = p
+        .argv()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let i = argv.iter().position(|a| a == "-fw_cfg").unwrap();
+    assert_eq!(argv[i + 1], "name=opt/vmcp/token,file=/dev/fd/7");
+    assert!(!argv.iter().any(|a| a.contains("abc123")));
 }

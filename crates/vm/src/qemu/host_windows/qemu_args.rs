@@ -250,6 +250,7 @@ mod tests {
             sandbox: QemuPlan::sandbox_supported(HostOs::Windows),
             memory: None,
             incoming: false,
+            token_file: None,
         };
         let argv: Vec<String> = plan
             .argv()
