@@ -64,7 +64,7 @@ async def main():
             assert r["structuredContent"]["content"] == "py", r
             r = await call(c, "sandbox_list_files", {"sandbox_id": sid, "path": "/tmp"})
             assert any(e["name"] == "p" for e in r["structuredContent"]["entries"]), r
-            r = await call(c, "sandbox_exec_start", {"sandbox_id": sid, "command": "echo bg; sleep 100"})
+            r = await call(c, "sandbox_exec_start", {"sandbox_id": sid, "command": "echo bg; sleep 100", "stdin_open": True})
             pid = r["structuredContent"]["process_id"]
             r = await call(c, "sandbox_exec_poll", {"sandbox_id": sid, "process_id": pid, "wait_ms": 5000})
             assert r["structuredContent"]["stdout"] == "bg\n", r
