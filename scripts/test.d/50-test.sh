@@ -8,5 +8,8 @@ cargo llvm-cov --version >/dev/null 2>&1 || {
   echo "cargo-llvm-cov is missing: run VMCP_INSTALL_CROSS=1 scripts/install-deps" >&2
   exit 1
 }
+# `cargo llvm-cov` builds test targets only: the QEMU stand-in of the vm crate's tests is an example.
+cargo build --locked -q -p vmcp-vm --example fake_qemu
+export VMCP_FAKE_QEMU="$PWD/target/debug/examples/fake_qemu"
 cargo llvm-cov --workspace --locked --summary-only --fail-under-lines 80 2>&1 |
   grep -vE '^\S+\.rs +[0-9]+ ' # keep test output and the TOTAL line, drop the per-file table

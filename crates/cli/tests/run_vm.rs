@@ -630,7 +630,8 @@ fn hostile_initrd(env: &Env, dir: &Path, script: &str) -> Option<(PathBuf, PathB
 const HELLO_THEN_SILENT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 while read m; do insmod "$m" 2>/dev/null; done < /etc/vmcp/modules
-tok=$(sed 's/.*vmcp\.token=\([^ ]*\).*/\1/' /proc/cmdline)
+tok=$(cat /sys/firmware/qemu_fw_cfg/by_name/opt/vmcp/token/raw 2>/dev/null)
+[ -n "$tok" ] || tok=$(sed 's/.*vmcp\.token=\([^ ]*\).*/\1/' /proc/cmdline)
 port=
 while [ -z "$port" ]; do
   for d in /sys/class/virtio-ports/*; do

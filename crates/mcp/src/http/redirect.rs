@@ -73,7 +73,9 @@ pub fn check(original: &str, target: &str, hops: usize, max: usize) -> Result<()
     if hops >= max {
         return Err(RedirectRefusal::TooMany(max));
     }
-    let shown = crate::sanitize::url_for_display;
+    // The query and fragment never reach a message, even when the URL does not parse.
+    let shown =
+        |u: &str| crate::sanitize::url_for_display(u.split(['?', '#']).next().unwrap_or_default());
     let Some(to) = origin(target) else {
         return Err(RedirectRefusal::BadTarget(shown(target)));
     };

@@ -11,6 +11,12 @@ use std::time::Instant;
 /// skipped loudly (and fail under `VMCP_REQUIRE_VM=1`); a stale one from an older build makes
 /// them fail, never pass.
 fn fake_qemu() -> Option<PathBuf> {
+    // Coverage runs build tests only: CI builds the stand-in separately and names it here.
+    if let Some(path) = std::env::var_os("VMCP_FAKE_QEMU").map(PathBuf::from) {
+        if path.is_file() {
+            return Some(path);
+        }
+    }
     let exe = std::env::current_exe().ok()?;
     // target/<profile>/deps/<test binary> -> target/<profile>/examples/fake_qemu
     let path = exe
