@@ -2,6 +2,8 @@
 //! the JSON API deciding real broker submissions, bounded bodies, and hostile names escaped in
 //! the page.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::collections::BTreeSet;
