@@ -883,7 +883,17 @@ async fn lifecycle<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, Cl
             Ok(info) => Ok(info),
             Err(ClientError::Silent { .. }) => {
                 tracing::debug!("no answer to server/discover; falling back to initialize");
-                initialize(inner).await
+                match initialize(inner).await {
+                    // The server was only slow (a stdio server still starting): it took the
+                    // probe after all and now speaks 2026-07-28, so discover again, unhurried.
+                    Err(ClientError::Rpc { error, .. })
+                        if error.code == jsonrpc::UNSUPPORTED_PROTOCOL_VERSION =>
+                    {
+                        tracing::debug!("the server answered initialize with 2026-07-28 only; discovering again");
+                        discover(inner, None).await
+                    }
+                    other => other,
+                }
             }
             Err(e) if is_legacy_sign(&e) => {
                 tracing::debug!("server/discover failed ({e}); falling back to initialize");
