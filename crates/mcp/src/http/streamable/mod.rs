@@ -51,7 +51,7 @@ use crate::transport::{Era, Transport};
 pub use config::{EraCache, HttpConfig};
 pub use error::HttpTransportError;
 use error::{error_chain, shown, snippet};
-pub use session::encode_header_value;
+pub use session::{decode_header_value, encode_header_value};
 
 /// `Mcp-Session-Id`.
 pub const HEADER_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -287,6 +287,10 @@ mod tests {
             encode_header_value("=?base64?literal?="),
             "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="
         );
+        for v in ["echo", "Hello, 世界", " padded ", "=?base64?literal?="] {
+            assert_eq!(decode_header_value(&encode_header_value(v)), v);
+        }
+        assert_eq!(decode_header_value("=?base64?%%?="), "=?base64?%%?=");
     }
 
     #[test]

@@ -426,6 +426,17 @@ pub(super) fn mcp_name(
     }
 }
 
+/// Decodes a header value of 2026-07-28: the `=?base64?...?=` sentinel, else the value as
+/// it is (also when the sentinel does not hold valid Base64 of UTF-8).
+pub fn decode_header_value(value: &str) -> Cow<'_, str> {
+    value
+        .strip_prefix("=?base64?")
+        .and_then(|r| r.strip_suffix("?="))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .map_or(Cow::Borrowed(value), Cow::Owned)
+}
+
 /// Encodes a header value per 2026-07-28: plain when it is visible ASCII without leading or
 /// trailing whitespace and not sentinel-shaped, else `=?base64?...?=`.
 pub fn encode_header_value(value: &str) -> Cow<'_, str> {
