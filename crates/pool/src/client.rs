@@ -21,6 +21,9 @@ pub enum ClientError {
     /// No daemon listens on the socket.
     #[error("no vmcp daemon listens on {}", .0.display())]
     NotRunning(PathBuf),
+    /// The daemon did not answer in time.
+    #[error("the daemon did not answer within {0:?}")]
+    Timeout(Duration),
     /// The socket failed.
     #[error("the daemon socket failed")]
     Io(#[from] io::Error),
@@ -139,12 +142,27 @@ fn read_answer(stream: &UnixStream) -> Result<(Answer, Vec<OwnedFd>), ClientErro
     }
 }
 
+/// A read that hit the socket's timeout, in words.
+fn timed_out(e: ClientError, timeout: Duration) -> ClientError {
+    match e {
+        ClientError::Io(io)
+            if matches!(
+                io.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            ClientError::Timeout(timeout)
+        }
+        e => e,
+    }
+}
+
 /// Asks the daemon at `path` for a VM fitting `req`; every socket operation may take at most
 /// `timeout`.
 pub fn acquire(path: &Path, req: &VmRequest, timeout: Duration) -> Result<Acquired, ClientError> {
     let mut stream = connect(path, timeout)?;
     send(&mut stream, &Request::Acquire(req.clone()))?;
-    let (answer, mut fds) = read_answer(&stream)?;
+    let (answer, mut fds) = read_answer(&stream).map_err(|e| timed_out(e, timeout))?;
     match answer {
         Answer::Granted(granted) => {
             let channel = match (fds.pop(), fds.is_empty()) {
@@ -173,7 +191,7 @@ pub fn acquire(path: &Path, req: &VmRequest, timeout: Duration) -> Result<Acquir
 pub fn status(path: &Path, timeout: Duration) -> Result<StatusReport, ClientError> {
     let mut stream = connect(path, timeout)?;
     send(&mut stream, &Request::Status)?;
-    match read_answer(&stream)?.0 {
+    match read_answer(&stream).map_err(|e| timed_out(e, timeout))?.0 {
         Answer::Status(s) => Ok(s),
         Answer::Refused { reason } => Err(ClientError::Refused(reason)),
         other => Err(ClientError::Unexpected(format!("{other:?}"))),
