@@ -457,6 +457,11 @@ pub async fn try_run(args: &RunArgs, forward_stdin: bool) -> anyhow::Result<Opti
             return Ok(None);
         }
         Ok(_) | Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e @ ClientError::Foreign { .. }) => {
+            // Someone else's process on our socket path: say so, never use it.
+            eprintln!("vmcp: notice: {e}");
+            return Ok(None);
+        }
         Err(e) => {
             tracing::info!(error = %e, "cannot use the daemon; starting a VM here");
             return Ok(None);
