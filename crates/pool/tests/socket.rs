@@ -436,6 +436,70 @@ fn another_users_client_is_refused() {
     );
 }
 
+/// Not a test on its own: another user's "daemon" in [`another_users_daemon_is_not_used`]:
+/// listens on the socket path it is given and accepts one connection.
+#[test]
+#[ignore = "helper process of another_users_daemon_is_not_used"]
+fn foreign_daemon_helper() {
+    let Some(sock) = std::env::var_os("VMCP_FOREIGN_DAEMON_SOCKET") else {
+        return;
+    };
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    println!("LISTENING");
+    let (mut s, _) = l.accept().unwrap();
+    let mut got = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.read_to_end(&mut got);
+    println!("GOT {} BYTES", got.len());
+}
+
+#[test]
+fn another_users_daemon_is_not_used() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    if rustix_uid() != 0 {
+        vmcp_test_support::skipped!("SKIPPED: a daemon of another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("daemon.sock");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "foreign_daemon_helper",
+            "--nocapture",
+        ])
+        .env("VMCP_FOREIGN_DAEMON_SOCKET", &sock)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(helper.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("LISTENING") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = helper.wait();
+            vmcp_test_support::skipped!("SKIPPED: the test binary cannot run as uid 65534 here");
+            return;
+        }
+    }
+    let e = client::acquire(&sock, &VmRequest::new(1, 256), T).unwrap_err();
+    assert!(matches!(e, ClientError::Foreign { uid: 65534, .. }), "{e}");
+    assert!(e.to_string().contains("served by uid 65534"), "{e}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    helper.wait().unwrap();
+    assert!(
+        rest.contains("GOT 0 BYTES"),
+        "the request reached the foreign daemon: {rest}"
+    );
+}
+
 fn rustix_uid() -> u32 {
     vmcp_pool::sys::my_uid()
 }
