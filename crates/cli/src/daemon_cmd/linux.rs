@@ -55,6 +55,9 @@ impl Handout for PooledVm {
     fn channel(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
     }
+    fn alive(&self) -> bool {
+        self.vm.state() != vmcp_vm::VmState::Stopped
+    }
 }
 
 /// One profile: the VM config `vmcp run` would use and its automatic snapshot.
