@@ -396,11 +396,13 @@ impl QemuMachine {
             }),
             net: self.config.net.has_device().then(|| {
                 let allow = matches!(self.config.net.mode, NetMode::Allow(_));
+                let nat = matches!(self.config.net.mode, NetMode::Nat);
                 KernelNet {
                     addr: net::GUEST_ADDR,
                     prefix: net::GUEST_PREFIX,
-                    gateway: matches!(self.config.net.mode, NetMode::Nat).then_some(net::GATEWAY),
+                    gateway: nat.then_some(net::GATEWAY),
                     proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
+                    dns: nat.then_some(net::DNS),
                 }
             }),
             // Shares follow the rootfs or the image's two disks.
