@@ -390,8 +390,8 @@ fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::At
 /// itself, and of a background process before it) is listed in the next exec's result.
 #[test]
 fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let (allowed, allowed_hits) = http_server("allowed-body");
@@ -408,7 +408,7 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
             "--net-allow".to_owned(),
             "127.0.0.1".to_owned(),
         ];
-        args.extend(image_args());
+        args.extend(vm::image_args());
         let cfg = StdioConfig::new(VMCP, args)
             .with_env("XDG_RUNTIME_DIR", runtime.path())
             .with_stderr(StderrMode::Null);

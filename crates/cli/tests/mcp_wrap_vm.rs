@@ -103,7 +103,7 @@ fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::At
 
 #[test]
 fn wrap_takes_the_network_flags_of_run() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let (allowed, allowed_hits) = http_server("allowed-body");
