@@ -6,6 +6,7 @@ mod bench;
 mod bench_backend;
 mod bench_mcp;
 mod bench_share;
+mod daemon_cmd;
 mod doctor;
 mod image_cmd;
 mod mcp_cmd;
@@ -53,6 +54,8 @@ enum Command {
     /// Talk to MCP servers.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
+    /// Keep restored, ready VMs for `vmcp run` (foreground; `vmcp daemon status` reports).
+    Daemon(daemon_cmd::DaemonArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Snapshot(cmd) => snapshot_cmd::run(cmd).await,
             Command::Mcp(cmd) => mcp_cmd::run(cmd).await,
+            Command::Daemon(args) => daemon_cmd::run(args).await,
         }
     });
     match result {
