@@ -15,7 +15,7 @@ mod imp;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub use imp::try_run;
+pub use imp::{pool_counts, time_acquire, try_run};
 
 /// Arguments of `vmcp daemon`.
 #[derive(clap::Args, Debug)]

@@ -13,7 +13,9 @@
 //!   from the moment its restore starts until it is destroyed: ready, being restored, and
 //!   handed out alike. A restore starts only if it fits.
 //! - **Refill**: at most `max_parallel_fills` restores run at once (restores are CPU-bound);
-//!   a failed restore is retried after a back-off that doubles up to [`MAX_BACKOFF`], and
+//!   while VMs of a profile are handed out and at least half of its pool is ready, its refill
+//!   waits until they are given back, so a restore does not compete with the clients for CPU
+//!   (an emptier pool refills at once); a failed restore is retried after a back-off that doubles up to [`MAX_BACKOFF`], and
 //!   the error is kept for the status report.
 //! - **Shutdown**: [`Pool::shutdown`] stops refilling and destroys every ready VM; VMs that
 //!   are being restored are destroyed when their restore ends; handed-out VMs by their leases.
@@ -288,6 +290,11 @@ impl<S: Source> Pool<S> {
                     continue;
                 }
                 slot.retry_at = None;
+            }
+            // While clients use VMs of this profile and at least half of it is ready, the
+            // refill waits: a restore would compete with those clients for CPU.
+            if slot.leased > 0 && slot.ready.len() * 2 >= slot.spec.target {
+                continue;
             }
             let mem = u64::from(slot.spec.memory_mib);
             while slot.ready.len() + slot.filling < slot.spec.target

@@ -55,6 +55,9 @@ impl Handout for PooledVm {
     fn channel(&self) -> BorrowedFd<'_> {
         self.channel.as_fd()
     }
+    fn alive(&self) -> bool {
+        self.vm.state() != vmcp_vm::VmState::Stopped
+    }
 }
 
 /// One profile: the VM config `vmcp run` would use and its automatic snapshot.
@@ -457,6 +460,11 @@ pub async fn try_run(args: &RunArgs, forward_stdin: bool) -> anyhow::Result<Opti
             return Ok(None);
         }
         Ok(_) | Err(ClientError::NotRunning(_)) => return Ok(None),
+        Err(e @ ClientError::Foreign { .. }) => {
+            // Someone else's process on our socket path: say so, never use it.
+            eprintln!("vmcp: notice: {e}");
+            return Ok(None);
+        }
         Err(e) => {
             tracing::info!(error = %e, "cannot use the daemon; starting a VM here");
             return Ok(None);
@@ -508,4 +516,42 @@ pub async fn try_run(args: &RunArgs, forward_stdin: bool) -> anyhow::Result<Opti
     drop(agent);
     session.done();
     Ok(Some(ExitCode::from(code)))
+}
+
+/// For `vmcp bench`: ready VMs, wanted VMs and VMs handed out, over all pools of the daemon at
+/// `socket`; `None` when it does not answer.
+pub fn pool_counts(socket: &Path) -> Option<(u32, u32, u64)> {
+    let s = client::status(socket, CLIENT_TIMEOUT).ok()?;
+    Some(s.profiles.iter().fold((0, 0, 0), |(r, t, h), p| {
+        (r + p.ready, t + p.target, h + p.handed_out)
+    }))
+}
+
+/// For `vmcp bench`: the time to get a VM (its agent channel) from the daemon at `socket`
+/// for a request of `memory_mib`, `kernel`, `initrd` and `accel`; the VM is given back at
+/// once (the daemon destroys it). `Ok(None)` when the daemon had no VM.
+pub fn time_acquire(
+    socket: &Path,
+    memory_mib: u32,
+    kernel: &Path,
+    initrd: &Path,
+    accel: Option<Accel>,
+) -> anyhow::Result<Option<Duration>> {
+    let p = ProfileArg {
+        memory_mib,
+        kernel: Some(kernel.to_path_buf()),
+        initrd: Some(initrd.to_path_buf()),
+        accel: accel.map(|a| a.to_string()),
+        ..ProfileArg::default()
+    };
+    let req = request_of(&p)?;
+    let t = Instant::now();
+    match client::acquire(socket, &req, CLIENT_TIMEOUT)? {
+        Acquired::Granted { session, .. } => {
+            let took = t.elapsed();
+            session.done();
+            Ok(Some(took))
+        }
+        _ => Ok(None),
+    }
 }

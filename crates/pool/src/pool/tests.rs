@@ -84,12 +84,27 @@ async fn fills_to_target_and_refills_after_each_take() {
     assert_eq!(src.made.load(Ordering::SeqCst), 2);
     let lease = pool.take("p").unwrap();
     assert_eq!(pool.status()[0].leased, 1);
-    until("refilled", || ready(&pool, 0) == 2).await;
-    assert_eq!(src.alive(), 3);
+    // Half the pool is still ready: the refill waits for the client.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ready(&pool, 0), 1);
+    assert_eq!(src.alive(), 2);
     lease.destroy().await;
-    assert_eq!(src.alive(), 2, "a used VM is destroyed, not returned");
-    assert_eq!(pool.status()[0].leased, 0);
-    assert_eq!(pool.status()[0].handed_out, 1);
+    assert_eq!(src.alive(), 1, "a used VM is destroyed, not returned");
+    until("refilled", || ready(&pool, 0) == 2).await;
+    // Below half: the refill starts at once, clients or not.
+    let a = pool.take("p").unwrap();
+    let b = pool.take("p").unwrap();
+    until("refilled up to half under load", || ready(&pool, 0) == 1).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(ready(&pool, 0), 1);
+    assert_eq!(src.alive(), 3);
+    drop((a, b));
+    until("destroyed and refilled", || {
+        src.alive() == 2 && ready(&pool, 0) == 2
+    })
+    .await;
+    until("released", || pool.status()[0].leased == 0).await;
+    assert_eq!(pool.status()[0].handed_out, 3);
     assert_eq!(ready(&pool, 0), 2);
     assert_eq!(
         pool.take("nope").unwrap_err(),
