@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// a 100 MB file read there, against `cp -r` on the host (bench_share.rs); `--runs` runs.
     #[arg(long)]
     pub share: bool,
+    /// Measure sandboxes through `vmcp mcp serve` instead: `tools/call run` of `true` against
+    /// `vmcp run -- true`, alternating, `--runs` rounds (bench_mcp.rs).
+    #[arg(long, conflicts_with = "share")]
+    pub mcp: bool,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -118,6 +122,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     config.accel = args.accel;
     if args.share {
         crate::bench_share::run(&config, args.runs).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.mcp {
+        let image = match (&args.kernel, &args.initrd) {
+            (Some(k), Some(i)) => vec![
+                "--kernel".to_owned(),
+                k.display().to_string(),
+                "--initrd".to_owned(),
+                i.display().to_string(),
+            ],
+            _ => Vec::new(),
+        };
+        crate::bench_mcp::run(args.runs, args.memory, image).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let selection = crate::run::select(&mut config).await?;

@@ -553,6 +553,8 @@ fn bench_reports_every_metric() {
         "restore → agent ready",
         "`vmcp run -- true` end to end",
         "PSS of 1 idle VMs",
+        "pool acquire",
+        "with a warm `vmcp daemon`",
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }

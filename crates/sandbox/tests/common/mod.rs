@@ -251,6 +251,8 @@ pub struct FakeFactory {
     files: tempfile::TempDir,
     pub alive: Arc<AtomicUsize>,
     pub created: AtomicUsize,
+    /// The `network` of every VM created, as text.
+    pub nets: std::sync::Mutex<Vec<String>>,
 }
 
 struct Counted(Box<dyn Vm>, Arc<AtomicUsize>);
@@ -330,6 +332,7 @@ impl FakeFactory {
             backend: FakeBackend::with_ram(Arc::new(|s, t, r| Box::pin(guest(s, t, r))), faults),
             alive: Arc::new(AtomicUsize::new(0)),
             created: AtomicUsize::new(0),
+            nets: std::sync::Mutex::new(Vec::new()),
         })
     }
     pub fn alive(&self) -> usize {
@@ -346,6 +349,7 @@ impl VmFactory for FakeFactory {
         );
         c.cpus = spec.cpus;
         c.memory_mib = spec.memory_mib;
+        self.nets.lock().unwrap().push(spec.net.to_string());
         let vm = self.backend.create(c).await?;
         self.alive.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);
