@@ -11,6 +11,7 @@ mod mcp_cmd;
 mod mcp_serve;
 mod mcp_wrap;
 mod run;
+mod share_gate;
 mod snapshot_cmd;
 mod snapshots;
 
