@@ -593,10 +593,14 @@ async fn the_gate_decides_targets_off_the_allow_list_within_a_bounded_wait() {
     let asked = Arc::new(AtomicUsize::new(0));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = listener.local_addr().unwrap();
-    let dns = [("yes.test", PUBLIC), ("no.test", PUBLIC), ("slow.test", PUBLIC)]
-        .iter()
-        .map(|(n, a)| (n.to_string(), vec![a.parse().unwrap()]))
-        .collect();
+    let dns = [
+        ("yes.test", PUBLIC),
+        ("no.test", PUBLIC),
+        ("slow.test", PUBLIC),
+    ]
+    .iter()
+    .map(|(n, a)| (n.to_string(), vec![a.parse().unwrap()]))
+    .collect();
     let _h = Proxy::new("api.test:80".parse().unwrap(), limits)
         .with_resolver(Arc::new(FakeDns(dns)))
         .with_dialer(Arc::new(Redirect {
@@ -619,8 +623,15 @@ async fn the_gate_decides_targets_off_the_allow_list_within_a_bounded_wait() {
     // Refused with the gate's reason.
     let (head, body) = exchange(proxy, &get("no.test")).await;
     assert_eq!(status(&head), 403, "{head}");
-    assert!(head.to_ascii_lowercase().contains("x-vmcp-egress-check: approval"), "{head}");
-    assert!(body.contains("was not approved: denied by policy rule 2"), "{body}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-vmcp-egress-check: approval"),
+        "{head}"
+    );
+    assert!(
+        body.contains("was not approved: denied by policy rule 2"),
+        "{body}"
+    );
     // No answer: refused after the bounded wait.
     let started = std::time::Instant::now();
     let (head, body) = exchange(proxy, "CONNECT slow.test:443 HTTP/1.1\r\n\r\n").await;

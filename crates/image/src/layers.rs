@@ -80,19 +80,6 @@ pub struct Applier {
     /// block later writes into it for a non-root builder).
     dirs: Vec<(PathBuf, u32, Option<SystemTime>)>,
     notes: Vec<String>,
-    /// When set, whiteouts and opaque markers are recorded here instead of applied.
-    recorded: Option<Recorded>,
-}
-
-/// Whiteouts and opaque directories of a layer applied with [`Applier::record_whiteouts`]:
-/// paths relative to the root, after resolving their parents inside it.
-#[derive(Debug, Default, Clone)]
-#[non_exhaustive]
-pub struct Recorded {
-    /// Paths a `.wh.NAME` entry deletes.
-    pub whiteouts: Vec<PathBuf>,
-    /// Directories a `.wh..wh..opq` entry empties of what lower layers put there.
-    pub opaque: Vec<PathBuf>,
 }
 
 /// A tar entry after long names and PAX records are folded in.
@@ -117,25 +104,7 @@ impl Applier {
             confine_modes: false,
             dirs: Vec::new(),
             notes: Vec::new(),
-            recorded: None,
         }
-    }
-
-    /// Records whiteouts and opaque markers (see [`Applier::recorded`]) instead of applying
-    /// them: for extracting one layer into an empty staging directory whose deletions are
-    /// applied elsewhere (a writable share's changes held for approval).
-    pub fn record_whiteouts(&mut self, on: bool) {
-        self.recorded = on.then(Recorded::default);
-    }
-
-    /// The whiteouts and opaque markers recorded so far (`None` unless
-    /// [`Applier::record_whiteouts`] is on).
-    pub fn recorded(&self) -> Option<&Recorded> {
-        self.recorded.as_ref()
-    }
-
-    fn rel_of(&self, path: &Path) -> PathBuf {
-        path.strip_prefix(&self.root).unwrap_or(path).to_path_buf()
     }
 
     /// Whether file owners from the layers are applied (needs root).
@@ -293,11 +262,7 @@ impl Applier {
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
         if name == ".wh..wh..opq" {
             let dir = self.resolve(&parent_rel, &meta.path, true)?;
-            let rel_dir = self.rel_of(&dir);
-            match &mut self.recorded {
-                Some(r) => r.opaque.push(rel_dir),
-                None => self.clear_opaque(&dir, created)?,
-            }
+            self.clear_opaque(&dir, created)?;
             return Ok(());
         }
         if let Some(hidden) = name.strip_prefix(".wh.") {
@@ -305,12 +270,7 @@ impl Applier {
                 return Err(refused(&meta.path, "a whiteout of nothing"));
             }
             let parent = self.resolve(&parent_rel, &meta.path, true)?;
-            let gone = parent.join(hidden);
-            let rel_gone = self.rel_of(&gone);
-            match &mut self.recorded {
-                Some(r) => r.whiteouts.push(rel_gone),
-                None => remove_any(&gone)?,
-            }
+            remove_any(&parent.join(hidden))?;
             return Ok(());
         }
         if kind.is_gnu_sparse() {

@@ -196,7 +196,9 @@ mod tests {
         assert!(supports_form(
             &serde_json::json!({"elicitation": {"form": {}, "url": {}}})
         ));
-        assert!(!supports_form(&serde_json::json!({"elicitation": {"url": {}}})));
+        assert!(!supports_form(
+            &serde_json::json!({"elicitation": {"url": {}}})
+        ));
         assert!(!supports_form(&serde_json::json!({"sampling": {}})));
         assert!(!supports_form(&serde_json::json!({"elicitation": true})));
     }

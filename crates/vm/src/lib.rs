@@ -37,7 +37,7 @@ pub use config::{
     Accel, Arch, BackendKind, DiskConfig, ImageConfig, ShareConfig, VmConfig, MIN_MEMORY_MIB,
 };
 pub use error::{ErrorClass, VmError};
-pub use net::{NetConfig, NetMode, PortForward};
+pub use net::{EgressGate, NetConfig, NetMode, PortForward};
 pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;

@@ -118,7 +118,10 @@ fn change_list_then_full_and_partial_apply() {
             ("rel-link".into(), ChangeKind::Created),
         ]
     );
-    let edit = changes.iter().find(|c| c.path == Path::new("edit.txt")).unwrap();
+    let edit = changes
+        .iter()
+        .find(|c| c.path == Path::new("edit.txt"))
+        .unwrap();
     assert_eq!((edit.old_size, edit.new_size), (Some(9), Some(9)));
     // Partly approved: only the new file (its parent directory comes with it).
     let pick: Vec<Change> = changes
@@ -128,13 +131,22 @@ fn change_list_then_full_and_partial_apply() {
         .collect();
     let out = apply(&s.host, &staged, &pick);
     assert!(out.refused.is_empty(), "{:?}", out.refused);
-    assert_eq!(fs::read_to_string(s.host.join("newdir/n.txt")).unwrap(), "hello\n");
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "old line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("newdir/n.txt")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "old line\n"
+    );
     assert!(s.host.join("gone.txt").exists());
     // The rest.
     let out = apply(&s.host, &staged, &changes);
     assert!(out.refused.is_empty(), "{:?}", out.refused);
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "new line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "new line\n"
+    );
     assert!(!s.host.join("gone.txt").exists());
     assert_eq!(
         fs::read_link(s.host.join("rel-link")).unwrap(),
@@ -184,7 +196,10 @@ fn hostile_archives_stay_in_staging() {
         format!("{:?}", err).contains(".."),
         "{err:?} should name the `..`"
     );
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
 
     // A symlink to `/` followed by a write through it lands inside staging, and the change
     // list names a path inside HOST.
@@ -197,7 +212,10 @@ fn hostile_archives_stay_in_staging() {
     let staged = staged_from(&s, &bytes).unwrap();
     let (changes, _) = compute(&s.host, &staged).unwrap();
     let out = apply(&s.host, &staged, &changes);
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
     // The link itself points out of HOST: refused.
     assert!(
         out.refused
@@ -224,7 +242,10 @@ fn hostile_archives_stay_in_staging() {
     let staged = staged_from(&s, &bytes).unwrap();
     let (changes, _) = compute(&s.host, &staged).unwrap();
     apply(&s.host, &staged, &changes);
-    let mode = fs::metadata(s.host.join("suid")).unwrap().permissions().mode();
+    let mode = fs::metadata(s.host.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7777, 0o755);
 }
 
@@ -263,14 +284,21 @@ fn hostile_staging_trees_and_change_lists_are_refused() {
         .collect();
     let out = apply(&s.host, &staged, &without_door);
     let refused: Vec<_> = out.refused.iter().map(|(p, _)| p.clone()).collect();
-    assert!(refused.contains(&PathBuf::from("door/secret")), "{:?}", out.refused);
+    assert!(
+        refused.contains(&PathBuf::from("door/secret")),
+        "{:?}",
+        out.refused
+    );
     assert!(refused.contains(&PathBuf::from("abs")));
     assert!(refused.contains(&PathBuf::from("climb")));
     assert_eq!(
         fs::read_link(s.host.join("deep/ok-link")).unwrap(),
         Path::new("../keep.txt")
     );
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
 
     // A change list from an approver with paths that were never computed.
     let forged = |p: &str, kind: ChangeKind| Change {
@@ -295,13 +323,22 @@ fn hostile_staging_trees_and_change_lists_are_refused() {
     );
     assert!(out.applied.is_empty(), "{:?}", out.applied);
     assert_eq!(out.refused.len(), 6);
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
     assert!(s.host.join("door").is_symlink());
     // With it, the link is replaced (never followed) and the file lands inside HOST.
     let out = apply(&s.host, &staged, &changes);
-    assert!(out.applied.contains(&PathBuf::from("door/secret")), "{out:?}");
+    assert!(
+        out.applied.contains(&PathBuf::from("door/secret")),
+        "{out:?}"
+    );
     assert!(fs::symlink_metadata(s.host.join("door")).unwrap().is_dir());
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
 }
 
 #[test]
