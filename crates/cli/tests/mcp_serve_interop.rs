@@ -140,12 +140,7 @@ fn python_sdk_client_over_http_both_generations() {
 #[test]
 fn python_sdk_client_drives_every_vm_tool_over_http() {
     let Some(py) = python() else { return };
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    if !doctor.status.success() || !String::from_utf8_lossy(&doctor.stdout).contains("[ok] image") {
-        if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-            panic!("VMCP_REQUIRE_VM=1 but no VM can boot here");
-        }
-        vmcp_test_support::skipped!("SKIPPED: no VM can boot here (see `vmcp doctor`)");
+    if !vmcp_test_support::vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();

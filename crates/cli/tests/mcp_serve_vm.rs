@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -16,42 +15,9 @@ use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTr
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
-
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn image_args() -> Vec<String> {
-    match (
-        std::env::var("VMCP_TEST_KERNEL"),
-        std::env::var("VMCP_TEST_INITRD"),
-    ) {
-        (Ok(k), Ok(i)) => vec!["--kernel".into(), k, "--initrd".into(), i],
-        _ => Vec::new(),
-    }
-}
-
-fn vm_ready() -> bool {
-    let skip = |reason: &str| {
-        if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-            panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-        }
-        vmcp_test_support::skipped!("SKIPPED: {reason}");
-        false
-    };
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() {
-        return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
-    }
-    if image_args().is_empty() && !text.contains("[ok] image") {
-        return skip("no guest image: run `vmcp image build`");
-    }
-    true
-}
 
 fn assert_clean(dir: &Path) {
     let left: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -242,8 +208,8 @@ async fn drive<T: Transport>(c: &Client<T>) {
 
 #[test]
 fn our_client_drives_every_tool_over_stdio() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -253,7 +219,7 @@ fn our_client_drives_every_tool_over_stdio() {
         .unwrap();
     rt.block_on(async {
         let mut args = vec!["mcp".to_owned(), "serve".to_owned()];
-        args.extend(image_args());
+        args.extend(vm::image_args());
         let cfg = StdioConfig::new(VMCP, args)
             .with_env("XDG_RUNTIME_DIR", runtime.path())
             .with_stderr(StderrMode::Null);
@@ -276,7 +242,7 @@ fn our_client_drives_every_tool_over_stdio() {
 fn serve_http(runtime: &Path) -> (std::process::Child, String) {
     let mut child = Command::new(VMCP)
         .args(["mcp", "serve", "--http", "127.0.0.1:0"])
-        .args(image_args())
+        .args(vm::image_args())
         .env("XDG_RUNTIME_DIR", runtime)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -312,8 +278,8 @@ async fn http_client(
 
 #[test]
 fn http_both_generations_then_sigterm_destroys_every_sandbox() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -355,8 +321,8 @@ fn http_both_generations_then_sigterm_destroys_every_sandbox() {
 
 #[test]
 fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -381,7 +347,7 @@ fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_some());
     let out = Command::new(VMCP)
         .args(["run"])
-        .args(image_args())
+        .args(vm::image_args())
         .args(["--", "true"])
         .env("XDG_RUNTIME_DIR", runtime.path())
         .stdin(Stdio::null())

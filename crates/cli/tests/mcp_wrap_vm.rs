@@ -9,29 +9,14 @@ use std::process::Command;
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 const SERVER: &str = include_str!("data/sh_mcp_server.sh");
 
-fn vm_ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    let reason = if !doctor.status.success() {
-        format!("`vmcp doctor` says no VMs can run here:\n{text}")
-    } else if !text.contains("[ok] image") {
-        "no guest image: run `vmcp image build`".to_owned()
-    } else {
-        return true;
-    };
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
 #[test]
 fn a_stdio_server_in_the_guest_is_listed_and_called_through_wrap() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -73,7 +58,7 @@ fn a_stdio_server_in_the_guest_is_listed_and_called_through_wrap() {
 
 #[test]
 fn a_missing_server_program_is_a_clear_error() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();

@@ -8,23 +8,12 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
 fn ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    let reason = if !doctor.status.success() || !text.contains("[ok] image") {
-        format!("no VM or no guest image here (`vmcp doctor`):\n{text}")
-    } else if vmcp_image::import::find_tool("mkfs.ext4").is_none() {
-        "mkfs.ext4 (e2fsprogs) not installed".to_string()
-    } else {
-        return true;
-    };
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
+    vm::ready_with_tools(VMCP, &["mkfs.ext4"])
 }
 
 fn run(share: &str, script: &str) -> Output {

@@ -648,7 +648,14 @@ async fn call(
             p.control
                 .write_stdin(data.as_bytes())
                 .await
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| match e {
+                    AgentError::NoStdin => format!(
+                        "process {} was started without stdin_open: start it with \
+                         sandbox_exec_start and \"stdin_open\": true to write to its stdin",
+                        p.id
+                    ),
+                    e => chain(&e),
+                })?;
             if close {
                 p.control.close_stdin().await.map_err(|e| chain(&e))?;
             }

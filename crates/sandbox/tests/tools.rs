@@ -535,6 +535,15 @@ async fn background_process_poll_stdin_signal() {
     .await
     .unwrap();
     let pid = p["process_id"].as_str().unwrap().to_owned();
+    let e = call(
+        &t,
+        "sandbox_exec_write_stdin",
+        json!({"sandbox_id": id, "process_id": pid, "data": "x"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("started without stdin_open"), "{e}");
     let r = call(
         &t,
         "sandbox_exec_signal",

@@ -144,6 +144,9 @@ pub enum AgentError {
     /// Stdin cannot be written: it was not requested, was closed, or the process ended.
     #[error("the process's stdin is closed")]
     StdinClosed,
+    /// The process was started without stdin (its spec did not ask for it).
+    #[error("the process was started without stdin: ask for stdin when starting it")]
+    NoStdin,
     /// A request argument is invalid on the host side already.
     #[error("{0}")]
     Invalid(String),
@@ -1179,10 +1182,11 @@ impl ProcessControl {
     /// Sends bytes to the process's stdin (only if the spec asked for stdin). Waits while the
     /// guest holds a full window of stdin the process has not read yet, so a process that
     /// does not read stdin makes this wait rather than grow the guest's memory. Fails with
-    /// [`AgentError::StdinClosed`] once the process has ended or stdin was closed.
+    /// [`AgentError::StdinClosed`] once the process has ended or stdin was closed, and with
+    /// [`AgentError::NoStdin`] if it was started without stdin.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
         let Some(w) = &self.stdin else {
-            return Err(AgentError::StdinClosed);
+            return Err(AgentError::NoStdin);
         };
         for chunk in data.chunks(CHUNK_SIZE) {
             let cost = credit_cost(chunk.len());

@@ -878,7 +878,7 @@ async fn stdin_without_stdin_and_forged_credit() {
     let p = c.exec(ExecSpec::new(["no-stdin"])).await.unwrap();
     assert!(matches!(
         p.control().write_stdin(b"x").await,
-        Err(AgentError::StdinClosed)
+        Err(AgentError::NoStdin)
     ));
     let mut spec = ExecSpec::new(["cat"]);
     spec.stdin = true;
