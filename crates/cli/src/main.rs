@@ -2,6 +2,7 @@
 //!
 //! A thin binary: each subcommand lives in its own module and calls the library crates.
 
+mod approvals;
 mod bench;
 mod bench_backend;
 mod bench_share;

@@ -1,12 +1,20 @@
-//! Writable shares under an approval policy: the guest's changes wait in a private staging
-//! directory until a person approves them; only then do they reach HOST.
+//! Writable shares under an approval policy: the guest's result waits in a private staging
+//! directory until it is approved; only then does it reach HOST.
 //!
-//! Flow (`vmcp run --share HOST:GUEST:rw` when the policy says `ask` or `deny` for a path):
-//! the agent exports the share's changes as a tar ([`stage`] extracts it with the
-//! hostile-archive rules into a staging directory), [`compute`] compares the staging tree with
-//! HOST into a change list, the approval broker decides (all, nothing, or some files), and
-//! [`apply`] writes the approved changes atomically per file. A denial or a timeout drops the
-//! staging directory: nothing reached HOST. The file-system rules are in the per-OS module.
+//! Flow ([`settle`]), after the agent exported a share's changes as a tar:
+//! 1. [`stage`]: a private copy of HOST with the guest's tar applied by the hostile-archive
+//!    rules (per-OS module).
+//! 2. `vmcp_approval::ChangeSet::between(HOST, staging)`: files created, modified, deleted,
+//!    with sizes and small text diffs; symlinks and special files are listed as refused.
+//! 3. The policy's `path` rules per file (the host path): `deny` files are discarded, `allow`
+//!    files pass, `ask` files go to the broker as one pending approval (approve all, some
+//!    files, deny, or time out: denied).
+//! 4. `ChangeSet::apply` writes the passed files into HOST one at a time (temporary file in the
+//!    same directory, then rename), refusing paths that would leave HOST.
+//!
+//! When every listed file is allowed, the guest's tar is applied to HOST as without a policy
+//! (symlinks and directory modes included): `allow` keeps today's behaviour. Dropping the
+//! staging directory discards whatever was not applied.
 
 #[cfg(unix)]
 #[path = "share_gate/fs_unix.rs"]
@@ -15,22 +23,16 @@ mod fs;
 #[path = "share_gate/fs_other.rs"]
 mod fs;
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-pub use fs::{apply, compute, read_host, read_staged, stage};
+use anyhow::Context;
+use vmcp_approval::{Action, Asker, ChangeLimits, ChangeSet, Crossing, SubmitOptions, Subject};
 
-/// A share's changes extracted from the guest's tar.
-#[derive(Debug)]
-pub struct Staged {
-    /// The staging directory (private, removed by its owner).
-    pub root: PathBuf,
-    /// Paths the guest deleted (relative to the share).
-    pub whiteouts: Vec<PathBuf>,
-    /// Directories the guest emptied and re-made (HOST entries not in staging are deleted).
-    pub opaque: Vec<PathBuf>,
-    /// Things left out while extracting (device nodes, FIFOs, ...).
-    pub notes: Vec<String>,
-}
+use crate::approvals::Approvals;
+
+pub use fs::stage;
 
 /// Why a share's changes could not be staged.
 #[derive(Debug, thiserror::Error)]
@@ -39,60 +41,208 @@ pub enum StageError {
     /// The guest's archive was refused.
     #[error("the guest's changes were refused")]
     Archive(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// Reading or writing the staging tree failed.
-    #[error("cannot read {0}")]
+    /// Reading or writing a tree failed.
+    #[error("cannot copy {0}")]
     Io(String, #[source] std::io::Error),
-    /// The staging tree has something we do not accept.
+    /// The tree has something we do not accept.
     #[error("{0}")]
     Refused(String),
 }
 
-/// What happens to a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// New in HOST.
-    Created,
-    /// Replaces what HOST has.
-    Modified,
-    /// Removed from HOST.
-    Deleted,
-}
-
-/// What kind of file the change is about (the new one; the old one for deletions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryKind {
-    /// A regular file.
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link.
-    Symlink,
-}
-
-/// One change to HOST.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// Path relative to HOST (plain components only, checked again when applied).
-    pub path: PathBuf,
-    /// Created, modified or deleted.
-    pub kind: ChangeKind,
-    /// File, directory or symlink.
-    pub entry: EntryKind,
-    /// Size in HOST before, when there was something.
-    pub old_size: Option<u64>,
-    /// Size after, unless deleted.
-    pub new_size: Option<u64>,
-    /// A symlink's target.
-    pub link_target: Option<PathBuf>,
-}
-
-/// What applying a selection of changes did.
+/// What became of one share's changes.
 #[derive(Debug, Default)]
-pub struct Outcome {
-    /// Paths written or removed.
-    pub applied: Vec<PathBuf>,
-    /// Paths refused, with the reason.
-    pub refused: Vec<(PathBuf, String)>,
+pub struct ShareReport {
+    /// The host directory.
+    pub host: PathBuf,
+    /// Files written into (or deleted from) HOST.
+    pub applied: Vec<String>,
+    /// Files not applied, with the reason (denied by a rule or a person, timed out, unsafe).
+    pub discarded: Vec<(String, String)>,
+    /// The decision about the asked part, as a sentence (`approved`, `denied: ...`,
+    /// `not approved within 120 s; denied`), when a person was asked.
+    pub decision: Option<String>,
+}
+
+impl ShareReport {
+    /// One line for the user or the agent.
+    pub fn summary(&self) -> String {
+        let mut s = format!("changes to {}: ", self.host.display());
+        if self.applied.is_empty() && self.discarded.is_empty() {
+            s.push_str("none");
+            return s;
+        }
+        if let Some(d) = &self.decision {
+            s.push_str(d);
+            s.push_str("; ");
+        }
+        s.push_str(&format!("{} applied", self.applied.len()));
+        if !self.applied.is_empty() {
+            s.push_str(&format!(" ({})", list(&self.applied)));
+        }
+        if !self.discarded.is_empty() {
+            let names: Vec<String> = self
+                .discarded
+                .iter()
+                .map(|(p, why)| format!("{p}: {why}"))
+                .collect();
+            s.push_str(&format!(
+                ", {} discarded ({})",
+                self.discarded.len(),
+                list(&names)
+            ));
+        }
+        s
+    }
+}
+
+fn list(items: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut v: Vec<&str> = items.iter().take(SHOWN).map(String::as_str).collect();
+    let more = items.len().saturating_sub(SHOWN);
+    let tail = format!("and {more} more");
+    if more > 0 {
+        v.push(&tail);
+    }
+    v.join(", ")
+}
+
+/// What caused a share's changes: the sandbox's name and, for MCP, the tool call.
+#[derive(Clone, Default)]
+pub struct Origin {
+    /// The sandbox (VM) name.
+    pub sandbox: String,
+    /// What ran (a command line or a tool call), shown to people and logged.
+    pub context: Option<String>,
+    /// Askers for this submission (the MCP client's elicitation).
+    pub askers: Vec<Arc<dyn Asker>>,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("sandbox", &self.sandbox)
+            .field("context", &self.context)
+            .field("askers", &self.askers.iter().map(|a| a.name()).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Decides about and applies the guest's change tar `tar` for HOST directory `host` (see the
+/// module docs). `legacy_apply` applies the tar to HOST directly (today's copy-back), used
+/// when everything is allowed.
+pub async fn settle(
+    approvals: &Approvals,
+    host: &Path,
+    tar: &Path,
+    origin: Origin,
+    legacy_apply: impl FnOnce(&Path, &Path) -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<ShareReport> {
+    let staging = tempfile::Builder::new()
+        .prefix("vmcp-staging-")
+        .tempdir()
+        .context("cannot create a staging directory for the share's changes")?;
+    let (host2, tar2, stage_dir) = (
+        host.to_path_buf(),
+        tar.to_path_buf(),
+        staging.path().to_path_buf(),
+    );
+    let (set, notes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let notes = stage(&host2, &tar2, &stage_dir)?;
+        let set = ChangeSet::between(&host2, &stage_dir, &ChangeLimits::default())?;
+        Ok((set, notes))
+    })
+    .await
+    .context("the staging task failed")?
+    .with_context(|| format!("cannot stage the changes to {}", host.display()))?;
+    for n in notes {
+        tracing::info!(share = %host.display(), "{n}");
+    }
+    let mut report = ShareReport {
+        host: host.to_path_buf(),
+        ..ShareReport::default()
+    };
+    if set.is_empty() {
+        return Ok(report);
+    }
+    // The policy per file.
+    let mut pass: BTreeSet<String> = BTreeSet::new();
+    let mut ask: BTreeSet<String> = BTreeSet::new();
+    for e in &set.entries {
+        let subject = Subject::path(host.join(&e.path).display().to_string());
+        match approvals.decide(&subject) {
+            (Action::Allow, _) => {
+                pass.insert(e.path.clone());
+            }
+            (Action::Deny, why) => report
+                .discarded
+                .push((e.path.clone(), format!("denied by {why}"))),
+            _ => {
+                ask.insert(e.path.clone());
+            }
+        }
+    }
+    if set.omitted > 0 {
+        report.discarded.push((
+            format!("{} more", set.omitted),
+            "over the change-list limit".into(),
+        ));
+    }
+    for r in &set.refused {
+        report.discarded.push((r.path.clone(), r.reason.clone()));
+    }
+    if ask.is_empty() && report.discarded.is_empty() {
+        // Everything allowed: today's copy-back, symlinks and modes included.
+        let (h, t) = (host.to_path_buf(), tar.to_path_buf());
+        tokio::task::spawn_blocking(move || legacy_apply(&h, &t))
+            .await
+            .context("the copy-back task failed")??;
+        report.applied = set.paths().map(str::to_owned).collect();
+        return Ok(report);
+    }
+    if !ask.is_empty() {
+        let mut asked = set.clone();
+        asked.entries.retain(|e| ask.contains(&e.path));
+        let mut opts = SubmitOptions::default();
+        if let Some(c) = &origin.context {
+            opts = opts.with_context(c.clone());
+        }
+        for a in origin.askers {
+            opts = opts.with_asker(a);
+        }
+        let decision = approvals
+            .broker()
+            .submit_with(
+                Crossing::ShareChanges {
+                    sandbox: origin.sandbox.clone(),
+                    host_dir: host.to_path_buf(),
+                    changes: asked,
+                },
+                opts,
+            )
+            .await;
+        let sentence = decision.message(approvals.broker().timeout());
+        for p in &ask {
+            if decision.approves_file(p) {
+                pass.insert(p.clone());
+            } else {
+                report.discarded.push((p.clone(), sentence.clone()));
+            }
+        }
+        report.decision = Some(sentence);
+    }
+    if !pass.is_empty() {
+        let (h, s) = (host.to_path_buf(), staging.path().to_path_buf());
+        let applied = tokio::task::spawn_blocking(move || set.apply(&h, &s, Some(&pass)))
+            .await
+            .context("the copy-back task failed")?
+            .with_context(|| format!("cannot apply the changes to {}", host.display()))?;
+        report.applied = applied.applied;
+        for r in applied.refused {
+            report.discarded.push((r.path, r.reason));
+        }
+    }
+    report.discarded.sort();
+    Ok(report)
 }
 
 #[cfg(all(test, unix))]
