@@ -11,7 +11,7 @@
 //!   the audit log (`--audit-log`, default `approvals.jsonl` in vmcp's state directory).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +53,11 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 /// Where the audit log goes by default: `$VMCP_STATE_DIR`, else `$XDG_STATE_HOME/vmcp`, else
 /// `~/.local/state/vmcp` (`%LOCALAPPDATA%\vmcp` on Windows).
 fn default_audit_path() -> anyhow::Result<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let dir = var("VMCP_STATE_DIR")
         .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("vmcp")))
         .or_else(|| var("LOCALAPPDATA").map(|d| d.join("vmcp")))
@@ -81,7 +85,7 @@ pub struct Approvals {
     policy: Arc<Policy>,
     broker: Broker,
     ui: Option<vmcp_approval::ui::ApprovalUi>,
-    audit_path: PathBuf,
+    frontend: Frontend,
 }
 
 impl std::fmt::Debug for Approvals {
@@ -107,9 +111,8 @@ impl Approvals {
     pub async fn start(args: &ApprovalArgs, frontend: Frontend) -> anyhow::Result<Option<Self>> {
         let policy = match (&args.policy, &args.approval_ui) {
             (None, None) => return Ok(None),
-            (Some(p), _) => Policy::load(p).with_context(|| {
-                format!("cannot use the approval policy {}", p.display())
-            })?,
+            (Some(p), _) => Policy::load(p)
+                .with_context(|| format!("cannot use the approval policy {}", p.display()))?,
             (None, Some(_)) => Policy::with_default(Action::Ask),
         };
         let audit_path = match &args.audit_log {
@@ -118,6 +121,7 @@ impl Approvals {
         };
         let audit = AuditLog::open(&audit_path)
             .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?;
+        tracing::info!(audit_log = %audit_path.display(), "approval decisions are logged");
         let broker = Broker::new(
             BrokerConfig::default()
                 .with_timeout(args.approval_timeout)
@@ -142,7 +146,7 @@ impl Approvals {
             policy: Arc::new(policy),
             broker,
             ui,
-            audit_path,
+            frontend,
         }))
     }
 
@@ -154,11 +158,6 @@ impl Approvals {
     /// The broker.
     pub fn broker(&self) -> &Broker {
         &self.broker
-    }
-
-    /// The audit log's path.
-    pub fn audit_path(&self) -> &Path {
-        &self.audit_path
     }
 
     /// Whether a person can be asked without per-call askers (the page or the terminal).
@@ -180,6 +179,18 @@ impl Approvals {
         }
     }
 
+    /// Askers for crossings that no MCP call caused (egress): when nobody at all can be
+    /// asked (an MCP server without the page), an immediate denial saying so.
+    fn fallback_askers(&self) -> Vec<Arc<dyn Asker>> {
+        if self.frontend == Frontend::Mcp && !self.has_ui() {
+            vec![Arc::new(NobodyToAsk(
+                "nobody to ask: vmcp runs as an MCP server without --approval-ui".into(),
+            ))]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The policy's word on a subject, with the rule that said it.
     pub fn decide(&self, subject: &Subject) -> (Action, String) {
         let rule = self.policy.matching_rule(subject);
@@ -198,6 +209,7 @@ impl Approvals {
                 policy: self.policy.clone(),
                 broker: self.broker.clone(),
                 sandbox: sandbox.to_string(),
+                askers: self.fallback_askers(),
             }),
             // A little longer than the broker's own timeout, so the broker's decision
             // (timed out) is what the guest sees.
@@ -211,6 +223,7 @@ struct EgressGate {
     policy: Arc<Policy>,
     broker: Broker,
     sandbox: String,
+    askers: Vec<Arc<dyn Asker>>,
 }
 
 impl vmcp_egress::Gate for EgressGate {
@@ -234,17 +247,24 @@ impl vmcp_egress::Gate for EgressGate {
         );
         let broker = self.broker.clone();
         let sandbox = self.sandbox.clone();
+        let mut opts = vmcp_approval::SubmitOptions::default();
+        for a in &self.askers {
+            opts = opts.with_asker(a.clone());
+        }
         Box::pin(async move {
             match action {
                 Action::Allow => Ok(()),
                 Action::Deny => Err(format!("denied by {why}")),
                 _ => {
                     let d = broker
-                        .submit(Crossing::Egress {
-                            sandbox,
-                            host,
-                            port,
-                        })
+                        .submit_with(
+                            Crossing::Egress {
+                                sandbox,
+                                host,
+                                port,
+                            },
+                            opts,
+                        )
                         .await;
                     if d.is_approved() {
                         Ok(())

@@ -7,6 +7,7 @@ mod bench;
 mod bench_backend;
 mod bench_share;
 mod doctor;
+mod gated_tools;
 mod image_cmd;
 mod mcp_cmd;
 mod mcp_serve;

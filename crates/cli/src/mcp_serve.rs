@@ -62,12 +62,17 @@ pub struct ServeArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Approval of what crosses from the sandboxes to the host, and of tool calls named by
+    /// `tool`/`command` rules.
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
 }
 
 /// Boots the guest image with the backend and accelerator the selector chose at start.
 struct SelectedFactory {
     backend: Box<dyn vmcp_vm::Backend>,
     template: VmConfig,
+    approvals: Option<Arc<crate::approvals::Approvals>>,
 }
 
 #[async_trait]
@@ -77,6 +82,9 @@ impl VmFactory for SelectedFactory {
         config.cpus = spec.cpus;
         config.memory_mib = spec.memory_mib;
         config.net = vmcp_vm::NetConfig::default();
+        if let (Some(a), vmcp_vm::NetMode::Allow(_)) = (&self.approvals, &config.net.mode) {
+            config.net.gate = Some(a.egress_gate(&format!("sandbox ({} MiB)", spec.memory_mib)));
+        }
         Ok(self.backend.create(config).await?)
     }
 }
@@ -99,13 +107,25 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<(Manager, Server)> {
     limits.max_output = args.max_output.max(1);
     limits.session_grace = Duration::from_secs(args.session_grace);
     limits.default_idle = Duration::from_secs(args.idle_timeout.max(1));
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp)
+            .await?
+            .map(Arc::new);
     let factory = Arc::new(SelectedFactory {
         backend: selection.backend,
         template,
+        approvals: approvals.clone(),
     });
     let manager = Manager::new(factory, limits);
-    let server = Server::new(
-        SandboxTools::new(manager.clone()),
+    let tools: Arc<dyn vmcp_mcp_server::ToolSet> = match approvals {
+        Some(a) => Arc::new(crate::gated_tools::GatedTools::new(
+            Arc::new(SandboxTools::new(manager.clone())),
+            a,
+        )),
+        None => Arc::new(SandboxTools::new(manager.clone())),
+    };
+    let server = Server::from_arc(
+        tools,
         ServerConfig::default().with_instructions(
             "Each sandbox is a disposable Linux micro-VM (busybox userland, no network). \
              Create one with sandbox_create, run commands with sandbox_exec, and destroy it \

@@ -420,8 +420,7 @@ async fn copy_back(
                     context: Some(format!("vmcp run {program}, share {}", cfg.guest_path)),
                     askers: Vec::new(),
                 };
-                let report =
-                    crate::share_gate::settle(a, host, &tar_path, origin, apply).await?;
+                let report = crate::share_gate::settle(a, host, &tar_path, origin, apply).await?;
                 eprintln!("vmcp: {}", report.summary());
             }
         }
@@ -454,10 +453,8 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.net.publish = args.publish.clone();
     if let (Some(a), NetMode::Allow(_)) = (&approvals, &config.net.mode) {
         let program = args.command.first().cloned().unwrap_or_default();
-        config.net.gate = Some(a.egress_gate(&format!(
-            "vmcp run {program} (pid {})",
-            std::process::id()
-        )));
+        config.net.gate =
+            Some(a.egress_gate(&format!("vmcp run {program} (pid {})", std::process::id())));
     }
     if let Some(w) = config.net.warning() {
         eprintln!("vmcp: {w}");

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use vmcp_approval::{Action, Asker, ChangeLimits, ChangeSet, Crossing, SubmitOptions, Subject};
+use vmcp_approval::{Action, Asker, ChangeLimits, ChangeSet, Crossing, Subject, SubmitOptions};
 
 use crate::approvals::Approvals;
 
@@ -122,7 +122,10 @@ impl std::fmt::Debug for Origin {
         f.debug_struct("Origin")
             .field("sandbox", &self.sandbox)
             .field("context", &self.context)
-            .field("askers", &self.askers.iter().map(|a| a.name()).collect::<Vec<_>>())
+            .field(
+                "askers",
+                &self.askers.iter().map(|a| a.name()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -1,6 +1,7 @@
 //! Gated shares without a VM: the guest's tar staged with hostile archives, change lists with
 //! escape attempts, and `settle` with fake askers (approve, deny, partly approve, time out,
 //! two sandboxes at once, the audit log).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -72,10 +73,10 @@ fn setup() -> Setup {
 
 impl Setup {
     fn tar(&self, bytes: &[u8]) -> PathBuf {
-        let p = self.d.path().join(format!(
-            "changes-{}.tar",
-            rand_name(self.d.path())
-        ));
+        let p = self
+            .d
+            .path()
+            .join(format!("changes-{}.tar", rand_name(self.d.path())));
         fs::write(&p, bytes).unwrap();
         p
     }
@@ -93,7 +94,10 @@ fn rand_name(dir: &Path) -> usize {
 }
 
 fn kinds(set: &ChangeSet) -> Vec<(String, ChangeKind)> {
-    set.entries.iter().map(|e| (e.path.clone(), e.kind)).collect()
+    set.entries
+        .iter()
+        .map(|e| (e.path.clone(), e.kind))
+        .collect()
 }
 
 fn typical() -> Vec<u8> {
@@ -118,7 +122,10 @@ fn staging_shows_created_modified_deleted() {
         ]
     );
     // HOST itself is untouched by staging.
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "old line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "old line\n"
+    );
     assert!(s.host.join("gone.txt").exists());
     assert!(!s.host.join("newdir").exists());
     // An opaque directory deletes what HOST had in it.
@@ -155,13 +162,19 @@ fn hostile_archives_and_staging_trees_never_reach_outside_host() {
     });
     let (set, staging) = s.stage(&bytes).unwrap();
     let refused: Vec<&str> = set.refused.iter().map(|r| r.path.as_str()).collect();
-    assert!(refused.contains(&"esc") && refused.contains(&"abs"), "{refused:?}");
+    assert!(
+        refused.contains(&"esc") && refused.contains(&"abs"),
+        "{refused:?}"
+    );
     for e in &set.entries {
         assert!(!e.path.starts_with('/') && !e.path.split('/').any(|c| c == ".."));
     }
     let report = set.apply(&s.host, staging.path(), None).unwrap();
     assert!(!report.applied.is_empty());
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
     assert!(fs::symlink_metadata(s.host.join("esc")).is_err());
     assert!(fs::symlink_metadata(s.host.join("abs")).is_err());
 
@@ -176,7 +189,10 @@ fn hostile_archives_and_staging_trees_never_reach_outside_host() {
         report.refused.iter().any(|r| r.path == "door/secret"),
         "{report:?}"
     );
-    assert_eq!(fs::read_to_string(s.outside.join("secret")).unwrap(), "untouched");
+    assert_eq!(
+        fs::read_to_string(s.outside.join("secret")).unwrap(),
+        "untouched"
+    );
 
     // Special files in staging (a socket) are refused, not copied.
     let s = setup();
@@ -199,7 +215,10 @@ fn hostile_archives_and_staging_trees_never_reach_outside_host() {
     let (set, staging) = s.stage(&bytes).unwrap();
     set.apply(&s.host, staging.path(), None).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    let mode = fs::metadata(s.host.join("suid")).unwrap().permissions().mode();
+    let mode = fs::metadata(s.host.join("suid"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7000, 0);
 }
 
@@ -259,7 +278,10 @@ async fn approvals(s: &Setup, policy: &str, timeout: f64) -> Approvals {
         approval_timeout: Duration::from_secs_f64(timeout),
         audit_log: Some(s.d.path().join("audit.jsonl")),
     };
-    Approvals::start(&args, Frontend::Mcp).await.unwrap().unwrap()
+    Approvals::start(&args, Frontend::Mcp)
+        .await
+        .unwrap()
+        .unwrap()
 }
 
 fn origin(name: &str, a: Arc<dyn Asker>) -> Origin {
@@ -288,41 +310,77 @@ async fn settle_approve_deny_partly_and_rules() {
     let s = setup();
     let ap = approvals(&s, "default = \"ask\"\n", 10.0).await;
     let deny = asker(Some(Decision::deny("not now")));
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", deny), no_legacy)
-        .await
-        .unwrap();
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", deny),
+        no_legacy,
+    )
+    .await
+    .unwrap();
     assert!(r.applied.is_empty(), "{r:?}");
     assert_eq!(r.discarded.len(), 3);
     assert_eq!(r.decision.as_deref(), Some("denied: not now"));
-    assert!(r.summary().contains("denied: not now; 0 applied"), "{}", r.summary());
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "old line\n");
+    assert!(
+        r.summary().contains("denied: not now; 0 applied"),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "old line\n"
+    );
     assert!(s.host.join("gone.txt").exists() && !s.host.join("newdir").exists());
 
     // Partly approved: only the named file.
     let files = ["newdir/n.txt".to_string()].into_iter().collect();
     let part = asker(Some(Decision::ApprovedFiles { files }));
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", part), no_legacy)
-        .await
-        .unwrap();
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", part),
+        no_legacy,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.applied, ["newdir/n.txt"]);
-    assert_eq!(fs::read_to_string(s.host.join("newdir/n.txt")).unwrap(), "hello\n");
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "old line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("newdir/n.txt")).unwrap(),
+        "hello\n"
+    );
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "old line\n"
+    );
     assert!(s.host.join("gone.txt").exists());
 
     // Approved: everything.
     let yes = asker(Some(Decision::Approved));
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", yes), no_legacy)
-        .await
-        .unwrap();
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", yes),
+        no_legacy,
+    )
+    .await
+    .unwrap();
     assert_eq!(r.decision.as_deref(), Some("approved"));
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "new line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "new line\n"
+    );
     assert!(!s.host.join("gone.txt").exists());
     let audit = audit_lines(&s);
     assert_eq!(audit.len(), 3, "{audit:?}");
     assert_eq!(audit[0]["decision"], "denied");
     assert_eq!(audit[1]["decision"], "approved_files");
     assert_eq!(audit[2]["decision"], "approved");
-    assert!(audit.iter().all(|l| l["changes_hash"].as_str().is_some_and(|h| h.len() == 64)));
+    assert!(audit
+        .iter()
+        .all(|l| l["changes_hash"].as_str().is_some_and(|h| h.len() == 64)));
 
     // Rules per path: a denied path is discarded without asking, an allowed one passes.
     let s = setup();
@@ -333,15 +391,23 @@ async fn settle_approve_deny_partly_and_rules() {
     )
     .await;
     let deny = asker(Some(Decision::deny("no")));
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", deny.clone()), no_legacy)
-        .await
-        .unwrap();
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", deny.clone()),
+        no_legacy,
+    )
+    .await
+    .unwrap();
     assert_eq!(deny.asked.load(Ordering::SeqCst), 1);
     assert_eq!(r.applied, ["newdir/n.txt"]);
-    assert!(r
-        .discarded
-        .iter()
-        .any(|(p, why)| p == "gone.txt" && why.contains("rule at line 2")), "{r:?}");
+    assert!(
+        r.discarded
+            .iter()
+            .any(|(p, why)| p == "gone.txt" && why.contains("rule at line 2")),
+        "{r:?}"
+    );
     assert!(s.host.join("gone.txt").exists());
 
     // All allowed: today's copy-back runs (and nobody is asked).
@@ -350,10 +416,16 @@ async fn settle_approve_deny_partly_and_rules() {
     let ran = Arc::new(AtomicUsize::new(0));
     let ran2 = ran.clone();
     let never = asker(None);
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", never.clone()), move |_, _| {
-        ran2.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    })
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", never.clone()),
+        move |_, _| {
+            ran2.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        },
+    )
     .await
     .unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 1);
@@ -366,12 +438,21 @@ async fn unanswered_is_denied_after_the_timeout_and_two_sandboxes_wait_at_once()
     let s = setup();
     let ap = Arc::new(approvals(&s, "default = \"ask\"\n", 0.3).await);
     let started = std::time::Instant::now();
-    let r = settle(&ap, &s.host, &s.tar(&typical()), origin("vm-1", asker(None)), no_legacy)
-        .await
-        .unwrap();
+    let r = settle(
+        &ap,
+        &s.host,
+        &s.tar(&typical()),
+        origin("vm-1", asker(None)),
+        no_legacy,
+    )
+    .await
+    .unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(r.applied.is_empty());
-    assert_eq!(r.decision.as_deref(), Some("not approved within 0 s; denied"));
+    assert_eq!(
+        r.decision.as_deref(),
+        Some("not approved within 0 s; denied")
+    );
     assert!(s.host.join("gone.txt").exists());
     assert_eq!(audit_lines(&s)[0]["decision"], "timed_out");
 
@@ -393,11 +474,21 @@ async fn unanswered_is_denied_after_the_timeout_and_two_sandboxes_wait_at_once()
         settle(&ap, &s2.host, &t2, origin("vm-b", a2), no_legacy),
     );
     let (r1, r2) = (r1.unwrap(), r2.unwrap());
-    assert_eq!(MAX_SEEN.load(Ordering::SeqCst), 2, "both were pending at once");
+    assert_eq!(
+        MAX_SEEN.load(Ordering::SeqCst),
+        2,
+        "both were pending at once"
+    );
     assert_eq!(r1.applied.len(), 3, "{r1:?}");
     assert!(r2.applied.is_empty(), "{r2:?}");
-    assert_eq!(fs::read_to_string(s.host.join("edit.txt")).unwrap(), "new line\n");
-    assert_eq!(fs::read_to_string(s2.host.join("edit.txt")).unwrap(), "old line\n");
+    assert_eq!(
+        fs::read_to_string(s.host.join("edit.txt")).unwrap(),
+        "new line\n"
+    );
+    assert_eq!(
+        fs::read_to_string(s2.host.join("edit.txt")).unwrap(),
+        "old line\n"
+    );
     let sandboxes: Vec<String> = audit_lines(&s)[1..]
         .iter()
         .map(|l| l["sandbox"].as_str().unwrap().to_string())
