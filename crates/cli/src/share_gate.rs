@@ -39,9 +39,11 @@ pub use fs::stage;
 #[non_exhaustive]
 pub enum StageError {
     /// The guest's archive was refused.
+    #[cfg(unix)]
     #[error("the guest's changes were refused")]
     Archive(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Reading or writing a tree failed.
+    #[cfg(unix)]
     #[error("cannot copy {0}")]
     Io(String, #[source] std::io::Error),
     /// The tree has something we do not accept.
