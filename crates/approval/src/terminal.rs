@@ -154,4 +154,93 @@ mod tests {
         assert_eq!(parse_answer("\n"), Some(false));
         assert_eq!(parse_answer("maybe"), None);
     }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pending() -> PendingApproval {
+        use crate::change::{ChangeKind, ChangeSet, Diff, FileChange};
+        PendingApproval {
+            id: "p-1".into(),
+            crossing: Crossing::ShareChanges {
+                sandbox: "vm\u{1b}[31m".into(),
+                host_dir: "/home/me/src".into(),
+                changes: ChangeSet {
+                    entries: vec![FileChange {
+                        path: "notes\u{1b}]0;pwned\u{7}.txt".into(),
+                        kind: ChangeKind::Modified,
+                        old_size: Some(4),
+                        new_size: Some(8),
+                        new_sha256: Some("00".into()),
+                        diff: Diff::Text {
+                            unified: "@@ -1 +1 @@\n-old\n+new \u{1b}[2J\n".into(),
+                            truncated: false,
+                        },
+                    }],
+                    omitted: 0,
+                    refused: vec![],
+                },
+            },
+            context: Some("tool run".into()),
+            created_at: std::time::SystemTime::now(),
+            expires_at: std::time::SystemTime::now(),
+            changes_hash: String::new(),
+        }
+    }
+
+    async fn ask(input: &str, interactive: bool) -> (Option<Decision>, String) {
+        let out = Shared::default();
+        let asker = TerminalAsker::new(
+            std::io::Cursor::new(input.as_bytes().to_vec()),
+            out.clone(),
+            interactive,
+        );
+        let d = asker.ask(&pending()).await;
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        (d, text)
+    }
+
+    #[tokio::test]
+    async fn asks_and_parses() {
+        let (d, text) = ask("y\n", true).await;
+        assert_eq!(d, Some(Decision::Approved));
+        assert!(text.contains("approval needed: sandbox vm"), "{text}");
+        assert!(text.contains("modified notes"), "{text}");
+        assert!(text.contains("+new"), "{text}");
+        assert!(text.contains("caused by: tool run"), "{text}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{text:?}"
+        );
+
+        let (d, text) = ask("what\nno\n", true).await;
+        assert_eq!(d, Some(Decision::deny("denied on the terminal")));
+        assert!(text.contains("please answer y or n"), "{text}");
+
+        // End of input, or only garbage: denied.
+        assert!(!ask("", true).await.0.unwrap().is_approved());
+        assert!(!ask("a\nb\nc\ny\n", true).await.0.unwrap().is_approved());
+        // A huge line is read in bounded pieces, not approved.
+        let huge = format!("{}y\n", "x".repeat(100_000));
+        assert!(!ask(&huge, true).await.0.unwrap().is_approved());
+    }
+
+    #[tokio::test]
+    async fn not_a_terminal_denies_without_asking() {
+        let (d, text) = ask("y\n", false).await;
+        match d {
+            Some(Decision::Denied { reason }) => assert!(reason.contains("not a terminal")),
+            d => panic!("{d:?}"),
+        }
+        assert!(text.is_empty());
+    }
 }

@@ -11,6 +11,9 @@
 //!   same; under TCG the guest clock is only roughly right).
 //! - **exec `true`** round trip on one running VM, and **ping** round trip.
 //! - **idle RSS**: QEMU's `VmRSS` one second after the agent became ready.
+//! - snapshot figures (checkpoint, restore, `vmcp run -- true` from the snapshot, PSS) and the
+//!   warm-pool figures (pool acquire, `vmcp run -- true` with a `vmcp daemon`:
+//!   bench_daemon.rs) of the same run.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -206,6 +209,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let ping = Samples::new(ping);
 
     let snap = snapshot_figures(&backend, &config, &args).await?;
+    let pool = crate::bench_daemon::measure(&config, args.runs)?;
 
     let ratio = ready.pct(50.0).as_secs_f64() / to_userspace.pct(50.0).as_secs_f64().max(1e-9);
     println!("| metric | p50 | min / p99 |");
@@ -249,6 +253,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None => println!("| QEMU RSS, idle VM | unknown on this OS | |"),
     }
     snap.print(&ready);
+    match &pool {
+        Some(p) => p.print(),
+        None => println!("| warm pool (`vmcp daemon`) | not available on this platform | |"),
+    }
     println!("agent ready / kernel→userspace (p50): {ratio:.2}× (target ≤ 1.5×)");
     Ok(ExitCode::SUCCESS)
 }

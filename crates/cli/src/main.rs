@@ -5,7 +5,9 @@
 mod approvals;
 mod bench;
 mod bench_backend;
+mod bench_daemon;
 mod bench_share;
+mod daemon_cmd;
 mod doctor;
 mod gated_tools;
 mod image_cmd;
@@ -55,6 +57,8 @@ enum Command {
     /// Talk to MCP servers.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
+    /// Keep restored, ready VMs for `vmcp run` (foreground; `vmcp daemon status` reports).
+    Daemon(daemon_cmd::DaemonArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Snapshot(cmd) => snapshot_cmd::run(cmd).await,
             Command::Mcp(cmd) => mcp_cmd::run(cmd).await,
+            Command::Daemon(args) => daemon_cmd::run(args).await,
         }
     });
     match result {

@@ -118,6 +118,9 @@ pub struct RunArgs {
     /// fit the VM or cannot be restored. Default: the matching automatic snapshot.
     #[arg(long, value_name = "NAME")]
     pub snapshot: Option<String>,
+    /// Start a VM here even when a `vmcp daemon` has a ready one for these flags.
+    #[arg(long)]
+    pub no_daemon: bool,
     /// Approval of what crosses from the VM to the host.
     #[command(flatten)]
     pub approval: crate::approvals::ApprovalArgs,
@@ -430,6 +433,10 @@ async fn copy_back(
 }
 
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
+    // A running `vmcp daemon` with a ready VM for these flags is the fastest start.
+    if let Some(code) = crate::daemon_cmd::try_run(&args, forward_stdin).await? {
+        return Ok(code);
+    }
     let files = boot_files(&args).await?;
     let approvals =
         crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Terminal)
@@ -641,7 +648,7 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.
-async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
+pub(crate) async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
     let forward_stdin = spec.stdin;
     let mut process = match agent.exec(spec).await {
         Ok(p) => p,

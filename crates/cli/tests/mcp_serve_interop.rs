@@ -202,6 +202,68 @@ fn typescript_sdk_client_over_stdio_and_http() {
     child.wait().unwrap();
 }
 
+/// The official conformance harness (`@modelcontextprotocol/conformance`, pinned in
+/// scripts/install.d/40-mcp-interop.sh) in server mode against `vmcp mcp serve --http`: the
+/// scenarios of issue 14, which need no VM (initialize, ping, tools/list, concurrent POST
+/// streams on one session, DNS-rebinding protection). The harness runs locally and needs no
+/// network. All scenarios run at once against one server.
+#[test]
+fn conformance_harness_server_scenarios() {
+    const SCENARIOS: [&str; 5] = [
+        "server-initialize",
+        "ping",
+        "tools-list",
+        "server-sse-multiple-streams",
+        "dns-rebinding-protection",
+    ];
+    let cli =
+        prefix().join("conformance/node_modules/@modelcontextprotocol/conformance/dist/index.js");
+    if !cli.is_file() {
+        skip(&format!("no MCP conformance harness at {}", cli.display()));
+        return;
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        skip("no node (the MCP conformance harness is a Node.js program)");
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let image = dummy_image(runtime.path());
+    let (mut child, url) = serve_http(runtime.path(), &image);
+    let runs: Vec<_> = SCENARIOS
+        .iter()
+        .map(|scenario| {
+            let (cli, url) = (cli.clone(), url.clone());
+            std::thread::spawn(move || {
+                let out = Command::new("node")
+                    .arg(&cli)
+                    .args(["server", "--url", &url, "--scenario", scenario])
+                    .env("NO_COLOR", "1")
+                    .stdin(Stdio::null())
+                    .output()
+                    .unwrap();
+                (scenario, out)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for run in runs {
+        let (scenario, out) = run.join().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "Passed: 1/1, 0 failed, 0 warnings": no failure and no warning.
+        let clean = stdout.contains(", 0 failed, 0 warnings");
+        if !out.status.success() || !clean {
+            failures.push(format!(
+                "{scenario}: {}\n{stdout}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(failures.is_empty(), "{}", failures.join("\n----\n"));
+}
+
 /// MCP elicitation through the Python SDK's elicitation callback: a `tool` rule that asks is
 /// approved (the call runs) or denied (a tool error says so), a `deny` rule refuses without
 /// asking, and every decision lands in the audit log. VM-free: the gated tools need no VM.

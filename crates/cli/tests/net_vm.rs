@@ -146,10 +146,13 @@ fn nat_mode_warns_and_reaches_the_host() {
     let out = run(
         &rt,
         &["--net", "nat"],
-        &format!("wget -q -O - http://10.0.2.2:{port}/; env | grep -ci proxy || true"),
+        &format!(
+            "wget -q -O - http://10.0.2.2:{port}/; env | grep -ci proxy || true; \
+             grep nameserver /etc/resolv.conf"
+        ),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "nat-body0\n");
+    assert_eq!(text(&out.stdout), "nat-body0\nnameserver 10.0.2.3\n");
     assert!(text(&out.stderr).contains("warning: --net nat gives the guest unrestricted"));
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }

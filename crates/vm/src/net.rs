@@ -26,6 +26,9 @@ pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const GUEST_PREFIX: u8 = 24;
 /// The user-mode network's gateway (QEMU's slirp host side).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The resolver QEMU's user-mode network offers the guest (NAT mode only: in allow-list mode
+/// the guest gets no resolver, names are resolved by the host's proxy).
+pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 /// Where the guest finds the egress proxy in [`NetMode::Allow`].
 pub const PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 /// Port of the egress proxy inside the guest's network.
