@@ -6,6 +6,7 @@ mod approvals;
 mod bench;
 mod bench_backend;
 mod bench_daemon;
+mod bench_mcp;
 mod bench_share;
 mod daemon_cmd;
 mod doctor;
