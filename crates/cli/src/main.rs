@@ -5,6 +5,7 @@
 mod bench;
 mod bench_backend;
 mod bench_daemon;
+mod bench_mcp;
 mod bench_share;
 mod daemon_cmd;
 mod doctor;

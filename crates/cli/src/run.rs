@@ -541,78 +541,38 @@ async fn snapshot_start(
     use crate::snapshots;
     // A bad configuration is reported as such, not as a snapshot problem.
     config.validate()?;
-    // An image VM mounts its own fresh writable layer at boot; a restored guest would have
-    // another VM's layer mounted. Such VMs boot cold until snapshots carry the layer too.
-    // A VM with a network device boots cold too: restoring a guest's network state onto a new
-    // netdev and egress proxy is untested.
-    let usable = backend == "qemu"
-        && !args.rootfs_rw
-        && args.image.is_none()
-        && args.share.is_empty()
-        && !config.net.has_device()
-        && vmcp_vm::qemu::launch_supported().is_ok();
-    if args.cold || (!usable && args.snapshot.is_none()) {
+    let cold_reason = snapshots::cold_reason(config, backend);
+    if args.cold || (cold_reason.is_some() && args.snapshot.is_none()) {
         return Ok(None);
     }
-    anyhow::ensure!(
-        usable,
-        "snapshots need the QEMU backend on Linux, no --rootfs-rw, --image, --share or --net/--publish"
-    );
-    let record = vmcp_vm::qemu::binary::find(config.arch)
-        .map_err(anyhow::Error::new)
-        .and_then(|bin| snapshots::Record::for_config(config, &bin));
-    let store = snapshots::store_dir();
+    if let Some(why) = cold_reason {
+        anyhow::bail!(
+            "--snapshot cannot be used here: {why} (snapshots need the QEMU backend on Linux, no --rootfs-rw, --image, --share or --net/--publish)"
+        );
+    }
     if let Some(name) = &args.snapshot {
-        let (record, store) = (record?, store?);
+        let record = vmcp_vm::qemu::binary::find(config.arch)
+            .map_err(anyhow::Error::new)
+            .and_then(|bin| snapshots::Record::for_config(config, &bin))?;
+        let store = snapshots::store_dir()?;
         let stored = snapshots::find(&store, name)?
             .ok_or_else(|| anyhow::anyhow!("no snapshot {name:?} (see `vmcp snapshot list`)"))?;
         return snapshots::restore(&stored, config, &record, READY_TIMEOUT)
             .await
             .map(Some);
     }
-    let (record, store) = match (record, store) {
-        (Ok(r), Ok(s)) => (r, s),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::info!(error = %e, "no snapshot for this VM; booting cold");
-            return Ok(None);
-        }
-    };
-    let name = record.auto_name();
-    match snapshots::find(&store, &name)? {
-        Some(stored) => match snapshots::restore(&stored, config, &record, READY_TIMEOUT).await {
-            Ok(vm) => Ok(Some(vm)),
-            Err(e) => {
-                let removed = snapshots::remove(&stored.dir).is_ok();
-                eprintln!(
-                    "vmcp: notice: {}; {}booting cold",
-                    chain(&e),
-                    if removed { "removed it, " } else { "" }
-                );
-                Ok(None)
+    let notice = |s: &str| eprintln!("vmcp: notice: {s}");
+    Ok(
+        match snapshots::auto_start(config, READY_TIMEOUT, &notice).await? {
+            snapshots::AutoStart::Restored(vm) | snapshots::AutoStart::Built(vm) => Some(vm),
+            snapshots::AutoStart::Cold(why) => {
+                if let Some(why) = why {
+                    notice(&why);
+                }
+                None
             }
         },
-        None => {
-            snapshots::sweep_builds(&store, Duration::from_secs(3600));
-            eprintln!("vmcp: notice: building snapshot {name} for fast starts (one time)");
-            match snapshots::create(&store, &name, config, &record, READY_TIMEOUT).await {
-                Ok(vm) => Ok(Some(vm)),
-                Err(e) => {
-                    eprintln!(
-                        "vmcp: notice: cannot build the snapshot: {}; booting cold",
-                        chain(&e)
-                    );
-                    Ok(None)
-                }
-            }
-        }
-    }
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
+    )
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.

@@ -164,6 +164,11 @@ pub struct DenialRecord {
     pub check: &'static str,
     /// The user-facing reason.
     pub reason: String,
+    /// The `HOST:PORT` asked for, when the request named one.
+    pub target: Option<String>,
+    /// Its number: the proxy's refusal count after it (1 for the first), so a reader can
+    /// ask for the refusals after the last one it saw.
+    pub seq: u64,
 }
 
 /// Denials kept in memory.
@@ -185,6 +190,10 @@ impl Stats {
     /// Connections and requests refused by the policy.
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
+    }
+    /// The last [`RECENT_DENIALS`] refusals, oldest first.
+    pub fn recent_denials(&self) -> Vec<DenialRecord> {
+        lock(&self.recent).iter().cloned().collect()
     }
 }
 
@@ -230,7 +239,11 @@ impl ProxyHandle {
     }
     /// The last [`RECENT_DENIALS`] refusals, oldest first.
     pub fn recent_denials(&self) -> Vec<DenialRecord> {
-        lock(&self.stats.recent).iter().cloned().collect()
+        self.stats.recent_denials()
+    }
+    /// The counters, shared: they stay readable after the proxy stopped.
+    pub fn shared_stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 }
 
@@ -406,7 +419,7 @@ impl Ctx {
     }
 
     fn record_denial(&self, method: &str, denial: &Denial) {
-        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        let seq = self.stats.denied.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut recent = lock(&self.stats.recent);
             if recent.len() == RECENT_DENIALS {
@@ -417,6 +430,8 @@ impl Ctx {
                 method: method.to_string(),
                 check: denial.check(),
                 reason: denial.to_string(),
+                target: denial.target().map(ToString::to_string),
+                seq,
             });
         }
         let admitted = lock(&self.log_limit).admit(Instant::now());

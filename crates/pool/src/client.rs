@@ -21,6 +21,15 @@ pub enum ClientError {
     /// No daemon listens on the socket.
     #[error("no vmcp daemon listens on {}", .0.display())]
     NotRunning(PathBuf),
+    /// The socket is served by another user's process: nothing is sent to it (it would get
+    /// the program, its environment and its input).
+    #[error("the daemon socket {} is served by uid {uid}, not by this user or root; ignoring it", path.display())]
+    Foreign {
+        /// The socket.
+        path: PathBuf,
+        /// The uid of the process behind it.
+        uid: u32,
+    },
     /// The daemon did not answer in time.
     #[error("the daemon did not answer within {0:?}")]
     Timeout(Duration),
@@ -88,6 +97,7 @@ pub enum Acquired {
     NoVm(String),
 }
 
+/// Connects and checks who serves the socket (`SO_PEERCRED`): this user or root only.
 fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
     let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
@@ -95,6 +105,13 @@ fn connect(path: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
         }
         _ => ClientError::Io(e),
     })?;
+    let uid = sys::peer_cred(stream.as_fd())?.uid;
+    if uid != sys::my_uid() && uid != 0 {
+        return Err(ClientError::Foreign {
+            path: path.to_path_buf(),
+            uid,
+        });
+    }
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     Ok(stream)

@@ -37,6 +37,11 @@ pub trait Handout: Send + 'static {
     fn token(&self) -> &str;
     /// The host end of the agent channel (a connected stream socket).
     fn channel(&self) -> BorrowedFd<'_>;
+    /// Whether the VM still runs (cheap, no waiting); a dead pooled VM is destroyed instead of
+    /// handed out. Default: assume it does.
+    fn alive(&self) -> bool {
+        true
+    }
 }
 
 /// Turns a client's request into a profile name (the daemon computes it the way `vmcp run`
@@ -327,12 +332,23 @@ where
             return;
         }
     };
-    let mut lease = match pool.take(&profile) {
-        Ok(l) => l,
-        Err(e) => {
-            let reason = clip(&e.to_string(), MAX_TEXT_BYTES);
-            answer(&mut stream, &Answer::NoVm { reason }).await;
-            return;
+    // A VM that died while it waited in the pool is destroyed, and the next one taken.
+    let mut lease = loop {
+        let mut lease = match pool.take(&profile) {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = clip(&e.to_string(), MAX_TEXT_BYTES);
+                answer(&mut stream, &Answer::NoVm { reason }).await;
+                return;
+            }
+        };
+        match lease.vm() {
+            Some(vm) if vm.alive() => break lease,
+            Some(vm) => {
+                (o.log)(&format!("VM {} died in the pool; destroyed it", vm.vm_id()));
+                lease.destroy().await;
+            }
+            None => return,
         }
     };
     let Some(vm) = lease.vm() else {

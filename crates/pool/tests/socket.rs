@@ -45,9 +45,17 @@ impl Handout for FakeVm {
     fn channel(&self) -> BorrowedFd<'_> {
         self.host.as_fd()
     }
+    fn alive(&self) -> bool {
+        // The test kills a VM by naming it in DEAD.
+        !DEAD.lock().unwrap().contains(&self.id)
+    }
 }
 
+static DEAD: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 struct FakeSource {
+    /// Tells this daemon's VM ids from those of the other tests (they share `DEAD`).
+    tag: usize,
     n: AtomicUsize,
     alive: Arc<AtomicUsize>,
 }
@@ -56,7 +64,7 @@ struct FakeSource {
 impl Source for FakeSource {
     type Vm = FakeVm;
     async fn make(&self, _p: &ProfileSpec) -> Result<FakeVm, String> {
-        let id = format!("vm{}", self.n.fetch_add(1, Ordering::SeqCst));
+        let id = format!("d{}vm{}", self.tag, self.n.fetch_add(1, Ordering::SeqCst));
         let (host, mut guest) = UnixStream::pair().map_err(|e| e.to_string())?;
         guest
             .write_all(format!("{id}\n").as_bytes())
@@ -96,7 +104,9 @@ fn start(target: usize) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("run").join("daemon.sock");
     let alive = Arc::new(AtomicUsize::new(0));
+    static TAGS: AtomicUsize = AtomicUsize::new(0);
     let src = Arc::new(FakeSource {
+        tag: TAGS.fetch_add(1, Ordering::SeqCst),
         n: AtomicUsize::new(0),
         alive: Arc::clone(&alive),
     });
@@ -213,6 +223,24 @@ fn a_handed_out_vm_carries_its_channel_and_is_destroyed_after_use() {
     wait(|| d.pool.status()[0].leased == 0 && d.pool.status()[0].ready == 2);
     assert_eq!(d.alive.load(Ordering::SeqCst), 2, "used VMs are destroyed");
     assert_eq!(d.pool.status()[0].handed_out, 2);
+    // A VM that died in the pool is destroyed, not handed out: the next one comes.
+    wait(|| d.pool.status()[0].ready == 2);
+    let (id3, _ch3, s3) = acquire(&d.sock);
+    s3.done();
+    wait(|| d.pool.status()[0].leased == 0 && d.pool.status()[0].ready == 2);
+    // vm ids are handed out in order of their restore: the next ready one is the oldest.
+    let (prefix, n) = id3.split_once("vm").unwrap();
+    let next = format!("{prefix}vm{}", n.parse::<u32>().unwrap() + 1);
+    DEAD.lock().unwrap().push(next.clone());
+    let (id4, _ch4, s4) = acquire(&d.sock);
+    assert_ne!(id4, next, "a dead VM was handed out");
+    s4.done();
+    wait(|| d.pool.status()[0].leased == 0);
+    let log = d.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains(&format!("VM {next} died in the pool")),
+        "{log}"
+    );
     // Another profile: no VM, a reason.
     match client::acquire(&d.sock, &VmRequest::new(1, 512), T).unwrap() {
         Acquired::NoVm(r) => assert!(r.contains("no pool for profile p512"), "{r}"),
@@ -220,7 +248,7 @@ fn a_handed_out_vm_carries_its_channel_and_is_destroyed_after_use() {
     }
     let st = client::status(&d.sock, T).unwrap();
     assert_eq!(st.pid, std::process::id());
-    assert_eq!(st.profiles[0].handed_out, 2);
+    assert_eq!(st.profiles[0].handed_out, 5);
     // A second daemon on the same socket is refused; the first one's socket stays.
     {
         let _g = d.rt.enter();
@@ -433,6 +461,70 @@ fn another_users_client_is_refused() {
     assert!(
         log.contains("of uid 65534: this daemon serves uid 0 only"),
         "{log}"
+    );
+}
+
+/// Not a test on its own: another user's "daemon" in [`another_users_daemon_is_not_used`]:
+/// listens on the socket path it is given and accepts one connection.
+#[test]
+#[ignore = "helper process of another_users_daemon_is_not_used"]
+fn foreign_daemon_helper() {
+    let Some(sock) = std::env::var_os("VMCP_FOREIGN_DAEMON_SOCKET") else {
+        return;
+    };
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    println!("LISTENING");
+    let (mut s, _) = l.accept().unwrap();
+    let mut got = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = s.read_to_end(&mut got);
+    println!("GOT {} BYTES", got.len());
+}
+
+#[test]
+fn another_users_daemon_is_not_used() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    if rustix_uid() != 0 {
+        vmcp_test_support::skipped!("SKIPPED: a daemon of another user needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.path().join("daemon.sock");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "foreign_daemon_helper",
+            "--nocapture",
+        ])
+        .env("VMCP_FOREIGN_DAEMON_SOCKET", &sock)
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(helper.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("LISTENING") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let _ = helper.wait();
+            vmcp_test_support::skipped!("SKIPPED: the test binary cannot run as uid 65534 here");
+            return;
+        }
+    }
+    let e = client::acquire(&sock, &VmRequest::new(1, 256), T).unwrap_err();
+    assert!(matches!(e, ClientError::Foreign { uid: 65534, .. }), "{e}");
+    assert!(e.to_string().contains("served by uid 65534"), "{e}");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    helper.wait().unwrap();
+    assert!(
+        rest.contains("GOT 0 BYTES"),
+        "the request reached the foreign daemon: {rest}"
     );
 }
 

@@ -15,8 +15,9 @@ use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_mcp_server::tool::{Annotations, BoxFuture};
 use vmcp_mcp_server::{CallContext, ToolDef, ToolOutput, ToolSet};
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
+use vmcp_vm::NetMode;
 
-use crate::manager::{CreateRequest, Limits, Manager, SandboxError, VmSpec};
+use crate::manager::{CreateRequest, Limits, Manager, Sandbox, SandboxError, VmSpec};
 use crate::output::Capped;
 
 /// Longest `wait_ms` of `sandbox_exec_poll`.
@@ -59,8 +60,21 @@ fn command_props(p: &mut Map<String, Value>) {
 fn vm_props(p: &mut Map<String, Value>, l: &Limits) {
     p.insert("cpus".into(), json!({"type": "integer", "minimum": 1, "maximum": l.max_cpus, "description": "Virtual CPUs (default 1)"}));
     p.insert("memory_mib".into(), json!({"type": "integer", "minimum": vmcp_vm::MIN_MEMORY_MIB, "maximum": l.max_memory_mib, "description": "Guest memory in MiB (default 256)"}));
-    p.insert("network".into(), json!({"const": false, "description": "Network access: always off (the guest has no network device)"}));
+    p.insert("network".into(), json!({"type": ["string", "boolean"], "maxLength": 16384, "description": network_description(l)}));
     p.insert("image".into(), json!({"type": "string", "maxLength": 256, "description": format!("Guest image; {NOT_YET_IMAGE}")}));
+}
+
+fn network_description(l: &Limits) -> String {
+    let allow = match &l.net_ceiling {
+        Some(cap) => format!("\"allow=HOST[:PORT],...\": only these hosts (names, *.suffix, IP addresses, CIDR ranges), through vmcp's egress proxy; HTTP_PROXY/HTTPS_PROXY are set for every command and refused connections are reported in sandbox_exec results. This server permits allow lists within: {cap}"),
+        None => "This server permits no allow-listed network (the user starts it with --net-allow to permit one)".into(),
+    };
+    let nat = if l.allow_nat {
+        "\"nat\": unrestricted outbound network (permitted by this server)"
+    } else {
+        "\"nat\" (unrestricted) is not permitted by this server"
+    };
+    format!("Guest network: \"none\" or false (default: no network device). {allow}. {nat}.")
 }
 
 fn object(props: Map<String, Value>, required: &[&str]) -> Value {
@@ -76,7 +90,9 @@ fn exec_output_schema() -> Value {
         "stdout_truncated_bytes": {"type": "integer"},
         "stderr_truncated_bytes": {"type": "integer"},
         "timed_out": {"type": "boolean"},
-        "duration_ms": {"type": "integer"}
+        "duration_ms": {"type": "integer"},
+        "egress_denied": {"type": "array", "items": {"type": "string"}, "description": "Connections the egress policy refused since the previous call (allow-listed network)"},
+        "notices": {"type": "array", "items": {"type": "string"}, "description": "How the VM started (run only)"}
     }, "required": ["exit_code", "signal", "stdout", "stderr", "stdout_truncated_bytes", "stderr_truncated_bytes", "timed_out", "duration_ms"]})
 }
 
@@ -104,9 +120,9 @@ impl SandboxTools {
         defs.push(ToolDef::new(
             "sandbox_create",
             "Create a sandbox",
-            format!("Boots a fresh micro-VM (Linux, busybox userland, no network) and returns its id. State (files, processes) persists across calls until sandbox_destroy, the idle timeout, the lifetime, or {}s after the client session ends. At most {} sandboxes and {} MiB of guest memory at once.", l.session_grace.as_secs(), l.max_sandboxes, l.memory_budget_mib),
+            format!("Starts a fresh micro-VM (Linux, busybox userland, no network unless `network` asks for one) and returns its id. State (files, processes) persists across calls until sandbox_destroy, the idle timeout, the lifetime, or {}s after the client session ends. At most {} sandboxes and {} MiB of guest memory at once.", l.session_grace.as_secs(), l.max_sandboxes, l.memory_budget_mib),
             object(p, &[]),
-            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "boot_ms": {"type": "integer"}}, "required": ["sandbox_id", "cpus", "memory_mib", "boot_ms"]})),
+            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "boot_ms": {"type": "integer"}, "network": {"type": "string"}, "notices": {"type": "array", "items": {"type": "string"}}}, "required": ["sandbox_id", "cpus", "memory_mib", "boot_ms", "network", "notices"]})),
             Annotations::additive(),
         ));
 
@@ -357,7 +373,7 @@ fn spec_of(args: &Map<String, Value>, stdin: bool) -> Result<ExecSpec, String> {
     Ok(spec)
 }
 
-fn vm_spec(args: &Map<String, Value>) -> Result<VmSpec, String> {
+fn vm_spec(args: &Map<String, Value>, l: &Limits) -> Result<VmSpec, String> {
     if str_arg(args, "image").is_some() {
         return Err(format!("image: {NOT_YET_IMAGE}"));
     }
@@ -366,7 +382,41 @@ fn vm_spec(args: &Map<String, Value>) -> Result<VmSpec, String> {
     Ok(VmSpec::new(
         u32::try_from(cpus).unwrap_or(u32::MAX),
         u32::try_from(mem).unwrap_or(u32::MAX),
-    ))
+    )
+    .with_net(net_arg(args, l)?))
+}
+
+/// The `network` argument, within what the server permits.
+fn net_arg(args: &Map<String, Value>, l: &Limits) -> Result<NetMode, String> {
+    let text = match args.get("network") {
+        None | Some(Value::Bool(false)) => return Ok(NetMode::None),
+        Some(Value::String(s)) => s.trim(),
+        Some(_) => {
+            return Err(
+                "network: say which network: \"none\", \"allow=HOST[:PORT],...\" or \"nat\"".into(),
+            )
+        }
+    };
+    let mode: NetMode = text.parse().map_err(|e: vmcp_vm::net::NetError| {
+        format!("network: {}", chain(&e).replace("--net ", ""))
+    })?;
+    match &mode {
+        NetMode::Nat if !l.allow_nat => Err(
+            "network: nat (unrestricted network) is not permitted by this server; ask for \"allow=HOST[:PORT],...\" with the hosts you need (the user permits nat with `vmcp mcp serve --net-nat`)".into(),
+        ),
+        NetMode::Allow(asked) => {
+            let Some(cap) = &l.net_ceiling else {
+                return Err("network: this server permits no network (the user permits an allow list with `vmcp mcp serve --net-allow HOST[:PORT],...`)".into());
+            };
+            match cap.first_uncovered(asked) {
+                Some(rule) => Err(format!(
+                    "network: {rule} is not within the allow list this server permits ({cap}); ask only for hosts inside it"
+                )),
+                None => Ok(mode),
+            }
+        }
+        _ => Ok(mode),
+    }
 }
 
 fn status_json(status: Option<ExitStatus>) -> (Value, Value) {
@@ -409,15 +459,20 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Runs one process to its end with caps, timeout, progress and cancellation.
 async fn exec_collect(
-    agent: &vmcp_vm::agent::AgentClient,
+    sb: &Sandbox,
     spec: ExecSpec,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
     max_output: usize,
     ctx: &CallContext,
 ) -> ToolOutput {
+    let agent = sb.agent();
     let program = spec.argv.first().cloned().unwrap_or_default();
     let started = Instant::now();
+    // Refusals of the egress proxy while it runs go out as progress at once; the result
+    // lists every one not reported before.
+    let mut denial_mark = sb.egress_mark();
+    let mut denial_tick = tokio::time::interval(DENIAL_POLL);
     let mut process = match agent.exec(spec).await {
         Ok(p) => p,
         Err(e) => return ToolOutput::error(agent_failure(&program, e)),
@@ -460,6 +515,13 @@ async fn exec_collect(
                 let _ = process.control().signal(9).await;
                 return ToolOutput::error("cancelled; the process was killed");
             }
+            _ = denial_tick.tick(), if sb.has_egress() => {
+                let (lines, mark) = sb.egress_denials_since(denial_mark);
+                denial_mark = mark;
+                for line in lines {
+                    ctx.progress(&format!("egress: {line}"));
+                }
+            }
         }
         if timed_out && deadline.is_elapsed() {
             return ToolOutput::error(format!(
@@ -477,8 +539,18 @@ async fn exec_collect(
         "stderr_truncated_bytes": err.dropped(),
         "timed_out": timed_out,
         "duration_ms": started.elapsed().as_millis() as u64,
+        "egress_denied": sb.take_egress_denials(),
     });
     ToolOutput::json(structured)
+}
+
+/// How often a running `sandbox_exec` looks for new egress refusals.
+const DENIAL_POLL: Duration = Duration::from_millis(200);
+
+fn nat_warning(net: &NetMode) -> Option<&'static str> {
+    matches!(net, NetMode::Nat).then_some(
+        "warning: network nat gives the sandbox unrestricted outbound network access (any host, any port, DNS, and the host's loopback services through 10.0.2.2)",
+    )
 }
 
 fn progress_text(stream: &str, d: &[u8]) -> String {
@@ -534,13 +606,13 @@ async fn call(
     };
     match name {
         "sandbox_create" | "run" => {
-            let spec = vm_spec(args)?;
+            let spec = vm_spec(args, &l)?;
             let exec = if name == "run" {
                 Some(spec_of(args, str_arg(args, "stdin").is_some())?)
             } else {
                 None
             };
-            let mut req = CreateRequest::new(spec);
+            let mut req = CreateRequest::new(spec.clone());
             req.idle_timeout = u64_arg(args, "idle_timeout_secs").map(Duration::from_secs);
             req.lifetime = u64_arg(args, "timeout_secs")
                 .filter(|_| exec.is_none())
@@ -550,12 +622,18 @@ async fn call(
                 .create(req, ctx.session.clone(), &progress, ctx.cancel.cancelled())
                 .await
                 .map_err(err)?;
+            let mut notices = sb.notices().to_vec();
+            if let Some(w) = nat_warning(&spec.net) {
+                notices.push(w.into());
+            }
             let Some(exec) = exec else {
                 return Ok(ToolOutput::json(json!({
                     "sandbox_id": sb.id(),
                     "cpus": spec.cpus,
                     "memory_mib": spec.memory_mib,
                     "boot_ms": sb.boot_time().as_millis() as u64,
+                    "network": spec.net.to_string(),
+                    "notices": notices,
                 })));
             };
             // `run`: one command, then the VM goes whatever happens.
@@ -572,7 +650,11 @@ async fn call(
             let _destroy = Destroy(m.clone(), id.clone());
             let stdin = str_arg(args, "stdin").map(|s| s.as_bytes().to_vec());
             let timeout = secs_arg(args, "timeout_secs").unwrap_or(l.default_exec_timeout);
-            let out = exec_collect(sb.agent(), exec, stdin, timeout, l.max_output, ctx).await;
+            let mut out = exec_collect(&sb, exec, stdin, timeout, l.max_output, ctx).await;
+            if let ToolOutput::Ok { structured, text } = &mut out {
+                structured["notices"] = json!(notices);
+                *text = structured.to_string();
+            }
             drop(sb);
             m.destroy(&id).await;
             Ok(out)
@@ -582,7 +664,7 @@ async fn call(
             let sb = sandbox(m)?;
             let stdin = str_arg(args, "stdin").map(|s| s.as_bytes().to_vec());
             let timeout = secs_arg(args, "timeout_secs").unwrap_or(l.default_exec_timeout);
-            Ok(exec_collect(sb.agent(), spec, stdin, timeout, l.max_output, ctx).await)
+            Ok(exec_collect(&sb, spec, stdin, timeout, l.max_output, ctx).await)
         }
         "sandbox_exec_start" => {
             let open = args

@@ -223,7 +223,7 @@ async fn argument_errors_name_the_field() {
     let e = call(&t, "sandbox_create", json!({"network": true}), ctx(None))
         .await
         .unwrap_err();
-    assert_eq!(e, "network: must be false, got true");
+    assert!(e.starts_with("network: say which network"), "{e}");
     let e = call(&t, "sandbox_create", json!({"image": "python"}), ctx(None))
         .await
         .unwrap_err();
@@ -277,6 +277,85 @@ async fn argument_errors_name_the_field() {
     }
     // Every published schema is one the server accepts.
     vmcp_mcp_server::Server::new(t.clone(), Default::default()).unwrap();
+}
+
+#[tokio::test]
+async fn network_requests_stay_within_what_the_server_permits() {
+    // No flag: no network at all, whatever the client asks.
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |_| {});
+    for (net, want) in [
+        (
+            "allow=api.test:443",
+            "network: this server permits no network",
+        ),
+        (
+            "nat",
+            "network: nat (unrestricted network) is not permitted",
+        ),
+        (
+            "open",
+            "network: bad \"open\": expected none, nat or allow=",
+        ),
+        ("allow=a..b", "network: bad allow list: bad host \"a..b\""),
+    ] {
+        let e = call(&t, "sandbox_create", json!({"network": net}), ctx(None))
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(want), "{net}: {e}");
+    }
+    // A ceiling: an allow list within it passes, one entry beyond it is named.
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |l| {
+        l.net_ceiling = Some("*.example.com:443,203.0.113.0/24".parse().unwrap());
+        l.allow_nat = true;
+    });
+    let e = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=a.example.com:443,203.0.113.9,10.0.0.1:443"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "network: 10.0.0.1:443 is not within the allow list this server permits (*.example.com:443,203.0.113.0/24); ask only for hosts inside it"
+    );
+    let e = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=*.example.com"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("*.example.com is not within"), "{e}");
+    let r = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=a.example.com:443,203.0.113.9"}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r["network"], "allow=a.example.com:443,203.0.113.9");
+    assert_eq!(r["notices"], json!([]));
+    let r = call(&t, "sandbox_create", json!({"network": "nat"}), ctx(None))
+        .await
+        .unwrap();
+    assert!(
+        r["notices"][0].as_str().unwrap().contains("unrestricted"),
+        "{r}"
+    );
+    let r = call(&t, "sandbox_create", json!({"network": false}), ctx(None))
+        .await
+        .unwrap();
+    assert_eq!(r["network"], "none");
+    assert_eq!(
+        *f.nets.lock().unwrap(),
+        ["allow=a.example.com:443,203.0.113.9", "nat", "none"]
+    );
 }
 
 #[tokio::test]
@@ -802,7 +881,7 @@ async fn boot_progress_and_exec_output_progress() {
     let answer = server.handle_now(msg, &conn, out.clone()).await.unwrap();
     assert!(matches!(answer, Message::Response(_)));
     let got = out.0.lock().unwrap().clone();
-    assert_eq!(got[0], "booting a VM (1 vCPU, 256 MiB)");
+    assert_eq!(got[0], "starting a VM (1 vCPU, 256 MiB, network none)");
     assert!(got[1].starts_with("VM ready after "), "{got:?}");
     assert_eq!(got[2], "stdout: streamed\n");
 }

@@ -1020,6 +1020,15 @@ impl Lifecycle<QemuMachine> {
             .map(|(_, port)| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *port)))
     }
 
+    /// The counters and recent refusals of the VM's egress proxy while QEMU runs
+    /// (allow-list network only); they stay readable after the proxy stopped.
+    pub fn egress_stats(&self) -> Option<std::sync::Arc<vmcp_egress::Stats>> {
+        self.machine()
+            .egress
+            .as_ref()
+            .map(|(handle, _)| handle.shared_stats())
+    }
+
     /// QEMU's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.machine().pid()

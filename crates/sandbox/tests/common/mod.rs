@@ -235,6 +235,8 @@ pub struct FakeFactory {
     files: tempfile::TempDir,
     pub alive: Arc<AtomicUsize>,
     pub created: AtomicUsize,
+    /// The `network` of every VM created, as text.
+    pub nets: std::sync::Mutex<Vec<String>>,
 }
 
 struct Counted(Box<dyn Vm>, Arc<AtomicUsize>);
@@ -289,6 +291,7 @@ impl FakeFactory {
             backend: FakeBackend::new(Arc::new(|s, t| Box::pin(guest(s, t))), faults),
             alive: Arc::new(AtomicUsize::new(0)),
             created: AtomicUsize::new(0),
+            nets: std::sync::Mutex::new(Vec::new()),
         })
     }
     pub fn alive(&self) -> usize {
@@ -305,6 +308,7 @@ impl VmFactory for FakeFactory {
         );
         c.cpus = spec.cpus;
         c.memory_mib = spec.memory_mib;
+        self.nets.lock().unwrap().push(spec.net.to_string());
         let vm = self.backend.create(c).await?;
         self.alive.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);
