@@ -397,3 +397,34 @@ async fn connections_serve_one_request_and_close() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn ipv6_loopback_works_with_its_own_host_names() {
+    let broker = Broker::new(BrokerConfig::default());
+    let ui = match ApprovalUi::start("[::1]:0".parse().unwrap(), broker).await {
+        Ok(ui) => ui,
+        Err(e) => {
+            vmcp_test_support::skipped!("SKIPPED: no IPv6 loopback here ({e})");
+            return;
+        }
+    };
+    let addr = ui.local_addr();
+    assert!(ui.url().starts_with("http://[::1]:"), "{}", ui.url());
+    let target = format!("/api/pending?token={}", ui.token());
+    let r = request(addr, "GET", &target, &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let local = format!("localhost:{}", addr.port());
+    assert_eq!(
+        request(addr, "GET", &target, &[("Host", &local)], b"")
+            .await
+            .status,
+        200
+    );
+    let v4 = format!("127.0.0.1:{}", addr.port());
+    assert_eq!(
+        request(addr, "GET", &target, &[("Host", &v4)], b"")
+            .await
+            .status,
+        403
+    );
+}
