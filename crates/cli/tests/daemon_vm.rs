@@ -165,6 +165,15 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failed assertion must not leave the daemon (and its VMs) running: SIGKILL, which its
+    /// VMs do not survive either.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn wait_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
