@@ -76,3 +76,79 @@ fn a_missing_server_program_is_a_clear_error() {
     );
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
 }
+
+/// A loopback HTTP server answering every request with `body`; returns its port and a hit count.
+fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn wrap_takes_the_network_flags_of_run() {
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let runtime = tempfile::tempdir().unwrap();
+    // The "server" just prints what it can reach (the relay passes its stdout through). The
+    // guest's NO_PROXY excludes 127.0.0.1 (the guest itself); clearing it sends these
+    // requests for the host's 127.0.0.1 through the egress proxy.
+    let script = format!(
+        "export NO_PROXY= no_proxy=
+         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
+         wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\""
+    );
+    let out = Command::new(VMCP)
+        .args([
+            "mcp",
+            "wrap",
+            "--net",
+            &format!("allow=127.0.0.1:{allowed}"),
+        ])
+        .args(["--", "sh", "-c", &script])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("A:allowed-body"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("B:") && l != "B:0"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
+        "{stderr}"
+    );
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A bad value is refused before anything boots.
+    let out = Command::new(VMCP)
+        .args(["mcp", "wrap", "--publish", "0:80", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad --publish \"0:80\""), "{err}");
+    assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
+}

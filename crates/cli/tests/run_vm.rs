@@ -546,9 +546,15 @@ fn bench_reports_every_metric() {
         "RSS",
         "target",
         "checkpoint of a running VM",
+        "fork(1) of that checkpoint",
+        "fork(2) → all ready",
+        "rewind to that checkpoint",
+        "checkpoint of a forked (restored) VM",
         "restore → agent ready",
         "`vmcp run -- true` end to end",
         "PSS of 1 idle VMs",
+        "pool acquire",
+        "with a warm `vmcp daemon`",
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }
