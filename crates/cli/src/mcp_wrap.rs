@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use vmcp_guest_proto::FailureKind;
 use vmcp_mcp_server::http::relay::{BoxFuture, Pipe, Upstream};
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::{Accel, Arch, Vm, VmConfig};
+use vmcp_vm::{Accel, Arch, NetMode, PortForward, Vm, VmConfig};
 
 use crate::run::{exit_code, signal, ShareArg, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
 
@@ -63,6 +63,14 @@ pub struct WrapArgs {
     /// Working directory in the guest.
     #[arg(long, short = 'w', value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Guest network: none (no network card), allow=HOST[:PORT],... (only through vmcp's
+    /// egress proxy; names, *.suffix, IP addresses, CIDR ranges), or nat (unrestricted).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = crate::run::parse_net)]
+    pub net: NetMode,
+    /// Publish a guest TCP port on the host: HOST_PORT:GUEST_PORT (on 127.0.0.1) or
+    /// ADDRESS:HOST_PORT:GUEST_PORT (repeatable), e.g. for a server that also serves HTTP.
+    #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = crate::run::parse_publish)]
+    pub publish: Vec<PortForward>,
     /// Serve Streamable HTTP on this address (e.g. 127.0.0.1:8080) instead of stdio: one VM
     /// per client session.
     #[arg(long, value_name = "ADDR")]
@@ -160,6 +168,11 @@ async fn start(args: &WrapArgs) -> Result<Guest, StartError> {
     config.accel = args.accel;
     config.image = image.as_ref().map(|i| i.config.clone());
     config.shares = shares.configs.clone();
+    config.net.mode = args.net.clone();
+    config.net.publish = args.publish.clone();
+    if let Some(w) = config.net.warning() {
+        eprintln!("vmcp: {w}");
+    }
     let selection = crate::run::select(&mut config).await.map_err(vm_err)?;
     let mut vm = selection
         .backend
@@ -286,7 +299,7 @@ async fn relay(
     pump_in.abort();
     drop(output);
     let copied = if graceful {
-        crate::run::copy_back(&g.agent, &g.shares).await
+        crate::run::copy_back(&g.agent, &g.shares, None, program).await
     } else {
         Ok(())
     };

@@ -11,38 +11,13 @@
 
 use std::process::Command;
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
-fn skip(reason: &str) -> bool {
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
 fn ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() || !text.contains("[ok] image") {
-        return skip(&format!(
-            "no VM or no guest image here (`vmcp doctor`):\n{text}"
-        ));
-    }
-    for tool in ["mmdebstrap", "mkfs.ext4", "npm"] {
-        if vmcp_image::import::find_tool(tool).is_none() {
-            return skip(&format!(
-                "{tool} not installed (scripts/install-deps installs it)"
-            ));
-        }
-    }
-    if ["pip3", "pip"]
-        .iter()
-        .all(|t| vmcp_image::import::find_tool(t).is_none())
-    {
-        return skip("pip not installed (scripts/install-deps installs python3-pip)");
-    }
-    true
+    // pip3 and npm fetch the --pip/--npm packages (scripts/install-deps installs them).
+    vm::ready_with_tools(VMCP, &["mmdebstrap", "mkfs.ext4", "pip3", "npm"])
 }
 
 /// The image's packages: Debian's python3, the Python MCP SDK, a small npm package with a

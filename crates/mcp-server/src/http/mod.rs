@@ -621,6 +621,7 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
         Err(r) => return r,
     };
     let stream = p.streams();
+    let want_sse = p.want_sse;
     let PostIn {
         msg,
         id,
@@ -696,6 +697,9 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
             .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         session.conn.clone()
     };
+    // A call that may ask the client's user (elicitation) needs a stream for the question.
+    let may_ask = msg.method() == Some("tools/call") && conn.supports_elicitation();
+    let stream = stream || (want_sse && may_ask);
     let (tx, rx) = mpsc::channel::<Bytes>(if stream {
         st.front.config.sse_queue.max(2)
     } else {
