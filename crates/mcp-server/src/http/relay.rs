@@ -141,11 +141,7 @@ fn raw_json(status: StatusCode, body: Bytes) -> Resp {
 }
 
 fn sse_line(line: &[u8]) -> Bytes {
-    let mut v = Vec::with_capacity(line.len() + 24);
-    v.extend_from_slice(b"event: message\ndata: ");
-    v.extend_from_slice(line);
-    v.extend_from_slice(b"\n\n");
-    Bytes::from(v)
+    Bytes::from(vmcp_mcp::sse::encode_json_line(line))
 }
 
 impl Relay {
@@ -228,7 +224,7 @@ impl Relay {
         if initialize {
             if ok {
                 if let Ok(v) = HeaderValue::from_str(&session.id) {
-                    resp.headers_mut().insert("mcp-session-id", v);
+                    resp.headers_mut().insert(super::HEADER_SESSION_ID, v);
                 }
             } else {
                 Self::end(&self.sessions, &session.id, "initialize failed");
