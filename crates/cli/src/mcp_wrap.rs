@@ -60,6 +60,10 @@ pub struct WrapArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Approval of what crosses from the VM to the host (here: egress off the --net allow
+    /// list, asked on the approval page; without it such connections are denied).
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
     /// The stdio MCP server and its arguments (after `--`).
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -96,6 +100,16 @@ async fn wrap(args: WrapArgs) -> anyhow::Result<ExitCode> {
     config.accel = args.accel;
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
+    // Kept alive for the VM's life (the page and the broker the egress gate asks).
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp).await?;
+    if let (Some(a), NetMode::Allow(_)) = (&approvals, &config.net.mode) {
+        let program = args.command.first().cloned().unwrap_or_default();
+        config.net.gate = Some(a.egress_gate(&format!(
+            "vmcp mcp wrap {program} (pid {})",
+            std::process::id()
+        )));
+    }
     if let Some(w) = config.net.warning() {
         eprintln!("vmcp: {w}");
     }
