@@ -492,6 +492,8 @@ fn audit_record(
             None,
         ),
         Crossing::Egress { host, port, .. } => (None, None, Some(host.clone()), Some(*port)),
+        // The tool and command are in the submission's context.
+        Crossing::ToolCall { .. } => (None, None, None, None),
     };
     AuditRecord {
         ts: crate::time::rfc3339(now),

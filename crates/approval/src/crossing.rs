@@ -31,21 +31,33 @@ pub enum Crossing {
         /// Port.
         port: u16,
     },
+    /// An MCP tool call that a `tool`/`command` rule says to ask about, before it runs.
+    ToolCall {
+        /// The MCP session or sandbox it comes from.
+        sandbox: String,
+        /// The tool's name.
+        tool: String,
+        /// The command line it would run, when it runs one.
+        command: Option<String>,
+    },
 }
 
 impl Crossing {
     /// The sandbox the crossing comes from.
     pub fn sandbox(&self) -> &str {
         match self {
-            Crossing::ShareChanges { sandbox, .. } | Crossing::Egress { sandbox, .. } => sandbox,
+            Crossing::ShareChanges { sandbox, .. }
+            | Crossing::Egress { sandbox, .. }
+            | Crossing::ToolCall { sandbox, .. } => sandbox,
         }
     }
 
-    /// `share_changes` or `egress`.
+    /// `share_changes`, `egress` or `tool_call`.
     pub fn kind(&self) -> &'static str {
         match self {
             Crossing::ShareChanges { .. } => "share_changes",
             Crossing::Egress { .. } => "egress",
+            Crossing::ToolCall { .. } => "tool_call",
         }
     }
 
@@ -53,7 +65,7 @@ impl Crossing {
     pub fn changes(&self) -> Option<&ChangeSet> {
         match self {
             Crossing::ShareChanges { changes, .. } => Some(changes),
-            Crossing::Egress { .. } => None,
+            Crossing::Egress { .. } | Crossing::ToolCall { .. } => None,
         }
     }
 
@@ -84,6 +96,23 @@ impl Crossing {
                 sanitize(sandbox, 128),
                 sanitize(host, 256)
             ),
+            Crossing::ToolCall {
+                sandbox,
+                tool,
+                command,
+            } => match command {
+                Some(c) => format!(
+                    "{} wants to call {} to run: {}",
+                    sanitize(sandbox, 128),
+                    sanitize(tool, 128),
+                    sanitize(c, 512)
+                ),
+                None => format!(
+                    "{} wants to call {}",
+                    sanitize(sandbox, 128),
+                    sanitize(tool, 128)
+                ),
+            },
         }
     }
 }

@@ -228,6 +228,18 @@ mod tests {
         }
     }
 
+    proptest! {
+        /// The same invariants as the `approval_diff` fuzz target, on arbitrary text.
+        #[test]
+        fn bounded_and_empty_only_when_equal(old in "(\\PC|\n|a\n){0,100}", new in "(\\PC|\n|a\n){0,100}", max in 1usize..400) {
+            let (d, truncated) = unified(&old, &new, max);
+            prop_assert!(d.len() <= max + "\\ diff truncated\n".len());
+            if !truncated {
+                prop_assert_eq!(d.is_empty(), old == new);
+            }
+        }
+    }
+
     fn is_subsequence(sub: &str, full: &str) -> bool {
         let mut it = full.split_inclusive('\n');
         sub.split_inclusive('\n').all(|l| it.any(|f| f == l))

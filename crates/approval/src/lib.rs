@@ -55,3 +55,19 @@ pub use change::{
 pub use crossing::{Crossing, Decision, PendingApproval};
 pub use policy::{Action, Policy, PolicyError, Rule, Subject};
 pub use terminal::TerminalAsker;
+
+/// Entry points for the fuzz targets in `fuzz/` (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The unified diff of `old` → `new` cut at `max_bytes`: `(text, truncated)`.
+    pub fn unified(old: &str, new: &str, max_bytes: usize) -> (String, bool) {
+        crate::diff::unified(old, new, max_bytes)
+    }
+
+    /// Whether `pattern` (a policy glob) matches `text`; `None` when the pattern is invalid.
+    pub fn glob_matches(pattern: &str, text: &str) -> Option<bool> {
+        crate::glob::Glob::new(pattern)
+            .ok()
+            .map(|g| g.matches(text))
+    }
+}

@@ -416,7 +416,8 @@ impl Policy {
     /// The action for a change list written into `host_dir`: each changed file is decided as a
     /// subject with its absolute host path (`host_dir` joined with the file's relative path,
     /// `/`-separated) plus `base`'s tool and command; the result is the strictest of them
-    /// ([`Action::strictest`]). An empty change list is [`Action::Allow`] (nothing crosses).
+    /// ([`Action::strictest`]). An empty change list is [`Action::Allow`] (nothing crosses;
+    /// refused entries never cross).
     pub fn decide_changes(
         &self,
         base: &Subject,
@@ -426,19 +427,14 @@ impl Policy {
         let root = host_dir.to_string_lossy().replace('\\', "/");
         let root = root.trim_end_matches('/');
         let mut out = Action::Allow;
-        let mut any = false;
         for f in &changes.entries {
-            any = true;
             let s = base.clone().with_path(format!("{root}/{}", f.path));
             out = out.strictest(self.decide(&s));
         }
-        // Entries beyond the cap are unknown here: nothing less than asking covers them.
+        // Entries beyond the cap are unknown here: nothing less than asking covers them
+        // (they are never applied, but the person should see that they exist).
         if changes.omitted > 0 {
-            any = true;
             out = out.strictest(Action::Ask);
-        }
-        if !any && changes.refused.is_empty() {
-            return Action::Allow;
         }
         out
     }

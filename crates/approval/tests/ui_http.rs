@@ -366,3 +366,65 @@ async fn page_escapes_hostile_names_and_sets_headers() {
     assert!(r.body.contains("Nothing is waiting"), "{}", r.body);
     assert!(r.header("x-generation").unwrap().parse::<u64>().unwrap() > gen);
 }
+
+#[tokio::test]
+async fn connections_serve_one_request_and_close() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_b, ui) = start().await;
+    let addr = ui.local_addr();
+    // More idle-after-one-request connections than the server has slots: each is closed after
+    // its answer, so none keeps a slot and a later request is still served.
+    let mut held = Vec::new();
+    for _ in 0..vmcp_approval::ui::MAX_CONNECTIONS + 4 {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET /api/pending HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("the server kept the connection open")
+            .unwrap();
+        assert!(raw.starts_with(b"HTTP/1.1 401"));
+        held.push(s);
+    }
+    let r = request(
+        addr,
+        "GET",
+        &format!("/api/pending?token={}", ui.token()),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn ipv6_loopback_works_with_its_own_host_names() {
+    let broker = Broker::new(BrokerConfig::default());
+    let ui = match ApprovalUi::start("[::1]:0".parse().unwrap(), broker).await {
+        Ok(ui) => ui,
+        Err(e) => {
+            vmcp_test_support::skipped!("SKIPPED: no IPv6 loopback here ({e})");
+            return;
+        }
+    };
+    let addr = ui.local_addr();
+    assert!(ui.url().starts_with("http://[::1]:"), "{}", ui.url());
+    let target = format!("/api/pending?token={}", ui.token());
+    let r = request(addr, "GET", &target, &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let local = format!("localhost:{}", addr.port());
+    assert_eq!(
+        request(addr, "GET", &target, &[("Host", &local)], b"")
+            .await
+            .status,
+        200
+    );
+    let v4 = format!("127.0.0.1:{}", addr.port());
+    assert_eq!(
+        request(addr, "GET", &target, &[("Host", &v4)], b"")
+            .await
+            .status,
+        403
+    );
+}

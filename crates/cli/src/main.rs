@@ -2,6 +2,7 @@
 //!
 //! A thin binary: each subcommand lives in its own module and calls the library crates.
 
+mod approvals;
 mod bench;
 mod bench_backend;
 mod bench_daemon;
@@ -9,11 +10,13 @@ mod bench_mcp;
 mod bench_share;
 mod daemon_cmd;
 mod doctor;
+mod gated_tools;
 mod image_cmd;
 mod mcp_cmd;
 mod mcp_serve;
 mod mcp_wrap;
 mod run;
+mod share_gate;
 mod snapshot_cmd;
 mod snapshots;
 

@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Approval of what crosses from the sandboxes to the host, and of tool calls named by
+    /// `tool`/`command` rules.
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
 }
 
 /// Starts the guest image with the backend and accelerator the selector chose at start:
@@ -83,6 +87,7 @@ pub struct ServeArgs {
 struct SelectedFactory {
     backend: Box<dyn vmcp_vm::Backend>,
     template: VmConfig,
+    approvals: Option<Arc<crate::approvals::Approvals>>,
 }
 
 impl SelectedFactory {
@@ -92,6 +97,9 @@ impl SelectedFactory {
         config.memory_mib = spec.memory_mib;
         config.net = vmcp_vm::NetConfig::default();
         config.net.mode = spec.net.clone();
+        if let (Some(a), vmcp_vm::NetMode::Allow(_)) = (&self.approvals, &config.net.mode) {
+            config.net.gate = Some(a.egress_gate(&format!("sandbox ({} MiB)", spec.memory_mib)));
+        }
         config
     }
 }
@@ -185,13 +193,25 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<(Manager, Server)> {
     limits.default_idle = Duration::from_secs(args.idle_timeout.max(1));
     limits.net_ceiling = args.net_allow.clone();
     limits.allow_nat = args.net_nat;
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp)
+            .await?
+            .map(Arc::new);
     let factory = Arc::new(SelectedFactory {
         backend: selection.backend,
         template,
+        approvals: approvals.clone(),
     });
     let manager = Manager::new(factory, limits);
-    let server = Server::new(
-        SandboxTools::new(manager.clone()),
+    let tools: Arc<dyn vmcp_mcp_server::ToolSet> = match approvals {
+        Some(a) => Arc::new(crate::gated_tools::GatedTools::new(
+            Arc::new(SandboxTools::new(manager.clone())),
+            a,
+        )),
+        None => Arc::new(SandboxTools::new(manager.clone())),
+    };
+    let server = Server::from_arc(
+        tools,
         ServerConfig::default().with_instructions(
             "Each sandbox is a disposable Linux micro-VM (busybox userland, no network unless \
              sandbox_create's `network` asks for one the server permits). \

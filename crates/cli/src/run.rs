@@ -73,7 +73,7 @@ pub struct RunArgs {
     pub diff: bool,
     /// Share a host directory: HOST_DIR:GUEST_DIR[:ro|:rw] (repeatable; default ro). The
     /// guest gets a copy; with :rw its changes are copied back into HOST_DIR when the
-    /// program ends.
+    /// program ends (under a --policy that asks, only what was approved).
     #[arg(long, value_name = "HOST:GUEST[:ro|:rw]", value_parser = parse_share)]
     pub share: Vec<ShareArg>,
     /// Environment variable for the program (repeatable).
@@ -121,6 +121,9 @@ pub struct RunArgs {
     /// Start a VM here even when a `vmcp daemon` has a ready one for these flags.
     #[arg(long)]
     pub no_daemon: bool,
+    /// Approval of what crosses from the VM to the host.
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -372,8 +375,15 @@ fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
 /// Largest change set copied back from one writable share.
 const MAX_SHARE_CHANGES: u64 = 8 << 30;
 
-/// Copies the changes of every writable share back into its host directory.
-async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
+/// Copies the changes of every writable share back into its host directory; under an
+/// approval policy, only what the policy and a person let through (a line per share on
+/// stderr says what happened).
+async fn copy_back(
+    agent: &AgentClient,
+    shares: &Shares,
+    approvals: Option<&crate::approvals::Approvals>,
+    program: &str,
+) -> anyhow::Result<()> {
     let Some(dir) = &shares.dir else {
         return Ok(());
     };
@@ -395,15 +405,29 @@ async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
                 )
             })?;
         drop(file);
-        let (host2, tar2) = (host.clone(), tar_path.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::image_cmd::import::apply_share_changes(&host2, &tar2)
-        })
-        .await
-        .context("the copy-back task failed")?
-        .with_context(|| format!("cannot copy the changes back into {}", host.display()))?;
+        let apply = |host: &std::path::Path, tar: &std::path::Path| {
+            crate::image_cmd::import::apply_share_changes(host, tar)
+                .with_context(|| format!("cannot copy the changes back into {}", host.display()))
+        };
+        match approvals {
+            None => {
+                let (host2, tar2) = (host.clone(), tar_path.clone());
+                tokio::task::spawn_blocking(move || apply(&host2, &tar2))
+                    .await
+                    .context("the copy-back task failed")??;
+                tracing::info!(share = %host.display(), bytes, "copied share changes back");
+            }
+            Some(a) => {
+                let origin = crate::share_gate::Origin {
+                    sandbox: format!("vmcp run {program} (pid {})", std::process::id()),
+                    context: Some(format!("vmcp run {program}, share {}", cfg.guest_path)),
+                    askers: Vec::new(),
+                };
+                let report = crate::share_gate::settle(a, host, &tar_path, origin, apply).await?;
+                eprintln!("vmcp: {}", report.summary());
+            }
+        }
         let _ = std::fs::remove_file(&tar_path);
-        tracing::info!(share = %host.display(), bytes, "copied share changes back");
     }
     Ok(())
 }
@@ -414,6 +438,9 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         return Ok(code);
     }
     let files = boot_files(&args).await?;
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Terminal)
+            .await?;
     let shares = make_shares(&args.share)?;
     let image = match &args.image {
         Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
@@ -431,6 +458,11 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.console_log = args.console_log.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
+    if let (Some(a), NetMode::Allow(_)) = (&approvals, &config.net.mode) {
+        let program = args.command.first().cloned().unwrap_or_default();
+        config.net.gate =
+            Some(a.egress_gate(&format!("vmcp run {program} (pid {})", std::process::id())));
+    }
     if let Some(w) = config.net.warning() {
         eprintln!("vmcp: {w}");
     }
@@ -484,7 +516,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     if args.diff {
         print_changes(&agent).await;
     }
-    let copied = copy_back(&agent, &shares).await;
+    let copied = copy_back(&agent, &shares, approvals.as_ref(), &program).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
     if disposable {

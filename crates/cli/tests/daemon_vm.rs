@@ -165,6 +165,15 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failed assertion must not leave the daemon (and its VMs) running: SIGKILL, which its
+    /// VMs do not survive either.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn wait_gone(pids: &[u32]) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -180,22 +189,18 @@ fn wait_gone(pids: &[u32]) {
     }
 }
 
-/// Polls `vmcp daemon status` until every pool is full.
+/// Polls the daemon's status (in-process: no `vmcp` process per poll) until every pool is full.
 fn wait_full(env: &Env, n: u32) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let want = format!("{n} of {n} ready");
     loop {
-        let out = env.run(&["daemon", "status"]);
-        if text(&out.stdout).contains(&want) {
-            return;
+        let st = vmcp_pool::client::status(&env.socket(), Duration::from_secs(5));
+        if let Ok(st) = &st {
+            if st.profiles.iter().all(|p| p.ready >= n && p.target == n) {
+                return;
+            }
         }
-        assert!(
-            Instant::now() < deadline,
-            "the pool did not fill: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(Instant::now() < deadline, "the pool did not fill: {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -263,3 +263,58 @@ fn conformance_harness_server_scenarios() {
     child.wait().unwrap();
     assert!(failures.is_empty(), "{}", failures.join("\n----\n"));
 }
+
+/// MCP elicitation through the Python SDK's elicitation callback: a `tool` rule that asks is
+/// approved (the call runs) or denied (a tool error says so), a `deny` rule refuses without
+/// asking, and every decision lands in the audit log. VM-free: the gated tools need no VM.
+#[test]
+fn python_sdk_client_answers_elicitation_approve_and_deny() {
+    let Some(py) = python() else { return };
+    let runtime = tempfile::tempdir().unwrap();
+    let image = dummy_image(runtime.path());
+    let policy = runtime.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "default = \"allow\"\n[[rule]]\naction = \"ask\"\ntool = \"sandbox_list\"\n[[rule]]\naction = \"deny\"\ntool = \"sandbox_destroy\"\n",
+    )
+    .unwrap();
+    let audit = runtime.path().join("audit.jsonl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/py_elicit.py");
+    for answer in ["approve", "deny"] {
+        let mut args: Vec<String> = vec![
+            answer.into(),
+            VMCP.into(),
+            "mcp".into(),
+            "serve".into(),
+            "--policy".into(),
+            policy.display().to_string(),
+            "--audit-log".into(),
+            audit.display().to_string(),
+        ];
+        args.extend(image.clone());
+        let out = Command::new(&py)
+            .arg(&script)
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "py_elicit {answer}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("asked: "), "{stdout}");
+        assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["kind"], "tool_call");
+    assert_eq!(lines[0]["decision"], "approved");
+    assert_eq!(lines[0]["by"], "elicitation");
+    assert_eq!(lines[1]["decision"], "denied");
+}

@@ -68,8 +68,9 @@ async fn call<T: Transport>(c: &Client<T>, tool: &str, args: Value) -> Value {
     r.structured_content.unwrap()
 }
 
-/// Every working tool, in the order an agent would use them.
-async fn drive<T: Transport>(c: &Client<T>) {
+/// Every working tool, in the order an agent would use them; checkpoint, fork and rewind only
+/// with `snapshots` (once per run: they take a few seconds under TCG).
+async fn drive<T: Transport>(c: &Client<T>, snapshots: bool) {
     let names: Vec<String> = c
         .list_tools()
         .await
@@ -190,6 +191,34 @@ async fn drive<T: Transport>(c: &Client<T>) {
     )
     .await;
     assert_eq!(r["timed_out"], true);
+    // Checkpoint, fork and rewind of the real VM: A was written before the checkpoint, B after.
+    let sh = |cmd: &str| json!({"sandbox_id": id, "command": cmd});
+    if snapshots {
+        call(c, "sandbox_exec", sh("echo A > /root/a")).await;
+        let r = call(c, "sandbox_checkpoint", json!({"sandbox_id": id})).await;
+        let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
+        call(c, "sandbox_exec", sh("echo B > /root/b")).await;
+        let r = call(c, "sandbox_fork", json!({"checkpoint_id": ck})).await;
+        let fork = r["sandbox_ids"][0].as_str().unwrap().to_owned();
+        let files = json!({"sandbox_id": fork, "command": "ls /root; hostname"});
+        let r = call(c, "sandbox_exec", files).await;
+        let out = r["stdout"].as_str().unwrap();
+        assert!(out.starts_with("a\nvmcp-"), "{r}");
+        let r = call(c, "sandbox_exec", sh("hostname")).await;
+        assert!(
+            !out.ends_with(r["stdout"].as_str().unwrap()),
+            "own hostname"
+        );
+        call(
+            c,
+            "sandbox_rewind",
+            json!({"sandbox_id": id, "checkpoint_id": ck}),
+        )
+        .await;
+        let r = call(c, "sandbox_exec", sh("ls /root")).await;
+        assert_eq!(r["stdout"], "a\n", "{r}");
+        call(c, "sandbox_destroy", json!({"sandbox_id": fork})).await;
+    }
     let r = call(c, "sandbox_list", json!({})).await;
     assert_eq!(r["sandboxes"][0]["sandbox_id"], json!(id));
     call(c, "sandbox_destroy", json!({"sandbox_id": id})).await;
@@ -200,10 +229,7 @@ async fn drive<T: Transport>(c: &Client<T>) {
         .await
         .unwrap();
     assert!(r.is_error());
-    assert!(r.content[0]
-        .as_text()
-        .unwrap()
-        .contains("not available yet"));
+    assert!(r.content[0].as_text().unwrap().contains("no sandbox"));
 }
 
 #[test]
@@ -230,7 +256,7 @@ fn our_client_drives_every_tool_over_stdio() {
         )
         .await
         .unwrap();
-        drive(&c).await;
+        drive(&c, true).await;
         // A sandbox left alive is killed when the session ends (stdin closed).
         call(&c, "sandbox_create", json!({})).await;
         c.close().await;
@@ -290,7 +316,7 @@ fn http_both_generations_then_sigterm_destroys_every_sandbox() {
         .unwrap();
     rt.block_on(async {
         let modern = http_client(&url, Lifecycle::Discover).await;
-        drive(&modern).await;
+        drive(&modern, false).await;
         let legacy = http_client(&url, Lifecycle::Initialize).await;
         let id = call(&legacy, "sandbox_create", json!({})).await["sandbox_id"]
             .as_str()

@@ -295,6 +295,14 @@ pub enum Denial {
     /// The request did not name a valid host.
     #[error("bad request target: {0}")]
     BadTarget(String),
+    /// No rule allows the target and the approval gate refused it.
+    #[error("{target} is not on the allow list and was not approved: {reason}")]
+    Gated {
+        /// What was asked for.
+        target: Target,
+        /// The gate's reason (denied by a rule, by a person, timed out).
+        reason: String,
+    },
 }
 
 impl Denial {
@@ -306,6 +314,7 @@ impl Denial {
             Denial::SniMismatch { .. } => "sni-mismatch",
             Denial::HostMismatch { .. } => "host-mismatch",
             Denial::BadTarget(_) => "bad-target",
+            Denial::Gated { .. } => "approval",
         }
     }
 
@@ -315,7 +324,8 @@ impl Denial {
             Denial::NoRule { target, .. }
             | Denial::SpecialAddress { target, .. }
             | Denial::SniMismatch { target, .. }
-            | Denial::HostMismatch { target, .. } => Some(target),
+            | Denial::HostMismatch { target, .. }
+            | Denial::Gated { target, .. } => Some(target),
             Denial::BadTarget(_) => None,
         }
     }
@@ -376,6 +386,14 @@ impl Policy {
         self.host_addrs.sort();
         self.host_addrs.dedup();
         self
+    }
+
+    /// A policy with `rules` and this one's host addresses.
+    pub fn with_rules(&self, rules: Vec<Rule>) -> Policy {
+        Policy {
+            rules,
+            host_addrs: self.host_addrs.clone(),
+        }
     }
 
     /// The rules.

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use vmcp_guest_proto::ExitStatus;
 use vmcp_mcp_server::tool::SessionKey;
 use vmcp_vm::agent::{AgentClient, Process, ProcessControl, ProcessEvent};
-use vmcp_vm::{NetMode, Vm};
+use vmcp_vm::{Checkpoint, NetMode, Vm};
 
 use crate::output::{Polled, ProcLog, Stream};
 
@@ -232,6 +232,36 @@ pub enum SandboxError {
     /// Talking to the guest failed.
     #[error("the guest agent failed")]
     Agent(#[from] vmcp_vm::agent::AgentError),
+    /// No such checkpoint.
+    #[error("no checkpoint {0:?} (checkpoints end with their sandbox; sandbox_checkpoint returns the id)")]
+    NoCheckpoint(String),
+    /// A checkpoint named with another sandbox.
+    #[error("checkpoint {checkpoint:?} belongs to sandbox {owner:?}, not {asked:?}: rewind the sandbox it was taken of, or fork it")]
+    ForeignCheckpoint {
+        /// The checkpoint.
+        checkpoint: String,
+        /// Its sandbox.
+        owner: String,
+        /// The sandbox named.
+        asked: String,
+    },
+    /// A fork count out of range.
+    #[error("cannot fork into {asked} sandboxes: ask for 1 to {max}")]
+    ForkCount {
+        /// Asked for.
+        asked: usize,
+        /// Most per call.
+        max: usize,
+    },
+    /// The VM could not be checkpointed, rewound or forked.
+    #[error("cannot {op} the sandbox's VM")]
+    Snapshot {
+        /// `checkpoint`, `rewind` or `fork`.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: vmcp_vm::VmError,
+    },
 }
 
 /// Where a background process's output goes, and its end.
@@ -315,7 +345,8 @@ pub struct Sandbox {
     created_at: Instant,
     idle_timeout: Duration,
     lifetime: Duration,
-    agent: AgentClient,
+    /// Replaced when the sandbox is rewound (a new VM machine, a new token).
+    agent: Mutex<AgentClient>,
     vm: tokio::sync::Mutex<Option<Box<dyn Vm>>>,
     last_used: Mutex<Instant>,
     busy: AtomicUsize,
@@ -389,9 +420,12 @@ impl Sandbox {
     pub fn id(&self) -> &str {
         &self.id
     }
-    /// The agent session.
-    pub fn agent(&self) -> &AgentClient {
-        &self.agent
+    /// The agent session (a new one after a rewind).
+    pub fn agent(&self) -> AgentClient {
+        self.agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
     /// Its size and network.
     pub fn spec(&self) -> &VmSpec {
@@ -628,6 +662,8 @@ struct Inner {
     limits: Limits,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     reserved: Mutex<Reserved>,
+    /// Checkpoints by id, with the sandbox they were taken of.
+    checkpoints: Mutex<HashMap<String, (String, Checkpoint)>>,
 }
 
 impl Inner {
@@ -701,6 +737,7 @@ impl Manager {
             limits,
             sandboxes: Mutex::new(HashMap::new()),
             reserved: Mutex::new(Reserved::default()),
+            checkpoints: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let every = inner.limits.reap_every.max(Duration::from_millis(10));
@@ -803,7 +840,7 @@ impl Manager {
             created_at: now,
             idle_timeout: req.idle_timeout.unwrap_or(l.default_idle),
             lifetime: req.lifetime.unwrap_or(l.default_lifetime),
-            agent,
+            agent: Mutex::new(agent),
             vm: tokio::sync::Mutex::new(Some(vm)),
             last_used: Mutex::new(now),
             busy: AtomicUsize::new(0),
@@ -860,6 +897,7 @@ impl Manager {
         match sb {
             Some(sb) => {
                 self.release(&sb);
+                self.forget_checkpoints(Some(id));
                 sb.kill().await;
                 true
             }
@@ -925,11 +963,191 @@ impl Manager {
     /// Kills every sandbox (server shutdown).
     pub async fn shutdown_all(&self) {
         let all: Vec<Arc<Sandbox>> = self.inner.map().drain().map(|(_, s)| s).collect();
+        self.forget_checkpoints(None);
         for sb in &all {
             self.release(sb);
         }
         for sb in all {
             sb.kill().await;
         }
+    }
+}
+
+/// Where `sandbox_fork` starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum ForkFrom<'a> {
+    /// A sandbox as it is now (a checkpoint taken for the fork and dropped after it).
+    Sandbox(&'a str),
+    /// A checkpoint id from [`Manager::checkpoint`].
+    Checkpoint(&'a str),
+}
+
+fn checkpoint_id() -> String {
+    format!("ck-{:024x}", rand::random::<u128>() >> 32)
+}
+
+impl Manager {
+    /// Most sandboxes one fork call makes: the VM layer's bound, and the sandbox limit.
+    pub fn max_fork(&self) -> usize {
+        vmcp_vm::lifecycle::MAX_FORKS.min(self.inner.limits.max_sandboxes)
+    }
+
+    fn checkpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Checkpoint)>> {
+        self.inner
+            .checkpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the checkpoints of sandbox `id` (all with `None`); their files go with them.
+    fn forget_checkpoints(&self, id: Option<&str>) {
+        self.checkpoints()
+            .retain(|_, (owner, _)| id.is_some_and(|id| owner != id));
+    }
+
+    fn held(&self, checkpoint: &str) -> Result<(String, Checkpoint), SandboxError> {
+        self.checkpoints()
+            .get(checkpoint)
+            .cloned()
+            .ok_or_else(|| SandboxError::NoCheckpoint(checkpoint.to_owned()))
+    }
+
+    /// Checkpoints sandbox `sb` (its VM pauses only while its state is written); returns
+    /// the checkpoint's id. At most [`vmcp_vm::lifecycle::MAX_CHECKPOINTS`] per sandbox.
+    pub async fn checkpoint(&self, sb: &Sandbox) -> Result<String, SandboxError> {
+        let mut vm = sb.vm.lock().await;
+        let vm = vm
+            .as_mut()
+            .ok_or_else(|| SandboxError::NotFound(sb.id.clone()))?;
+        let checkpoint = vm
+            .checkpoint()
+            .await
+            .map_err(|source| SandboxError::Snapshot {
+                op: "checkpoint",
+                source,
+            })?;
+        let id = checkpoint_id();
+        self.checkpoints()
+            .insert(id.clone(), (sb.id.clone(), checkpoint));
+        Ok(id)
+    }
+
+    /// Brings sandbox `sb` back to `checkpoint` (taken of it): files written since are gone,
+    /// and so are its background processes (they ran in the replaced VM). On failure the
+    /// sandbox is as it was.
+    pub async fn rewind(&self, sb: &Sandbox, checkpoint: &str) -> Result<(), SandboxError> {
+        let (owner, held) = self.held(checkpoint)?;
+        if owner != sb.id {
+            return Err(SandboxError::ForeignCheckpoint {
+                checkpoint: checkpoint.to_owned(),
+                owner,
+                asked: sb.id.clone(),
+            });
+        }
+        let mut vm = sb.vm.lock().await;
+        let vm = vm
+            .as_mut()
+            .ok_or_else(|| SandboxError::NotFound(sb.id.clone()))?;
+        let snap = |source| SandboxError::Snapshot {
+            op: "rewind",
+            source,
+        };
+        vm.rewind(&held, self.inner.limits.boot_timeout)
+            .await
+            .map_err(snap)?;
+        let agent = vm.agent().map_err(snap)?;
+        *sb.agent.lock().unwrap_or_else(PoisonError::into_inner) = agent;
+        sb.procs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+
+    /// `n` new sandboxes continuing from `from`, owned by `session`, each counted against
+    /// the sandbox and memory limits like a created one (all or nothing). They inherit the
+    /// source's size, idle timeout and lifetime.
+    pub async fn fork(
+        &self,
+        from: ForkFrom<'_>,
+        n: usize,
+        session: SessionKey,
+    ) -> Result<Vec<Arc<Sandbox>>, SandboxError> {
+        let max = self.max_fork();
+        if n == 0 || n > max {
+            return Err(SandboxError::ForkCount { asked: n, max });
+        }
+        let (source, held) = match from {
+            ForkFrom::Sandbox(id) => (self.get(id, &session)?, None),
+            ForkFrom::Checkpoint(c) => {
+                let (owner, held) = self.held(c)?;
+                (self.get(&owner, &session)?, Some(held))
+            }
+        };
+        let mem = u64::from(source.spec.memory_mib);
+        let mut reservations = Vec::with_capacity(n);
+        for _ in 0..n {
+            reservations.push(self.reserve(mem)?);
+        }
+        let started = Instant::now();
+        let vms = {
+            let mut vm = source.vm.lock().await;
+            let vm = vm
+                .as_mut()
+                .ok_or_else(|| SandboxError::NotFound(source.id.clone()))?;
+            let snap = |source| SandboxError::Snapshot { op: "fork", source };
+            // Forking a sandbox as it is: a checkpoint for this fork only.
+            let checkpoint = match held {
+                Some(c) => c,
+                None => vm.checkpoint().await.map_err(snap)?,
+            };
+            vm.fork(&checkpoint, n, self.inner.limits.boot_timeout)
+                .await
+                .map_err(snap)?
+        };
+        let boot = started.elapsed();
+        let mut out = Vec::with_capacity(n);
+        for vm in vms {
+            let agent = vm
+                .agent()
+                .map_err(|source| SandboxError::Snapshot { op: "fork", source })?;
+            out.push((vm, agent));
+        }
+        let now = Instant::now();
+        let l = &self.inner.limits;
+        let mut forks = Vec::with_capacity(n);
+        for ((vm, agent), reservation) in out.into_iter().zip(reservations) {
+            let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
+            let sandbox = Arc::new(Sandbox {
+                id: id.clone(),
+                spec: source.spec.clone(),
+                created: SystemTime::now(),
+                created_at: now,
+                idle_timeout: source.idle_timeout,
+                lifetime: source.lifetime,
+                agent: Mutex::new(agent),
+                vm: tokio::sync::Mutex::new(Some(vm)),
+                last_used: Mutex::new(now),
+                busy: AtomicUsize::new(0),
+                owner: Mutex::new(Owner {
+                    session: session.clone(),
+                    orphaned_at: None,
+                }),
+                procs: Mutex::new(HashMap::new()),
+                next_proc: AtomicU64::new(0),
+                process_buffer: l.process_buffer,
+                max_processes: l.max_processes,
+                boot,
+                notices: Vec::new(),
+                // Checkpoints of VMs with a network card are refused: no egress proxy here.
+                egress: None,
+                egress_reported: AtomicU64::new(0),
+            });
+            // The reservation now belongs to the live sandbox; it is released in `remove`.
+            std::mem::forget(reservation);
+            self.inner.map().insert(id, sandbox.clone());
+            forks.push(sandbox);
+        }
+        Ok(forks)
     }
 }

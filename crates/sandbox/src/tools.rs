@@ -17,7 +17,7 @@ use vmcp_mcp_server::{CallContext, ToolDef, ToolOutput, ToolSet};
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
 use vmcp_vm::NetMode;
 
-use crate::manager::{CreateRequest, Limits, Manager, Sandbox, SandboxError, VmSpec};
+use crate::manager::{CreateRequest, ForkFrom, Limits, Manager, Sandbox, SandboxError, VmSpec};
 use crate::output::Capped;
 
 /// Longest `wait_ms` of `sandbox_exec_poll`.
@@ -25,7 +25,6 @@ pub const MAX_POLL_WAIT_MS: u64 = 30_000;
 /// Most entries `sandbox_list_files` returns.
 pub const MAX_LIST_ENTRIES: usize = 5_000;
 
-const NOT_YET_SNAPSHOT: &str = "not available yet: this server build cannot checkpoint, rewind or fork sandboxes (it needs VM snapshots, which vmcp does not offer through MCP yet)";
 const NOT_YET_IMAGE: &str = "not available yet: only the built-in guest image can be used (images are not offered through MCP yet); leave `image` out";
 
 /// The sandbox tool set.
@@ -285,38 +284,42 @@ impl SandboxTools {
             Annotations::additive(),
         ));
 
-        for (name, title, what) in [
-            (
-                "sandbox_checkpoint",
-                "Checkpoint a sandbox",
-                "Saves the sandbox's whole state (memory, files, processes) under a name",
-            ),
-            (
-                "sandbox_rewind",
-                "Rewind a sandbox",
-                "Returns a sandbox to a checkpoint",
-            ),
-            (
-                "sandbox_fork",
-                "Fork a sandbox",
-                "Starts a new sandbox from a checkpoint",
-            ),
-        ] {
-            let mut p = Map::new();
-            p.insert("sandbox_id".into(), id_prop());
-            p.insert(
-                "checkpoint".into(),
-                json!({"type": "string", "maxLength": 128}),
-            );
-            defs.push(ToolDef::new(
-                name,
-                title,
-                format!("{what}. {NOT_YET_SNAPSHOT}."),
-                object(p, &["sandbox_id"]),
-                None,
-                Annotations::destructive(),
-            ));
-        }
+        let checkpoint_prop = || json!({"type": "string", "description": "Checkpoint id from sandbox_checkpoint", "maxLength": 64});
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), id_prop());
+        defs.push(ToolDef::new(
+            "sandbox_checkpoint",
+            "Checkpoint a sandbox",
+            format!("Saves the sandbox's whole state (memory: files, processes, everything but the network, which is off) and returns a checkpoint id for sandbox_rewind and sandbox_fork. The sandbox pauses only while its state is written and then runs on. At most {} checkpoints per sandbox; they end with their sandbox.", vmcp_vm::lifecycle::MAX_CHECKPOINTS),
+            object(p, &["sandbox_id"]),
+            Some(json!({"type": "object", "properties": {"checkpoint_id": {"type": "string"}, "sandbox_id": {"type": "string"}, "checkpoint_ms": {"type": "integer"}}, "required": ["checkpoint_id", "sandbox_id", "checkpoint_ms"]})),
+            Annotations::additive(),
+        ));
+
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), id_prop());
+        p.insert("checkpoint_id".into(), checkpoint_prop());
+        defs.push(ToolDef::new(
+            "sandbox_rewind",
+            "Rewind a sandbox",
+            "Returns a sandbox to one of its checkpoints: files written since are gone and its background processes end (those that ran at the checkpoint run on from there, without process ids). The sandbox keeps its id; the checkpoint stays usable.",
+            object(p, &["sandbox_id", "checkpoint_id"]),
+            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "checkpoint_id": {"type": "string"}, "rewind_ms": {"type": "integer"}}, "required": ["sandbox_id", "checkpoint_id", "rewind_ms"]})),
+            Annotations::destructive(),
+        ));
+
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), json!({"type": "string", "description": "Fork this sandbox as it is now (give this or checkpoint_id)", "maxLength": 64}));
+        p.insert("checkpoint_id".into(), json!({"type": "string", "description": "Fork from this checkpoint (give this or sandbox_id)", "maxLength": 64}));
+        p.insert("count".into(), json!({"type": "integer", "minimum": 1, "maximum": self.manager.max_fork(), "description": "How many new sandboxes (default 1)"}));
+        defs.push(ToolDef::new(
+            "sandbox_fork",
+            "Fork a sandbox",
+            "Starts new sandboxes that continue from a sandbox's current state or from a checkpoint: each has the files and memory of its source, and its own id, hostname and fresh randomness. They count against the sandbox and memory limits like created ones, inherit the source's size and timeouts, and belong to the calling session. All or nothing.",
+            object(p, &[]),
+            Some(json!({"type": "object", "properties": {"sandbox_ids": {"type": "array", "items": {"type": "string"}}, "fork_ms": {"type": "integer"}}, "required": ["sandbox_ids", "fork_ms"]})),
+            Annotations::additive(),
+        ));
         defs
     }
 }
@@ -807,7 +810,7 @@ async fn call(
                 "/".into()
             };
             let sb = sandbox(m)?;
-            list_files(sb.agent(), &path, l.max_output).await
+            list_files(&sb.agent(), &path, l.max_output).await
         }
         "sandbox_list" => {
             let (count, mem) = m.usage();
@@ -835,8 +838,52 @@ async fn call(
                 Err(chain(&SandboxError::NotFound(id.to_owned())))
             }
         }
-        "sandbox_checkpoint" | "sandbox_rewind" | "sandbox_fork" => {
-            Err(format!("{name}: {NOT_YET_SNAPSHOT}"))
+        "sandbox_checkpoint" => {
+            let sb = sandbox(m)?;
+            let started = Instant::now();
+            let id = m.checkpoint(&sb).await.map_err(err)?;
+            Ok(ToolOutput::json(json!({
+                "checkpoint_id": id,
+                "sandbox_id": sb.id(),
+                "checkpoint_ms": started.elapsed().as_millis() as u64,
+            })))
+        }
+        "sandbox_rewind" => {
+            let checkpoint = str_arg(args, "checkpoint_id").unwrap_or_default();
+            let sb = sandbox(m)?;
+            let started = Instant::now();
+            ctx.progress("rewinding: restoring the checkpoint into a new VM");
+            m.rewind(&sb, checkpoint).await.map_err(err)?;
+            Ok(ToolOutput::json(json!({
+                "sandbox_id": sb.id(),
+                "checkpoint_id": checkpoint,
+                "rewind_ms": started.elapsed().as_millis() as u64,
+            })))
+        }
+        "sandbox_fork" => {
+            let from = match (str_arg(args, "sandbox_id"), str_arg(args, "checkpoint_id")) {
+                (Some(s), None) => ForkFrom::Sandbox(s),
+                (None, Some(c)) => ForkFrom::Checkpoint(c),
+                (Some(_), Some(_)) => {
+                    return Err("sandbox_id, checkpoint_id: give one of them (fork a sandbox as it is, or from a checkpoint), not both".into())
+                }
+                (None, None) => {
+                    return Err("sandbox_id, checkpoint_id: one is required (the sandbox or the checkpoint to fork)".into())
+                }
+            };
+            let n = u64_arg(args, "count").unwrap_or(1);
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            let started = Instant::now();
+            ctx.progress(&format!("forking into {n} new VMs"));
+            let forks = tokio::select! {
+                r = m.fork(from, n, ctx.session.clone()) => r.map_err(err)?,
+                () = ctx.cancel.cancelled() => return Ok(ToolOutput::error("cancelled")),
+            };
+            let ids: Vec<&str> = forks.iter().map(|s| s.id()).collect();
+            Ok(ToolOutput::json(json!({
+                "sandbox_ids": ids,
+                "fork_ms": started.elapsed().as_millis() as u64,
+            })))
         }
         other => Err(format!("unknown tool {other}")),
     }

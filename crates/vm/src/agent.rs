@@ -1095,24 +1095,30 @@ const DETACHED_EXEC_ID: RequestId = u32::MAX - 1;
 const DETACHED_EXEC_MAX_OUTPUT: usize = 64 * 1024;
 
 /// Runs `argv` to its end on a channel no [`AgentClient`] serves (after [`rekey_detached`]),
-/// with `/dev/null` as stdin and its output read and dropped (at most 64 KiB, or it is an
-/// error); the stream is left at a frame boundary. The warm pool runs one such program in
+/// its output read and dropped (at most 64 KiB, or it is an error); the stream is left at a
+/// frame boundary. Its stdin is `/dev/null`, or with `stdin` a pipe closed at once (the path
+/// `vmcp run` takes when its own stdin is not a terminal). The warm pool runs one such program in
 /// each restored VM before handing it out: the first process start in a freshly restored
 /// QEMU pays for its cold code caches (hundreds of milliseconds under TCG), the next ones
 /// do not.
 pub async fn exec_detached<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     argv: &[&str],
+    stdin: bool,
     timeout: Duration,
 ) -> Result<ExitStatus, AgentError> {
     let id = DETACHED_EXEC_ID;
-    let frame = encode(&HostMsg::Exec(ExecRequest {
+    let mut frame = encode(&HostMsg::Exec(ExecRequest {
         id,
         argv: argv.iter().map(|a| a.to_string()).collect(),
         env: Vec::new(),
         cwd: None,
-        stdin: false,
+        stdin,
     }))?;
+    if stdin {
+        // The agent reads requests in order: the end of stdin can follow the exec at once.
+        frame.extend(encode(&HostMsg::StdinEof { id })?);
+    }
     let run = async {
         stream
             .write_all(&frame)
@@ -1123,7 +1129,8 @@ pub async fn exec_detached<S: AsyncRead + AsyncWrite + Unpin>(
         let mut output = 0usize;
         let status = loop {
             match reader.next::<GuestMsg>().await? {
-                Some(GuestMsg::Started { id: i, .. }) if i == id => {}
+                Some(GuestMsg::Started { id: i, .. } | GuestMsg::StdinCredit { id: i, .. })
+                    if i == id => {}
                 Some(GuestMsg::Stdout { id: i, data } | GuestMsg::Stderr { id: i, data })
                     if i == id =>
                 {

@@ -38,7 +38,7 @@ pub use config::{
 };
 pub use error::{ErrorClass, VmError};
 pub use lifecycle::Checkpoint;
-pub use net::{NetConfig, NetMode, PortForward};
+pub use net::{EgressGate, NetConfig, NetMode, PortForward};
 pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;

@@ -136,7 +136,35 @@ pub struct NetConfig {
     /// `PROGRAM __egress-pipe 127.0.0.1:PORT`; the running executable when `None` (the `vmcp`
     /// binary handles that argument).
     pub pipe_program: Option<PathBuf>,
+    /// Decides about targets off the allow list in [`NetMode::Allow`] (an approval policy)
+    /// instead of refusing them at once.
+    pub gate: Option<EgressGate>,
 }
+
+/// An approval gate for the egress proxy and how long a connection may wait for it.
+#[derive(Clone)]
+pub struct EgressGate {
+    /// The gate.
+    pub gate: std::sync::Arc<dyn vmcp_egress::Gate>,
+    /// Longest wait of one connection for a decision.
+    pub wait: std::time::Duration,
+}
+
+impl fmt::Debug for EgressGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressGate")
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for EgressGate {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.gate, &other.gate) && self.wait == other.wait
+    }
+}
+
+impl Eq for EgressGate {}
 
 impl NetConfig {
     /// Whether the guest gets a network card.

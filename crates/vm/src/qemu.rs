@@ -469,8 +469,15 @@ impl QemuMachine {
             .map_err(host_err("read the egress proxy's address"))?
             .port();
         let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
-        let handle =
-            vmcp_egress::Proxy::new(policy, vmcp_egress::Limits::default()).spawn(listener);
+        let mut limits = vmcp_egress::Limits::default();
+        if let Some(g) = &self.config.net.gate {
+            limits.gate_timeout = g.wait;
+        }
+        let mut proxy = vmcp_egress::Proxy::new(policy, limits);
+        if let Some(g) = &self.config.net.gate {
+            proxy = proxy.with_gate(g.gate.clone());
+        }
+        let handle = proxy.spawn(listener);
         self.egress = Some((handle, port));
         Ok(())
     }

@@ -129,7 +129,7 @@ const SCRIPT: &str = r#"
       post(id, 'deny', { reason: r ? r.value : '' });
     }
   });
-  loop();
+  refresh(false).then(loop, function () { setTimeout(loop, 2000); });
 })();
 "#;
 

@@ -17,7 +17,8 @@
 //! `Host` must name the loopback address or `localhost` with the bound port and `Origin`, when
 //! sent, must be that same origin (DNS rebinding, cross-site requests); the token is 256 random
 //! bits compared in constant time; request bodies are capped at [`MAX_BODY`]; at most
-//! [`MAX_CONNECTIONS`] connections are served at once and headers must arrive within 10 s.
+//! [`MAX_CONNECTIONS`] connections are served at once, one request each (no keep-alive), and
+//! headers must arrive within 10 s.
 //! Pages carry a strict Content-Security-Policy (only the page's own nonce'd script runs),
 //! `Referrer-Policy: no-referrer` (the token is in the URL), `X-Frame-Options: DENY` and
 //! `Cache-Control: no-store`. Everything from a sandbox is HTML-escaped where it is rendered.
@@ -155,6 +156,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
+                // One request per connection: an idle kept-alive connection would hold one of
+                // the MAX_CONNECTIONS slots with no timeout.
+                .keep_alive(false)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             if let Err(e) = conn.await {
                 tracing::debug!("approval page: connection ended: {e}");

@@ -183,13 +183,17 @@ impl QemuSource {
         // Warm up: the first process start in a freshly restored QEMU costs hundreds of
         // milliseconds under TCG (cold translation cache, copy-on-write faults); the
         // client's program should not pay for it.
-        let warm = exec_detached(&mut stream, &WARM_UP, RESTORE_TIMEOUT)
-            .await
-            .context("the warm-up program failed")?;
-        anyhow::ensure!(
-            warm == vmcp_guest_proto::ExitStatus::Code(0),
-            "the warm-up program ended with {warm:?}"
-        );
+        // Both stdin paths `vmcp run` takes (/dev/null, and a pipe), the pipe one twice:
+        // each new code path is translated on its first use.
+        for stdin in [false, true, true] {
+            let warm = exec_detached(&mut stream, &WARM_UP, stdin, RESTORE_TIMEOUT)
+                .await
+                .context("the warm-up program failed")?;
+            anyhow::ensure!(
+                warm == vmcp_guest_proto::ExitStatus::Code(0),
+                "the warm-up program ended with {warm:?}"
+            );
+        }
         let unix = stream
             .into_any()
             .downcast::<tokio::net::UnixStream>()

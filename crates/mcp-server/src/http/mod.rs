@@ -563,7 +563,9 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
         session.conn.clone()
     };
     let progress = matches!(&msg, Message::Request(r) if r.params.as_deref().is_some_and(|p| p.get().contains("progressToken")));
-    let stream = want_sse && (progress || !want_json);
+    // A call that may ask the client's user (elicitation) needs a stream for the question.
+    let may_ask = msg.method() == Some("tools/call") && conn.supports_elicitation();
+    let stream = want_sse && (progress || may_ask || !want_json);
     let (tx, rx) = mpsc::channel::<Bytes>(if stream {
         st.config.sse_queue.max(2)
     } else {

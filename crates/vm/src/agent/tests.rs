@@ -1048,7 +1048,7 @@ mod restored {
         rekey_detached(&mut host, new_identity("pool", "vmcp-p"), T)
             .await
             .unwrap();
-        let status = exec_detached(&mut host, &["true"], T).await.unwrap();
+        let status = exec_detached(&mut host, &["true"], true, T).await.unwrap();
         assert_eq!(status, ExitStatus::Code(0));
         let c = AgentClient::connect_restored(host, new_identity("client", ""), None, T)
             .await
@@ -1057,11 +1057,13 @@ mod restored {
         // Output beyond the bound is an error, not a buffer that grows.
         let (mut host, guest) = duplex(1 << 20);
         tokio::spawn(rekeyable_guest(guest, false));
-        let e = exec_detached(&mut host, &["loud"], T).await.unwrap_err();
+        let e = exec_detached(&mut host, &["loud"], false, T)
+            .await
+            .unwrap_err();
         assert!(matches!(e, AgentError::TooLarge { .. }), "{e}");
         // A guest that never answers: a timeout.
         let (mut host, _guest) = duplex(1 << 20);
-        let e = exec_detached(&mut host, &["true"], Duration::from_millis(50))
+        let e = exec_detached(&mut host, &["true"], false, Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::NoAnswer { .. }), "{e}");
