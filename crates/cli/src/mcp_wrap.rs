@@ -96,6 +96,10 @@ pub struct WrapArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Approval of what crosses from the VM to the host (here: egress off the --net allow
+    /// list, asked on the approval page; without it such connections are denied).
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
     /// The stdio MCP server and its arguments (after `--`).
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -131,6 +135,8 @@ struct Guest {
     agent: vmcp_vm::agent::AgentClient,
     shares: crate::run::Shares,
     _image: Option<crate::run::AttachedImage>,
+    /// The page and broker the egress gate asks, alive as long as the VM.
+    _approvals: Option<crate::approvals::Approvals>,
 }
 
 /// How starting the server failed: a VM problem, or the program (exit code as `vmcp run`).
@@ -170,6 +176,18 @@ async fn start(args: &WrapArgs) -> Result<Guest, StartError> {
     config.shares = shares.configs.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
+    // Kept alive for the VM's life (the page and the broker the egress gate asks).
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp)
+            .await
+            .map_err(vm_err)?;
+    if let (Some(a), NetMode::Allow(_)) = (&approvals, &config.net.mode) {
+        let program = args.command.first().cloned().unwrap_or_default();
+        config.net.gate = Some(a.egress_gate(&format!(
+            "vmcp mcp wrap {program} (pid {})",
+            std::process::id()
+        )));
+    }
     if let Some(w) = config.net.warning() {
         eprintln!("vmcp: {w}");
     }
@@ -224,6 +242,7 @@ async fn start(args: &WrapArgs) -> Result<Guest, StartError> {
         agent,
         shares,
         _image: image,
+        _approvals: approvals,
     })
 }
 
