@@ -5,7 +5,6 @@ use std::time::Duration;
 use super::super::client::HttpError;
 use crate::balance::BalanceError;
 use crate::jsonrpc;
-use crate::retry::GiveUp;
 use crate::sse;
 
 /// Errors of the HTTP transport.
@@ -144,6 +143,17 @@ pub enum HttpTransportError {
         #[source]
         last: Box<HttpTransportError>,
     },
+    /// The retry policy's time limits ended the call during an attempt.
+    #[error("{method} did not complete within its time limit of {:.1} s", after.as_secs_f64())]
+    OutOfTime {
+        /// JSON-RPC method.
+        method: String,
+        /// The limit that ended it.
+        after: Duration,
+    },
+    /// The transport is closed.
+    #[error("the MCP connection is closed")]
+    Closed,
     /// No endpoint configured.
     #[error("no MCP endpoint URL given")]
     NoEndpoint,
@@ -172,38 +182,4 @@ pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// The start of a server's error body for a message: control characters escaped, cut.
 pub(super) fn snippet(text: &str) -> String {
     crate::sanitize::for_display(text.trim(), crate::limits::MAX_PRINTED_CHARS)
-}
-
-pub(super) fn give_up(why: GiveUp, method: &str, error: HttpTransportError) -> HttpTransportError {
-    let last = Box::new(error);
-    match why {
-        GiveUp::Permanent => *last,
-        GiveUp::NotRepeatable => match *last {
-            HttpTransportError::Request { url, source } => HttpTransportError::NotResent {
-                method: method.to_owned(),
-                url,
-                source,
-            },
-            other => other,
-        },
-        // One attempt in all (no retries configured): the failure itself says it best.
-        GiveUp::Exhausted { attempts: 1 } => *last,
-        GiveUp::Exhausted { attempts } => HttpTransportError::RetriesExhausted {
-            method: method.to_owned(),
-            attempts,
-            last,
-        },
-        GiveUp::Deadline { budget } => HttpTransportError::Deadline {
-            method: method.to_owned(),
-            budget,
-            last,
-        },
-        GiveUp::RetryAfterTooLong { wait, limit } => {
-            HttpTransportError::RetryAfterTooLong { wait, limit, last }
-        }
-        GiveUp::NotInvited => HttpTransportError::UnsafeNotResent {
-            method: method.to_owned(),
-            last,
-        },
-    }
 }

@@ -45,13 +45,13 @@ use tokio::sync::mpsc;
 use super::client::HttpClient;
 use crate::balance::{Balancer, HealthChecks};
 use crate::jsonrpc::Message;
-use crate::model::is_modern;
-use crate::transport::{Era, ProtocolState, Transport, TransportError};
+use crate::param_headers::ParamHeader;
+use crate::transport::{Era, Transport};
 
 pub use config::{EraCache, HttpConfig};
 pub use error::HttpTransportError;
-use error::{error_chain, give_up, shown, snippet};
-pub use session::encode_header_value;
+use error::{error_chain, shown, snippet};
+pub use session::{decode_header_value, encode_header_value};
 
 /// `Mcp-Session-Id`.
 pub const HEADER_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
@@ -67,6 +67,16 @@ pub const HEADER_LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event
 const ACCEPT_BOTH: HeaderValue = HeaderValue::from_static("application/json, text/event-stream");
 const ACCEPT_SSE: HeaderValue = HeaderValue::from_static("text/event-stream");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The protocol state read from the messages (see `session.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProtocolState {
+    /// Generation.
+    era: Era,
+    /// Version string (for the `MCP-Protocol-Version` header); `None` before `initialize`
+    /// answered.
+    version: Option<String>,
+}
 
 struct Session {
     id: HeaderValue,
@@ -84,6 +94,8 @@ struct State {
     init_params: Option<Box<serde_json::value::RawValue>>,
     get_task: Option<tokio::task::JoinHandle<()>>,
     closed: bool,
+    /// `x-mcp-header` annotations per tool, from the `tools/list` answers (2026-07-28).
+    param_specs: std::collections::HashMap<String, Vec<ParamHeader>>,
 }
 
 struct Shared<C> {
@@ -218,35 +230,16 @@ impl<C: HttpClient> Shared<C> {
 }
 
 impl<C: HttpClient> Transport for StreamableHttpTransport<C> {
-    async fn send(&self, msg: &Message) -> Result<(), TransportError> {
+    type Error = HttpTransportError;
+
+    async fn send(&self, msg: &Message) -> Result<(), HttpTransportError> {
         if self.shared.lock().closed {
-            return Err(TransportError::Closed);
+            return Err(HttpTransportError::Closed);
         }
-        self.shared
-            .post(msg, &[])
-            .await
-            .map_err(TransportError::Http)
+        self.shared.send(msg).await
     }
 
-    async fn send_with_headers(
-        &self,
-        msg: &Message,
-        headers: &[(String, String)],
-    ) -> Result<(), TransportError> {
-        if self.shared.lock().closed {
-            return Err(TransportError::Closed);
-        }
-        self.shared
-            .post(msg, headers)
-            .await
-            .map_err(TransportError::Http)
-    }
-
-    fn mirrors_param_headers(&self) -> bool {
-        self.shared.era() == Some(Era::Modern)
-    }
-
-    async fn receive(&self) -> Option<Result<Message, TransportError>> {
+    async fn receive(&self) -> Option<Result<Message, HttpTransportError>> {
         let mut rx = self.rx.lock().await;
         if self.shared.lock().closed {
             return None;
@@ -261,42 +254,6 @@ impl<C: HttpClient> Transport for StreamableHttpTransport<C> {
         self.shared.close().await;
         // Wakes the receiver (or the next one: notify_one keeps a permit).
         self.closing.notify_one();
-    }
-
-    fn set_protocol(&self, state: &ProtocolState) {
-        let mut st = self.shared.lock();
-        st.version_header = state
-            .version
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok());
-        if let Some(v) = &state.version {
-            let era = if is_modern(v) {
-                Era::Modern
-            } else {
-                Era::Legacy
-            };
-            if state.era == era {
-                for url in &self.shared.config.endpoints {
-                    self.shared.config.era_cache.set(url, era);
-                }
-            }
-        }
-        st.protocol = Some(state.clone());
-    }
-
-    fn known_era(&self) -> Option<Era> {
-        let cache = &self.shared.config.era_cache;
-        let mut eras = self.shared.config.endpoints.iter().map(|u| cache.get(u));
-        let first = eras.next().flatten()?;
-        eras.all(|e| e == Some(first)).then_some(first)
-    }
-
-    fn may_ignore_unknown_requests(&self) -> bool {
-        false
-    }
-
-    fn cancels_by_disconnect(&self) -> bool {
-        self.shared.era() == Some(Era::Modern)
     }
 }
 
@@ -330,6 +287,10 @@ mod tests {
             encode_header_value("=?base64?literal?="),
             "=?base64?PT9iYXNlNjQ/bGl0ZXJhbD89?="
         );
+        for v in ["echo", "Hello, 世界", " padded ", "=?base64?literal?="] {
+            assert_eq!(decode_header_value(&encode_header_value(v)), v);
+        }
+        assert_eq!(decode_header_value("=?base64?%%?="), "=?base64?%%?=");
     }
 
     #[test]

@@ -120,6 +120,7 @@ impl<C: HttpClient> Shared<C> {
                 },
                 backend_failed: false,
                 reinit: true,
+                at_once: false,
             });
         }
         let failure = Failure::from_status(status.as_u16(), retry_after);
@@ -133,6 +134,7 @@ impl<C: HttpClient> Shared<C> {
                 failure: f.clone(),
                 backend_failed: status == StatusCode::SERVICE_UNAVAILABLE,
                 reinit: false,
+                at_once: false,
             });
         }
         // A JSON-RPC error in the body answers the request.
@@ -165,6 +167,7 @@ impl<C: HttpClient> Shared<C> {
                 failure: f,
                 backend_failed: true,
                 reinit: false,
+                at_once: false,
             });
         }
         Attempt::Fatal(error)

@@ -1,9 +1,10 @@
-//! The retry policy applied to POSTs: how a failed attempt is classified, when another
-//! endpoint takes the retry, when an expired session is re-established first, and the
-//! health probes of the balancer.
+//! The retry policy applied to POSTs, through the crate's one retry driver
+//! ([`crate::retry::retry`]): how a failed attempt is classified, when another endpoint takes
+//! the retry at once, when an expired session is re-established first, how a given-up retry
+//! is reported, and the health probes of the balancer.
 
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
@@ -11,11 +12,11 @@ use http::{HeaderValue, Method};
 use super::super::client::{Delivery, HttpClient, HttpError, HttpErrorKind, HttpRequest};
 use super::post::read_limited;
 use super::{
-    error_chain, give_up, shown, HttpTransportError, Shared, HEADER_METHOD, HEADER_PROTOCOL_VERSION,
+    error_chain, shown, HttpTransportError, Shared, HEADER_METHOD, HEADER_PROTOCOL_VERSION,
 };
 use crate::balance::EndpointId;
 use crate::jsonrpc::{self, Message, RequestId};
-use crate::retry::{self, Decision, Failure, Phase, RequestKind};
+use crate::retry::{self, Classify, Failure, Phase, RequestKind, RetryError};
 use crate::transport::Era;
 
 /// How one attempt ended.
@@ -26,6 +27,7 @@ pub(super) enum Attempt {
 }
 
 /// A failure that the retry policy may act on.
+#[derive(Debug)]
 pub(super) struct AttemptFailure {
     pub(super) error: HttpTransportError,
     /// What it means for retrying.
@@ -34,24 +36,71 @@ pub(super) struct AttemptFailure {
     pub(super) backend_failed: bool,
     /// The session expired: re-establish it, then resend at once.
     pub(super) reinit: bool,
+    /// Retry without the backoff delay (set by the POST loop).
+    pub(super) at_once: bool,
+}
+
+impl AttemptFailure {
+    /// A failure no retry can help.
+    fn fatal(error: HttpTransportError) -> Self {
+        AttemptFailure {
+            error,
+            failure: Failure::Permanent,
+            backend_failed: false,
+            reinit: false,
+            at_once: false,
+        }
+    }
+}
+
+impl std::fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", error_chain(&self.error))
+    }
+}
+
+impl std::error::Error for AttemptFailure {}
+
+impl Classify for AttemptFailure {
+    fn failure(&self) -> Failure {
+        self.failure.clone()
+    }
+
+    fn retry_at_once(&self) -> bool {
+        self.at_once
+    }
+}
+
+/// What the failure of one attempt asks to do before the next one.
+enum BeforeNext {
+    /// The session expired: set up a new one (seen at this session generation).
+    Reinit(u64),
+    /// The session's endpoint failed: move the session to another endpoint.
+    MoveSession(u64, usize),
 }
 
 impl<C: HttpClient> Shared<C> {
-    /// Sends one message with retries; queues what comes back.
+    /// Sends one message with retries; queues what comes back, except the answer to the
+    /// request itself when `capture` (returned instead).
     pub(super) async fn post(
         self: &Arc<Self>,
         msg: &Message,
         extra: &[(String, String)],
-    ) -> Result<(), HttpTransportError> {
+        capture: bool,
+    ) -> Result<Option<Message>, HttpTransportError> {
         let method = msg.method();
-        let era = self.era();
-        if era == Some(Era::Modern) && matches!(msg, Message::Notification(_)) {
-            // 2026-07-28 defines no client notifications over HTTP.
-            return Ok(());
+        if self.era() == Some(Era::Modern) && matches!(msg, Message::Notification(_)) {
+            // 2026-07-28 defines no client notifications over HTTP (closing a request's
+            // stream is its cancellation).
+            return Ok(None);
         }
+        let mut expect = None;
         if let Message::Request(r) = msg {
             if r.method == "initialize" {
                 self.lock().init_params = r.params.clone();
+            }
+            if capture {
+                expect = Some(&r.id);
             }
         }
         let body = Bytes::from(msg.to_vec());
@@ -61,96 +110,104 @@ impl<C: HttpClient> Shared<C> {
             // know what the server does with a duplicate, so it counts as unsafe.
             None => RequestKind::new("response", retry::Safety::Unsafe),
         };
-        let policy = &self.config.retry;
-        let start = Instant::now();
-        let mut attempts: u32 = 0;
-        loop {
-            attempts += 1;
-            let (backend, generation) = self.pick_backend()?;
-            let outcome = match policy.attempt_timeout {
-                Some(t) => {
-                    match tokio::time::timeout(
-                        t,
-                        self.attempt(msg, method, &body, backend, None, extra),
-                    )
-                    .await
-                    {
-                        Ok(o) => o,
-                        Err(_) => Attempt::Retry(AttemptFailure {
-                            error: HttpTransportError::Request {
-                                url: shown(&self.config.endpoints[backend]),
-                                source: HttpError::new(HttpErrorKind::Timeout, Delivery::MaybeSent),
-                            },
-                            failure: Failure::Timeout(Phase::MaybeSent),
-                            backend_failed: true,
-                            reinit: false,
-                        }),
-                    }
-                }
-                None => self.attempt(msg, method, &body, backend, None, extra).await,
-            };
-            let f = match outcome {
-                Attempt::Done => {
-                    self.balancer.report_success(EndpointId(backend));
-                    if let (Message::Notification(n), Some(Era::Legacy)) = (msg, self.era()) {
-                        if n.method == "notifications/initialized" {
-                            self.start_get_stream();
+        let before_next: Mutex<Option<BeforeNext>> = Mutex::new(None);
+        let me = self;
+        let outcome = retry::retry(
+            &self.config.retry,
+            &kind,
+            &retry::TokioClock,
+            |a: retry::Attempt| {
+                let before = before_next
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                let (body, before_next) = (&body, &before_next);
+                async move {
+                    match before {
+                        Some(BeforeNext::Reinit(generation)) => me
+                            .reinitialize(generation, None)
+                            .await
+                            .map_err(AttemptFailure::fatal)?,
+                        Some(BeforeNext::MoveSession(generation, dead)) => {
+                            let _ = me.reinitialize(generation, Some(dead)).await;
                         }
+                        None => {}
                     }
-                    return Ok(());
+                    let (backend, generation) = me.pick_backend().map_err(AttemptFailure::fatal)?;
+                    let mut answer = None;
+                    let attempt = me.attempt(
+                        msg,
+                        method,
+                        body,
+                        backend,
+                        expect.map(|id| (id, &mut answer)),
+                        extra,
+                    );
+                    // Timed here (not only by the driver) so the endpoint is charged with it.
+                    let outcome = match a.budget {
+                        Some(b) => tokio::time::timeout(b, attempt).await.unwrap_or_else(|_| {
+                            Attempt::Retry(AttemptFailure {
+                                error: HttpTransportError::Request {
+                                    url: shown(&me.config.endpoints[backend]),
+                                    source: HttpError::new(
+                                        HttpErrorKind::Timeout,
+                                        Delivery::MaybeSent,
+                                    ),
+                                },
+                                failure: Failure::Timeout(Phase::MaybeSent),
+                                backend_failed: true,
+                                reinit: false,
+                                at_once: false,
+                            })
+                        }),
+                        None => attempt.await,
+                    };
+                    let mut f = match outcome {
+                        Attempt::Done => {
+                            me.balancer.report_success(EndpointId(backend));
+                            if let (Message::Notification(n), Some(Era::Legacy)) = (msg, me.era()) {
+                                if n.method == "notifications/initialized" {
+                                    me.start_get_stream();
+                                }
+                            }
+                            return Ok(answer);
+                        }
+                        Attempt::Fatal(e) => return Err(AttemptFailure::fatal(e)),
+                        Attempt::Retry(f) => f,
+                    };
+                    let next = if f.reinit {
+                        // Expired session: the request was not processed; set up a new one
+                        // and resend at once.
+                        f.failure = Failure::NotSent;
+                        f.at_once = true;
+                        Some(BeforeNext::Reinit(generation))
+                    } else {
+                        if f.backend_failed {
+                            me.balancer.report_failure(
+                                EndpointId(backend),
+                                Instant::now(),
+                                &error_chain(&f.error),
+                            );
+                        }
+                        // Another endpoint can take the retry at once when this one failed.
+                        f.at_once = f.backend_failed
+                            && me.config.endpoints.len() > 1
+                            && me
+                                .balancer
+                                .any_available(Instant::now(), &[EndpointId(backend)]);
+                        let session_endpoint =
+                            me.era() == Some(Era::Legacy) && me.session_backend() == Some(backend);
+                        // The session's endpoint failed: move the session elsewhere.
+                        (f.at_once && session_endpoint)
+                            .then_some(BeforeNext::MoveSession(generation, backend))
+                    };
+                    *before_next.lock().unwrap_or_else(PoisonError::into_inner) = next;
+                    Err(f)
                 }
-                Attempt::Fatal(e) => return Err(e),
-                Attempt::Retry(f) => f,
-            };
-            let legacy = self.era() == Some(Era::Legacy);
-            if f.reinit && attempts <= policy.max_retries + 1 {
-                // Expired session: the request was not processed; set up a new one and resend.
-                self.reinitialize(generation, None).await?;
-                continue;
-            }
-            if f.backend_failed {
-                self.balancer.report_failure(
-                    EndpointId(backend),
-                    Instant::now(),
-                    &error_chain(&f.error),
-                );
-            }
-            let decision = retry::classify(
-                policy,
-                &kind,
-                &f.failure,
-                attempts,
-                start.elapsed(),
-                SystemTime::now(),
-                rand::random::<f64>(),
-            );
-            let delay = match decision {
-                Decision::RetryAfter(d) => d,
-                Decision::GiveUp(why) => return Err(give_up(why, &kind.name, f.error)),
-            };
-            // Another endpoint can take the retry at once when this one failed to connect.
-            let other_available = f.backend_failed
-                && self.config.endpoints.len() > 1
-                && self
-                    .balancer
-                    .any_available(Instant::now(), &[EndpointId(backend)]);
-            tracing::debug!(
-                "retrying {} (attempt {}): {}",
-                kind.name,
-                attempts + 1,
-                f.error
-            );
-            if legacy && f.backend_failed && self.session_backend() == Some(backend) {
-                // The session's endpoint failed: move the session elsewhere if we can.
-                if other_available {
-                    let _ = self.reinitialize(generation, Some(backend)).await;
-                    continue;
-                }
-            } else if other_available {
-                continue;
-            }
-            tokio::time::sleep(delay).await;
-        }
+            },
+        )
+        .await;
+        outcome.map_err(|e| gave_up(e, &kind.name))
     }
 
     /// One health probe: a `ping` POST; alive if the server answers below 500.
@@ -207,6 +264,7 @@ pub(super) fn transport_failure(url: String, e: HttpError) -> AttemptFailure {
         // A certificate problem is not a dead endpoint.
         backend_failed: rejection.is_none(),
         reinit: false,
+        at_once: false,
     }
 }
 
@@ -227,5 +285,53 @@ pub(super) fn body_failure(url: &str, e: HttpError) -> AttemptFailure {
         failure,
         backend_failed: true,
         reinit: false,
+        at_once: false,
+    }
+}
+
+/// The error of a POST the retry driver gave up on.
+fn gave_up(e: RetryError<AttemptFailure>, method: &str) -> HttpTransportError {
+    let method = method.to_owned();
+    match e {
+        RetryError::Failed(f) => f.error,
+        RetryError::NotInvited { source, .. } => HttpTransportError::UnsafeNotResent {
+            method,
+            last: Box::new(source.error),
+        },
+        RetryError::NotRepeatable { source, .. } => match source.error {
+            HttpTransportError::Request { url, source } => HttpTransportError::NotResent {
+                method,
+                url,
+                source,
+            },
+            other => other,
+        },
+        RetryError::Exhausted {
+            attempts, source, ..
+        } => HttpTransportError::RetriesExhausted {
+            method,
+            attempts,
+            last: Box::new(source.error),
+        },
+        RetryError::Deadline { budget, source, .. } => HttpTransportError::Deadline {
+            method,
+            budget,
+            last: Box::new(source.error),
+        },
+        RetryError::RetryAfterTooLong {
+            wait,
+            limit,
+            source,
+            ..
+        } => HttpTransportError::RetryAfterTooLong {
+            wait,
+            limit,
+            last: Box::new(source.error),
+        },
+        RetryError::DeadlineDuringAttempt { budget: after, .. }
+        | RetryError::AttemptTimeout { timeout: after, .. }
+        | RetryError::AttemptTimeoutNotRepeatable { timeout: after, .. } => {
+            HttpTransportError::OutOfTime { method, after }
+        }
     }
 }
