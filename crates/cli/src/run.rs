@@ -407,6 +407,7 @@ async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
 
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
     let files = boot_files(&args).await?;
+    vmcp_vm::timing::mark("run: guest image found");
     let shares = make_shares(&args.share)?;
     let image = match &args.image {
         Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
@@ -430,18 +431,21 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.backend = args.backend;
     config.accel = args.accel;
     let selection = select(&mut config).await?;
+    vmcp_vm::timing::mark("run: backend selected");
     let from_snapshot = snapshot_start(&args, &config, selection.backend.name()).await?;
     let disposable = from_snapshot.is_some();
     let mut vm = match from_snapshot {
         Some(vm) => vm,
         None => {
             let mut vm = selection.backend.create(config).await?;
+            vmcp_vm::timing::mark("run: VM created (cold)");
             // After validation, so a bad input gets exactly one line.
             for notice in &selection.notices {
                 eprintln!("vmcp: notice: {notice}");
             }
             vm.start().await?;
             vm.wait_ready(READY_TIMEOUT).await?;
+            vmcp_vm::timing::mark("run: agent ready (cold boot)");
             vm
         }
     };
@@ -477,6 +481,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     if args.diff {
         print_changes(&agent).await;
     }
+    vmcp_vm::timing::mark("run: program exited");
     let copied = copy_back(&agent, &shares).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
@@ -489,6 +494,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    vmcp_vm::timing::mark("run: VM stopped");
     copied?;
     if let Some(p) = &args.keep_changes {
         eprintln!(
@@ -555,6 +561,7 @@ async fn snapshot_start(
         .map_err(anyhow::Error::new)
         .and_then(|bin| snapshots::Record::for_config(config, &bin));
     let store = snapshots::store_dir();
+    vmcp_vm::timing::mark("run: snapshot record and store");
     if let Some(name) = &args.snapshot {
         let (record, store) = (record?, store?);
         let stored = snapshots::find(&store, name)?
@@ -571,7 +578,9 @@ async fn snapshot_start(
         }
     };
     let name = record.auto_name();
-    match snapshots::find(&store, &name)? {
+    let found = snapshots::find(&store, &name)?;
+    vmcp_vm::timing::mark("run: snapshot looked up");
+    match found {
         Some(stored) => match snapshots::restore(&stored, config, &record, READY_TIMEOUT).await {
             Ok(vm) => Ok(Some(vm)),
             Err(e) => {
@@ -611,7 +620,9 @@ fn chain(e: &anyhow::Error) -> String {
 /// Runs the program and streams its I/O; returns vmcp's exit status.
 async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
     let forward_stdin = spec.stdin;
-    let mut process = match agent.exec(spec).await {
+    let started = agent.exec(spec).await;
+    vmcp_vm::timing::mark("run: exec request answered");
+    let mut process = match started {
         Ok(p) => p,
         Err(AgentError::Failed { kind, message }) => {
             let code = match kind {

@@ -521,6 +521,7 @@ impl QemuMachine {
                 })?;
         }
         self.reaped();
+        crate::timing::mark("qemu: killed and reaped");
         Ok(())
     }
 
@@ -773,6 +774,7 @@ impl Machine for QemuMachine {
         let state = files
             .check(self.config.memory_mib)
             .map_err(VmError::SnapshotRestore)?;
+        crate::timing::mark("qemu: snapshot files checked");
         self.spawn_qemu(token, Some(&files.memory)).await?;
         tracing::debug!("QEMU answers on QMP; loading the device state");
         let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
@@ -828,6 +830,7 @@ impl QemuMachine {
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, restore_memory)?;
         self.argv = plan.argv();
+        crate::timing::mark("qemu: files opened, command line built");
         tracing::debug!(argv = ?self.argv, "starting QEMU");
         let mut child = platform::spawn(platform::SpawnSpec {
             argv: self.argv.clone(),
@@ -836,6 +839,7 @@ impl QemuMachine {
         })
         .await
         .map_err(VmError::Spawn)?;
+        crate::timing::mark("qemu: process spawned");
         drop(inherited);
         self.pid = child.id();
         let tail = self.console.clone();
@@ -851,7 +855,14 @@ impl QemuMachine {
         self.agent_stream = Some(agent_host);
         let handshake = async {
             let mut q = qmp::QmpClient::connect(qmp_host).await?;
-            let status = q.query_status().await?;
+            crate::timing::mark("qemu: QMP greeting and capabilities");
+            // A restore skips the round trip: `migrate-incoming`, sent next, fails with QEMU's
+            // own message when QEMU is not waiting for an incoming migration.
+            let status = if restore_memory.is_some() {
+                expected.to_string()
+            } else {
+                q.query_status().await?
+            };
             Ok::<_, qmp::QmpError>((q, status))
         };
         let qmp_timeout = self.options.qmp_timeout;
