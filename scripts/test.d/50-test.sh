@@ -4,6 +4,8 @@
 export VMCP_REQUIRE_VM=1
 # The MCP interop tests need the reference servers of scripts/install.d/40-mcp-interop.sh.
 export VMCP_REQUIRE_INTEROP=1
+# The approval page's browser test needs chromium + chromedriver (scripts/install.d/60-chromium.sh).
+export VMCP_REQUIRE_BROWSER=1
 cargo llvm-cov --version >/dev/null 2>&1 || {
   echo "cargo-llvm-cov is missing: run VMCP_INSTALL_CROSS=1 scripts/install-deps" >&2
   exit 1

@@ -11,6 +11,9 @@
 //!   same; under TCG the guest clock is only roughly right).
 //! - **exec `true`** round trip on one running VM, and **ping** round trip.
 //! - **idle RSS**: QEMU's `VmRSS` one second after the agent became ready.
+//! - snapshot figures (checkpoint, restore, `vmcp run -- true` from the snapshot, PSS) and the
+//!   warm-pool figures (pool acquire, `vmcp run -- true` with a `vmcp daemon`:
+//!   bench_daemon.rs) of the same run.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -56,6 +59,10 @@ pub struct BenchArgs {
     /// a 100 MB file read there, against `cp -r` on the host (bench_share.rs); `--runs` runs.
     #[arg(long)]
     pub share: bool,
+    /// Measure sandboxes through `vmcp mcp serve` instead: `tools/call run` of `true` against
+    /// `vmcp run -- true`, alternating, `--runs` rounds (bench_mcp.rs).
+    #[arg(long, conflicts_with = "share")]
+    pub mcp: bool,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -115,6 +122,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     config.accel = args.accel;
     if args.share {
         crate::bench_share::run(&config, args.runs).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.mcp {
+        let image = match (&args.kernel, &args.initrd) {
+            (Some(k), Some(i)) => vec![
+                "--kernel".to_owned(),
+                k.display().to_string(),
+                "--initrd".to_owned(),
+                i.display().to_string(),
+            ],
+            _ => Vec::new(),
+        };
+        crate::bench_mcp::run(args.runs, args.memory, image).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let selection = crate::run::select(&mut config).await?;
@@ -206,6 +226,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let ping = Samples::new(ping);
 
     let snap = snapshot_figures(&backend, &config, &args).await?;
+    let pool = crate::bench_daemon::measure(&config, args.runs)?;
 
     let ratio = ready.pct(50.0).as_secs_f64() / to_userspace.pct(50.0).as_secs_f64().max(1e-9);
     println!("| metric | p50 | min / p99 |");
@@ -249,13 +270,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         None => println!("| QEMU RSS, idle VM | unknown on this OS | |"),
     }
     snap.print(&ready);
+    match &pool {
+        Some(p) => p.print(),
+        None => println!("| warm pool (`vmcp daemon`) | not available on this platform | |"),
+    }
     println!("agent ready / kernel→userspace (p50): {ratio:.2}× (target ≤ 1.5×)");
     Ok(ExitCode::SUCCESS)
 }
 
 /// Snapshot figures of one run, printed beside the cold ones.
 struct SnapshotFigures {
-    checkpoint: Duration,
+    checkpoint: Samples,
+    fork: Samples,
+    fork_n: (usize, Duration),
+    rewind: Samples,
+    restored_checkpoint: Duration,
     restore: Samples,
     restore_exec: Samples,
     run_true: Samples,
@@ -265,8 +294,32 @@ struct SnapshotFigures {
 impl SnapshotFigures {
     fn print(&self, cold: &Samples) {
         println!(
-            "| checkpoint of a running VM (pause, device state, copy of the memory file, resume) | {} | |",
-            ms(self.checkpoint)
+            "| checkpoint of a running VM (pause, device state, copy of the memory file, resume), {} runs | {} | min {} |",
+            self.checkpoint.len(),
+            ms(self.checkpoint.pct(50.0)),
+            ms(self.checkpoint.min())
+        );
+        println!(
+            "| fork(1) of that checkpoint → the new VM's agent ready (re-keyed), {} runs | {} | min {} |",
+            self.fork.len(),
+            ms(self.fork.pct(50.0)),
+            ms(self.fork.min())
+        );
+        println!(
+            "| fork({}) → all ready, per fork | {} | total {} |",
+            self.fork_n.0,
+            ms(self.fork_n.1 / u32::try_from(self.fork_n.0.max(1)).unwrap_or(1)),
+            ms(self.fork_n.1)
+        );
+        println!(
+            "| rewind to that checkpoint → agent ready, {} runs | {} | min {} |",
+            self.rewind.len(),
+            ms(self.rewind.pct(50.0)),
+            ms(self.rewind.min())
+        );
+        println!(
+            "| checkpoint of a forked (restored) VM: RAM into the state file | {} | |",
+            ms(self.restored_checkpoint)
         );
         println!(
             "| restore → agent ready (re-keyed), {} runs | {} | min {} |",
@@ -317,9 +370,46 @@ async fn snapshot_figures(
     vm.wait_ready(Duration::from_secs(60)).await?;
     // As `vmcp run` does before it saves its automatic snapshot.
     crate::snapshots::quiesce(&vm).await?;
-    let t = Instant::now();
     vm.save_snapshot(&snap).await?;
-    let checkpoint = t.elapsed();
+    let ready = Duration::from_secs(60);
+    let mut checkpoint = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        let cp = vm.checkpoint().await?;
+        checkpoint.push(t.elapsed());
+        drop(cp);
+    }
+    let cp = vm.checkpoint().await?;
+    let mut fork = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        let forks = vm.fork_into(&cp, 1, ready).await?;
+        fork.push(t.elapsed());
+        drop(forks);
+    }
+    // fork(n) with n = --runs, 2 to 4.
+    let n = args.runs.clamp(2, 4);
+    let t = Instant::now();
+    let mut forks = vm.fork_into(&cp, n, ready).await?;
+    let fork_n = (n, t.elapsed());
+    let t = Instant::now();
+    let fork_cp = forks[0].checkpoint().await?;
+    let restored_checkpoint = t.elapsed();
+    drop((fork_cp, forks));
+    let mut rewind = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        vm.rewind(&cp, ready).await?;
+        rewind.push(t.elapsed());
+    }
+    eprintln!(
+        "  checkpoint p50 {}, fork(1) p50 {}, fork({n}) {}, rewind p50 {}",
+        ms(Samples::new(checkpoint.clone()).pct(50.0)),
+        ms(Samples::new(fork.clone()).pct(50.0)),
+        ms(fork_n.1),
+        ms(Samples::new(rewind.clone()).pct(50.0))
+    );
+    drop(cp);
     vm.kill().await?;
     drop(vm);
 
@@ -383,7 +473,11 @@ async fn snapshot_figures(
         None
     };
     Ok(SnapshotFigures {
-        checkpoint,
+        checkpoint: Samples::new(checkpoint),
+        fork: Samples::new(fork),
+        fork_n,
+        rewind: Samples::new(rewind),
+        restored_checkpoint,
         restore: Samples::new(restore),
         restore_exec: Samples::new(restore_exec),
         run_true: Samples::new(runs),

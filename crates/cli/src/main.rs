@@ -2,15 +2,21 @@
 //!
 //! A thin binary: each subcommand lives in its own module and calls the library crates.
 
+mod approvals;
 mod bench;
 mod bench_backend;
+mod bench_daemon;
+mod bench_mcp;
 mod bench_share;
+mod daemon_cmd;
 mod doctor;
+mod gated_tools;
 mod image_cmd;
 mod mcp_cmd;
 mod mcp_serve;
 mod mcp_wrap;
 mod run;
+mod share_gate;
 mod snapshot_cmd;
 mod snapshots;
 
@@ -52,6 +58,8 @@ enum Command {
     /// Talk to MCP servers.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
+    /// Keep restored, ready VMs for `vmcp run` (foreground; `vmcp daemon status` reports).
+    Daemon(daemon_cmd::DaemonArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -122,6 +130,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(args).await,
             Command::Snapshot(cmd) => snapshot_cmd::run(cmd).await,
             Command::Mcp(cmd) => mcp_cmd::run(cmd).await,
+            Command::Daemon(args) => daemon_cmd::run(args).await,
         }
     });
     drop(runtime);

@@ -22,7 +22,7 @@ use vmcp_mcp::retry::RetryPolicy;
 use vmcp_mcp::sanitize;
 use vmcp_mcp::stdio::{StdioConfig, StdioTransport};
 use vmcp_mcp::tls::{ClientIdentity, TlsOptions, TlsRejection};
-use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
+use vmcp_mcp::{BoxTransport, Client, ClientConfig, Lifecycle};
 
 /// `vmcp mcp` subcommands.
 #[derive(clap::Subcommand)]
@@ -167,7 +167,7 @@ fn client_config(server: &ServerArgs) -> anyhow::Result<ClientConfig> {
 /// Connects as `server` says, runs `f`, closes, and explains failures in one line.
 async fn with_client<F, Fut>(server: &ServerArgs, f: F) -> anyhow::Result<ExitCode>
 where
-    F: FnOnce(AnyClient) -> Fut,
+    F: FnOnce(McpClient) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
 {
     let config = client_config(server)?;
@@ -199,12 +199,16 @@ where
             if server.url.len() > 1 {
                 transport.start_health_checks();
             }
-            AnyClient::Http(Client::connect(transport, config).await.map_err(explain)?)
+            Client::connect(BoxTransport::new(transport), config)
+                .await
+                .map_err(explain)?
         }
         (true, true, false) => {
             let cfg = StdioConfig::new(&server.command[0], &server.command[1..]);
             let transport = StdioTransport::spawn(&cfg)?;
-            AnyClient::Stdio(Client::connect(transport, config).await.map_err(explain)?)
+            Client::connect(BoxTransport::new(transport), config)
+                .await
+                .map_err(explain)?
         }
         (true, true, true) => bail!("--stdio needs the server command after `--`"),
         (false, true, _) => bail!("give either --url or --stdio, not both"),
@@ -220,20 +224,7 @@ where
 }
 
 /// A client over either transport.
-#[derive(Clone)]
-enum AnyClient {
-    Http(Client<StreamableHttpTransport<ReqwestClient>>),
-    Stdio(Client<StdioTransport>),
-}
-
-impl AnyClient {
-    async fn close(&self) {
-        match self {
-            AnyClient::Http(c) => c.close().await,
-            AnyClient::Stdio(c) => c.close().await,
-        }
-    }
-}
+type McpClient = Client<BoxTransport>;
 
 /// Adds a TLS hint to an error when a certificate was rejected.
 fn explain(e: vmcp_mcp::ClientError) -> anyhow::Error {
@@ -243,12 +234,8 @@ fn explain(e: vmcp_mcp::ClientError) -> anyhow::Error {
     }
 }
 
-async fn list_tools(c: &AnyClient, json: bool) -> anyhow::Result<ExitCode> {
-    let tools = match c {
-        AnyClient::Http(c) => c.list_tools().await,
-        AnyClient::Stdio(c) => c.list_tools().await,
-    }
-    .map_err(explain)?;
+async fn list_tools(c: &McpClient, json: bool) -> anyhow::Result<ExitCode> {
+    let tools = c.list_tools().await.map_err(explain)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&tools)?);
     } else {
@@ -271,20 +258,8 @@ async fn list_tools(c: &AnyClient, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn call_on<T: Transport>(
-    c: &Client<T>,
-    tool: &str,
-    args: &Value,
-) -> Result<Box<serde_json::value::RawValue>, vmcp_mcp::ClientError> {
-    c.call_tool_raw(tool, Some(args)).await
-}
-
-async fn call(c: &AnyClient, tool: &str, args: &Value, json: bool) -> anyhow::Result<ExitCode> {
-    let raw = match c {
-        AnyClient::Http(c) => call_on(c, tool, args).await,
-        AnyClient::Stdio(c) => call_on(c, tool, args).await,
-    }
-    .map_err(explain)?;
+async fn call(c: &McpClient, tool: &str, args: &Value, json: bool) -> anyhow::Result<ExitCode> {
+    let raw = c.call_tool_raw(tool, Some(args)).await.map_err(explain)?;
     let (result, _): (vmcp_mcp::model::CallToolResult, _) =
         vmcp_mcp::client::decode_bounded("tools/call", &raw, vmcp_mcp::limits::MAX_RESULT_NODES)
             .with_context(|| {

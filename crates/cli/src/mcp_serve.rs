@@ -17,11 +17,15 @@ use anyhow::Context;
 use async_trait::async_trait;
 use vmcp_mcp_server::http::{HttpConfig, HttpServer};
 use vmcp_mcp_server::{Server, ServerConfig};
-use vmcp_sandbox::manager::{FactoryError, Limits, Manager, VmFactory, VmSpec};
+use vmcp_sandbox::manager::{
+    Booted, FactoryError, Limits, Manager, SandboxError, VmFactory, VmSpec,
+};
 use vmcp_sandbox::tools::SandboxTools;
-use vmcp_vm::{Accel, Arch, Vm, VmConfig};
+use vmcp_vm::qemu::QemuBackend;
+use vmcp_vm::{Accel, Arch, NetMode, Vm, VmConfig};
 
 use crate::run::signal;
+use crate::snapshots::{self, AutoStart};
 
 /// Arguments of `vmcp mcp serve`.
 #[derive(clap::Args, Debug)]
@@ -53,6 +57,15 @@ pub struct ServeArgs {
     /// Default idle timeout of a sandbox, seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600)]
     pub idle_timeout: u64,
+    /// The widest allow list a client may give `sandbox_create`'s `network`
+    /// (HOST[:PORT],...: names, *.suffix, IP addresses, CIDR ranges, as in `vmcp run --net
+    /// allow=`); every rule a client asks for must lie within one of these. Default: clients
+    /// get no network.
+    #[arg(long, value_name = "RULES", value_parser = parse_ceiling)]
+    pub net_allow: Option<vmcp_egress::Policy>,
+    /// Let clients ask for unrestricted outbound NAT (`network: "nat"`).
+    #[arg(long)]
+    pub net_nat: bool,
     /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
@@ -62,23 +75,102 @@ pub struct ServeArgs {
     /// Initramfs to boot instead of the built image's (needs --kernel).
     #[arg(long, value_name = "FILE", requires = "kernel")]
     pub initrd: Option<PathBuf>,
+    /// Approval of what crosses from the sandboxes to the host, and of tool calls named by
+    /// `tool`/`command` rules.
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
 }
 
-/// Boots the guest image with the backend and accelerator the selector chose at start.
+/// Starts the guest image with the backend and accelerator the selector chose at start:
+/// restored from the automatic snapshot `vmcp run` uses (built on first use) when the VM
+/// fits one, else booted cold with a notice in the tool result.
 struct SelectedFactory {
     backend: Box<dyn vmcp_vm::Backend>,
     template: VmConfig,
+    approvals: Option<Arc<crate::approvals::Approvals>>,
+}
+
+impl SelectedFactory {
+    fn config(&self, spec: &VmSpec) -> VmConfig {
+        let mut config = self.template.clone();
+        config.cpus = spec.cpus;
+        config.memory_mib = spec.memory_mib;
+        config.net = vmcp_vm::NetConfig::default();
+        config.net.mode = spec.net.clone();
+        if let (Some(a), vmcp_vm::NetMode::Allow(_)) = (&self.approvals, &config.net.mode) {
+            config.net.gate = Some(a.egress_gate(&format!("sandbox ({} MiB)", spec.memory_mib)));
+        }
+        config
+    }
 }
 
 #[async_trait]
 impl VmFactory for SelectedFactory {
     async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, FactoryError> {
-        let mut config = self.template.clone();
-        config.cpus = spec.cpus;
-        config.memory_mib = spec.memory_mib;
-        config.net = vmcp_vm::NetConfig::default();
-        Ok(self.backend.create(config).await?)
+        Ok(self.backend.create(self.config(&spec)).await?)
     }
+
+    async fn boot(
+        &self,
+        spec: VmSpec,
+        timeout: Duration,
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+    ) -> Result<Booted, SandboxError> {
+        let config = self.config(&spec);
+        config.validate().map_err(SandboxError::Boot)?;
+        let mut notices = Vec::new();
+        match snapshots::cold_reason(&config, self.backend.name()) {
+            None => match snapshots::auto_start(&config, timeout, progress).await {
+                Ok(AutoStart::Restored(vm) | AutoStart::Built(vm)) => return Ok(Booted::new(vm)),
+                Ok(AutoStart::Cold(None)) => {
+                    notices
+                        .push("booted cold: no snapshot store or QEMU binary for snapshots".into());
+                }
+                Ok(AutoStart::Cold(Some(why))) => notices.push(format!("booted cold: {why}")),
+                Err(e) => notices.push(format!(
+                    "booted cold: the snapshot lookup failed: {}",
+                    e.chain()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(": ")
+                )),
+            },
+            Some(why) => notices.push(format!("booted cold: {why}")),
+        }
+        progress("booting the VM cold");
+        let mut booted =
+            if matches!(config.net.mode, NetMode::Allow(_)) && self.backend.name() == "qemu" {
+                // The QEMU VM itself, to read its egress proxy's refusals.
+                let mut vm = QemuBackend::new()
+                    .create_qemu(config)
+                    .await
+                    .map_err(|e| SandboxError::Create(Box::new(e)))?;
+                vm.start().await.map_err(SandboxError::Boot)?;
+                vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
+                let egress = vm.egress_stats();
+                let mut b = Booted::new(Box::new(vm));
+                b.egress = egress;
+                b
+            } else {
+                let mut vm = self
+                    .backend
+                    .create(config)
+                    .await
+                    .map_err(|e| SandboxError::Create(Box::new(e)))?;
+                vm.start().await.map_err(SandboxError::Boot)?;
+                vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
+                Booted::new(vm)
+            };
+        booted.notices = notices;
+        Ok(booted)
+    }
+}
+
+fn parse_ceiling(s: &str) -> Result<vmcp_egress::Policy, String> {
+    let p: vmcp_egress::Policy = s
+        .parse()
+        .map_err(|e: vmcp_egress::RuleError| format!("bad --net-allow list: {e}"))?;
+    Ok(p.with_host_addrs(vmcp_egress::host_addrs()))
 }
 
 /// The sandbox manager and server for `args` (shared with `vmcp mcp wrap`'s VM flags later).
@@ -99,15 +191,30 @@ pub async fn build(args: &ServeArgs) -> anyhow::Result<(Manager, Server)> {
     limits.max_output = args.max_output.max(1);
     limits.session_grace = Duration::from_secs(args.session_grace);
     limits.default_idle = Duration::from_secs(args.idle_timeout.max(1));
+    limits.net_ceiling = args.net_allow.clone();
+    limits.allow_nat = args.net_nat;
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp)
+            .await?
+            .map(Arc::new);
     let factory = Arc::new(SelectedFactory {
         backend: selection.backend,
         template,
+        approvals: approvals.clone(),
     });
     let manager = Manager::new(factory, limits);
-    let server = Server::new(
-        SandboxTools::new(manager.clone()),
+    let tools: Arc<dyn vmcp_mcp_server::ToolSet> = match approvals {
+        Some(a) => Arc::new(crate::gated_tools::GatedTools::new(
+            Arc::new(SandboxTools::new(manager.clone())),
+            a,
+        )),
+        None => Arc::new(SandboxTools::new(manager.clone())),
+    };
+    let server = Server::from_arc(
+        tools,
         ServerConfig::default().with_instructions(
-            "Each sandbox is a disposable Linux micro-VM (busybox userland, no network). \
+            "Each sandbox is a disposable Linux micro-VM (busybox userland, no network unless \
+             sandbox_create's `network` asks for one the server permits). \
              Create one with sandbox_create, run commands with sandbox_exec, and destroy it \
              with sandbox_destroy when done; `run` does all three for a single command.",
         ),

@@ -20,7 +20,7 @@ use anyhow::Context;
 use tokio::io::AsyncWriteExt;
 use vmcp_guest_proto::FailureKind;
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
-use vmcp_vm::{Accel, Arch, VmConfig};
+use vmcp_vm::{Accel, Arch, NetMode, PortForward, VmConfig};
 
 use crate::run::{exit_code, signal, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND};
 
@@ -43,6 +43,14 @@ pub struct WrapArgs {
     /// Working directory in the guest.
     #[arg(long, short = 'w', value_name = "DIR")]
     pub workdir: Option<String>,
+    /// Guest network: none (no network card), allow=HOST[:PORT],... (only through vmcp's
+    /// egress proxy; names, *.suffix, IP addresses, CIDR ranges), or nat (unrestricted).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = crate::run::parse_net)]
+    pub net: NetMode,
+    /// Publish a guest TCP port on the host: HOST_PORT:GUEST_PORT (on 127.0.0.1) or
+    /// ADDRESS:HOST_PORT:GUEST_PORT (repeatable), e.g. for a server that also serves HTTP.
+    #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = crate::run::parse_publish)]
+    pub publish: Vec<PortForward>,
     /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
     #[arg(long, value_parser = crate::run::parse_accel)]
     pub accel: Option<Accel>,
@@ -86,6 +94,11 @@ async fn wrap(args: WrapArgs) -> anyhow::Result<ExitCode> {
     config.cpus = args.cpus;
     config.memory_mib = args.memory;
     config.accel = args.accel;
+    config.net.mode = args.net.clone();
+    config.net.publish = args.publish.clone();
+    if let Some(w) = config.net.warning() {
+        eprintln!("vmcp: {w}");
+    }
     let selection = crate::run::select(&mut config).await?;
     let mut vm = selection.backend.create(config).await?;
     for notice in &selection.notices {

@@ -73,7 +73,7 @@ pub struct RunArgs {
     pub diff: bool,
     /// Share a host directory: HOST_DIR:GUEST_DIR[:ro|:rw] (repeatable; default ro). The
     /// guest gets a copy; with :rw its changes are copied back into HOST_DIR when the
-    /// program ends.
+    /// program ends (under a --policy that asks, only what was approved).
     #[arg(long, value_name = "HOST:GUEST[:ro|:rw]", value_parser = parse_share)]
     pub share: Vec<ShareArg>,
     /// Environment variable for the program (repeatable).
@@ -118,6 +118,12 @@ pub struct RunArgs {
     /// fit the VM or cannot be restored. Default: the matching automatic snapshot.
     #[arg(long, value_name = "NAME")]
     pub snapshot: Option<String>,
+    /// Start a VM here even when a `vmcp daemon` has a ready one for these flags.
+    #[arg(long)]
+    pub no_daemon: bool,
+    /// Approval of what crosses from the VM to the host.
+    #[command(flatten)]
+    pub approval: crate::approvals::ApprovalArgs,
     /// The program and its arguments (after `--`).
     #[arg(
         required = true,
@@ -369,8 +375,15 @@ fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
 /// Largest change set copied back from one writable share.
 const MAX_SHARE_CHANGES: u64 = 8 << 30;
 
-/// Copies the changes of every writable share back into its host directory.
-async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
+/// Copies the changes of every writable share back into its host directory; under an
+/// approval policy, only what the policy and a person let through (a line per share on
+/// stderr says what happened).
+async fn copy_back(
+    agent: &AgentClient,
+    shares: &Shares,
+    approvals: Option<&crate::approvals::Approvals>,
+    program: &str,
+) -> anyhow::Result<()> {
     let Some(dir) = &shares.dir else {
         return Ok(());
     };
@@ -392,22 +405,43 @@ async fn copy_back(agent: &AgentClient, shares: &Shares) -> anyhow::Result<()> {
                 )
             })?;
         drop(file);
-        let (host2, tar2) = (host.clone(), tar_path.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::image_cmd::import::apply_share_changes(&host2, &tar2)
-        })
-        .await
-        .context("the copy-back task failed")?
-        .with_context(|| format!("cannot copy the changes back into {}", host.display()))?;
+        let apply = |host: &std::path::Path, tar: &std::path::Path| {
+            crate::image_cmd::import::apply_share_changes(host, tar)
+                .with_context(|| format!("cannot copy the changes back into {}", host.display()))
+        };
+        match approvals {
+            None => {
+                let (host2, tar2) = (host.clone(), tar_path.clone());
+                tokio::task::spawn_blocking(move || apply(&host2, &tar2))
+                    .await
+                    .context("the copy-back task failed")??;
+                tracing::info!(share = %host.display(), bytes, "copied share changes back");
+            }
+            Some(a) => {
+                let origin = crate::share_gate::Origin {
+                    sandbox: format!("vmcp run {program} (pid {})", std::process::id()),
+                    context: Some(format!("vmcp run {program}, share {}", cfg.guest_path)),
+                    askers: Vec::new(),
+                };
+                let report = crate::share_gate::settle(a, host, &tar_path, origin, apply).await?;
+                eprintln!("vmcp: {}", report.summary());
+            }
+        }
         let _ = std::fs::remove_file(&tar_path);
-        tracing::info!(share = %host.display(), bytes, "copied share changes back");
     }
     Ok(())
 }
 
 async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCode> {
+    // A running `vmcp daemon` with a ready VM for these flags is the fastest start.
+    if let Some(code) = crate::daemon_cmd::try_run(&args, forward_stdin).await? {
+        return Ok(code);
+    }
     let files = boot_files(&args).await?;
     vmcp_vm::timing::mark("run: guest image found");
+    let approvals =
+        crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Terminal)
+            .await?;
     let shares = make_shares(&args.share)?;
     let image = match &args.image {
         Some(what) => Some(attach_image(what, args.keep_changes.as_deref())?),
@@ -425,6 +459,11 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.console_log = args.console_log.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
+    if let (Some(a), NetMode::Allow(_)) = (&approvals, &config.net.mode) {
+        let program = args.command.first().cloned().unwrap_or_default();
+        config.net.gate =
+            Some(a.egress_gate(&format!("vmcp run {program} (pid {})", std::process::id())));
+    }
     if let Some(w) = config.net.warning() {
         eprintln!("vmcp: {w}");
     }
@@ -482,7 +521,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         print_changes(&agent).await;
     }
     vmcp_vm::timing::mark("run: program exited");
-    let copied = copy_back(&agent, &shares).await;
+    let copied = copy_back(&agent, &shares, approvals.as_ref(), &program).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
     if disposable {
@@ -540,85 +579,42 @@ async fn snapshot_start(
     use crate::snapshots;
     // A bad configuration is reported as such, not as a snapshot problem.
     config.validate()?;
-    // An image VM mounts its own fresh writable layer at boot; a restored guest would have
-    // another VM's layer mounted. Such VMs boot cold until snapshots carry the layer too.
-    // A VM with a network device boots cold too: restoring a guest's network state onto a new
-    // netdev and egress proxy is untested.
-    let usable = backend == "qemu"
-        && !args.rootfs_rw
-        && args.image.is_none()
-        && args.share.is_empty()
-        && !config.net.has_device()
-        && vmcp_vm::qemu::launch_supported().is_ok();
-    if args.cold || (!usable && args.snapshot.is_none()) {
+    let cold_reason = snapshots::cold_reason(config, backend);
+    if args.cold || (cold_reason.is_some() && args.snapshot.is_none()) {
         return Ok(None);
     }
-    anyhow::ensure!(
-        usable,
-        "snapshots need the QEMU backend on Linux, no --rootfs-rw, --image, --share or --net/--publish"
-    );
-    let record = vmcp_vm::qemu::binary::find(config.arch)
-        .map_err(anyhow::Error::new)
-        .and_then(|bin| snapshots::Record::for_config(config, &bin));
-    let store = snapshots::store_dir();
-    vmcp_vm::timing::mark("run: snapshot record and store");
+    if let Some(why) = cold_reason {
+        anyhow::bail!(
+            "--snapshot cannot be used here: {why} (snapshots need the QEMU backend on Linux, no --rootfs-rw, --image, --share or --net/--publish)"
+        );
+    }
     if let Some(name) = &args.snapshot {
-        let (record, store) = (record?, store?);
+        let record = vmcp_vm::qemu::binary::find(config.arch)
+            .map_err(anyhow::Error::new)
+            .and_then(|bin| snapshots::Record::for_config(config, &bin))?;
+        let store = snapshots::store_dir()?;
         let stored = snapshots::find(&store, name)?
             .ok_or_else(|| anyhow::anyhow!("no snapshot {name:?} (see `vmcp snapshot list`)"))?;
         return snapshots::restore(&stored, config, &record, READY_TIMEOUT)
             .await
             .map(Some);
     }
-    let (record, store) = match (record, store) {
-        (Ok(r), Ok(s)) => (r, s),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::info!(error = %e, "no snapshot for this VM; booting cold");
-            return Ok(None);
-        }
-    };
-    let name = record.auto_name();
-    let found = snapshots::find(&store, &name)?;
-    vmcp_vm::timing::mark("run: snapshot looked up");
-    match found {
-        Some(stored) => match snapshots::restore(&stored, config, &record, READY_TIMEOUT).await {
-            Ok(vm) => Ok(Some(vm)),
-            Err(e) => {
-                let removed = snapshots::remove(&stored.dir).is_ok();
-                eprintln!(
-                    "vmcp: notice: {}; {}booting cold",
-                    chain(&e),
-                    if removed { "removed it, " } else { "" }
-                );
-                Ok(None)
+    let notice = |s: &str| eprintln!("vmcp: notice: {s}");
+    Ok(
+        match snapshots::auto_start(config, READY_TIMEOUT, &notice).await? {
+            snapshots::AutoStart::Restored(vm) | snapshots::AutoStart::Built(vm) => Some(vm),
+            snapshots::AutoStart::Cold(why) => {
+                if let Some(why) = why {
+                    notice(&why);
+                }
+                None
             }
         },
-        None => {
-            snapshots::sweep_builds(&store, Duration::from_secs(3600));
-            eprintln!("vmcp: notice: building snapshot {name} for fast starts (one time)");
-            match snapshots::create(&store, &name, config, &record, READY_TIMEOUT).await {
-                Ok(vm) => Ok(Some(vm)),
-                Err(e) => {
-                    eprintln!(
-                        "vmcp: notice: cannot build the snapshot: {}; booting cold",
-                        chain(&e)
-                    );
-                    Ok(None)
-                }
-            }
-        }
-    }
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(": ")
+    )
 }
 
 /// Runs the program and streams its I/O; returns vmcp's exit status.
-async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
+pub(crate) async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
     let forward_stdin = spec.stdin;
     let started = agent.exec(spec).await;
     vmcp_vm::timing::mark("run: exec request answered");

@@ -559,6 +559,94 @@ pub async fn restore(
     Ok(Box::new(vm))
 }
 
+/// Why a VM of `config` on `backend` boots cold instead of restoring a snapshot, if it does.
+/// Only QEMU VMs without a writable root disk, an image layer, shares or a network card use
+/// snapshots: a restored guest's view of a disk that changed since would be wrong, an image VM
+/// mounts its own fresh writable layer at boot, and restoring a guest's network state onto a
+/// new netdev and egress proxy is untested.
+pub fn cold_reason(config: &VmConfig, backend: &str) -> Option<&'static str> {
+    if backend != "qemu" {
+        Some("only QEMU VMs are restored from snapshots")
+    } else if config.rootfs.as_ref().is_some_and(|d| !d.read_only) {
+        Some("a VM with a writable root disk is not restored from a snapshot")
+    } else if config.image.is_some() {
+        Some("a VM with an image layer is not restored from a snapshot")
+    } else if !config.shares.is_empty() {
+        Some("a VM with shared directories is not restored from a snapshot")
+    } else if config.net.has_device() {
+        Some("a VM with a network card is not restored from a snapshot")
+    } else if vmcp_vm::qemu::launch_supported().is_err() {
+        Some("QEMU snapshots are not supported on this host")
+    } else {
+        None
+    }
+}
+
+/// How [`auto_start`] started a VM, or why it did not.
+pub enum AutoStart {
+    /// Restored from the existing automatic snapshot.
+    Restored(Box<dyn Vm>),
+    /// Booted cold, then saved as the automatic snapshot (first use); the VM keeps running.
+    Built(Box<dyn Vm>),
+    /// Not started: boot cold. `None` when snapshots do not apply to this VM, else why the
+    /// snapshot could not be used (worth a notice).
+    Cold(Option<String>),
+}
+
+/// Starts a VM of `config` (accelerator chosen, validated, snapshot-eligible: see
+/// [`cold_reason`]) from its automatic snapshot, building the snapshot on first use.
+/// `notice` hears about a one-time build before it starts. A broken snapshot is removed.
+pub async fn auto_start(
+    config: &VmConfig,
+    ready_timeout: Duration,
+    notice: &(dyn Fn(&str) + Send + Sync),
+) -> anyhow::Result<AutoStart> {
+    let record = vmcp_vm::qemu::binary::find(config.arch)
+        .map_err(anyhow::Error::new)
+        .and_then(|bin| Record::for_config(config, &bin));
+    let (record, store) = match (record, store_dir()) {
+        (Ok(r), Ok(s)) => (r, s),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::info!(error = %e, "no snapshot for this VM; booting cold");
+            return Ok(AutoStart::Cold(None));
+        }
+    };
+    let name = record.auto_name();
+    match find(&store, &name)? {
+        Some(stored) => match restore(&stored, config, &record, ready_timeout).await {
+            Ok(vm) => Ok(AutoStart::Restored(vm)),
+            Err(e) => {
+                let removed = remove(&stored.dir).is_ok();
+                Ok(AutoStart::Cold(Some(format!(
+                    "{}; {}booting cold",
+                    chain(&e),
+                    if removed { "removed it, " } else { "" }
+                ))))
+            }
+        },
+        None => {
+            sweep_builds(&store, Duration::from_secs(3600));
+            notice(&format!(
+                "building snapshot {name} for fast starts (one time)"
+            ));
+            match create(&store, &name, config, &record, ready_timeout).await {
+                Ok(vm) => Ok(AutoStart::Built(vm)),
+                Err(e) => Ok(AutoStart::Cold(Some(format!(
+                    "cannot build the snapshot: {}; booting cold",
+                    chain(&e)
+                )))),
+            }
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -16,42 +15,9 @@ use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTr
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
-
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn image_args() -> Vec<String> {
-    match (
-        std::env::var("VMCP_TEST_KERNEL"),
-        std::env::var("VMCP_TEST_INITRD"),
-    ) {
-        (Ok(k), Ok(i)) => vec!["--kernel".into(), k, "--initrd".into(), i],
-        _ => Vec::new(),
-    }
-}
-
-fn vm_ready() -> bool {
-    let skip = |reason: &str| {
-        if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-            panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-        }
-        vmcp_test_support::skipped!("SKIPPED: {reason}");
-        false
-    };
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() {
-        return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
-    }
-    if image_args().is_empty() && !text.contains("[ok] image") {
-        return skip("no guest image: run `vmcp image build`");
-    }
-    true
-}
 
 fn assert_clean(dir: &Path) {
     let left: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -102,8 +68,9 @@ async fn call<T: Transport>(c: &Client<T>, tool: &str, args: Value) -> Value {
     r.structured_content.unwrap()
 }
 
-/// Every working tool, in the order an agent would use them.
-async fn drive<T: Transport>(c: &Client<T>) {
+/// Every working tool, in the order an agent would use them; checkpoint, fork and rewind only
+/// with `snapshots` (once per run: they take a few seconds under TCG).
+async fn drive<T: Transport>(c: &Client<T>, snapshots: bool) {
     let names: Vec<String> = c
         .list_tools()
         .await
@@ -224,6 +191,34 @@ async fn drive<T: Transport>(c: &Client<T>) {
     )
     .await;
     assert_eq!(r["timed_out"], true);
+    // Checkpoint, fork and rewind of the real VM: A was written before the checkpoint, B after.
+    let sh = |cmd: &str| json!({"sandbox_id": id, "command": cmd});
+    if snapshots {
+        call(c, "sandbox_exec", sh("echo A > /root/a")).await;
+        let r = call(c, "sandbox_checkpoint", json!({"sandbox_id": id})).await;
+        let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
+        call(c, "sandbox_exec", sh("echo B > /root/b")).await;
+        let r = call(c, "sandbox_fork", json!({"checkpoint_id": ck})).await;
+        let fork = r["sandbox_ids"][0].as_str().unwrap().to_owned();
+        let files = json!({"sandbox_id": fork, "command": "ls /root; hostname"});
+        let r = call(c, "sandbox_exec", files).await;
+        let out = r["stdout"].as_str().unwrap();
+        assert!(out.starts_with("a\nvmcp-"), "{r}");
+        let r = call(c, "sandbox_exec", sh("hostname")).await;
+        assert!(
+            !out.ends_with(r["stdout"].as_str().unwrap()),
+            "own hostname"
+        );
+        call(
+            c,
+            "sandbox_rewind",
+            json!({"sandbox_id": id, "checkpoint_id": ck}),
+        )
+        .await;
+        let r = call(c, "sandbox_exec", sh("ls /root")).await;
+        assert_eq!(r["stdout"], "a\n", "{r}");
+        call(c, "sandbox_destroy", json!({"sandbox_id": fork})).await;
+    }
     let r = call(c, "sandbox_list", json!({})).await;
     assert_eq!(r["sandboxes"][0]["sandbox_id"], json!(id));
     call(c, "sandbox_destroy", json!({"sandbox_id": id})).await;
@@ -234,16 +229,13 @@ async fn drive<T: Transport>(c: &Client<T>) {
         .await
         .unwrap();
     assert!(r.is_error());
-    assert!(r.content[0]
-        .as_text()
-        .unwrap()
-        .contains("not available yet"));
+    assert!(r.content[0].as_text().unwrap().contains("no sandbox"));
 }
 
 #[test]
 fn our_client_drives_every_tool_over_stdio() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -253,7 +245,7 @@ fn our_client_drives_every_tool_over_stdio() {
         .unwrap();
     rt.block_on(async {
         let mut args = vec!["mcp".to_owned(), "serve".to_owned()];
-        args.extend(image_args());
+        args.extend(vm::image_args());
         let cfg = StdioConfig::new(VMCP, args)
             .with_env("XDG_RUNTIME_DIR", runtime.path())
             .with_stderr(StderrMode::Null);
@@ -264,7 +256,7 @@ fn our_client_drives_every_tool_over_stdio() {
         )
         .await
         .unwrap();
-        drive(&c).await;
+        drive(&c, true).await;
         // A sandbox left alive is killed when the session ends (stdin closed).
         call(&c, "sandbox_create", json!({})).await;
         c.close().await;
@@ -276,7 +268,7 @@ fn our_client_drives_every_tool_over_stdio() {
 fn serve_http(runtime: &Path) -> (std::process::Child, String) {
     let mut child = Command::new(VMCP)
         .args(["mcp", "serve", "--http", "127.0.0.1:0"])
-        .args(image_args())
+        .args(vm::image_args())
         .env("XDG_RUNTIME_DIR", runtime)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -312,8 +304,8 @@ async fn http_client(
 
 #[test]
 fn http_both_generations_then_sigterm_destroys_every_sandbox() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -324,7 +316,7 @@ fn http_both_generations_then_sigterm_destroys_every_sandbox() {
         .unwrap();
     rt.block_on(async {
         let modern = http_client(&url, Lifecycle::Discover).await;
-        drive(&modern).await;
+        drive(&modern, false).await;
         let legacy = http_client(&url, Lifecycle::Initialize).await;
         let id = call(&legacy, "sandbox_create", json!({})).await["sandbox_id"]
             .as_str()
@@ -355,8 +347,8 @@ fn http_both_generations_then_sigterm_destroys_every_sandbox() {
 
 #[test]
 fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -381,7 +373,7 @@ fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_some());
     let out = Command::new(VMCP)
         .args(["run"])
-        .args(image_args())
+        .args(vm::image_args())
         .args(["--", "true"])
         .env("XDG_RUNTIME_DIR", runtime.path())
         .stdin(Stdio::null())
@@ -392,5 +384,135 @@ fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert_clean(runtime.path());
+}
+
+/// A loopback HTTP server answering every request with `body`; returns its port and a hit count.
+fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (port, hits)
+}
+
+/// `network` within the server's `--net-allow` ceiling: the allowed host is reached, a
+/// widening request is refused naming the rule, and each refused connection (of the exec
+/// itself, and of a background process before it) is listed in the next exec's result.
+#[test]
+fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut args = vec![
+            "mcp".to_owned(),
+            "serve".to_owned(),
+            "--net-allow".to_owned(),
+            "127.0.0.1".to_owned(),
+        ];
+        args.extend(vm::image_args());
+        let cfg = StdioConfig::new(VMCP, args)
+            .with_env("XDG_RUNTIME_DIR", runtime.path())
+            .with_stderr(StderrMode::Null);
+        let t = StdioTransport::spawn(&cfg).unwrap();
+        let c = Client::connect(
+            t,
+            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
+        )
+        .await
+        .unwrap();
+        for (net, want) in [
+            ("allow=127.0.0.0/8", "network: 127.0.0.0/8 is not within the allow list this server permits (127.0.0.1)"),
+            ("nat", "network: nat (unrestricted network) is not permitted by this server"),
+        ] {
+            let r = c
+                .call_tool("sandbox_create", Some(&json!({"network": net})))
+                .await
+                .unwrap();
+            assert!(r.is_error(), "{net}");
+            let text = r.content[0].as_text().unwrap();
+            assert!(text.contains(want), "{net}: {text}");
+        }
+        let created = call(
+            &c,
+            "sandbox_create",
+            json!({"network": format!("allow=127.0.0.1:{allowed}")}),
+        )
+        .await;
+        assert_eq!(created["network"], format!("allow=127.0.0.1:{allowed}"));
+        assert!(
+            created["notices"][0]
+                .as_str()
+                .unwrap()
+                .contains("booted cold: a VM with a network card"),
+            "{created}"
+        );
+        let id = created["sandbox_id"].as_str().unwrap().to_owned();
+        // A background process is refused first; its refusal shows in the next exec.
+        let p = call(
+            &c,
+            "sandbox_exec_start",
+            json!({"sandbox_id": id, "command": format!("NO_PROXY= no_proxy= wget -q -O - http://127.0.0.1:{other}/bg")}),
+        )
+        .await;
+        let pid = p["process_id"].as_str().unwrap().to_owned();
+        let mut cursor = 0;
+        for _ in 0..20 {
+            let polled = call(
+                &c,
+                "sandbox_exec_poll",
+                json!({"sandbox_id": id, "process_id": pid, "cursor": cursor, "wait_ms": 2000}),
+            )
+            .await;
+            cursor = polled["next_cursor"].as_u64().unwrap();
+            if polled["running"] == false {
+                assert_ne!(polled["exit_code"], 0, "{polled}");
+                break;
+            }
+        }
+        let script = format!(
+            "export NO_PROXY= no_proxy=
+             wget -q -O - http://127.0.0.1:{allowed}/
+             wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \" B:$?\""
+        );
+        let r = call(&c, "sandbox_exec", json!({"sandbox_id": id, "command": script})).await;
+        let stdout = r["stdout"].as_str().unwrap();
+        assert!(stdout.starts_with("allowed-body"), "{r}");
+        assert!(!stdout.contains(" B:0"), "{r}");
+        let line = format!(
+            "connection to 127.0.0.1:{other} (GET request) refused by egress policy (no-rule): no rule allows 127.0.0.1:{other} (127.0.0.1:{allowed} allows another port)"
+        );
+        assert_eq!(r["egress_denied"], json!([line.clone(), line]), "{r}");
+        // Reported once: the next exec lists nothing new.
+        let r = call(&c, "sandbox_exec", json!({"sandbox_id": id, "argv": ["true"]})).await;
+        assert_eq!(r["egress_denied"], json!([]), "{r}");
+        c.close().await;
+    });
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_clean(runtime.path());
 }

@@ -9,29 +9,14 @@ use std::process::Command;
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 const SERVER: &str = include_str!("data/sh_mcp_server.sh");
 
-fn vm_ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    let reason = if !doctor.status.success() {
-        format!("`vmcp doctor` says no VMs can run here:\n{text}")
-    } else if !text.contains("[ok] image") {
-        "no guest image: run `vmcp image build`".to_owned()
-    } else {
-        return true;
-    };
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
 #[test]
 fn a_stdio_server_in_the_guest_is_listed_and_called_through_wrap() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -73,7 +58,7 @@ fn a_stdio_server_in_the_guest_is_listed_and_called_through_wrap() {
 
 #[test]
 fn a_missing_server_program_is_a_clear_error() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
@@ -89,5 +74,81 @@ fn a_missing_server_program_is_a_clear_error() {
         err.contains("cannot start the MCP server /no/such/server in the guest"),
         "{err}"
     );
+    assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
+}
+
+/// A loopback HTTP server answering every request with `body`; returns its port and a hit count.
+fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let resp = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn wrap_takes_the_network_flags_of_run() {
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let runtime = tempfile::tempdir().unwrap();
+    // The "server" just prints what it can reach (the relay passes its stdout through). The
+    // guest's NO_PROXY excludes 127.0.0.1 (the guest itself); clearing it sends these
+    // requests for the host's 127.0.0.1 through the egress proxy.
+    let script = format!(
+        "export NO_PROXY= no_proxy=
+         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
+         wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\""
+    );
+    let out = Command::new(VMCP)
+        .args([
+            "mcp",
+            "wrap",
+            "--net",
+            &format!("allow=127.0.0.1:{allowed}"),
+        ])
+        .args(["--", "sh", "-c", &script])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("A:allowed-body"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("B:") && l != "B:0"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
+        "{stderr}"
+    );
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // A bad value is refused before anything boots.
+    let out = Command::new(VMCP)
+        .args(["mcp", "wrap", "--publish", "0:80", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad --publish \"0:80\""), "{err}");
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
 }

@@ -11,33 +11,12 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
-
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn vm_ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    let reason = if !doctor.status.success() {
-        format!("`vmcp doctor` says no VMs can run here:\n{text}")
-    } else if !text.contains("[ok] image") {
-        "no guest image: run `vmcp image build`".to_string()
-    } else {
-        return true;
-    };
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
 
 fn run(runtime: &tempfile::TempDir, flags: &[&str], script: &str) -> Output {
     Command::new(VMCP)
@@ -79,8 +58,8 @@ fn http_server(body: &'static str) -> (u16, Arc<AtomicUsize>) {
 
 #[test]
 fn none_mode_has_no_network_card() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let rt = tempfile::tempdir().unwrap();
@@ -91,8 +70,8 @@ fn none_mode_has_no_network_card() {
 
 #[test]
 fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let (allowed, allowed_hits) = http_server("allowed-body");
@@ -158,8 +137,8 @@ fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
 
 #[test]
 fn nat_mode_warns_and_reaches_the_host() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let (port, hits) = http_server("nat-body");
@@ -167,10 +146,13 @@ fn nat_mode_warns_and_reaches_the_host() {
     let out = run(
         &rt,
         &["--net", "nat"],
-        &format!("wget -q -O - http://10.0.2.2:{port}/; env | grep -ci proxy || true"),
+        &format!(
+            "wget -q -O - http://10.0.2.2:{port}/; env | grep -ci proxy || true; \
+             grep nameserver /etc/resolv.conf"
+        ),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "nat-body0\n");
+    assert_eq!(text(&out.stdout), "nat-body0\nnameserver 10.0.2.3\n");
     assert!(text(&out.stderr).contains("warning: --net nat gives the guest unrestricted"));
     assert_eq!(hits.load(Ordering::SeqCst), 1);
 }
@@ -185,8 +167,8 @@ fn non_loopback_addr() -> Option<std::net::IpAddr> {
 
 #[test]
 fn published_port_is_reachable_on_loopback_only() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let host_port = {

@@ -8,32 +8,12 @@
 
 use std::process::Command;
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
-fn skip(reason: &str) -> bool {
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
 fn ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() || !text.contains("[ok] image") {
-        return skip(&format!(
-            "no VM or no guest image here (`vmcp doctor`):\n{text}"
-        ));
-    }
-    for tool in ["mmdebstrap", "mkfs.ext4"] {
-        if vmcp_image::import::find_tool(tool).is_none() {
-            return skip(&format!(
-                "{tool} not installed (scripts/install-deps installs it)"
-            ));
-        }
-    }
-    true
+    vm::ready_with_tools(VMCP, &["mmdebstrap", "mkfs.ext4"])
 }
 
 #[test]

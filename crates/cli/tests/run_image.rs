@@ -10,29 +10,16 @@ use std::process::{Command, Output};
 
 use vmcp_image::oci_write::{config_json, write_docker_archive, Layer};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
-fn skip(reason: &str) -> bool {
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
 fn ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() || !text.contains("[ok] image") {
-        return skip(&format!(
-            "no VM or no guest image here (`vmcp doctor`):\n{text}"
-        ));
-    }
-    if vmcp_image::import::find_tool("mkfs.ext4").is_none() {
-        return skip("mkfs.ext4 (e2fsprogs) not installed");
+    if !vm::ready_with_tools(VMCP, &["mkfs.ext4"]) {
+        return false;
     }
     if busybox().is_none() {
-        return skip("no static busybox on the host (apt-get install busybox-static)");
+        return vm::skip("no static busybox on the host (apt-get install busybox-static)");
     }
     true
 }

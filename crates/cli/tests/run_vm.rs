@@ -10,50 +10,11 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
-
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Boot inputs passed explicitly, when the environment names them.
-fn image_args() -> Vec<String> {
-    match (
-        std::env::var("VMCP_TEST_KERNEL"),
-        std::env::var("VMCP_TEST_INITRD"),
-    ) {
-        (Ok(k), Ok(i)) => vec!["--kernel".into(), k, "--initrd".into(), i],
-        _ => Vec::new(),
-    }
-}
-
-fn skip(reason: &str) -> bool {
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but the VM prerequisites are missing: {reason}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: {reason}");
-    false
-}
-
-/// Whether VMs can boot here; prints SKIPPED (or fails under VMCP_REQUIRE_VM=1) if not.
-fn vm_ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let text = String::from_utf8_lossy(&doctor.stdout).into_owned();
-    if !doctor.status.success() {
-        return skip(&format!("`vmcp doctor` says no VMs can run here:\n{text}"));
-    }
-    if image_args().is_empty() && !text.contains("[ok] image") {
-        return skip(
-            "no guest image: run `vmcp image build` (or set VMCP_TEST_KERNEL/VMCP_TEST_INITRD)",
-        );
-    }
-    true
-}
 
 struct Env {
     runtime: tempfile::TempDir,
@@ -75,7 +36,7 @@ impl Env {
     fn run(&self, flags: &[&str], program: &[&str], stdin: &[u8]) -> Output {
         let mut c = self.cmd();
         c.arg("run")
-            .args(image_args())
+            .args(vm::image_args())
             .args(flags)
             .arg("--")
             .args(program)
@@ -118,8 +79,8 @@ fn stderr_wo_notice(out: &Output) -> String {
 
 #[test]
 fn readme_example_streams_and_exit_codes() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
@@ -174,8 +135,8 @@ fn readme_example_streams_and_exit_codes() {
 
 #[test]
 fn timeout_destroys_the_vm_and_exits_124() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
@@ -233,7 +194,7 @@ fn gone_within(pid: u32, limit: Duration) -> bool {
 fn start_sleeper(env: &Env) -> (std::process::Child, u32) {
     let mut c = env.cmd();
     c.arg("run")
-        .args(image_args())
+        .args(vm::image_args())
         .args(["--", "sh", "-c", "echo started; sleep 600"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -251,8 +212,8 @@ fn start_sleeper(env: &Env) -> (std::process::Child, u32) {
 
 #[test]
 fn sigkill_of_vmcp_takes_qemu_down_and_the_next_start_sweeps_its_dir() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
@@ -273,8 +234,8 @@ fn sigkill_of_vmcp_takes_qemu_down_and_the_next_start_sweeps_its_dir() {
 
 #[test]
 fn sigterm_and_sigint_destroy_the_vm() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
@@ -298,7 +259,7 @@ fn sigterm_and_sigint_destroy_the_vm() {
 
 #[test]
 fn bad_input_gives_one_line_and_leaves_nothing() {
-    let _l = lock();
+    let _l = vm::lock();
     let env = Env::new();
     let check = |out: Output, code: i32, needle: &str| {
         let err = text(&out.stderr);
@@ -451,8 +412,8 @@ fn rss_kib(pid: u32) -> Option<u64> {
 /// memory stays flat (flow control stops the guest process), and output flows again after.
 #[test]
 fn stalled_stdout_reader_keeps_vmcp_memory_flat() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     if rss_kib(std::process::id()).is_none() {
@@ -463,7 +424,7 @@ fn stalled_stdout_reader_keeps_vmcp_memory_flat() {
     let mut child = env
         .cmd()
         .arg("run")
-        .args(image_args())
+        .args(vm::image_args())
         .args(["--", "sh", "-c", "head -c 2000000000 /dev/zero"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -503,15 +464,15 @@ fn stalled_stdout_reader_keeps_vmcp_memory_flat() {
 /// own exit.
 #[test]
 fn big_stdin_into_a_small_guest_that_does_not_read() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
     let mut child = env
         .cmd()
         .arg("run")
-        .args(image_args())
+        .args(vm::image_args())
         .args(["--memory", "128", "--", "sh", "-c", "sleep 8; echo alive"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -558,8 +519,8 @@ fn doctor_reports_backends() {
 
 #[test]
 fn bench_reports_every_metric() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let out = Command::new(VMCP)
@@ -572,7 +533,7 @@ fn bench_reports_every_metric() {
             "--pss-vms",
             "1",
         ])
-        .args(image_args())
+        .args(vm::image_args())
         .output()
         .unwrap();
     let t = text(&out.stdout);
@@ -585,9 +546,15 @@ fn bench_reports_every_metric() {
         "RSS",
         "target",
         "checkpoint of a running VM",
+        "fork(1) of that checkpoint",
+        "fork(2) → all ready",
+        "rewind to that checkpoint",
+        "checkpoint of a forked (restored) VM",
         "restore → agent ready",
         "`vmcp run -- true` end to end",
         "PSS of 1 idle VMs",
+        "pool acquire",
+        "with a warm `vmcp daemon`",
     ] {
         assert!(t.contains(needle), "{needle} missing in {t}");
     }
@@ -652,14 +619,14 @@ exec sleep 100000
 /// clear error instead of hanging, and leaves nothing behind.
 #[test]
 fn a_guest_that_stops_answering_after_hello_does_not_hang_run() {
-    let _l = lock();
-    if !vm_ready() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let Some((kernel, initrd)) = hostile_initrd(&env, dir.path(), HELLO_THEN_SILENT) else {
-        skip("no guest image to build the hostile initrd from");
+        vm::skip("no guest image to build the hostile initrd from");
         return;
     };
     let t = Instant::now();

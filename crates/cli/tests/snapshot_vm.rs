@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use vmcp_test_support::vm;
+
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
 struct Env {
@@ -51,19 +53,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn vm_ready() -> bool {
-    let doctor = Command::new(VMCP).arg("doctor").output().unwrap();
-    let out = text(&doctor.stdout);
-    if doctor.status.success() && out.contains("[ok] image") && cfg!(target_os = "linux") {
-        return true;
-    }
-    if std::env::var_os("VMCP_REQUIRE_VM").is_some_and(|v| v == "1") {
-        panic!("VMCP_REQUIRE_VM=1 but VMs cannot run here:\n{out}");
-    }
-    vmcp_test_support::skipped!("SKIPPED: no VMs or no image here (Linux, `vmcp image build`)");
-    false
-}
-
 fn corrupt(state: &Path, truncate: bool) {
     let mut bytes = std::fs::read(state).unwrap();
     if truncate {
@@ -78,7 +67,7 @@ fn corrupt(state: &Path, truncate: bool) {
 
 #[test]
 fn named_snapshots_restore_and_bad_ones_fail_with_125() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();
@@ -140,7 +129,7 @@ fn named_snapshots_restore_and_bad_ones_fail_with_125() {
 
 #[test]
 fn run_builds_then_restores_the_automatic_snapshot_and_falls_back_when_it_breaks() {
-    if !vm_ready() {
+    if !vm::ready(VMCP) {
         return;
     }
     let env = Env::new();

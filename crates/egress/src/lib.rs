@@ -48,7 +48,7 @@ use sys_unix as sys;
 pub use addr::{AddrClass, Cidr};
 pub use policy::{Allowed, Denial, Host, HostPattern, Policy, Rule, RuleError, Target};
 pub use proxy::{
-    Accept, DenialRecord, Dial, Limits, Proxy, ProxyHandle, Resolve, Stats, SystemDialer,
+    Accept, DenialRecord, Dial, Gate, Limits, Proxy, ProxyHandle, Resolve, Stats, SystemDialer,
     SystemResolver,
 };
 

@@ -295,6 +295,14 @@ pub enum Denial {
     /// The request did not name a valid host.
     #[error("bad request target: {0}")]
     BadTarget(String),
+    /// No rule allows the target and the approval gate refused it.
+    #[error("{target} is not on the allow list and was not approved: {reason}")]
+    Gated {
+        /// What was asked for.
+        target: Target,
+        /// The gate's reason (denied by a rule, by a person, timed out).
+        reason: String,
+    },
 }
 
 impl Denial {
@@ -306,6 +314,19 @@ impl Denial {
             Denial::SniMismatch { .. } => "sni-mismatch",
             Denial::HostMismatch { .. } => "host-mismatch",
             Denial::BadTarget(_) => "bad-target",
+            Denial::Gated { .. } => "approval",
+        }
+    }
+
+    /// The `HOST:PORT` that was asked for, when the request named one.
+    pub fn target(&self) -> Option<&Target> {
+        match self {
+            Denial::NoRule { target, .. }
+            | Denial::SpecialAddress { target, .. }
+            | Denial::SniMismatch { target, .. }
+            | Denial::HostMismatch { target, .. }
+            | Denial::Gated { target, .. } => Some(target),
+            Denial::BadTarget(_) => None,
         }
     }
 }
@@ -367,6 +388,14 @@ impl Policy {
         self
     }
 
+    /// A policy with `rules` and this one's host addresses.
+    pub fn with_rules(&self, rules: Vec<Rule>) -> Policy {
+        Policy {
+            rules,
+            host_addrs: self.host_addrs.clone(),
+        }
+    }
+
     /// The rules.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
@@ -400,6 +429,53 @@ impl Policy {
             target: target.clone(),
             hint,
         })
+    }
+
+    /// Whether some rule of this policy allows everything `rule` would allow (same or wider
+    /// host, same port or every port), including the special addresses `rule` would open by
+    /// listing them literally: a range inside a special range (`10.1.0.0/16`) is covered only
+    /// by a range inside that special range too, and one of the host's own addresses only by
+    /// exactly that address. Used to keep an agent-supplied allow list within the user's.
+    pub fn covers(&self, rule: &Rule) -> bool {
+        let below = |name: &str, suffix: &str| {
+            name.strip_suffix(suffix)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        };
+        self.rules.iter().any(|c| {
+            let port_ok = match (c.port, rule.port) {
+                (None, _) => true,
+                (Some(a), Some(b)) => a == b,
+                (Some(_), None) => false,
+            };
+            port_ok
+                && match (&c.host, &rule.host) {
+                    (
+                        HostPattern::AnyName,
+                        HostPattern::Name(_) | HostPattern::Below(_) | HostPattern::AnyName,
+                    ) => true,
+                    (HostPattern::Below(s), HostPattern::Name(n)) => below(n, s),
+                    (HostPattern::Below(s), HostPattern::Below(t)) => t == s || below(t, s),
+                    (HostPattern::Name(a), HostPattern::Name(b)) => a == b,
+                    (HostPattern::Range(c), HostPattern::Range(r)) => {
+                        let special_ok = match special_range(r.network()) {
+                            Some((range, _)) if r.within(&range) => c.within(&range),
+                            _ => true,
+                        };
+                        let own = r.prefix() == Cidr::host(r.network()).prefix()
+                            && self
+                                .host_addrs
+                                .binary_search(&canonical(r.network()))
+                                .is_ok();
+                        r.within(c) && special_ok && (!own || c == r)
+                    }
+                    _ => false,
+                }
+        })
+    }
+
+    /// The first rule of `other` this policy does not [cover](Policy::covers), if any.
+    pub fn first_uncovered<'a>(&self, other: &'a Policy) -> Option<&'a Rule> {
+        other.rules.iter().find(|r| !self.covers(r))
     }
 
     /// Whether `addr` (one address `target` resolved to, or the address literal) may be

@@ -15,6 +15,12 @@
 //!   `Host` for origin-form requests; a `Host` header that names another host than the request
 //!   line is refused. One upstream connection per request (no pooling), hop-by-hop headers
 //!   dropped, bodies streamed both ways.
+//! - **Gate** ([`Proxy::with_gate`]): a target that no rule allows is not refused at once but
+//!   handed to the gate (an approval policy that may ask a person); the connection waits at
+//!   most [`Limits::gate_timeout`] for its answer. Approved targets are remembered for the
+//!   proxy's life (an address-literal rule for the approved `host:port` only); the address
+//!   rule still holds for them (a special address needs a literal rule). A refusal names the
+//!   gate's reason.
 //! - Refusals answer `403` with `X-Vmcp-Egress: denied`, `X-Vmcp-Egress-Check: <check>` and
 //!   a one-line reason in the body, so a tool can show the user why; each is logged (rate
 //!   limited) and kept in a short in-memory list ([`ProxyHandle::recent_denials`]).
@@ -69,6 +75,8 @@ pub struct Limits {
     pub first_bytes_wait: Duration,
     /// A connection or tunnel with no byte moving for this long is closed.
     pub idle_timeout: Duration,
+    /// How long a connection waits for the [`Gate`]'s answer before it is refused.
+    pub gate_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -81,6 +89,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             first_bytes_wait: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(300),
+            gate_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -137,6 +146,17 @@ impl Dial for SystemDialer {
     }
 }
 
+/// Decides about targets no rule allows (an approval policy; may ask a person).
+pub trait Gate: Send + Sync + 'static {
+    /// `Ok(())` lets `target` through (and every later connection to it); `Err(reason)`
+    /// refuses this connection with the reason shown to the client. The proxy bounds the
+    /// wait ([`Limits::gate_timeout`]).
+    fn decide(
+        &self,
+        target: &Target,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;
+}
+
 /// A listener the proxy accepts client connections from.
 pub trait Accept: Send + 'static {
     /// A client connection.
@@ -164,6 +184,11 @@ pub struct DenialRecord {
     pub check: &'static str,
     /// The user-facing reason.
     pub reason: String,
+    /// The `HOST:PORT` asked for, when the request named one.
+    pub target: Option<String>,
+    /// Its number: the proxy's refusal count after it (1 for the first), so a reader can
+    /// ask for the refusals after the last one it saw.
+    pub seq: u64,
 }
 
 /// Denials kept in memory.
@@ -186,6 +211,10 @@ impl Stats {
     pub fn denied(&self) -> u64 {
         self.denied.load(Ordering::Relaxed)
     }
+    /// The last [`RECENT_DENIALS`] refusals, oldest first.
+    pub fn recent_denials(&self) -> Vec<DenialRecord> {
+        lock(&self.recent).iter().cloned().collect()
+    }
 }
 
 struct Ctx {
@@ -193,6 +222,9 @@ struct Ctx {
     limits: Limits,
     resolver: Arc<dyn Resolve>,
     dialer: Arc<dyn Dial>,
+    gate: Option<Arc<dyn Gate>>,
+    /// Targets the gate approved, with the one-target policy that lets them through.
+    approved: Mutex<std::collections::HashMap<Target, Policy>>,
     stats: Arc<Stats>,
     log_limit: Mutex<RateLimit>,
     shutdown: watch::Receiver<()>,
@@ -204,6 +236,7 @@ pub struct Proxy {
     limits: Limits,
     resolver: Arc<dyn Resolve>,
     dialer: Arc<dyn Dial>,
+    gate: Option<Arc<dyn Gate>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -230,7 +263,11 @@ impl ProxyHandle {
     }
     /// The last [`RECENT_DENIALS`] refusals, oldest first.
     pub fn recent_denials(&self) -> Vec<DenialRecord> {
-        lock(&self.stats.recent).iter().cloned().collect()
+        self.stats.recent_denials()
+    }
+    /// The counters, shared: they stay readable after the proxy stopped.
+    pub fn shared_stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 }
 
@@ -252,7 +289,14 @@ impl Proxy {
             limits,
             resolver: Arc::new(SystemResolver),
             dialer: Arc::new(SystemDialer),
+            gate: None,
         }
+    }
+
+    /// Hands targets no rule allows to `gate` instead of refusing them.
+    pub fn with_gate(mut self, gate: Arc<dyn Gate>) -> Proxy {
+        self.gate = Some(gate);
+        self
     }
 
     /// Replaces the resolver.
@@ -276,6 +320,8 @@ impl Proxy {
             limits: self.limits,
             resolver: self.resolver,
             dialer: self.dialer,
+            gate: self.gate,
+            approved: Mutex::new(std::collections::HashMap::new()),
             stats: Arc::clone(&stats),
             log_limit: Mutex::new(RateLimit::new(20, Duration::from_secs(3))),
             shutdown: rx,
@@ -406,7 +452,7 @@ impl Ctx {
     }
 
     fn record_denial(&self, method: &str, denial: &Denial) {
-        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        let seq = self.stats.denied.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut recent = lock(&self.stats.recent);
             if recent.len() == RECENT_DENIALS {
@@ -417,6 +463,8 @@ impl Ctx {
                 method: method.to_string(),
                 check: denial.check(),
                 reason: denial.to_string(),
+                target: denial.target().map(ToString::to_string),
+                seq,
             });
         }
         let admitted = lock(&self.log_limit).admit(Instant::now());
@@ -444,10 +492,63 @@ impl Ctx {
     }
 
     /// Policy check, host-side resolution, address check. `Err` is the response to send.
-    async fn vet(&self, method: &str, target: &Target) -> Result<Vec<SocketAddr>, Response<Body>> {
-        if let Err(d) = self.policy.match_target(target) {
-            return Err(self.deny(method, &d));
+    /// The policy for `target`: the allow list, or the one-target policy of an approval.
+    /// Targets no rule allows go to the gate (bounded wait).
+    async fn policy_for(&self, method: &str, target: &Target) -> Result<Policy, Response<Body>> {
+        let denial = match self.policy.match_target(target) {
+            Ok(_) => return Ok(self.policy.clone()),
+            Err(d) => d,
+        };
+        let Some(gate) = &self.gate else {
+            return Err(self.deny(method, &denial));
+        };
+        if let Some(p) = lock(&self.approved).get(target) {
+            return Ok(p.clone());
         }
+        let answer = tokio::time::timeout(self.limits.gate_timeout, gate.decide(target)).await;
+        let reason = match answer {
+            Ok(Ok(())) => {
+                let p = self.one_target_policy(target);
+                lock(&self.approved).insert(target.clone(), p.clone());
+                tracing::info!(target: "vmcp::egress", "{method} {target} approved through the gate");
+                return Ok(p);
+            }
+            Ok(Err(reason)) => reason,
+            Err(_) => format!(
+                "no decision within {}s (denied)",
+                self.limits.gate_timeout.as_secs()
+            ),
+        };
+        Err(self.deny(
+            method,
+            &Denial::Gated {
+                target: target.clone(),
+                reason,
+            },
+        ))
+    }
+
+    fn one_target_policy(&self, target: &Target) -> Policy {
+        let host = match &target.host {
+            Host::Name(n) => crate::policy::HostPattern::Name(n.clone()),
+            // Not the address itself: a literal rule would open a special address (private,
+            // loopback, metadata), which an approval of the target must not do.
+            Host::Ip(a) => {
+                let any = if a.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+                match any.parse::<crate::addr::Cidr>() {
+                    Ok(c) => crate::policy::HostPattern::Range(c),
+                    Err(_) => return self.policy.with_rules(Vec::new()),
+                }
+            }
+        };
+        self.policy.with_rules(vec![crate::policy::Rule {
+            host,
+            port: Some(target.port),
+        }])
+    }
+
+    async fn vet(&self, method: &str, target: &Target) -> Result<Vec<SocketAddr>, Response<Body>> {
+        let policy = self.policy_for(method, target).await?;
         let resolved = match &target.host {
             Host::Ip(_) => Vec::new(),
             Host::Name(name) => {
@@ -472,7 +573,7 @@ impl Ctx {
                 }
             }
         };
-        match self.policy.decide(target, &resolved) {
+        match policy.decide(target, &resolved) {
             Ok(allowed) => {
                 for d in &allowed.dropped {
                     self.record_denial(method, d);

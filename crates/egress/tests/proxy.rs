@@ -563,3 +563,88 @@ async fn dropping_the_handle_closes_open_tunnels() {
         "listener survived the proxy"
     );
 }
+
+/// A gate that approves `yes.test`, refuses `no.test` with a reason, never answers for the
+/// rest, and counts how often it was asked.
+struct TestGate(Arc<AtomicUsize>);
+
+impl vmcp_egress::Gate for TestGate {
+    fn decide(
+        &self,
+        target: &vmcp_egress::Target,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let host = target.host.to_string();
+        Box::pin(async move {
+            match host.as_str() {
+                "yes.test" | "10.0.0.1" => Ok(()),
+                "no.test" => Err("denied by policy rule 2 (host = \"no.*\")".into()),
+                _ => std::future::pending().await,
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_gate_decides_targets_off_the_allow_list_within_a_bounded_wait() {
+    let (srv, hits) = http_server().await;
+    let mut limits = Limits::default();
+    limits.gate_timeout = Duration::from_millis(300);
+    let asked = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let dns = [
+        ("yes.test", PUBLIC),
+        ("no.test", PUBLIC),
+        ("slow.test", PUBLIC),
+    ]
+    .iter()
+    .map(|(n, a)| (n.to_string(), vec![a.parse().unwrap()]))
+    .collect();
+    let _h = Proxy::new("api.test:80".parse().unwrap(), limits)
+        .with_resolver(Arc::new(FakeDns(dns)))
+        .with_dialer(Arc::new(Redirect {
+            map: [(SocketAddr::new(PUBLIC.parse().unwrap(), 80), srv)].into(),
+            dials: Arc::new(AtomicUsize::new(0)),
+        }))
+        .with_gate(Arc::new(TestGate(asked.clone())))
+        .spawn(listener);
+    let get = |host: &str| {
+        format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+    };
+    // Approved: goes through, and the approval is remembered (asked once for two requests).
+    for _ in 0..2 {
+        let (head, body) = exchange(proxy, &get("yes.test")).await;
+        assert_eq!(status(&head), 200, "{head}");
+        assert_eq!(body, "GET / HTTP/1.1|yes.test");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+    assert_eq!(asked.load(Ordering::SeqCst), 1);
+    // Refused with the gate's reason.
+    let (head, body) = exchange(proxy, &get("no.test")).await;
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-vmcp-egress-check: approval"),
+        "{head}"
+    );
+    assert!(
+        body.contains("was not approved: denied by policy rule 2"),
+        "{body}"
+    );
+    // No answer: refused after the bounded wait.
+    let started = std::time::Instant::now();
+    let (head, body) = exchange(proxy, "CONNECT slow.test:443 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(body.contains("no decision within"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // An approved special address stays closed: approval is not a literal rule.
+    let (head, body) = exchange(proxy, "CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status(&head), 403, "{head}");
+    assert!(body.contains("no rule lists it literally"), "{body}");
+    // Targets on the allow list never reach the gate.
+    let before = asked.load(Ordering::SeqCst);
+    let _ = exchange(proxy, &get("api.test")).await;
+    assert_eq!(asked.load(Ordering::SeqCst), before);
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}

@@ -21,6 +21,7 @@
 //! | `vmcp.debug=1` | print boot timings and each request to the console | `0` |
 //! | `vmcp.net=<a.b.c.d>/<prefix>` | bring up the first Ethernet interface with this address | none |
 //! | `vmcp.gw=<a.b.c.d>` | default route via this gateway (only with `vmcp.net`) | none |
+//! | `vmcp.dns=<a.b.c.d>` | `/etc/resolv.conf` names this resolver (only with `vmcp.net`) | none |
 //! | `vmcp.proxy=<a.b.c.d>:<port>` | set `HTTP_PROXY`/`HTTPS_PROXY` (and lower-case forms) to `http://<a.b.c.d>:<port>` and `NO_PROXY=localhost,127.0.0.1,::1` for every process | none |
 //!
 //! Values may be double-quoted (`vmcp.token="a b"`). Unknown `vmcp.*` keys are reported as
@@ -100,6 +101,8 @@ pub struct NetSpec {
     pub prefix: u8,
     /// Default gateway.
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// Resolver written to `/etc/resolv.conf`.
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// A host directory shared into the guest as an ext4 disk.
@@ -290,6 +293,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
         }
     };
     let mut gateway = None;
+    let mut dns = None;
     let mut rootfs_dev = None;
     let mut fstype = "ext4".to_string();
     let mut read_only = false;
@@ -362,6 +366,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                     addr,
                     prefix,
                     gateway: None,
+                    dns: None,
                 });
             }
             "gw" => {
@@ -369,6 +374,13 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
                     key: "vmcp.gw".into(),
                     value: value.to_string(),
                     expected: "an IPv4 address such as 10.0.2.2",
+                })?);
+            }
+            "dns" => {
+                dns = Some(value.parse().map_err(|_| CmdlineError::Net {
+                    key: "vmcp.dns".into(),
+                    value: value.to_string(),
+                    expected: "an IPv4 address such as 10.0.2.3",
                 })?);
             }
             "proxy" => {
@@ -388,6 +400,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<BootConfig, CmdlineError> {
     }
     if let Some(net) = cfg.net.as_mut() {
         net.gateway = gateway;
+        net.dns = dns;
     }
     cfg.rootfs = rootfs_dev.map(|device| RootfsSpec {
         device,
@@ -598,7 +611,10 @@ mod tests {
         assert_eq!(net.addr.to_string(), "10.0.2.15");
         assert_eq!(net.prefix, 24);
         assert_eq!(net.gateway.unwrap().to_string(), "10.0.2.2");
+        assert_eq!(net.dns, None);
         assert_eq!(cfg.proxy.unwrap().to_string(), "10.0.2.100:3128");
+        let nat = parse_cmdline("vmcp.dns=10.0.2.3 vmcp.net=10.0.2.15/24").unwrap();
+        assert_eq!(nat.net.unwrap().dns.unwrap().to_string(), "10.0.2.3");
         let plain = parse_cmdline("quiet").unwrap();
         assert_eq!((plain.net, plain.proxy), (None, None));
         for bad in [
@@ -607,6 +623,7 @@ mod tests {
             "vmcp.net=10.0.2.15/33",
             "vmcp.net=x/24",
             "vmcp.gw=nope",
+            "vmcp.dns=10.0.2",
             "vmcp.proxy=10.0.2.100",
             "vmcp.proxy=[::1]:80",
         ] {

@@ -309,6 +309,11 @@ fn setup_network(cfg: &BootConfig) {
             eprintln!("vmcp-agent: warning: cannot add a default route via {gw}: {e}");
         }
     }
+    if let Some(dns) = net.dns {
+        if let Err(e) = write_resolv_conf(std::path::Path::new("/etc"), dns) {
+            eprintln!("vmcp-agent: warning: cannot write /etc/resolv.conf (nameserver {dns}): {e}");
+        }
+    }
     if cfg.debug {
         eprintln!(
             "vmcp-agent: {name} is {}/{} in {:?}",
@@ -317,6 +322,22 @@ fn setup_network(cfg: &BootConfig) {
             start.elapsed()
         );
     }
+}
+
+/// Names `dns` as the only resolver in `etc/resolv.conf`, replacing whatever the image had
+/// there (often a symlink into a systemd directory that does not exist in a sandbox).
+fn write_resolv_conf(etc: &std::path::Path, dns: std::net::Ipv4Addr) -> std::io::Result<()> {
+    std::fs::create_dir_all(etc)?;
+    let path = etc.join("resolv.conf");
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::write(
+        path,
+        format!("# written by vmcp-agent (--net nat)\nnameserver {dns}\n"),
+    )
 }
 
 /// Environment that points every process at the host's egress proxy.
@@ -728,6 +749,24 @@ mod tests {
         let image = parse_cmdline("vmcp.image=/dev/vda vmcp.scratch=/dev/vdb").unwrap();
         assert!(needed_before_hello("overlay", &image));
         assert!(needed_before_hello("virtio_blk", &image));
+    }
+
+    #[test]
+    fn resolv_conf_replaces_a_dangling_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::os::unix::fs::symlink(
+            "../run/systemd/resolve/stub-resolv.conf",
+            etc.join("resolv.conf"),
+        )
+        .unwrap();
+        write_resolv_conf(&etc, std::net::Ipv4Addr::new(10, 0, 2, 3)).unwrap();
+        let text = std::fs::read_to_string(etc.join("resolv.conf")).unwrap();
+        assert!(text.ends_with("nameserver 10.0.2.3\n"), "{text}");
+        let fresh = dir.path().join("fresh");
+        write_resolv_conf(&fresh, std::net::Ipv4Addr::new(10, 0, 2, 3)).unwrap();
+        assert!(fresh.join("resolv.conf").is_file());
     }
 
     #[test]

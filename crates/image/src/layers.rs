@@ -557,5 +557,4 @@ fn remove_any(path: &Path) -> Result<(), LayerError> {
 }
 
 #[cfg(test)]
-#[path = "layers_tests.rs"]
 mod tests;

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod elicit;
 pub mod http;
 pub mod schema;
 pub mod server;

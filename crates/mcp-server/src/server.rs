@@ -136,6 +136,10 @@ pub struct Connection {
     session: SessionKey,
     in_flight: Mutex<HashMap<RequestId, Canceller>>,
     version: Mutex<Option<String>>,
+    /// The client's `initialize` capabilities (2025 revisions).
+    client_caps: Mutex<Option<Value>>,
+    /// Our requests to the client (elicitation) waiting for answers.
+    pending: Arc<crate::elicit::Pending>,
 }
 
 impl Connection {
@@ -145,7 +149,24 @@ impl Connection {
             session,
             in_flight: Mutex::new(HashMap::new()),
             version: Mutex::new(None),
+            client_caps: Mutex::new(None),
+            pending: Arc::default(),
         })
+    }
+
+    /// Whether the client declared form-mode elicitation in `initialize`.
+    pub fn supports_elicitation(&self) -> bool {
+        self.client_caps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(crate::elicit::supports_form)
+    }
+
+    /// An elicitor asking through `out`, when the client supports elicitation.
+    pub fn elicitor(&self, out: Arc<dyn Outbound>) -> Option<crate::elicit::Elicitor> {
+        self.supports_elicitation()
+            .then(|| crate::elicit::Elicitor::new(self.pending.clone(), out))
     }
 
     /// The session.
@@ -330,8 +351,18 @@ impl Server {
                 }
                 Handled::Nothing
             }
-            // We send no requests, so answers are unexpected: ignore them.
-            Message::Response(_) | Message::Error(_) => Handled::Nothing,
+            // Answers to our elicitation requests; anything else is ignored.
+            Message::Response(r) => {
+                let value = serde_json::from_str::<Value>(r.result.get()).unwrap_or(Value::Null);
+                conn.pending.answer(&r.id, Ok(value));
+                Handled::Nothing
+            }
+            Message::Error(e) => {
+                if let Some(id) = &e.id {
+                    conn.pending.answer(id, Err(e.error));
+                }
+                Handled::Nothing
+            }
         }
     }
 
@@ -362,6 +393,11 @@ impl Server {
                 };
                 *conn.version.lock().unwrap_or_else(PoisonError::into_inner) =
                     Some(version.to_owned());
+                *conn
+                    .client_caps
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    env.params.get("capabilities").cloned();
                 let mut r = serde_json::json!({
                     "protocolVersion": version,
                     "capabilities": Self::capabilities(),
@@ -462,10 +498,17 @@ impl Server {
             }
             calls.insert(id.clone(), canceller);
         }
+        // The stateless generation has no server-to-client requests.
+        let elicit = if modern {
+            None
+        } else {
+            conn.elicitor(out.clone())
+        };
         let ctx = CallContext {
             session: conn.session.clone(),
             progress: env.progress_token.map(|t| Progress::new(t, out)),
             cancel: token.clone(),
+            elicit,
         };
         let fut = self.inner.tools.call(def.name, args, ctx);
         let conn = conn.clone();

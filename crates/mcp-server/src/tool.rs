@@ -268,6 +268,8 @@ pub struct CallContext {
     pub progress: Option<Progress>,
     /// Fires when the call should stop.
     pub cancel: CancelToken,
+    /// Asks the client's user (MCP elicitation, form mode), when the client supports it.
+    pub elicit: Option<crate::elicit::Elicitor>,
 }
 
 impl CallContext {
@@ -277,6 +279,7 @@ impl CallContext {
             session: None,
             progress: None,
             cancel: CancelToken::never(),
+            elicit: None,
         }
     }
 

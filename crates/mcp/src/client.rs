@@ -8,17 +8,19 @@
 //! * `Discover` (2026-07-28): `server/discover`; every later request carries the per-request
 //!   `_meta` (protocol version, client info, capabilities). An `UnsupportedProtocolVersion`
 //!   answer is retried with a version from its `supported` list if we speak one.
-//! * `Auto`: the generation the transport already knows for this server, else `Discover`,
-//!   falling back to `Initialize` when the answer is not a modern one (a JSON-RPC error with
-//!   a non-modern code, an HTTP 4xx without one, or no answer within
-//!   [`ClientConfig::probe_timeout`] on stdio). The HTTP transport caches the result per
-//!   endpoint.
+//! * `Auto`: `Discover`, falling back to `Initialize` when the answer is not a modern one (a
+//!   JSON-RPC error with a non-modern code, or no answer within [`ClientConfig::probe_timeout`]
+//!   of the request being sent: a stdio server of the old generation may stay silent). The
+//!   HTTP transport turns an HTTP 4xx without a JSON-RPC error into "method not found", and
+//!   answers `server/discover` itself for an endpoint it already knows to be of the old
+//!   generation, so the fallback costs no round trip there.
 //!
 //! Requests: each gets a fresh integer id and a slot in the pending map; the dispatcher
 //! completes the slot when the answer arrives. [`ClientConfig::request_timeout`] bounds each
 //! call; when it expires, or when the caller drops the call's future, the slot is removed and
 //! `notifications/cancelled` is sent (except on transports where closing the request's own
-//! stream is the cancellation, i.e. 2026-07-28 over HTTP).
+//! stream is the cancellation, i.e. 2026-07-28 over HTTP: that transport drops the
+//! notification).
 //!
 //! Server-to-client requests (`ping`, `roots/list`, `sampling/createMessage`,
 //! `elicitation/create`, ...) are answered by the [`ServerRequestHandler`] if one is set;
@@ -40,8 +42,10 @@
 //! a rate-limited warning; notifications wait in a bounded queue.
 //!
 //! Limits: no `subscriptions/listen`.
-//! `x-mcp-header` parameters are mirrored into `Mcp-Param-*` headers for tools seen in the
-//! last [`Client::list_tools`] (see [`crate::param_headers`]).
+//! `x-mcp-header` parameters (HTTP only) are the HTTP transport's business: it mirrors them
+//! into `Mcp-Param-*` headers from the `tools/list` answers it carried and drops tools whose
+//! annotations are invalid (see [`crate::param_headers`]); on a header mismatch (-32020) the
+//! client lists the tools again and retries the call once.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -60,13 +64,13 @@ use crate::jsonrpc::{
     self, ErrorResponse, Message, Notification, Request, RequestId, Response, RpcError,
 };
 use crate::limits::{LimitError, Limits, Page, Pager, RateLimitedWarning};
+use crate::model::Era;
 use crate::model::{
     self, CallToolParams, CallToolResult, GetPromptResult, Implementation, InitializeParams,
     ListPromptsResult, ListResourcesResult, ListToolsResult, Prompt, ReadResourceResult, Resource,
     ServerInfo, Tool,
 };
-use crate::param_headers::{self, ParamHeader};
-use crate::transport::{Era, ProtocolState, Transport, TransportError};
+use crate::transport::{Transport, TransportError};
 
 /// How the client starts talking to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -230,6 +234,14 @@ pub enum ClientError {
         #[source]
         source: LimitError,
     },
+    /// A peer that may ignore requests did not answer a probe in time (protocol detection).
+    #[error("{method} got no answer within {:.1} s of being sent", after.as_secs_f64())]
+    Silent {
+        /// The request's method.
+        method: String,
+        /// The limit.
+        after: Duration,
+    },
     /// The server's result has a `resultType` this client does not know.
     #[error("the server's answer to {method} has unknown resultType {}", crate::sanitize::for_display(&format!("{result_type:?}"), 60))]
     UnknownResultType {
@@ -256,8 +268,6 @@ struct Inner<T> {
     rejecting: Arc<tokio::sync::Semaphore>,
     /// Warnings a server can trigger at will.
     overload_warning: RateLimitedWarning,
-    /// `x-mcp-header` annotations per tool, from the last `tools/list` (HTTP, 2026-07-28).
-    param_specs: Mutex<HashMap<String, Vec<ParamHeader>>>,
 }
 
 /// A connected MCP client. Cheap to clone; all clones share the connection.
@@ -295,7 +305,6 @@ impl<T: Transport> Client<T> {
             meta: OnceLock::new(),
             modern: std::sync::atomic::AtomicBool::new(false),
             notifications: Mutex::new(None),
-            param_specs: Mutex::new(HashMap::new()),
             handling: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_server_requests.max(1),
             )),
@@ -358,7 +367,7 @@ impl<T: Transport> Client<T> {
         method: &str,
         params: Option<Box<RawValue>>,
     ) -> Result<Box<RawValue>, ClientError> {
-        request(&self.inner, method, params, &[]).await
+        request(&self.inner, method, params).await
     }
 
     /// Sends a request and parses the result.
@@ -371,7 +380,7 @@ impl<T: Transport> Client<T> {
             method: method.to_owned(),
             source,
         })?;
-        let result = request(&self.inner, method, Some(raw), &[]).await?;
+        let result = request(&self.inner, method, Some(raw)).await?;
         self.decode(method, &result)
     }
 
@@ -404,7 +413,7 @@ impl<T: Transport> Client<T> {
                         source,
                     }
                 })?;
-                let raw = request(&self.inner, method, Some(params), &[]).await?;
+                let raw = request(&self.inner, method, Some(params)).await?;
                 let bytes = raw.get().len();
                 if bytes > pager.bytes_left() {
                     return Err(limit_err(LimitError::Bytes(limits.max_list_bytes)));
@@ -445,55 +454,18 @@ impl<T: Transport> Client<T> {
             .transport
             .send(&Message::notification(method, params))
             .await
-            .map_err(ClientError::Transport)
+            .map_err(|e| ClientError::Transport(TransportError::new(e)))
     }
 
     /// `ping`.
     pub async fn ping(&self) -> Result<(), ClientError> {
-        request(&self.inner, "ping", None, &[]).await.map(|_| ())
+        request(&self.inner, "ping", None).await.map(|_| ())
     }
 
     /// `tools/list`, all pages.
     pub async fn list_tools(&self) -> Result<Vec<Tool>, ClientError> {
-        let mut out = self
-            .list_all("tools/list", |p: ListToolsResult| (p.tools, p.next_cursor))
-            .await?;
-        if !self.inner.transport.mirrors_param_headers() {
-            return Ok(out);
-        }
-        // 2026-07-28 over HTTP: remember x-mcp-header annotations, drop invalid tools.
-        let mut specs = HashMap::new();
-        out.retain(|t| match param_headers::extract(&t.input_schema) {
-            Ok(h) => {
-                if !h.is_empty() {
-                    specs.insert(t.name.clone(), h);
-                }
-                true
-            }
-            Err(e) => {
-                tracing::warn!("ignoring tool {:?} of the server: {e}", t.name);
-                false
-            }
-        });
-        if let Ok(mut m) = self.inner.param_specs.lock() {
-            *m = specs;
-        }
-        Ok(out)
-    }
-
-    fn param_headers_for(&self, name: &str, arguments: Option<&Value>) -> Vec<(String, String)> {
-        if !self.inner.transport.mirrors_param_headers() {
-            return Vec::new();
-        }
-        self.inner
-            .param_specs
-            .lock()
-            .ok()
-            .and_then(|m| {
-                m.get(name)
-                    .map(|s| param_headers::headers_for(s, arguments))
-            })
-            .unwrap_or_default()
+        self.list_all("tools/list", |p: ListToolsResult| (p.tools, p.next_cursor))
+            .await
     }
 
     /// `tools/call`, the raw result (for printing it as the server sent it).
@@ -508,16 +480,15 @@ impl<T: Transport> Client<T> {
                 source,
             }
         })?;
-        let headers = self.param_headers_for(name, arguments);
-        match request(&self.inner, "tools/call", Some(params.clone()), &headers).await {
+        match request(&self.inner, "tools/call", Some(params.clone())).await {
             Err(ClientError::Rpc { error, .. })
                 if error.code == jsonrpc::HEADER_MISMATCH
-                    && self.inner.transport.mirrors_param_headers() =>
+                    && self.inner.modern.load(Ordering::Relaxed) =>
             {
-                // The tool's x-mcp-header annotations may have changed: list again, retry once.
+                // The tool's x-mcp-header annotations may have changed: list again (the HTTP
+                // transport learns them from the answer), retry once.
                 self.list_tools().await?;
-                let headers = self.param_headers_for(name, arguments);
-                request(&self.inner, "tools/call", Some(params), &headers).await
+                request(&self.inner, "tools/call", Some(params)).await
             }
             other => other,
         }
@@ -628,7 +599,7 @@ impl<T: Transport> Drop for PendingGuard<'_, T> {
             .lock()
             .map(|mut p| p.remove(&self.id).is_some())
             .unwrap_or(false);
-        if removed && !self.inner.transport.cancels_by_disconnect() {
+        if removed {
             let inner = self.inner.clone();
             let id = self.id;
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -652,7 +623,6 @@ async fn request<T: Transport>(
     inner: &Arc<Inner<T>>,
     method: &str,
     params: Option<Box<RawValue>>,
-    extra: &[(String, String)],
 ) -> Result<Box<RawValue>, ClientError> {
     // Only the MRTR methods need the params again.
     let params_for_retry = if MRTR_METHODS.contains(&method) && inner.modern.load(Ordering::Relaxed)
@@ -661,13 +631,13 @@ async fn request<T: Transport>(
     } else {
         None
     };
-    let result = request_once(inner, method, params, extra).await?;
+    let result = request_once(inner, method, params, None).await?;
     if !inner.modern.load(Ordering::Relaxed) {
         return Ok(result);
     }
     match check_result_type(method, &result) {
         Err(ClientError::InputRequired { .. }) if MRTR_METHODS.contains(&method) => {
-            mrtr(inner, method, params_for_retry, extra, result).await
+            mrtr(inner, method, params_for_retry, result).await
         }
         Err(e) => Err(e),
         Ok(()) => Ok(result),
@@ -675,11 +645,13 @@ async fn request<T: Transport>(
 }
 
 /// One request, one answer (no multi round-trip handling, no result type check).
+/// `answer_limit`: how long to wait for the answer once the request is sent (a probe of a
+/// peer that may ignore it); its expiry is [`Silent`].
 async fn request_once<T: Transport>(
     inner: &Arc<Inner<T>>,
     method: &str,
     params: Option<Box<RawValue>>,
-    extra: &[(String, String)],
+    answer_limit: Option<Duration>,
 ) -> Result<Box<RawValue>, ClientError> {
     let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
     let params = match inner.meta.get() {
@@ -697,12 +669,15 @@ async fn request_once<T: Transport>(
     };
     let msg = Message::request(id, method, params);
     let exchange = async {
-        if extra.is_empty() {
-            inner.transport.send(&msg).await?;
-        } else {
-            inner.transport.send_with_headers(&msg, extra).await?;
+        inner
+            .transport
+            .send(&msg)
+            .await
+            .map_err(TransportError::new)?;
+        match answer_limit {
+            None => Ok(Some(rx.await)),
+            Some(limit) => Ok(tokio::time::timeout(limit, rx).await.ok()),
         }
-        Ok::<_, TransportError>(rx.await)
     };
     let outcome = match inner.config.request_timeout {
         Some(t) => match tokio::time::timeout(t, exchange).await {
@@ -717,7 +692,13 @@ async fn request_once<T: Transport>(
         None => exchange.await,
     };
     let answer = match outcome {
-        Ok(a) => a,
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return Err(ClientError::Silent {
+                method: method.to_owned(),
+                after: answer_limit.unwrap_or_default(),
+            })
+        }
         Err(e) => {
             // The send failed: nothing to cancel.
             guard.done = true;
@@ -767,7 +748,6 @@ fn mrtr<'a, T: Transport>(
     inner: &'a Arc<Inner<T>>,
     method: &'a str,
     original: Option<Box<RawValue>>,
-    extra: &'a [(String, String)],
     first: Box<RawValue>,
 ) -> Pin<Box<dyn Future<Output = Result<Box<RawValue>, ClientError>> + Send + 'a>> {
     Box::pin(async move {
@@ -818,7 +798,7 @@ fn mrtr<'a, T: Transport>(
                 method: method.to_owned(),
                 source,
             })?;
-            let result = request_once(inner, method, Some(raw), extra).await?;
+            let result = request_once(inner, method, Some(raw), None).await?;
             match check_result_type(method, &result) {
                 Err(ClientError::InputRequired { .. }) => answer = result,
                 Err(e) => return Err(e),
@@ -896,37 +876,31 @@ fn meta_fragment(version: &str, config: &ClientConfig) -> String {
 }
 
 async fn lifecycle<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, ClientError> {
-    let mode = match inner.config.lifecycle {
-        Lifecycle::Auto => match inner.transport.known_era() {
-            Some(Era::Legacy) => Lifecycle::Initialize,
-            Some(Era::Modern) => Lifecycle::Discover,
-            None => Lifecycle::Auto,
-        },
-        other => other,
-    };
-    match mode {
+    match inner.config.lifecycle {
         Lifecycle::Initialize => initialize(inner).await,
         Lifecycle::Discover => discover(inner, None).await,
-        Lifecycle::Auto => {
-            let limit = if inner.transport.may_ignore_unknown_requests() {
-                inner.config.probe_timeout
-            } else {
-                Duration::MAX
-            };
-            let probe = tokio::time::timeout(limit, discover(inner, Some(())));
-            match probe.await {
-                Ok(Ok(info)) => Ok(info),
-                Ok(Err(e)) if is_legacy_sign(&e) => {
-                    tracing::debug!("server/discover failed ({e}); falling back to initialize");
-                    initialize(inner).await
-                }
-                Ok(Err(e)) => Err(e),
-                Err(_) => {
-                    tracing::debug!("no answer to server/discover; falling back to initialize");
-                    initialize(inner).await
+        Lifecycle::Auto => match discover(inner, Some(inner.config.probe_timeout)).await {
+            Ok(info) => Ok(info),
+            Err(ClientError::Silent { .. }) => {
+                tracing::debug!("no answer to server/discover; falling back to initialize");
+                match initialize(inner).await {
+                    // The server was only slow (a stdio server still starting): it took the
+                    // probe after all and now speaks 2026-07-28, so discover again, unhurried.
+                    Err(ClientError::Rpc { error, .. })
+                        if error.code == jsonrpc::UNSUPPORTED_PROTOCOL_VERSION =>
+                    {
+                        tracing::debug!("the server answered initialize with 2026-07-28 only; discovering again");
+                        discover(inner, None).await
+                    }
+                    other => other,
                 }
             }
-        }
+            Err(e) if is_legacy_sign(&e) => {
+                tracing::debug!("server/discover failed ({e}); falling back to initialize");
+                initialize(inner).await
+            }
+            Err(e) => Err(e),
+        },
     }
 }
 
@@ -934,20 +908,12 @@ async fn lifecycle<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, Cl
 fn is_legacy_sign(e: &ClientError) -> bool {
     match e {
         ClientError::Rpc { error, .. } => !error.is_modern_error(),
-        ClientError::Transport(TransportError::Http(crate::http::HttpTransportError::Status {
-            status,
-            ..
-        })) => (400..500).contains(status),
         ClientError::Decode { .. } => true,
         _ => false,
     }
 }
 
 async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, ClientError> {
-    inner.transport.set_protocol(&ProtocolState {
-        era: Era::Legacy,
-        version: None,
-    });
     let params = InitializeParams {
         protocol_version: model::V_2025_11_25,
         capabilities: &inner.config.capabilities,
@@ -957,7 +923,7 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
         method: "initialize".into(),
         source,
     })?;
-    let result = request(inner, "initialize", Some(raw), &[]).await?;
+    let result = request(inner, "initialize", Some(raw)).await?;
     let (info, _): (ServerInfo, _) =
         decode_bounded("initialize", &result, inner.config.limits.max_result_nodes)?;
     if !model::LEGACY_VERSIONS.contains(&info.protocol_version.as_str()) {
@@ -969,30 +935,25 @@ async fn initialize<T: Transport>(inner: &Arc<Inner<T>>) -> Result<ServerInfo, C
                 .collect(),
         });
     }
-    inner.transport.set_protocol(&ProtocolState {
-        era: Era::Legacy,
-        version: Some(info.protocol_version.clone()),
-    });
     inner
         .transport
         .send(&Message::notification("notifications/initialized", None))
-        .await?;
+        .await
+        .map_err(TransportError::new)?;
     Ok(info)
 }
 
+/// `server/discover` (the version travels in `_meta`, where transports that need it read it).
+/// `probe`: how long to wait for an answer once sent, when the peer may ignore the request.
 async fn discover<T: Transport>(
     inner: &Arc<Inner<T>>,
-    _probe: Option<()>,
+    probe: Option<Duration>,
 ) -> Result<ServerInfo, ClientError> {
     let mut version = model::V_2026_07_28.to_owned();
     for _ in 0..2 {
-        inner.transport.set_protocol(&ProtocolState {
-            era: Era::Modern,
-            version: Some(version.clone()),
-        });
         let meta = meta_fragment(&version, &inner.config);
         let params = with_meta(None, &meta);
-        match request(inner, "server/discover", Some(params), &[]).await {
+        match request_once(inner, "server/discover", Some(params), probe).await {
             Ok(raw) => {
                 let (mut info, _): (ServerInfo, _) = decode_bounded(
                     "server/discover",

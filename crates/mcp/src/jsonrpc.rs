@@ -198,6 +198,14 @@ impl Message {
         out
     }
 
+    /// The message as one line of newline-delimited JSON (stdio framing, both roles).
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        self.write_to(&mut out);
+        out.push(b'\n');
+        out
+    }
+
     /// Appends the compact JSON encoding of the message to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         // Serializing these shapes cannot fail: keys are strings, RawValue is valid JSON.

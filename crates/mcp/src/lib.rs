@@ -2,11 +2,14 @@
 //!
 //! Layers, each behind its own seam:
 //! - [`jsonrpc`] and [`model`]: messages and the MCP types a client needs (our own types).
-//! - [`transport::Transport`]: send a message, receive the next one, close. Implemented by
-//!   [`stdio::StdioTransport`] (a child process) and [`http::StreamableHttpTransport`] (both
-//!   protocol generations: session-based 2025-03-26 .. 2025-11-25 and stateless 2026-07-28),
-//!   which runs over the [`http::HttpClient`] seam with [`retry`], [`balance`] and [`tls`]
-//!   policies.
+//! - [`transport::Transport`]: send a message, receive the next one, close; each transport
+//!   has its own error type, and [`transport::BoxTransport`] holds any of them. The same seam
+//!   serves both roles: [`stdio::LineTransport`] frames newline-delimited JSON over any byte
+//!   stream ([`stdio::StdioTransport`] is a child process for the client; the
+//!   `vmcp-mcp-server` crate reads its stdin through it), and
+//!   [`http::StreamableHttpTransport`] (both protocol generations: session-based 2025-03-26
+//!   .. 2025-11-25 and stateless 2026-07-28) runs over the [`http::HttpClient`] seam with
+//!   [`retry`], [`balance`] and [`tls`] policies, keeping everything HTTP-specific inside.
 //! - [`client::Client`]: lifecycle (initialize / discover / detect), request matching,
 //!   timeouts and cancellation, server requests and notifications.
 //!
@@ -43,4 +46,5 @@ pub mod transport;
 
 pub use client::{Client, ClientConfig, ClientError, Lifecycle};
 pub use limits::Limits;
-pub use transport::{Era, Transport, TransportError};
+pub use model::Era;
+pub use transport::{BoxTransport, Transport, TransportError};

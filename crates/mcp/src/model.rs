@@ -29,6 +29,16 @@ pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
 /// `_meta` key of the client capabilities (2026-07-28).
 pub const META_CLIENT_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 
+/// Which protocol generation a peer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Era {
+    /// 2025-03-26 .. 2025-11-25: `initialize` handshake, sessions.
+    Legacy,
+    /// 2026-07-28 and later: stateless, per-request metadata.
+    Modern,
+}
+
 /// True when `version` is a modern (stateless, no initialize) revision.
 pub fn is_modern(version: &str) -> bool {
     // Revisions are dates: compare as strings.

@@ -35,7 +35,8 @@
 //! delay would end at or past the deadline is not started.
 //!
 //! # Driver
-//! [`retry`] runs an async attempt closure under a policy. Time comes from a [`Clock`]
+//! [`retry`] runs an async attempt closure under a policy; it is the one retry loop of the
+//! crate (the Streamable HTTP transport runs every POST through it). Time comes from a [`Clock`]
 //! ([`TokioClock`] in production, [`ManualClock`] in tests, whose sleeps return at once and
 //! advance virtual time), so the 1-32 s delays cost nothing in tests.
 //!
@@ -220,6 +221,13 @@ impl Failure {
 pub trait Classify {
     /// What this error means for retrying.
     fn failure(&self) -> Failure;
+
+    /// True when the retry, if the policy allows one, may start without the backoff delay:
+    /// another endpoint can take it, or the server said the request was not processed and
+    /// what was wrong has been put right (an expired session). Default: no.
+    fn retry_at_once(&self) -> bool {
+        false
+    }
 }
 
 impl Classify for Failure {
@@ -448,6 +456,16 @@ pub enum RetryError<E: std::error::Error + 'static> {
     /// The failure is definite; the attempt's own error.
     #[error(transparent)]
     Failed(E),
+    /// An unsafe request was answered "not processed" without an explicit invitation to
+    /// retry (HTTP 429 or 503 with `Retry-After`).
+    #[error("{request} was not re-sent: it is not safe to repeat, and the server did not ask for a retry (HTTP 429 or 503 with Retry-After)")]
+    NotInvited {
+        /// The request's name.
+        request: String,
+        /// The attempt's error.
+        #[source]
+        source: E,
+    },
     /// An unsafe request failed after it may have reached the server.
     #[error("{request} may have reached the server; not retried")]
     NotRepeatable {
@@ -523,6 +541,7 @@ impl<E: std::error::Error + 'static> RetryError<E> {
     pub fn last_error(&self) -> Option<&E> {
         match self {
             Self::Failed(e)
+            | Self::NotInvited { source: e, .. }
             | Self::NotRepeatable { source: e, .. }
             | Self::Exhausted { source: e, .. }
             | Self::Deadline { source: e, .. }
@@ -761,12 +780,19 @@ where
         );
         let name = request.name.clone();
         match decision {
+            Decision::RetryAfter(_) if err.retry_at_once() => {
+                tracing::debug!("{name} attempt {number} failed ({err}); retrying at once");
+            }
             Decision::RetryAfter(d) => {
                 tracing::debug!("{name} attempt {number} failed ({err}); retrying in {d:?}");
                 clock.sleep(d).await;
             }
-            Decision::GiveUp(GiveUp::Permanent | GiveUp::NotInvited) => {
-                return Err(RetryError::Failed(err))
+            Decision::GiveUp(GiveUp::Permanent) => return Err(RetryError::Failed(err)),
+            Decision::GiveUp(GiveUp::NotInvited) => {
+                return Err(RetryError::NotInvited {
+                    request: name,
+                    source: err,
+                })
             }
             Decision::GiveUp(GiveUp::NotRepeatable) => {
                 return Err(RetryError::NotRepeatable {

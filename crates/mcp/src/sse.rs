@@ -8,6 +8,18 @@
 //!
 //! Limits: an event (or a line) larger than the parser's limit is an error, so a hostile
 //! server cannot make us buffer without bound.
+//!
+//! [`encode_message`] is the other direction (the server's SSE answers): one JSON-RPC message
+//! as one `message` event; compact JSON never contains a newline, so it is one `data:` line.
+
+/// One JSON-RPC message as an SSE `message` event.
+pub fn encode_message(msg: &crate::jsonrpc::Message) -> Vec<u8> {
+    let mut v = Vec::with_capacity(256);
+    v.extend_from_slice(b"event: message\ndata: ");
+    msg.write_to(&mut v);
+    v.extend_from_slice(b"\n\n");
+    v
+}
 
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -187,6 +199,19 @@ impl Parser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_messages_parse_back() {
+        let m = crate::jsonrpc::Message::notification(
+            "notifications/message",
+            crate::jsonrpc::to_raw(&serde_json::json!({"data": "a\nb"})).ok(),
+        );
+        let mut p = Parser::new(1 << 20);
+        let mut got = Vec::new();
+        p.feed(&encode_message(&m), |ev| got.push(ev)).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data.as_bytes(), m.to_vec().as_slice());
+    }
     use proptest::prelude::*;
 
     fn all(input: &[&[u8]]) -> Vec<Event> {

@@ -12,8 +12,12 @@
 //! the child's stdin and gives it [`StdioConfig::shutdown_grace`] to exit, as the MCP spec
 //! suggests.
 //!
+//! The framing itself, [`LineTransport`], works over any byte stream and serves the server
+//! role too (`vmcp-mcp-server` reads its stdin and writes its stdout through it).
+//!
 //! Limits: lines longer than [`MAX_LINE`] end the connection with an error; lines that are
-//! no JSON-RPC message are logged and skipped (some servers print banners on stdout). Logged
+//! no JSON-RPC message are reported by `receive` and skipped (some servers print banners on
+//! stdout; the client logs them). Logged
 //! stderr lines are cut at [`crate::limits::MAX_STDERR_LINE`] bytes and their control
 //! characters escaped.
 
@@ -21,13 +25,15 @@ use std::ffi::OsString;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::future::Future;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::Mutex;
 use vmcp_host_process::{spawn_owned, OwnedChild, SpawnOptions};
 
 use crate::jsonrpc::{self, Message};
-use crate::transport::{Transport, TransportError};
+use crate::transport::Transport;
 
 /// Longest line accepted from the server ([`crate::limits::MAX_MESSAGE_BYTES`]).
 pub const MAX_LINE: usize = crate::limits::MAX_MESSAGE_BYTES;
@@ -89,24 +95,176 @@ impl StdioConfig {
     }
 }
 
-/// A running stdio MCP server.
+/// Errors of the stdio transport.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StdioError {
+    /// Starting the server process failed.
+    #[error("cannot start MCP server {program:?}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading or writing the byte stream failed.
+    #[error("I/O error on the MCP connection")]
+    Io(#[from] std::io::Error),
+    /// A line was longer than allowed; the stream cannot be resynchronised, so it ends.
+    #[error("the MCP peer sent a line longer than {0} bytes")]
+    LineTooLong(usize),
+    /// A line is no JSON-RPC message (it was skipped; the next line is read normally).
+    #[error("skipped a line that is no JSON-RPC message: {line}")]
+    Parse {
+        /// The start of the line, printable.
+        line: String,
+        /// Why.
+        #[source]
+        source: jsonrpc::Error,
+    },
+    /// The transport is closed.
+    #[error("the MCP connection is closed")]
+    Closed,
+}
+
+/// Newline-delimited JSON-RPC over any byte stream, for either role: a client's child process
+/// pipes ([`StdioTransport`]) or a server's stdin/stdout (`vmcp-mcp-server`'s stdio).
+///
+/// `receive` returns a [`StdioError::Parse`] for a line that is no JSON-RPC message and goes
+/// on with the next line (a client logs it, a server answers it with a parse error); a line
+/// longer than the limit, or a read error, ends the stream after its error. Blank lines are
+/// skipped. `close` closes the writing side (EOF for the peer).
+pub struct LineTransport<R, W> {
+    writer: Mutex<Option<W>>,
+    reader: Mutex<LineReader<R>>,
+}
+
+struct LineReader<R> {
+    reader: BufReader<R>,
+    line: Vec<u8>,
+    max_line: usize,
+    done: bool,
+}
+
+impl<R, W> LineTransport<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    /// A transport reading `reader` and writing `writer`, accepting lines of at most
+    /// `max_line` bytes.
+    pub fn new(reader: R, writer: W, max_line: usize) -> Self {
+        LineTransport {
+            writer: Mutex::new(Some(writer)),
+            reader: Mutex::new(LineReader {
+                reader: BufReader::with_capacity(64 << 10, reader),
+                line: Vec::with_capacity(4096),
+                max_line,
+                done: false,
+            }),
+        }
+    }
+}
+
+impl<R, W> Transport for LineTransport<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type Error = StdioError;
+
+    async fn send(&self, msg: &Message) -> Result<(), StdioError> {
+        let buf = msg.to_line();
+        let mut guard = self.writer.lock().await;
+        let w = guard.as_mut().ok_or(StdioError::Closed)?;
+        w.write_all(&buf).await?;
+        w.flush().await?;
+        Ok(())
+    }
+
+    async fn receive(&self) -> Option<Result<Message, StdioError>> {
+        let mut r = self.reader.lock().await;
+        let r = &mut *r;
+        loop {
+            if r.done {
+                return None;
+            }
+            r.line.clear();
+            let n = match read_line(&mut r.reader, &mut r.line, r.max_line).await {
+                Ok(n) => n,
+                Err(e) => {
+                    r.done = true;
+                    return Some(Err(e));
+                }
+            };
+            if n == 0 {
+                r.done = true;
+                return None;
+            }
+            let line = r.line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            return Some(
+                jsonrpc::parse_message(line).map_err(|source| StdioError::Parse {
+                    line: crate::sanitize::for_display(
+                        &String::from_utf8_lossy(&line[..line.len().min(1000)]),
+                        crate::limits::MAX_PRINTED_CHARS,
+                    ),
+                    source,
+                }),
+            );
+        }
+    }
+
+    async fn close(&self) {
+        if let Some(mut w) = self.writer.lock().await.take() {
+            let _ = w.shutdown().await;
+        }
+    }
+}
+
+/// Reads one line (with its newline) into `out`; 0 at the end of the stream. A line longer
+/// than `max` bytes is an error, found before more than `max` bytes are held.
+pub async fn read_line<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<usize, StdioError> {
+    let mut total = 0;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(total);
+        }
+        let (take, found) = match memchr_newline(buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if out.len() + take > max {
+            return Err(StdioError::LineTooLong(max));
+        }
+        out.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        total += take;
+        if found {
+            return Ok(total);
+        }
+    }
+}
+
+/// A running stdio MCP server: a [`LineTransport`] over the child's pipes.
 pub struct StdioTransport {
-    stdin: Mutex<Option<ChildStdin>>,
-    stdout: Mutex<StdoutReader>,
+    lines: LineTransport<ChildStdout, ChildStdin>,
     child: Mutex<Option<OwnedChild>>,
     pid: Option<u32>,
     grace: Duration,
 }
 
-struct StdoutReader {
-    reader: BufReader<ChildStdout>,
-    line: Vec<u8>,
-    done: bool,
-}
-
 impl StdioTransport {
     /// Starts the server process. Must be called inside a tokio runtime.
-    pub fn spawn(config: &StdioConfig) -> Result<Self, TransportError> {
+    pub fn spawn(config: &StdioConfig) -> Result<Self, StdioError> {
         let mut cmd = Command::new(&config.program);
         cmd.args(&config.args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
@@ -118,24 +276,19 @@ impl StdioTransport {
                 StderrMode::Null => Stdio::null(),
             });
         let mut child =
-            spawn_owned(cmd, SpawnOptions::default()).map_err(|source| TransportError::Spawn {
+            spawn_owned(cmd, SpawnOptions::default()).map_err(|source| StdioError::Spawn {
                 program: config.program.to_string_lossy().into_owned(),
                 source,
             })?;
         let pid = child.id();
         let (Some(stdin), Some(stdout)) = (child.take_stdin(), child.take_stdout()) else {
-            return Err(TransportError::Closed);
+            return Err(StdioError::Closed);
         };
         if let Some(stderr) = child.take_stderr() {
             tokio::spawn(log_stderr(stderr, crate::limits::MAX_STDERR_LINE));
         }
         Ok(StdioTransport {
-            stdin: Mutex::new(Some(stdin)),
-            stdout: Mutex::new(StdoutReader {
-                reader: BufReader::with_capacity(64 << 10, stdout),
-                line: Vec::with_capacity(4096),
-                done: false,
-            }),
+            lines: LineTransport::new(stdout, stdin, MAX_LINE),
             child: Mutex::new(Some(child)),
             pid,
             grace: config.shutdown_grace,
@@ -149,58 +302,19 @@ impl StdioTransport {
 }
 
 impl Transport for StdioTransport {
-    async fn send(&self, msg: &Message) -> Result<(), TransportError> {
-        let mut buf = Vec::with_capacity(256);
-        msg.write_to(&mut buf);
-        buf.push(b'\n');
-        let mut guard = self.stdin.lock().await;
-        let stdin = guard.as_mut().ok_or(TransportError::Closed)?;
-        stdin.write_all(&buf).await?;
-        stdin.flush().await?;
-        Ok(())
+    type Error = StdioError;
+
+    fn send(&self, msg: &Message) -> impl Future<Output = Result<(), StdioError>> + Send {
+        self.lines.send(msg)
     }
 
-    async fn receive(&self) -> Option<Result<Message, TransportError>> {
-        let mut r = self.stdout.lock().await;
-        let r = &mut *r;
-        loop {
-            if r.done {
-                return None;
-            }
-            r.line.clear();
-            let n = match read_line(&mut r.reader, &mut r.line).await {
-                Ok(n) => n,
-                Err(e) => {
-                    r.done = true;
-                    return Some(Err(e.into()));
-                }
-            };
-            if n == 0 {
-                r.done = true;
-                return None;
-            }
-            let line = r.line.trim_ascii();
-            if line.is_empty() {
-                continue;
-            }
-            match jsonrpc::parse_message(line) {
-                Ok(m) => return Some(Ok(m)),
-                Err(e) => {
-                    tracing::warn!(
-                        "skipping a line from the MCP server that is no JSON-RPC message ({e}): {}",
-                        crate::sanitize::for_display(
-                            &String::from_utf8_lossy(&line[..line.len().min(1000)]),
-                            crate::limits::MAX_PRINTED_CHARS
-                        )
-                    );
-                }
-            }
-        }
+    fn receive(&self) -> impl Future<Output = Option<Result<Message, StdioError>>> + Send {
+        self.lines.receive()
     }
 
     async fn close(&self) {
         // Closing stdin asks the server to exit.
-        drop(self.stdin.lock().await.take());
+        self.lines.close().await;
         let Some(mut child) = self.child.lock().await.take() else {
             return;
         };
@@ -217,35 +331,6 @@ impl Transport for StdioTransport {
         // still reserved by the owned-process layer, so this cannot hit a reused id.
         if let Err(e) = child.kill_and_wait(self.grace).await {
             tracing::warn!("the MCP server could not be reaped: {e}");
-        }
-    }
-}
-
-async fn read_line(
-    reader: &mut BufReader<ChildStdout>,
-    out: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    let mut total = 0;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(total);
-        }
-        let (take, found) = match memchr_newline(buf) {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        if out.len() + take > MAX_LINE {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("MCP server sent a line longer than {MAX_LINE} bytes"),
-            ));
-        }
-        out.extend_from_slice(&buf[..take]);
-        reader.consume(take);
-        total += take;
-        if found {
-            return Ok(total);
         }
     }
 }

@@ -20,7 +20,7 @@ use vmcp_mcp::http::{
 };
 use vmcp_mcp::jsonrpc::Request;
 use vmcp_mcp::retry::RetryPolicy;
-use vmcp_mcp::{Client, ClientConfig, ClientError, Era, Lifecycle, TransportError};
+use vmcp_mcp::{Client, ClientConfig, ClientError, Era, Lifecycle};
 
 type HttpClient = Client<StreamableHttpTransport<ReqwestClient>>;
 
@@ -350,13 +350,13 @@ async fn retries_give_up_after_three() {
         s.fault(Some("tools/list"), Fault::Status(503, None));
     }
     let err = c.list_tools().await.unwrap_err();
+    let ClientError::Transport(ref t) = err else {
+        panic!("{err}")
+    };
     assert!(
         matches!(
-            err,
-            ClientError::Transport(TransportError::Http(HttpTransportError::RetriesExhausted {
-                attempts: 4,
-                ..
-            }))
+            t.downcast_ref::<HttpTransportError>(),
+            Some(HttpTransportError::RetriesExhausted { attempts: 4, .. })
         ),
         "{err}"
     );

@@ -79,6 +79,23 @@ async fn silent_legacy_server_falls_back_after_the_probe_timeout() {
 }
 
 #[tokio::test]
+async fn slow_modern_server_is_discovered_again_after_refusing_initialize() {
+    // It answers discover only after the probe gave up, then refuses initialize with -32022
+    // (the Python SDK's behaviour once a connection serves 2026-07-28).
+    let mut cfg = ClientConfig::default();
+    cfg.probe_timeout = Duration::from_millis(300);
+    let Some(c) = connect("slow-modern", cfg).await else {
+        return;
+    };
+    assert_eq!(c.era(), Era::Modern);
+    let r = c
+        .call_tool("echo", Some(&json!({"message":"late"})))
+        .await
+        .unwrap();
+    assert_eq!(r.content[0].as_text(), Some("late"));
+}
+
+#[tokio::test]
 async fn server_ping_is_answered_and_errors_are_reported() {
     let Some(c) = connect(
         "legacy",

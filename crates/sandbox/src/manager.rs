@@ -23,36 +23,97 @@ use tokio::sync::Notify;
 use vmcp_guest_proto::ExitStatus;
 use vmcp_mcp_server::tool::SessionKey;
 use vmcp_vm::agent::{AgentClient, Process, ProcessControl, ProcessEvent};
-use vmcp_vm::Vm;
+use vmcp_vm::{Checkpoint, NetMode, Vm};
 
 use crate::output::{Polled, ProcLog, Stream};
 
 /// The error type of a [`VmFactory`].
 pub type FactoryError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Size of a sandbox VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Size and network of a sandbox VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VmSpec {
     /// Virtual CPUs.
     pub cpus: u32,
     /// Memory in MiB.
     pub memory_mib: u32,
+    /// Guest network (none by default).
+    pub net: NetMode,
 }
 
 impl VmSpec {
-    /// A spec.
+    /// A spec without network.
     pub fn new(cpus: u32, memory_mib: u32) -> Self {
-        VmSpec { cpus, memory_mib }
+        VmSpec {
+            cpus,
+            memory_mib,
+            net: NetMode::None,
+        }
+    }
+
+    /// The same spec with this network.
+    pub fn with_net(mut self, net: NetMode) -> Self {
+        self.net = net;
+        self
     }
 }
 
-/// Makes the VMs of sandboxes (created, not started). The CLI's factory boots the built guest
-/// image on the QEMU backend; tests use the vm crate's fake backend.
+/// A started VM whose agent answered, and how it came up.
+#[non_exhaustive]
+pub struct Booted {
+    /// The VM.
+    pub vm: Box<dyn Vm>,
+    /// What the client should know about this start (e.g. why it booted cold instead of
+    /// restoring a snapshot); returned in the tool result.
+    pub notices: Vec<String>,
+    /// The counters and recent refusals of the VM's egress proxy (allow-list network).
+    pub egress: Option<Arc<vmcp_egress::Stats>>,
+}
+
+impl Booted {
+    /// A VM with no notices and no egress proxy.
+    pub fn new(vm: Box<dyn Vm>) -> Self {
+        Booted {
+            vm,
+            notices: Vec::new(),
+            egress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Booted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Booted")
+            .field("vm", &self.vm.id())
+            .field("notices", &self.notices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes the VMs of sandboxes. The CLI's factory restores the built guest image from a
+/// snapshot when it can (else boots it) on the selected backend; tests use the vm crate's
+/// fake backend.
 #[async_trait]
 pub trait VmFactory: Send + Sync + 'static {
-    /// A new VM of this size, not started.
+    /// A new VM of this spec, not started.
     async fn create(&self, spec: VmSpec) -> Result<Box<dyn Vm>, FactoryError>;
+
+    /// A VM of this spec whose agent is ready within `timeout`; `progress` hears about slow
+    /// steps (an image or snapshot build). The default creates, starts and waits; a factory
+    /// that restores snapshots replaces it.
+    async fn boot(
+        &self,
+        spec: VmSpec,
+        timeout: Duration,
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+    ) -> Result<Booted, SandboxError> {
+        let _ = progress;
+        let mut vm = self.create(spec).await.map_err(SandboxError::Create)?;
+        vm.start().await.map_err(SandboxError::Boot)?;
+        vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
+        Ok(Booted::new(vm))
+    }
 }
 
 /// Limits of the sandbox server. Every one is enforced with an error that names it.
@@ -89,6 +150,12 @@ pub struct Limits {
     pub boot_timeout: Duration,
     /// How often the reaper looks.
     pub reap_every: Duration,
+    /// The widest allow list a client may ask for (`network: "allow=..."`): every rule it
+    /// gives must be covered by one of these ([`vmcp_egress::Policy::covers`]). `None`: no
+    /// allow-listed network at all.
+    pub net_ceiling: Option<vmcp_egress::Policy>,
+    /// Whether a client may ask for unrestricted NAT (`network: "nat"`).
+    pub allow_nat: bool,
 }
 
 impl Default for Limits {
@@ -109,6 +176,8 @@ impl Default for Limits {
             default_exec_timeout: Duration::from_secs(60),
             boot_timeout: Duration::from_secs(60),
             reap_every: Duration::from_secs(1),
+            net_ceiling: None,
+            allow_nat: false,
         }
     }
 }
@@ -154,12 +223,45 @@ pub enum SandboxError {
     /// Booting failed.
     #[error("the VM did not boot")]
     Boot(#[source] vmcp_vm::VmError),
+    /// Booting failed in the factory (a snapshot or image step).
+    #[error("the VM did not boot")]
+    Start(#[source] FactoryError),
     /// Booting was cancelled.
     #[error("cancelled while the VM booted")]
     Cancelled,
     /// Talking to the guest failed.
     #[error("the guest agent failed")]
     Agent(#[from] vmcp_vm::agent::AgentError),
+    /// No such checkpoint.
+    #[error("no checkpoint {0:?} (checkpoints end with their sandbox; sandbox_checkpoint returns the id)")]
+    NoCheckpoint(String),
+    /// A checkpoint named with another sandbox.
+    #[error("checkpoint {checkpoint:?} belongs to sandbox {owner:?}, not {asked:?}: rewind the sandbox it was taken of, or fork it")]
+    ForeignCheckpoint {
+        /// The checkpoint.
+        checkpoint: String,
+        /// Its sandbox.
+        owner: String,
+        /// The sandbox named.
+        asked: String,
+    },
+    /// A fork count out of range.
+    #[error("cannot fork into {asked} sandboxes: ask for 1 to {max}")]
+    ForkCount {
+        /// Asked for.
+        asked: usize,
+        /// Most per call.
+        max: usize,
+    },
+    /// The VM could not be checkpointed, rewound or forked.
+    #[error("cannot {op} the sandbox's VM")]
+    Snapshot {
+        /// `checkpoint`, `rewind` or `fork`.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: vmcp_vm::VmError,
+    },
 }
 
 /// Where a background process's output goes, and its end.
@@ -243,7 +345,8 @@ pub struct Sandbox {
     created_at: Instant,
     idle_timeout: Duration,
     lifetime: Duration,
-    agent: AgentClient,
+    /// Replaced when the sandbox is rewound (a new VM machine, a new token).
+    agent: Mutex<AgentClient>,
     vm: tokio::sync::Mutex<Option<Box<dyn Vm>>>,
     last_used: Mutex<Instant>,
     busy: AtomicUsize,
@@ -253,6 +356,10 @@ pub struct Sandbox {
     process_buffer: usize,
     max_processes: usize,
     boot: Duration,
+    notices: Vec<String>,
+    egress: Option<Arc<vmcp_egress::Stats>>,
+    /// Egress refusals already reported (a count of `egress.denied()`).
+    egress_reported: AtomicU64,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -313,13 +420,72 @@ impl Sandbox {
     pub fn id(&self) -> &str {
         &self.id
     }
-    /// The agent session.
-    pub fn agent(&self) -> &AgentClient {
-        &self.agent
+    /// The agent session (a new one after a rewind).
+    pub fn agent(&self) -> AgentClient {
+        self.agent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
-    /// Its size.
-    pub fn spec(&self) -> VmSpec {
-        self.spec
+    /// Its size and network.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+    /// What the client should know about how it started.
+    pub fn notices(&self) -> &[String] {
+        &self.notices
+    }
+
+    /// Refusals of the egress proxy after refusal number `mark` (0: all), one line each (at
+    /// most [`vmcp_egress::proxy::RECENT_DENIALS`], plus a line counting older ones that were
+    /// not kept), and the number of the last one.
+    pub fn egress_denials_since(&self, mark: u64) -> (Vec<String>, u64) {
+        let Some(stats) = &self.egress else {
+            return (Vec::new(), mark);
+        };
+        let mut new: Vec<vmcp_egress::DenialRecord> = stats
+            .recent_denials()
+            .into_iter()
+            .filter(|d| d.seq > mark)
+            .collect();
+        new.sort_by_key(|d| d.seq);
+        let last = new.last().map_or(mark, |d| d.seq);
+        let mut lines = Vec::with_capacity(new.len() + 1);
+        let lost = (last - mark).saturating_sub(new.len() as u64);
+        if lost > 0 {
+            lines.push(format!(
+                "{lost} earlier connections were refused by the egress policy (not kept)"
+            ));
+        }
+        lines.extend(new.iter().map(denial_line));
+        (lines, last)
+    }
+
+    /// The number of egress refusals so far (0 without an egress proxy).
+    pub fn egress_mark(&self) -> u64 {
+        self.egress.as_ref().map_or(0, |s| s.denied())
+    }
+
+    /// Whether its VM has an egress proxy (allow-listed network).
+    pub fn has_egress(&self) -> bool {
+        self.egress.is_some()
+    }
+
+    /// Refusals no earlier call reported, now marked reported.
+    pub fn take_egress_denials(&self) -> Vec<String> {
+        if self.egress.is_none() {
+            return Vec::new();
+        }
+        let mark = self.egress_reported.load(Ordering::Acquire);
+        let (lines, last) = self.egress_denials_since(mark);
+        // Concurrent calls: whoever advances the mark reports these lines.
+        match self
+            .egress_reported
+            .compare_exchange(mark, last, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => lines,
+            Err(_) => Vec::new(),
+        }
     }
     /// How long boot took.
     pub fn boot_time(&self) -> Duration {
@@ -433,6 +599,20 @@ impl Sandbox {
     }
 }
 
+/// `connection to HOST:PORT refused by egress policy (check): reason`.
+fn denial_line(d: &vmcp_egress::DenialRecord) -> String {
+    let what = d.target.as_deref().unwrap_or("(no valid host)");
+    let method = if d.method == "CONNECT" {
+        String::new()
+    } else {
+        format!(" ({} request)", d.method)
+    };
+    format!(
+        "connection to {what}{method} refused by egress policy ({}): {}",
+        d.check, d.reason
+    )
+}
+
 async fn pump(mut process: Process, proc: Weak<Proc>) {
     loop {
         let ev = process.next_event().await;
@@ -482,6 +662,8 @@ struct Inner {
     limits: Limits,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     reserved: Mutex<Reserved>,
+    /// Checkpoints by id, with the sandbox they were taken of.
+    checkpoints: Mutex<HashMap<String, (String, Checkpoint)>>,
 }
 
 impl Inner {
@@ -555,6 +737,7 @@ impl Manager {
             limits,
             sandboxes: Mutex::new(HashMap::new()),
             reserved: Mutex::new(Reserved::default()),
+            checkpoints: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&inner);
         let every = inner.limits.reap_every.max(Duration::from_millis(10));
@@ -617,7 +800,7 @@ impl Manager {
         &self,
         req: CreateRequest,
         session: SessionKey,
-        progress: &(dyn Fn(&str) + Send + Sync),
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
         cancel: impl std::future::Future<Output = ()>,
     ) -> Result<Arc<Sandbox>, SandboxError> {
         let mem = u64::from(req.spec.memory_mib);
@@ -625,24 +808,19 @@ impl Manager {
         let l = &self.inner.limits;
         let started = Instant::now();
         progress(&format!(
-            "booting a VM ({} vCPU, {} MiB)",
-            req.spec.cpus, req.spec.memory_mib
+            "starting a VM ({} vCPU, {} MiB, network {})",
+            req.spec.cpus, req.spec.memory_mib, req.spec.net
         ));
         let boot = async {
-            let mut vm = self
+            let booted = self
                 .inner
                 .factory
-                .create(req.spec)
-                .await
-                .map_err(SandboxError::Create)?;
-            vm.start().await.map_err(SandboxError::Boot)?;
-            vm.wait_ready(l.boot_timeout)
-                .await
-                .map_err(SandboxError::Boot)?;
-            let agent = vm.agent().map_err(SandboxError::Boot)?;
-            Ok::<_, SandboxError>((vm, agent))
+                .boot(req.spec.clone(), l.boot_timeout, progress)
+                .await?;
+            let agent = booted.vm.agent().map_err(SandboxError::Boot)?;
+            Ok::<_, SandboxError>((booted, agent))
         };
-        let (vm, agent) = tokio::select! {
+        let (booted, agent) = tokio::select! {
             r = boot => r?,
             () = cancel => return Err(SandboxError::Cancelled),
         };
@@ -650,6 +828,11 @@ impl Manager {
         progress(&format!("VM ready after {} ms", boot.as_millis()));
         let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
         let now = Instant::now();
+        let Booted {
+            vm,
+            notices,
+            egress,
+        } = booted;
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             spec: req.spec,
@@ -657,7 +840,7 @@ impl Manager {
             created_at: now,
             idle_timeout: req.idle_timeout.unwrap_or(l.default_idle),
             lifetime: req.lifetime.unwrap_or(l.default_lifetime),
-            agent,
+            agent: Mutex::new(agent),
             vm: tokio::sync::Mutex::new(Some(vm)),
             last_used: Mutex::new(now),
             busy: AtomicUsize::new(0),
@@ -670,6 +853,9 @@ impl Manager {
             process_buffer: l.process_buffer,
             max_processes: l.max_processes,
             boot,
+            notices,
+            egress,
+            egress_reported: AtomicU64::new(0),
         });
         // The reservation now belongs to the live sandbox; it is released in `remove`.
         std::mem::forget(reservation);
@@ -711,6 +897,7 @@ impl Manager {
         match sb {
             Some(sb) => {
                 self.release(&sb);
+                self.forget_checkpoints(Some(id));
                 sb.kill().await;
                 true
             }
@@ -758,11 +945,191 @@ impl Manager {
     /// Kills every sandbox (server shutdown).
     pub async fn shutdown_all(&self) {
         let all: Vec<Arc<Sandbox>> = self.inner.map().drain().map(|(_, s)| s).collect();
+        self.forget_checkpoints(None);
         for sb in &all {
             self.release(sb);
         }
         for sb in all {
             sb.kill().await;
         }
+    }
+}
+
+/// Where `sandbox_fork` starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum ForkFrom<'a> {
+    /// A sandbox as it is now (a checkpoint taken for the fork and dropped after it).
+    Sandbox(&'a str),
+    /// A checkpoint id from [`Manager::checkpoint`].
+    Checkpoint(&'a str),
+}
+
+fn checkpoint_id() -> String {
+    format!("ck-{:024x}", rand::random::<u128>() >> 32)
+}
+
+impl Manager {
+    /// Most sandboxes one fork call makes: the VM layer's bound, and the sandbox limit.
+    pub fn max_fork(&self) -> usize {
+        vmcp_vm::lifecycle::MAX_FORKS.min(self.inner.limits.max_sandboxes)
+    }
+
+    fn checkpoints(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Checkpoint)>> {
+        self.inner
+            .checkpoints
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the checkpoints of sandbox `id` (all with `None`); their files go with them.
+    fn forget_checkpoints(&self, id: Option<&str>) {
+        self.checkpoints()
+            .retain(|_, (owner, _)| id.is_some_and(|id| owner != id));
+    }
+
+    fn held(&self, checkpoint: &str) -> Result<(String, Checkpoint), SandboxError> {
+        self.checkpoints()
+            .get(checkpoint)
+            .cloned()
+            .ok_or_else(|| SandboxError::NoCheckpoint(checkpoint.to_owned()))
+    }
+
+    /// Checkpoints sandbox `sb` (its VM pauses only while its state is written); returns
+    /// the checkpoint's id. At most [`vmcp_vm::lifecycle::MAX_CHECKPOINTS`] per sandbox.
+    pub async fn checkpoint(&self, sb: &Sandbox) -> Result<String, SandboxError> {
+        let mut vm = sb.vm.lock().await;
+        let vm = vm
+            .as_mut()
+            .ok_or_else(|| SandboxError::NotFound(sb.id.clone()))?;
+        let checkpoint = vm
+            .checkpoint()
+            .await
+            .map_err(|source| SandboxError::Snapshot {
+                op: "checkpoint",
+                source,
+            })?;
+        let id = checkpoint_id();
+        self.checkpoints()
+            .insert(id.clone(), (sb.id.clone(), checkpoint));
+        Ok(id)
+    }
+
+    /// Brings sandbox `sb` back to `checkpoint` (taken of it): files written since are gone,
+    /// and so are its background processes (they ran in the replaced VM). On failure the
+    /// sandbox is as it was.
+    pub async fn rewind(&self, sb: &Sandbox, checkpoint: &str) -> Result<(), SandboxError> {
+        let (owner, held) = self.held(checkpoint)?;
+        if owner != sb.id {
+            return Err(SandboxError::ForeignCheckpoint {
+                checkpoint: checkpoint.to_owned(),
+                owner,
+                asked: sb.id.clone(),
+            });
+        }
+        let mut vm = sb.vm.lock().await;
+        let vm = vm
+            .as_mut()
+            .ok_or_else(|| SandboxError::NotFound(sb.id.clone()))?;
+        let snap = |source| SandboxError::Snapshot {
+            op: "rewind",
+            source,
+        };
+        vm.rewind(&held, self.inner.limits.boot_timeout)
+            .await
+            .map_err(snap)?;
+        let agent = vm.agent().map_err(snap)?;
+        *sb.agent.lock().unwrap_or_else(PoisonError::into_inner) = agent;
+        sb.procs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+
+    /// `n` new sandboxes continuing from `from`, owned by `session`, each counted against
+    /// the sandbox and memory limits like a created one (all or nothing). They inherit the
+    /// source's size, idle timeout and lifetime.
+    pub async fn fork(
+        &self,
+        from: ForkFrom<'_>,
+        n: usize,
+        session: SessionKey,
+    ) -> Result<Vec<Arc<Sandbox>>, SandboxError> {
+        let max = self.max_fork();
+        if n == 0 || n > max {
+            return Err(SandboxError::ForkCount { asked: n, max });
+        }
+        let (source, held) = match from {
+            ForkFrom::Sandbox(id) => (self.get(id, &session)?, None),
+            ForkFrom::Checkpoint(c) => {
+                let (owner, held) = self.held(c)?;
+                (self.get(&owner, &session)?, Some(held))
+            }
+        };
+        let mem = u64::from(source.spec.memory_mib);
+        let mut reservations = Vec::with_capacity(n);
+        for _ in 0..n {
+            reservations.push(self.reserve(mem)?);
+        }
+        let started = Instant::now();
+        let vms = {
+            let mut vm = source.vm.lock().await;
+            let vm = vm
+                .as_mut()
+                .ok_or_else(|| SandboxError::NotFound(source.id.clone()))?;
+            let snap = |source| SandboxError::Snapshot { op: "fork", source };
+            // Forking a sandbox as it is: a checkpoint for this fork only.
+            let checkpoint = match held {
+                Some(c) => c,
+                None => vm.checkpoint().await.map_err(snap)?,
+            };
+            vm.fork(&checkpoint, n, self.inner.limits.boot_timeout)
+                .await
+                .map_err(snap)?
+        };
+        let boot = started.elapsed();
+        let mut out = Vec::with_capacity(n);
+        for vm in vms {
+            let agent = vm
+                .agent()
+                .map_err(|source| SandboxError::Snapshot { op: "fork", source })?;
+            out.push((vm, agent));
+        }
+        let now = Instant::now();
+        let l = &self.inner.limits;
+        let mut forks = Vec::with_capacity(n);
+        for ((vm, agent), reservation) in out.into_iter().zip(reservations) {
+            let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
+            let sandbox = Arc::new(Sandbox {
+                id: id.clone(),
+                spec: source.spec.clone(),
+                created: SystemTime::now(),
+                created_at: now,
+                idle_timeout: source.idle_timeout,
+                lifetime: source.lifetime,
+                agent: Mutex::new(agent),
+                vm: tokio::sync::Mutex::new(Some(vm)),
+                last_used: Mutex::new(now),
+                busy: AtomicUsize::new(0),
+                owner: Mutex::new(Owner {
+                    session: session.clone(),
+                    orphaned_at: None,
+                }),
+                procs: Mutex::new(HashMap::new()),
+                next_proc: AtomicU64::new(0),
+                process_buffer: l.process_buffer,
+                max_processes: l.max_processes,
+                boot,
+                notices: Vec::new(),
+                // Checkpoints of VMs with a network card are refused: no egress proxy here.
+                egress: None,
+                egress_reported: AtomicU64::new(0),
+            });
+            // The reservation now belongs to the live sandbox; it is released in `remove`.
+            std::mem::forget(reservation);
+            self.inner.map().insert(id, sandbox.clone());
+            forks.push(sandbox);
+        }
+        Ok(forks)
     }
 }

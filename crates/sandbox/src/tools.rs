@@ -15,8 +15,9 @@ use vmcp_guest_proto::{ExitStatus, FailureKind};
 use vmcp_mcp_server::tool::{Annotations, BoxFuture};
 use vmcp_mcp_server::{CallContext, ToolDef, ToolOutput, ToolSet};
 use vmcp_vm::agent::{AgentError, ExecSpec, ProcessEvent};
+use vmcp_vm::NetMode;
 
-use crate::manager::{CreateRequest, Limits, Manager, SandboxError, VmSpec};
+use crate::manager::{CreateRequest, ForkFrom, Limits, Manager, Sandbox, SandboxError, VmSpec};
 use crate::output::Capped;
 
 /// Longest `wait_ms` of `sandbox_exec_poll`.
@@ -24,7 +25,6 @@ pub const MAX_POLL_WAIT_MS: u64 = 30_000;
 /// Most entries `sandbox_list_files` returns.
 pub const MAX_LIST_ENTRIES: usize = 5_000;
 
-const NOT_YET_SNAPSHOT: &str = "not available yet: this server build cannot checkpoint, rewind or fork sandboxes (it needs VM snapshots, which vmcp does not offer through MCP yet)";
 const NOT_YET_IMAGE: &str = "not available yet: only the built-in guest image can be used (images are not offered through MCP yet); leave `image` out";
 
 /// The sandbox tool set.
@@ -59,8 +59,21 @@ fn command_props(p: &mut Map<String, Value>) {
 fn vm_props(p: &mut Map<String, Value>, l: &Limits) {
     p.insert("cpus".into(), json!({"type": "integer", "minimum": 1, "maximum": l.max_cpus, "description": "Virtual CPUs (default 1)"}));
     p.insert("memory_mib".into(), json!({"type": "integer", "minimum": vmcp_vm::MIN_MEMORY_MIB, "maximum": l.max_memory_mib, "description": "Guest memory in MiB (default 256)"}));
-    p.insert("network".into(), json!({"const": false, "description": "Network access: always off (the guest has no network device)"}));
+    p.insert("network".into(), json!({"type": ["string", "boolean"], "maxLength": 16384, "description": network_description(l)}));
     p.insert("image".into(), json!({"type": "string", "maxLength": 256, "description": format!("Guest image; {NOT_YET_IMAGE}")}));
+}
+
+fn network_description(l: &Limits) -> String {
+    let allow = match &l.net_ceiling {
+        Some(cap) => format!("\"allow=HOST[:PORT],...\": only these hosts (names, *.suffix, IP addresses, CIDR ranges), through vmcp's egress proxy; HTTP_PROXY/HTTPS_PROXY are set for every command and refused connections are reported in sandbox_exec results. This server permits allow lists within: {cap}"),
+        None => "This server permits no allow-listed network (the user starts it with --net-allow to permit one)".into(),
+    };
+    let nat = if l.allow_nat {
+        "\"nat\": unrestricted outbound network (permitted by this server)"
+    } else {
+        "\"nat\" (unrestricted) is not permitted by this server"
+    };
+    format!("Guest network: \"none\" or false (default: no network device). {allow}. {nat}.")
 }
 
 fn object(props: Map<String, Value>, required: &[&str]) -> Value {
@@ -76,7 +89,9 @@ fn exec_output_schema() -> Value {
         "stdout_truncated_bytes": {"type": "integer"},
         "stderr_truncated_bytes": {"type": "integer"},
         "timed_out": {"type": "boolean"},
-        "duration_ms": {"type": "integer"}
+        "duration_ms": {"type": "integer"},
+        "egress_denied": {"type": "array", "items": {"type": "string"}, "description": "Connections the egress policy refused since the previous call (allow-listed network)"},
+        "notices": {"type": "array", "items": {"type": "string"}, "description": "How the VM started (run only)"}
     }, "required": ["exit_code", "signal", "stdout", "stderr", "stdout_truncated_bytes", "stderr_truncated_bytes", "timed_out", "duration_ms"]})
 }
 
@@ -104,9 +119,9 @@ impl SandboxTools {
         defs.push(ToolDef::new(
             "sandbox_create",
             "Create a sandbox",
-            format!("Boots a fresh micro-VM (Linux, busybox userland, no network) and returns its id. State (files, processes) persists across calls until sandbox_destroy, the idle timeout, the lifetime, or {}s after the client session ends. At most {} sandboxes and {} MiB of guest memory at once.", l.session_grace.as_secs(), l.max_sandboxes, l.memory_budget_mib),
+            format!("Starts a fresh micro-VM (Linux, busybox userland, no network unless `network` asks for one) and returns its id. State (files, processes) persists across calls until sandbox_destroy, the idle timeout, the lifetime, or {}s after the client session ends. At most {} sandboxes and {} MiB of guest memory at once.", l.session_grace.as_secs(), l.max_sandboxes, l.memory_budget_mib),
             object(p, &[]),
-            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "boot_ms": {"type": "integer"}}, "required": ["sandbox_id", "cpus", "memory_mib", "boot_ms"]})),
+            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "cpus": {"type": "integer"}, "memory_mib": {"type": "integer"}, "boot_ms": {"type": "integer"}, "network": {"type": "string"}, "notices": {"type": "array", "items": {"type": "string"}}}, "required": ["sandbox_id", "cpus", "memory_mib", "boot_ms", "network", "notices"]})),
             Annotations::additive(),
         ));
 
@@ -269,38 +284,42 @@ impl SandboxTools {
             Annotations::additive(),
         ));
 
-        for (name, title, what) in [
-            (
-                "sandbox_checkpoint",
-                "Checkpoint a sandbox",
-                "Saves the sandbox's whole state (memory, files, processes) under a name",
-            ),
-            (
-                "sandbox_rewind",
-                "Rewind a sandbox",
-                "Returns a sandbox to a checkpoint",
-            ),
-            (
-                "sandbox_fork",
-                "Fork a sandbox",
-                "Starts a new sandbox from a checkpoint",
-            ),
-        ] {
-            let mut p = Map::new();
-            p.insert("sandbox_id".into(), id_prop());
-            p.insert(
-                "checkpoint".into(),
-                json!({"type": "string", "maxLength": 128}),
-            );
-            defs.push(ToolDef::new(
-                name,
-                title,
-                format!("{what}. {NOT_YET_SNAPSHOT}."),
-                object(p, &["sandbox_id"]),
-                None,
-                Annotations::destructive(),
-            ));
-        }
+        let checkpoint_prop = || json!({"type": "string", "description": "Checkpoint id from sandbox_checkpoint", "maxLength": 64});
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), id_prop());
+        defs.push(ToolDef::new(
+            "sandbox_checkpoint",
+            "Checkpoint a sandbox",
+            format!("Saves the sandbox's whole state (memory: files, processes, everything but the network, which is off) and returns a checkpoint id for sandbox_rewind and sandbox_fork. The sandbox pauses only while its state is written and then runs on. At most {} checkpoints per sandbox; they end with their sandbox.", vmcp_vm::lifecycle::MAX_CHECKPOINTS),
+            object(p, &["sandbox_id"]),
+            Some(json!({"type": "object", "properties": {"checkpoint_id": {"type": "string"}, "sandbox_id": {"type": "string"}, "checkpoint_ms": {"type": "integer"}}, "required": ["checkpoint_id", "sandbox_id", "checkpoint_ms"]})),
+            Annotations::additive(),
+        ));
+
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), id_prop());
+        p.insert("checkpoint_id".into(), checkpoint_prop());
+        defs.push(ToolDef::new(
+            "sandbox_rewind",
+            "Rewind a sandbox",
+            "Returns a sandbox to one of its checkpoints: files written since are gone and its background processes end (those that ran at the checkpoint run on from there, without process ids). The sandbox keeps its id; the checkpoint stays usable.",
+            object(p, &["sandbox_id", "checkpoint_id"]),
+            Some(json!({"type": "object", "properties": {"sandbox_id": {"type": "string"}, "checkpoint_id": {"type": "string"}, "rewind_ms": {"type": "integer"}}, "required": ["sandbox_id", "checkpoint_id", "rewind_ms"]})),
+            Annotations::destructive(),
+        ));
+
+        let mut p = Map::new();
+        p.insert("sandbox_id".into(), json!({"type": "string", "description": "Fork this sandbox as it is now (give this or checkpoint_id)", "maxLength": 64}));
+        p.insert("checkpoint_id".into(), json!({"type": "string", "description": "Fork from this checkpoint (give this or sandbox_id)", "maxLength": 64}));
+        p.insert("count".into(), json!({"type": "integer", "minimum": 1, "maximum": self.manager.max_fork(), "description": "How many new sandboxes (default 1)"}));
+        defs.push(ToolDef::new(
+            "sandbox_fork",
+            "Fork a sandbox",
+            "Starts new sandboxes that continue from a sandbox's current state or from a checkpoint: each has the files and memory of its source, and its own id, hostname and fresh randomness. They count against the sandbox and memory limits like created ones, inherit the source's size and timeouts, and belong to the calling session. All or nothing.",
+            object(p, &[]),
+            Some(json!({"type": "object", "properties": {"sandbox_ids": {"type": "array", "items": {"type": "string"}}, "fork_ms": {"type": "integer"}}, "required": ["sandbox_ids", "fork_ms"]})),
+            Annotations::additive(),
+        ));
         defs
     }
 }
@@ -357,7 +376,7 @@ fn spec_of(args: &Map<String, Value>, stdin: bool) -> Result<ExecSpec, String> {
     Ok(spec)
 }
 
-fn vm_spec(args: &Map<String, Value>) -> Result<VmSpec, String> {
+fn vm_spec(args: &Map<String, Value>, l: &Limits) -> Result<VmSpec, String> {
     if str_arg(args, "image").is_some() {
         return Err(format!("image: {NOT_YET_IMAGE}"));
     }
@@ -366,7 +385,41 @@ fn vm_spec(args: &Map<String, Value>) -> Result<VmSpec, String> {
     Ok(VmSpec::new(
         u32::try_from(cpus).unwrap_or(u32::MAX),
         u32::try_from(mem).unwrap_or(u32::MAX),
-    ))
+    )
+    .with_net(net_arg(args, l)?))
+}
+
+/// The `network` argument, within what the server permits.
+fn net_arg(args: &Map<String, Value>, l: &Limits) -> Result<NetMode, String> {
+    let text = match args.get("network") {
+        None | Some(Value::Bool(false)) => return Ok(NetMode::None),
+        Some(Value::String(s)) => s.trim(),
+        Some(_) => {
+            return Err(
+                "network: say which network: \"none\", \"allow=HOST[:PORT],...\" or \"nat\"".into(),
+            )
+        }
+    };
+    let mode: NetMode = text.parse().map_err(|e: vmcp_vm::net::NetError| {
+        format!("network: {}", chain(&e).replace("--net ", ""))
+    })?;
+    match &mode {
+        NetMode::Nat if !l.allow_nat => Err(
+            "network: nat (unrestricted network) is not permitted by this server; ask for \"allow=HOST[:PORT],...\" with the hosts you need (the user permits nat with `vmcp mcp serve --net-nat`)".into(),
+        ),
+        NetMode::Allow(asked) => {
+            let Some(cap) = &l.net_ceiling else {
+                return Err("network: this server permits no network (the user permits an allow list with `vmcp mcp serve --net-allow HOST[:PORT],...`)".into());
+            };
+            match cap.first_uncovered(asked) {
+                Some(rule) => Err(format!(
+                    "network: {rule} is not within the allow list this server permits ({cap}); ask only for hosts inside it"
+                )),
+                None => Ok(mode),
+            }
+        }
+        _ => Ok(mode),
+    }
 }
 
 fn status_json(status: Option<ExitStatus>) -> (Value, Value) {
@@ -409,15 +462,20 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Runs one process to its end with caps, timeout, progress and cancellation.
 async fn exec_collect(
-    agent: &vmcp_vm::agent::AgentClient,
+    sb: &Sandbox,
     spec: ExecSpec,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
     max_output: usize,
     ctx: &CallContext,
 ) -> ToolOutput {
+    let agent = sb.agent();
     let program = spec.argv.first().cloned().unwrap_or_default();
     let started = Instant::now();
+    // Refusals of the egress proxy while it runs go out as progress at once; the result
+    // lists every one not reported before.
+    let mut denial_mark = sb.egress_mark();
+    let mut denial_tick = tokio::time::interval(DENIAL_POLL);
     let mut process = match agent.exec(spec).await {
         Ok(p) => p,
         Err(e) => return ToolOutput::error(agent_failure(&program, e)),
@@ -460,6 +518,13 @@ async fn exec_collect(
                 let _ = process.control().signal(9).await;
                 return ToolOutput::error("cancelled; the process was killed");
             }
+            _ = denial_tick.tick(), if sb.has_egress() => {
+                let (lines, mark) = sb.egress_denials_since(denial_mark);
+                denial_mark = mark;
+                for line in lines {
+                    ctx.progress(&format!("egress: {line}"));
+                }
+            }
         }
         if timed_out && deadline.is_elapsed() {
             return ToolOutput::error(format!(
@@ -477,8 +542,18 @@ async fn exec_collect(
         "stderr_truncated_bytes": err.dropped(),
         "timed_out": timed_out,
         "duration_ms": started.elapsed().as_millis() as u64,
+        "egress_denied": sb.take_egress_denials(),
     });
     ToolOutput::json(structured)
+}
+
+/// How often a running `sandbox_exec` looks for new egress refusals.
+const DENIAL_POLL: Duration = Duration::from_millis(200);
+
+fn nat_warning(net: &NetMode) -> Option<&'static str> {
+    matches!(net, NetMode::Nat).then_some(
+        "warning: network nat gives the sandbox unrestricted outbound network access (any host, any port, DNS, and the host's loopback services through 10.0.2.2)",
+    )
 }
 
 fn progress_text(stream: &str, d: &[u8]) -> String {
@@ -534,13 +609,13 @@ async fn call(
     };
     match name {
         "sandbox_create" | "run" => {
-            let spec = vm_spec(args)?;
+            let spec = vm_spec(args, &l)?;
             let exec = if name == "run" {
                 Some(spec_of(args, str_arg(args, "stdin").is_some())?)
             } else {
                 None
             };
-            let mut req = CreateRequest::new(spec);
+            let mut req = CreateRequest::new(spec.clone());
             req.idle_timeout = u64_arg(args, "idle_timeout_secs").map(Duration::from_secs);
             req.lifetime = u64_arg(args, "timeout_secs")
                 .filter(|_| exec.is_none())
@@ -550,12 +625,18 @@ async fn call(
                 .create(req, ctx.session.clone(), &progress, ctx.cancel.cancelled())
                 .await
                 .map_err(err)?;
+            let mut notices = sb.notices().to_vec();
+            if let Some(w) = nat_warning(&spec.net) {
+                notices.push(w.into());
+            }
             let Some(exec) = exec else {
                 return Ok(ToolOutput::json(json!({
                     "sandbox_id": sb.id(),
                     "cpus": spec.cpus,
                     "memory_mib": spec.memory_mib,
                     "boot_ms": sb.boot_time().as_millis() as u64,
+                    "network": spec.net.to_string(),
+                    "notices": notices,
                 })));
             };
             // `run`: one command, then the VM goes whatever happens.
@@ -572,7 +653,11 @@ async fn call(
             let _destroy = Destroy(m.clone(), id.clone());
             let stdin = str_arg(args, "stdin").map(|s| s.as_bytes().to_vec());
             let timeout = secs_arg(args, "timeout_secs").unwrap_or(l.default_exec_timeout);
-            let out = exec_collect(sb.agent(), exec, stdin, timeout, l.max_output, ctx).await;
+            let mut out = exec_collect(&sb, exec, stdin, timeout, l.max_output, ctx).await;
+            if let ToolOutput::Ok { structured, text } = &mut out {
+                structured["notices"] = json!(notices);
+                *text = structured.to_string();
+            }
             drop(sb);
             m.destroy(&id).await;
             Ok(out)
@@ -582,7 +667,7 @@ async fn call(
             let sb = sandbox(m)?;
             let stdin = str_arg(args, "stdin").map(|s| s.as_bytes().to_vec());
             let timeout = secs_arg(args, "timeout_secs").unwrap_or(l.default_exec_timeout);
-            Ok(exec_collect(sb.agent(), spec, stdin, timeout, l.max_output, ctx).await)
+            Ok(exec_collect(&sb, spec, stdin, timeout, l.max_output, ctx).await)
         }
         "sandbox_exec_start" => {
             let open = args
@@ -648,7 +733,14 @@ async fn call(
             p.control
                 .write_stdin(data.as_bytes())
                 .await
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| match e {
+                    AgentError::NoStdin => format!(
+                        "process {} was started without stdin_open: start it with \
+                         sandbox_exec_start and \"stdin_open\": true to write to its stdin",
+                        p.id
+                    ),
+                    e => chain(&e),
+                })?;
             if close {
                 p.control.close_stdin().await.map_err(|e| chain(&e))?;
             }
@@ -721,7 +813,7 @@ async fn call(
                 "/".into()
             };
             let sb = sandbox(m)?;
-            list_files(sb.agent(), &path, l.max_output).await
+            list_files(&sb.agent(), &path, l.max_output).await
         }
         "sandbox_list" => {
             let (count, mem) = m.usage();
@@ -749,8 +841,52 @@ async fn call(
                 Err(chain(&SandboxError::NotFound(id.to_owned())))
             }
         }
-        "sandbox_checkpoint" | "sandbox_rewind" | "sandbox_fork" => {
-            Err(format!("{name}: {NOT_YET_SNAPSHOT}"))
+        "sandbox_checkpoint" => {
+            let sb = sandbox(m)?;
+            let started = Instant::now();
+            let id = m.checkpoint(&sb).await.map_err(err)?;
+            Ok(ToolOutput::json(json!({
+                "checkpoint_id": id,
+                "sandbox_id": sb.id(),
+                "checkpoint_ms": started.elapsed().as_millis() as u64,
+            })))
+        }
+        "sandbox_rewind" => {
+            let checkpoint = str_arg(args, "checkpoint_id").unwrap_or_default();
+            let sb = sandbox(m)?;
+            let started = Instant::now();
+            ctx.progress("rewinding: restoring the checkpoint into a new VM");
+            m.rewind(&sb, checkpoint).await.map_err(err)?;
+            Ok(ToolOutput::json(json!({
+                "sandbox_id": sb.id(),
+                "checkpoint_id": checkpoint,
+                "rewind_ms": started.elapsed().as_millis() as u64,
+            })))
+        }
+        "sandbox_fork" => {
+            let from = match (str_arg(args, "sandbox_id"), str_arg(args, "checkpoint_id")) {
+                (Some(s), None) => ForkFrom::Sandbox(s),
+                (None, Some(c)) => ForkFrom::Checkpoint(c),
+                (Some(_), Some(_)) => {
+                    return Err("sandbox_id, checkpoint_id: give one of them (fork a sandbox as it is, or from a checkpoint), not both".into())
+                }
+                (None, None) => {
+                    return Err("sandbox_id, checkpoint_id: one is required (the sandbox or the checkpoint to fork)".into())
+                }
+            };
+            let n = u64_arg(args, "count").unwrap_or(1);
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            let started = Instant::now();
+            ctx.progress(&format!("forking into {n} new VMs"));
+            let forks = tokio::select! {
+                r = m.fork(from, n, ctx.session.clone()) => r.map_err(err)?,
+                () = ctx.cancel.cancelled() => return Ok(ToolOutput::error("cancelled")),
+            };
+            let ids: Vec<&str> = forks.iter().map(|s| s.id()).collect();
+            Ok(ToolOutput::json(json!({
+                "sandbox_ids": ids,
+                "fork_ms": started.elapsed().as_millis() as u64,
+            })))
         }
         other => Err(format!("unknown tool {other}")),
     }

@@ -223,7 +223,7 @@ async fn argument_errors_name_the_field() {
     let e = call(&t, "sandbox_create", json!({"network": true}), ctx(None))
         .await
         .unwrap_err();
-    assert_eq!(e, "network: must be false, got true");
+    assert!(e.starts_with("network: say which network"), "{e}");
     let e = call(&t, "sandbox_create", json!({"image": "python"}), ctx(None))
         .await
         .unwrap_err();
@@ -269,14 +269,104 @@ async fn argument_errors_name_the_field() {
     .await
     .unwrap_err();
     assert!(e.starts_with("env.A=B: not a valid variable name"), "{e}");
-    for name in ["sandbox_checkpoint", "sandbox_rewind", "sandbox_fork"] {
-        let e = call(&t, name, json!({"sandbox_id": id}), ctx(None))
-            .await
-            .unwrap_err();
-        assert!(e.contains("not available yet"), "{e}");
-    }
+    let e = call(
+        &t,
+        "sandbox_fork",
+        json!({"sandbox_id": id, "checkpoint_id": "ck-1"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("give one of them"), "{e}");
+    let e = call(&t, "sandbox_fork", json!({}), ctx(None))
+        .await
+        .unwrap_err();
+    assert!(e.contains("one is required"), "{e}");
+    let e = call(&t, "sandbox_rewind", json!({"sandbox_id": id}), ctx(None))
+        .await
+        .unwrap_err();
+    assert!(e.contains("checkpoint_id"), "{e}");
     // Every published schema is one the server accepts.
     vmcp_mcp_server::Server::new(t.clone(), Default::default()).unwrap();
+}
+
+#[tokio::test]
+async fn network_requests_stay_within_what_the_server_permits() {
+    // No flag: no network at all, whatever the client asks.
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |_| {});
+    for (net, want) in [
+        (
+            "allow=api.test:443",
+            "network: this server permits no network",
+        ),
+        (
+            "nat",
+            "network: nat (unrestricted network) is not permitted",
+        ),
+        (
+            "open",
+            "network: bad \"open\": expected none, nat or allow=",
+        ),
+        ("allow=a..b", "network: bad allow list: bad host \"a..b\""),
+    ] {
+        let e = call(&t, "sandbox_create", json!({"network": net}), ctx(None))
+            .await
+            .unwrap_err();
+        assert!(e.starts_with(want), "{net}: {e}");
+    }
+    // A ceiling: an allow list within it passes, one entry beyond it is named.
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |l| {
+        l.net_ceiling = Some("*.example.com:443,203.0.113.0/24".parse().unwrap());
+        l.allow_nat = true;
+    });
+    let e = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=a.example.com:443,203.0.113.9,10.0.0.1:443"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "network: 10.0.0.1:443 is not within the allow list this server permits (*.example.com:443,203.0.113.0/24); ask only for hosts inside it"
+    );
+    let e = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=*.example.com"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("*.example.com is not within"), "{e}");
+    let r = call(
+        &t,
+        "sandbox_create",
+        json!({"network": "allow=a.example.com:443,203.0.113.9"}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r["network"], "allow=a.example.com:443,203.0.113.9");
+    assert_eq!(r["notices"], json!([]));
+    let r = call(&t, "sandbox_create", json!({"network": "nat"}), ctx(None))
+        .await
+        .unwrap();
+    assert!(
+        r["notices"][0].as_str().unwrap().contains("unrestricted"),
+        "{r}"
+    );
+    let r = call(&t, "sandbox_create", json!({"network": false}), ctx(None))
+        .await
+        .unwrap();
+    assert_eq!(r["network"], "none");
+    assert_eq!(
+        *f.nets.lock().unwrap(),
+        ["allow=a.example.com:443,203.0.113.9", "nat", "none"]
+    );
 }
 
 #[tokio::test]
@@ -535,6 +625,15 @@ async fn background_process_poll_stdin_signal() {
     .await
     .unwrap();
     let pid = p["process_id"].as_str().unwrap().to_owned();
+    let e = call(
+        &t,
+        "sandbox_exec_write_stdin",
+        json!({"sandbox_id": id, "process_id": pid, "data": "x"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("started without stdin_open"), "{e}");
     let r = call(
         &t,
         "sandbox_exec_signal",
@@ -793,7 +892,230 @@ async fn boot_progress_and_exec_output_progress() {
     let answer = server.handle_now(msg, &conn, out.clone()).await.unwrap();
     assert!(matches!(answer, Message::Response(_)));
     let got = out.0.lock().unwrap().clone();
-    assert_eq!(got[0], "booting a VM (1 vCPU, 256 MiB)");
+    assert_eq!(got[0], "starting a VM (1 vCPU, 256 MiB, network none)");
     assert!(got[1].starts_with("VM ready after "), "{got:?}");
     assert_eq!(got[2], "stdout: streamed\n");
+}
+
+async fn read(
+    t: &vmcp_sandbox::tools::SandboxTools,
+    id: &str,
+    path: &str,
+) -> Result<String, String> {
+    call(
+        t,
+        "sandbox_read_file",
+        json!({"sandbox_id": id, "path": path}),
+        ctx(None),
+    )
+    .await
+    .map(|r| r["content"].as_str().unwrap().to_owned())
+}
+
+async fn write(t: &vmcp_sandbox::tools::SandboxTools, id: &str, path: &str, content: &str) {
+    call(
+        t,
+        "sandbox_write_file",
+        json!({"sandbox_id": id, "path": path, "content": content}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn checkpoint_rewind_and_fork_keep_what_was_written_before_the_checkpoint() {
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |l| l.max_sandboxes = 4);
+    let id = create(&t, Some("s1")).await;
+    write(&t, &id, "/a", "before").await;
+    let r = call(
+        &t,
+        "sandbox_checkpoint",
+        json!({"sandbox_id": id}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
+    assert!(ck.starts_with("ck-"), "{r}");
+    assert_eq!(r["sandbox_id"], json!(id));
+    write(&t, &id, "/b", "after").await;
+
+    // Fork from the checkpoint: A, not B, each its own hostname.
+    let r = call(
+        &t,
+        "sandbox_fork",
+        json!({"checkpoint_id": ck, "count": 2}),
+        ctx(Some("s2")),
+    )
+    .await
+    .unwrap();
+    let forks: Vec<String> = r["sandbox_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(forks.len(), 2);
+    let mut hosts = Vec::new();
+    for f in &forks {
+        assert_ne!(f, &id);
+        assert_eq!(read(&t, f, "/a").await.unwrap(), "before");
+        assert!(read(&t, f, "/b")
+            .await
+            .unwrap_err()
+            .contains("no such file"));
+        hosts.push(read(&t, f, "/etc/hostname").await.unwrap());
+        // A fork runs programs like any sandbox.
+        let r = call(
+            &t,
+            "sandbox_exec",
+            json!({"sandbox_id": f, "argv": ["echo", "hi"]}),
+            ctx(None),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r["stdout"], "hi\n");
+    }
+    assert_ne!(hosts[0], hosts[1]);
+    assert_eq!(f.alive(), 3);
+    let r = call(&t, "sandbox_list", json!({}), ctx(None))
+        .await
+        .unwrap();
+    assert_eq!(r["limits"]["sandboxes_in_use"], 3);
+    assert_eq!(r["limits"]["memory_in_use_mib"], 3 * 256);
+
+    // Fork the sandbox as it is now: B is there.
+    let r = call(&t, "sandbox_fork", json!({"sandbox_id": id}), ctx(None))
+        .await
+        .unwrap();
+    let now_fork = r["sandbox_ids"][0].as_str().unwrap().to_owned();
+    assert_eq!(read(&t, &now_fork, "/b").await.unwrap(), "after");
+    // The sandbox limit counts forks: 4 are alive.
+    let e = call(&t, "sandbox_fork", json!({"sandbox_id": id}), ctx(None))
+        .await
+        .unwrap_err();
+    assert!(e.contains("too many sandboxes"), "{e}");
+    assert_eq!(f.alive(), 4);
+    let e = call(
+        &t,
+        "sandbox_fork",
+        json!({"sandbox_id": id, "count": 5}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("count"), "{e}");
+
+    // Rewind: B is gone, A stays, programs run, the checkpoint can be used again.
+    let r = call(
+        &t,
+        "sandbox_rewind",
+        json!({"sandbox_id": id, "checkpoint_id": ck}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r["sandbox_id"], json!(id));
+    assert_eq!(read(&t, &id, "/a").await.unwrap(), "before");
+    assert!(read(&t, &id, "/b").await.is_err());
+    write(&t, &id, "/b", "again").await;
+    call(
+        &t,
+        "sandbox_rewind",
+        json!({"sandbox_id": id, "checkpoint_id": ck}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    assert!(read(&t, &id, "/b").await.is_err());
+
+    // A checkpoint rewinds only its own sandbox; unknown ids are named.
+    let e = call(
+        &t,
+        "sandbox_rewind",
+        json!({"sandbox_id": forks[0], "checkpoint_id": ck}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("belongs to sandbox"), "{e}");
+    let e = call(
+        &t,
+        "sandbox_rewind",
+        json!({"sandbox_id": id, "checkpoint_id": "ck-nope"}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("no checkpoint \"ck-nope\""), "{e}");
+
+    // Checkpoints end with their sandbox.
+    call(&t, "sandbox_destroy", json!({"sandbox_id": id}), ctx(None))
+        .await
+        .unwrap();
+    let e = call(&t, "sandbox_fork", json!({"checkpoint_id": ck}), ctx(None))
+        .await
+        .unwrap_err();
+    assert!(e.contains("no checkpoint"), "{e}");
+    t.manager().shutdown_all().await;
+    assert_eq!(f.alive(), 0);
+}
+
+#[tokio::test]
+async fn failed_rewinds_and_forks_leave_sandboxes_and_limits_as_they_were() {
+    let mut faults = Faults::default();
+    faults.load_fails = true;
+    let f = FakeFactory::new(faults);
+    let t = tools(f.clone(), |_| {});
+    let id = create(&t, None).await;
+    write(&t, &id, "/a", "1").await;
+    let r = call(
+        &t,
+        "sandbox_checkpoint",
+        json!({"sandbox_id": id}),
+        ctx(None),
+    )
+    .await
+    .unwrap();
+    let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
+    write(&t, &id, "/b", "2").await;
+    let e = call(
+        &t,
+        "sandbox_rewind",
+        json!({"sandbox_id": id, "checkpoint_id": ck}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("load failed"), "{e}");
+    assert_eq!(read(&t, &id, "/b").await.unwrap(), "2", "unchanged");
+    let e = call(
+        &t,
+        "sandbox_fork",
+        json!({"checkpoint_id": ck, "count": 2}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("cannot fork"), "{e}");
+    assert_eq!(f.alive(), 1);
+    assert_eq!(t.manager().usage(), (1, 256));
+
+    // The memory budget counts forks before any VM starts.
+    let f = FakeFactory::new(Faults::default());
+    let t = tools(f.clone(), |l| l.memory_budget_mib = 600);
+    let id = create(&t, None).await;
+    let e = call(
+        &t,
+        "sandbox_fork",
+        json!({"sandbox_id": id, "count": 2}),
+        ctx(None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("memory budget"), "{e}");
+    assert_eq!(t.manager().usage(), (1, 256));
+    assert_eq!(f.alive(), 1);
 }

@@ -1,5 +1,7 @@
 //! Test-only helpers shared by the vmcp crates (a dev-dependency only).
 
+pub mod vm;
+
 /// Prints why a test is skipped, straight to the process's stderr.
 ///
 /// The test harness captures `eprintln!` output of passing tests, so a skip reported that way

@@ -44,8 +44,16 @@ use vmcp_guest_proto::{
 use vmcp_sanitize::{sanitize, DEFAULT_MAX_CHARS};
 
 /// A byte stream to the guest agent.
-pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentStream for T {}
+pub trait AgentStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The stream as [`std::any::Any`], so that a caller who knows its concrete type (the
+    /// warm pool: a Unix socket it passes to another process) can take it back.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> AgentStream for T {
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
 
 /// Messages other than output (`Started`, `Exited`, `Pong`, `Done`, ...) one request's queue
 /// may hold besides its window of output; a correct agent sends at most three at a time.
@@ -144,6 +152,9 @@ pub enum AgentError {
     /// Stdin cannot be written: it was not requested, was closed, or the process ended.
     #[error("the process's stdin is closed")]
     StdinClosed,
+    /// The process was started without stdin (its spec did not ask for it).
+    #[error("the process was started without stdin: ask for stdin when starting it")]
+    NoStdin,
     /// A request argument is invalid on the host side already.
     #[error("{0}")]
     Invalid(String),
@@ -1037,6 +1048,123 @@ pub fn new_identity(token: &str, hostname: &str) -> Rekey {
     }
 }
 
+/// Re-keys a restored agent on a channel that another process will serve (the warm pool
+/// hands such channels out): sends `rekey` on `stream` and checks the hello that answers it,
+/// with no task started and the stream left at a frame boundary (an agent that sends anything
+/// after its hello is refused). [`AgentClient::connect_restored`] with `rekey.token` (or
+/// another re-key) then serves the channel, in this process or another one.
+pub async fn rekey_detached<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    rekey: Rekey,
+    timeout: Duration,
+) -> Result<Hello, AgentError> {
+    let token = rekey.token.clone();
+    let frame = encode(&HostMsg::Rekey(rekey))?;
+    let exchange = async {
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|_| AgentError::Closed)?;
+        stream.flush().await.map_err(|_| AgentError::Closed)?;
+        let mut reader = FrameReader::new(&mut *stream);
+        let hello = match reader.next::<GuestMsg>().await? {
+            Some(GuestMsg::Hello(h)) => h,
+            Some(GuestMsg::Failed { kind, message, .. }) => return Err(failed(kind, &message)),
+            Some(other) => return Err(AgentError::NoHello(describe(&other))),
+            None => return Err(AgentError::Closed),
+        };
+        if reader.buffered() > 0 {
+            return Err(AgentError::Unexpected(format!(
+                "{} bytes after the hello",
+                reader.buffered()
+            )));
+        }
+        Ok(hello)
+    };
+    let mut hello = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| AgentError::HelloTimeout(timeout))??;
+    check_hello(&hello, &token)?;
+    hello.agent_version = sanitize(&hello.agent_version, 64);
+    Ok(hello)
+}
+
+/// Request id of [`exec_detached`]: far from the ids an [`AgentClient`] hands out (from 1 up).
+const DETACHED_EXEC_ID: RequestId = u32::MAX - 1;
+/// Most output [`exec_detached`] accepts (its program is meant to print nothing).
+const DETACHED_EXEC_MAX_OUTPUT: usize = 64 * 1024;
+
+/// Runs `argv` to its end on a channel no [`AgentClient`] serves (after [`rekey_detached`]),
+/// its output read and dropped (at most 64 KiB, or it is an error); the stream is left at a
+/// frame boundary. Its stdin is `/dev/null`, or with `stdin` a pipe closed at once (the path
+/// `vmcp run` takes when its own stdin is not a terminal). The warm pool runs one such program in
+/// each restored VM before handing it out: the first process start in a freshly restored
+/// QEMU pays for its cold code caches (hundreds of milliseconds under TCG), the next ones
+/// do not.
+pub async fn exec_detached<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    argv: &[&str],
+    stdin: bool,
+    timeout: Duration,
+) -> Result<ExitStatus, AgentError> {
+    let id = DETACHED_EXEC_ID;
+    let mut frame = encode(&HostMsg::Exec(ExecRequest {
+        id,
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: Vec::new(),
+        cwd: None,
+        stdin,
+    }))?;
+    if stdin {
+        // The agent reads requests in order: the end of stdin can follow the exec at once.
+        frame.extend(encode(&HostMsg::StdinEof { id })?);
+    }
+    let run = async {
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|_| AgentError::Closed)?;
+        stream.flush().await.map_err(|_| AgentError::Closed)?;
+        let mut reader = FrameReader::new(&mut *stream);
+        let mut output = 0usize;
+        let status = loop {
+            match reader.next::<GuestMsg>().await? {
+                Some(GuestMsg::Started { id: i, .. } | GuestMsg::StdinCredit { id: i, .. })
+                    if i == id => {}
+                Some(GuestMsg::Stdout { id: i, data } | GuestMsg::Stderr { id: i, data })
+                    if i == id =>
+                {
+                    output += data.len();
+                    if output > DETACHED_EXEC_MAX_OUTPUT {
+                        return Err(AgentError::TooLarge {
+                            what: "the output of a detached program",
+                            limit: DETACHED_EXEC_MAX_OUTPUT,
+                            action: "",
+                        });
+                    }
+                }
+                Some(GuestMsg::Exited { id: i, status }) if i == id => break status,
+                Some(GuestMsg::Failed { kind, message, .. }) => return Err(failed(kind, &message)),
+                Some(other) => return Err(AgentError::Unexpected(describe(&other))),
+                None => return Err(AgentError::Closed),
+            }
+        };
+        if reader.buffered() > 0 {
+            return Err(AgentError::Unexpected(format!(
+                "{} bytes after the exit",
+                reader.buffered()
+            )));
+        }
+        Ok(status)
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .map_err(|_| AgentError::NoAnswer {
+            what: "the end of a detached program",
+            after: timeout,
+        })?
+}
+
 /// The token and protocol version of a hello.
 fn check_hello(hello: &Hello, token: &str) -> Result<(), AgentError> {
     if !constant_time_eq(hello.token.as_bytes(), token.as_bytes()) {
@@ -1179,10 +1307,11 @@ impl ProcessControl {
     /// Sends bytes to the process's stdin (only if the spec asked for stdin). Waits while the
     /// guest holds a full window of stdin the process has not read yet, so a process that
     /// does not read stdin makes this wait rather than grow the guest's memory. Fails with
-    /// [`AgentError::StdinClosed`] once the process has ended or stdin was closed.
+    /// [`AgentError::StdinClosed`] once the process has ended or stdin was closed, and with
+    /// [`AgentError::NoStdin`] if it was started without stdin.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<(), AgentError> {
         let Some(w) = &self.stdin else {
-            return Err(AgentError::StdinClosed);
+            return Err(AgentError::NoStdin);
         };
         for chunk in data.chunks(CHUNK_SIZE) {
             let cost = credit_cost(chunk.len());

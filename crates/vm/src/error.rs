@@ -165,6 +165,10 @@ pub enum VmError {
     /// A snapshot's manifest is missing, unreadable or does not fit this VM.
     #[error("cannot use snapshot {path}", path = .0.snapshot().display())]
     Snapshot(#[from] crate::lifecycle::ManifestError),
+    /// A checkpoint, rewind or fork request that cannot be carried out as asked (a bound, a
+    /// checkpoint of another VM); the text says what to do.
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 /// `error` and its sources on one line: `a: b: c`.
@@ -210,7 +214,9 @@ impl VmError {
             VmError::EarlyExit { .. } | VmError::ReadyTimeout { .. } | VmError::Agent(_) => {
                 ErrorClass::Guest
             }
-            VmError::InvalidState { .. } | VmError::Unsupported(_) => ErrorClass::Usage,
+            VmError::InvalidState { .. } | VmError::Unsupported(_) | VmError::Checkpoint(_) => {
+                ErrorClass::Usage
+            }
             VmError::Qmp { .. } | VmError::Hypervisor { .. } => ErrorClass::Hypervisor,
             VmError::Framework(e) => match e {
                 crate::vz::FwError::Entitlement

@@ -5,6 +5,12 @@
 //! that function returns. [`responder_guest`] is a small one that answers pings, file requests
 //! and poweroff, and runs no processes.
 //!
+//! Guests made with [`FakeBackend::with_ram`] (the responder is one) keep their files in a
+//! [`GuestRam`] that stands for the guest's memory: `save_state` writes it into the state file
+//! and `load_state` gives the restored guest a copy, so checkpoint, rewind and fork can be
+//! tested for what they keep. A re-key writes the new hostname to `/etc/hostname` and the
+//! first 16 entropy bytes to `/dev/urandom` in that memory.
+//!
 //! Compiled for this crate's tests and, for other crates' tests, with the `test-support`
 //! feature; never part of a normal build.
 
@@ -32,6 +38,25 @@ const NAME: &str = "fake";
 pub type GuestFn =
     Arc<dyn Fn(DuplexStream, String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// The memory of a fake guest: its files by path.
+pub type GuestRam = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+
+/// A guest with memory that survives save and load ([`FakeBackend::with_ram`]).
+pub type RamGuestFn = Arc<
+    dyn Fn(DuplexStream, String, GuestRam) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+#[derive(Clone)]
+enum Guest {
+    Plain(GuestFn),
+    WithRam(RamGuestFn),
+}
+
+/// First bytes of a fake state file; the guest's memory (JSON) follows, if any.
+const STATE_MAGIC: &[u8] = b"fake-state";
+
 /// Faults the fake backend injects, one per step of the lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -54,7 +79,7 @@ pub struct Faults {
     pub resume_fails: bool,
     /// The machine cannot save or load state at all.
     pub no_snapshot: bool,
-    /// `save_state` fails.
+    /// `save_state` fails after writing half of the state file.
     pub save_fails: bool,
     /// `load_state` fails.
     pub load_fails: bool,
@@ -68,7 +93,7 @@ pub type Calls = Arc<Mutex<Vec<&'static str>>>;
 /// A backend whose VMs are tasks in this process.
 #[derive(Clone)]
 pub struct FakeBackend {
-    guest: GuestFn,
+    guest: Guest,
     faults: Faults,
     calls: Calls,
 }
@@ -80,16 +105,25 @@ impl FakeBackend {
     /// A fake backend running `guest` in each VM, with `faults`.
     pub fn new(guest: GuestFn, faults: Faults) -> Self {
         FakeBackend {
-            guest,
+            guest: Guest::Plain(guest),
             faults,
             calls: Calls::default(),
         }
     }
 
-    /// A fake backend whose guests are [`responder_guest`]s.
+    /// A fake backend running `guest` with its [`GuestRam`] in each VM, with `faults`.
+    pub fn with_ram(guest: RamGuestFn, faults: Faults) -> Self {
+        FakeBackend {
+            guest: Guest::WithRam(guest),
+            faults,
+            calls: Calls::default(),
+        }
+    }
+
+    /// A fake backend whose guests are [`responder_guest_in`]s.
     pub fn responder(faults: Faults) -> Self {
-        Self::new(
-            Arc::new(|s, token| Box::pin(responder_guest(s, token))),
+        Self::with_ram(
+            Arc::new(|s, token, ram| Box::pin(responder_guest_in(s, token, ram))),
             faults,
         )
     }
@@ -109,6 +143,7 @@ impl FakeBackend {
                 console: Vec::new(),
                 channel: None,
                 task: None,
+                ram: GuestRam::default(),
             })
         })
     }
@@ -150,12 +185,13 @@ fn injected(what: &str) -> VmError {
 
 /// The fake's [`Machine`]: the guest is a task, its "console" a list of lines.
 pub struct FakeMachine {
-    guest: GuestFn,
+    guest: Guest,
     faults: Faults,
     calls: Calls,
     console: Vec<String>,
     channel: Option<DuplexStream>,
     task: Option<JoinHandle<()>>,
+    ram: GuestRam,
 }
 
 impl FakeMachine {
@@ -168,6 +204,12 @@ impl FakeMachine {
     fn run_guest(&mut self, token: &str) {
         let (host, guest) = duplex(1 << 20);
         let token = token.to_string();
+        let ram = Arc::clone(&self.ram);
+        let kind = self.guest.clone();
+        let run = move |s: DuplexStream, token: String| match kind {
+            Guest::Plain(g) => g(s, token),
+            Guest::WithRam(g) => g(s, token, ram),
+        };
         self.task = Some(if self.faults.exits_before_ready {
             tokio::spawn(async move { drop(guest) })
         } else if self.faults.never_ready {
@@ -178,10 +220,10 @@ impl FakeMachine {
             })
         } else if self.faults.ignore_poweroff {
             let (proxy_end, guest_end) = duplex(1 << 20);
-            let guest_task = tokio::spawn((self.guest)(guest_end, token));
+            let guest_task = tokio::spawn(run(guest_end, token));
             tokio::spawn(drop_poweroff(guest, proxy_end, guest_task))
         } else {
-            tokio::spawn((self.guest)(guest, token))
+            tokio::spawn(run(guest, token))
         });
         self.channel = Some(host);
     }
@@ -282,13 +324,20 @@ impl Machine for FakeMachine {
 
     async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
         self.call("save_state");
+        let mut state = STATE_MAGIC.to_vec();
+        let memory = serde_json::to_vec(&*lock(&self.ram)).map_err(|e| injected(&e.to_string()))?;
+        state.extend_from_slice(&memory);
+        let write = |bytes: &[u8]| {
+            std::fs::write(path, bytes).map_err(|source| VmError::Host {
+                what: format!("write {}", path.display()),
+                source,
+            })
+        };
         if self.faults.save_fails {
+            write(&state[..state.len() / 2])?;
             return Err(injected("save failed"));
         }
-        std::fs::write(path, b"fake-state").map_err(|source| VmError::Host {
-            what: format!("write {}", path.display()),
-            source,
-        })
+        write(&state)
     }
 
     async fn load_state(&mut self, path: &Path, token: &str) -> Result<(), LaunchError> {
@@ -297,7 +346,15 @@ impl Machine for FakeMachine {
             return Err(injected("load failed").into());
         }
         match std::fs::read(path) {
-            Ok(state) if state == b"fake-state" => {}
+            Ok(state) if state.starts_with(STATE_MAGIC) => {
+                let memory = match &state[STATE_MAGIC.len()..] {
+                    [] => HashMap::new(),
+                    json => serde_json::from_slice(json)
+                        .map_err(|e| injected(&format!("the state file is truncated: {e}")))?,
+                };
+                // A new guest memory: the restored guest's writes are its own.
+                self.ram = Arc::new(Mutex::new(memory));
+            }
             Ok(_) => return Err(injected("the state file is not a fake state").into()),
             Err(source) => {
                 return Err(VmError::Host {
@@ -310,6 +367,19 @@ impl Machine for FakeMachine {
         // The restored guest reconnects with the token it was saved with.
         self.run_guest(token);
         Ok(())
+    }
+
+    fn sibling(&self, _prepared: crate::lifecycle::Prepared<'_>) -> Result<Self, VmError> {
+        lock(&self.calls).push("sibling");
+        Ok(FakeMachine {
+            guest: self.guest.clone(),
+            faults: self.faults,
+            calls: Arc::clone(&self.calls),
+            console: Vec::new(),
+            channel: None,
+            task: None,
+            ram: GuestRam::default(),
+        })
     }
 }
 
@@ -345,7 +415,12 @@ async fn drop_poweroff(outer: DuplexStream, inner: DuplexStream, guest: JoinHand
 /// A guest that says hello with `token`, then answers pings, writes and reads files in memory,
 /// takes a new identity on a re-key (answering with a hello that carries the new token), and
 /// powers off on request. Exec requests fail with "not found".
-pub async fn responder_guest(mut s: DuplexStream, token: String) {
+pub async fn responder_guest(s: DuplexStream, token: String) {
+    responder_guest_in(s, token, GuestRam::default()).await;
+}
+
+/// [`responder_guest`] with its files in `ram` (see the module docs).
+pub async fn responder_guest_in(mut s: DuplexStream, token: String, ram: GuestRam) {
     let hello = |token: String| {
         GuestMsg::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -360,9 +435,25 @@ pub async fn responder_guest(mut s: DuplexStream, token: String) {
     if write_msg_async(&mut s, &hello(token)).await.is_err() {
         return;
     }
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     let mut buf = Vec::new();
     while let Ok(Some(msg)) = read_msg_async::<HostMsg, _>(&mut s, &mut buf).await {
+        if let HostMsg::Poweroff { id } = msg {
+            let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
+            return;
+        }
+        let Some(answer) = respond(&ram, msg, hello) else {
+            continue;
+        };
+        if write_msg_async(&mut s, &answer).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The responder's answer to `msg` (not poweroff), `None` for messages it ignores.
+fn respond(ram: &GuestRam, msg: HostMsg, hello: impl Fn(String) -> GuestMsg) -> Option<GuestMsg> {
+    let mut files = lock(ram);
+    {
         let answer = match msg {
             HostMsg::Ping { id } => GuestMsg::Pong { id },
             HostMsg::WriteFile {
@@ -394,15 +485,14 @@ pub async fn responder_guest(mut s: DuplexStream, token: String) {
                 kind: FailureKind::NotFound,
                 message: "the fake guest runs no processes".into(),
             },
-            HostMsg::Poweroff { id } => {
-                let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
-                return;
+            HostMsg::Rekey(r) => {
+                files.insert("/etc/hostname".into(), r.hostname.into_bytes());
+                let seed = r.entropy[..r.entropy.len().min(16)].to_vec();
+                files.insert("/dev/urandom".into(), seed);
+                hello(r.token)
             }
-            HostMsg::Rekey(r) => hello(r.token),
-            _ => continue,
+            _ => return None,
         };
-        if write_msg_async(&mut s, &answer).await.is_err() {
-            return;
-        }
+        Some(answer)
     }
 }

@@ -38,7 +38,8 @@ pub use config::{
     Accel, Arch, BackendKind, DiskConfig, ImageConfig, ShareConfig, VmConfig, MIN_MEMORY_MIB,
 };
 pub use error::{ErrorClass, VmError};
-pub use net::{NetConfig, NetMode, PortForward};
+pub use lifecycle::Checkpoint;
+pub use net::{EgressGate, NetConfig, NetMode, PortForward};
 pub use vmcp_host_process::{new_vm_id, RuntimeDir};
 
 use std::path::Path;
@@ -199,5 +200,36 @@ pub trait Vm: Send + Sync {
     async fn restore_snapshot(&mut self, path: &Path) -> Result<(), VmError> {
         let _ = path;
         Err(VmError::Unsupported("restore a VM snapshot"))
+    }
+    /// Saves the running (or paused) VM as a [`Checkpoint`], pausing it only while the state
+    /// is written, and leaves it in the state it was in (capability `snapshot`). The files
+    /// live in the VM's runtime directory until the handle (all its clones) or the VM is
+    /// dropped; a VM holds at most [`lifecycle::MAX_CHECKPOINTS`].
+    async fn checkpoint(&mut self) -> Result<Checkpoint, VmError> {
+        Err(VmError::Unsupported("checkpoint a VM"))
+    }
+    /// Brings this VM back to `checkpoint` (taken of it): the same id, runtime directory and
+    /// hostname, a new agent token (open agent sessions end; take a new one with
+    /// [`Vm::agent`]), a reseeded guest RNG and the host's clock. Files the guest wrote
+    /// after the checkpoint are gone. On failure the VM runs on as it was.
+    async fn rewind(
+        &mut self,
+        checkpoint: &Checkpoint,
+        timeout: Duration,
+    ) -> Result<AgentInfo, VmError> {
+        let _ = (checkpoint, timeout);
+        Err(VmError::Unsupported("rewind a VM"))
+    }
+    /// `n` (1 to [`lifecycle::MAX_FORKS`]) new VMs that continue from `checkpoint` (taken of
+    /// this VM), each ready, with its own id, runtime directory, agent token, reseeded RNG
+    /// and hostname. All or nothing. This VM is not touched.
+    async fn fork(
+        &self,
+        checkpoint: &Checkpoint,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Box<dyn Vm>>, VmError> {
+        let _ = (checkpoint, n, timeout);
+        Err(VmError::Unsupported("fork a VM"))
     }
 }

@@ -26,6 +26,9 @@ pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 pub const GUEST_PREFIX: u8 = 24;
 /// The user-mode network's gateway (QEMU's slirp host side).
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The resolver QEMU's user-mode network offers the guest (NAT mode only: in allow-list mode
+/// the guest gets no resolver, names are resolved by the host's proxy).
+pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 /// Where the guest finds the egress proxy in [`NetMode::Allow`].
 pub const PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 /// Port of the egress proxy inside the guest's network.
@@ -133,7 +136,35 @@ pub struct NetConfig {
     /// `PROGRAM __egress-pipe 127.0.0.1:PORT`; the running executable when `None` (the `vmcp`
     /// binary handles that argument).
     pub pipe_program: Option<PathBuf>,
+    /// Decides about targets off the allow list in [`NetMode::Allow`] (an approval policy)
+    /// instead of refusing them at once.
+    pub gate: Option<EgressGate>,
 }
+
+/// An approval gate for the egress proxy and how long a connection may wait for it.
+#[derive(Clone)]
+pub struct EgressGate {
+    /// The gate.
+    pub gate: std::sync::Arc<dyn vmcp_egress::Gate>,
+    /// Longest wait of one connection for a decision.
+    pub wait: std::time::Duration,
+}
+
+impl fmt::Debug for EgressGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressGate")
+            .field("wait", &self.wait)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for EgressGate {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.gate, &other.gate) && self.wait == other.wait
+    }
+}
+
+impl Eq for EgressGate {}
 
 impl NetConfig {
     /// Whether the guest gets a network card.

@@ -187,6 +187,9 @@ impl QemuBackend {
                 argv: Vec::new(),
                 egress: None,
                 memory_file: None,
+                ram_in_file: false,
+                ram_backend: false,
+                runtime: runtime.path().to_path_buf(),
             })
         })
     }
@@ -277,8 +280,17 @@ pub struct QemuMachine {
     stderr: console::Tail,
     tasks: Vec<JoinHandle<()>>,
     argv: Vec<OsString>,
-    /// Guest RAM in this file, mapped shared (a VM that can be saved).
+    /// Guest RAM in this file, mapped shared, at the next boot (fast saves).
     memory_file: Option<PathBuf>,
+    /// The running guest's RAM is `memory_file`, mapped shared (booted with one): a save
+    /// copies it; otherwise the RAM goes into the state file.
+    ram_in_file: bool,
+    /// The running QEMU's RAM is a memory backend (`-M ...,memory-backend=mem`), not the
+    /// machine's own anonymous RAM: QEMU's migration names the RAM block after it, so a
+    /// restore from a state file that holds the RAM must use the same.
+    ram_backend: bool,
+    /// The VM's runtime directory (scratch files of a restore).
+    runtime: PathBuf,
     /// The egress proxy of an allow-listed network and its loopback port; stopped with QEMU.
     egress: Option<(vmcp_egress::ProxyHandle, u16)>,
 }
@@ -290,6 +302,14 @@ impl std::fmt::Debug for QemuMachine {
             .field("pid", &self.pid)
             .finish_non_exhaustive()
     }
+}
+
+/// How QEMU starts: a boot, or a restore with the snapshot's memory file mapped
+/// copy-on-write (`Some`) or with the RAM in the state file (`None`).
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    Boot,
+    Restore(Option<&'a Path>),
 }
 
 /// Descriptors QEMU inherits for one start; closed in vmcp once QEMU has them.
@@ -396,11 +416,13 @@ impl QemuMachine {
             }),
             net: self.config.net.has_device().then(|| {
                 let allow = matches!(self.config.net.mode, NetMode::Allow(_));
+                let nat = matches!(self.config.net.mode, NetMode::Nat);
                 KernelNet {
                     addr: net::GUEST_ADDR,
                     prefix: net::GUEST_PREFIX,
-                    gateway: matches!(self.config.net.mode, NetMode::Nat).then_some(net::GATEWAY),
+                    gateway: nat.then_some(net::GATEWAY),
                     proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
+                    dns: nat.then_some(net::DNS),
                 }
             }),
             // Shares follow the rootfs or the image's two disks.
@@ -447,8 +469,15 @@ impl QemuMachine {
             .map_err(host_err("read the egress proxy's address"))?
             .port();
         let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
-        let handle =
-            vmcp_egress::Proxy::new(policy, vmcp_egress::Limits::default()).spawn(listener);
+        let mut limits = vmcp_egress::Limits::default();
+        if let Some(g) = &self.config.net.gate {
+            limits.gate_timeout = g.wait;
+        }
+        let mut proxy = vmcp_egress::Proxy::new(policy, limits);
+        if let Some(g) = &self.config.net.gate {
+            proxy = proxy.with_gate(g.gate.clone());
+        }
+        let handle = proxy.spawn(listener);
         self.egress = Some((handle, port));
         Ok(())
     }
@@ -529,11 +558,17 @@ impl QemuMachine {
         &self,
         token: &str,
         inherited: &mut Inherited,
-        restore_memory: Option<&Path>,
+        start: Start<'_>,
     ) -> Result<(QemuPlan, [platform::HostStream; 3]), VmError> {
-        let (kernel, initrd, memory) = match restore_memory {
+        let (kernel, initrd, memory) = match start {
+            // A restore whose RAM comes in the state file: anonymous memory, no kernel.
+            Start::Restore(None) => (
+                FileRef::Path(self.config.kernel.clone()),
+                FileRef::Path(self.config.initrd.clone()),
+                None,
+            ),
             // A restore boots nothing: the guest's memory already holds the kernel.
-            Some(memory) => {
+            Start::Restore(Some(memory)) => {
                 let fd = platform::open_for_child(memory, false)
                     .map_err(host_err(format!("open {}", memory.display())))?;
                 (
@@ -545,7 +580,7 @@ impl QemuMachine {
                     }),
                 )
             }
-            None => {
+            Start::Boot => {
                 let kernel = platform::open_for_child(&self.config.kernel, false).map_err(
                     host_err(format!("open kernel {}", self.config.kernel.display())),
                 )?;
@@ -646,7 +681,7 @@ impl QemuMachine {
             network: self.net_plan()?,
             sandbox: self.options.sandbox && QemuPlan::sandbox_supported(self.host),
             memory,
-            incoming: restore_memory.is_some(),
+            incoming: matches!(start, Start::Restore(_)),
             token_file,
         };
         Ok((plan, [qmp_host, console_host, agent_host]))
@@ -662,7 +697,7 @@ impl Machine for QemuMachine {
     fn capabilities(&self) -> VmCapabilities {
         VmCapabilities {
             pause: true,
-            snapshot: self.host == HostOs::Linux && self.memory_file.is_some(),
+            snapshot: self.snapshot_support().is_ok(),
             ..VmCapabilities::default()
         }
     }
@@ -682,7 +717,38 @@ impl Machine for QemuMachine {
     /// Start = spawn + QMP handshake + `query-status` is `running`, so bad QEMU arguments fail
     /// here with QEMU's own message.
     async fn launch(&mut self, token: &str) -> Result<(), LaunchError> {
-        self.spawn_qemu(token, None).await
+        self.spawn_qemu(token, Start::Boot).await
+    }
+
+    /// The same QEMU settings, console log in `prepared`'s runtime directory, and no memory
+    /// file: it is only ever restored (its saves carry the RAM in the state file).
+    fn sibling(&self, prepared: crate::lifecycle::Prepared<'_>) -> Result<Self, VmError> {
+        let mut config = self.config.clone();
+        config.console_log = None;
+        Ok(QemuMachine {
+            config,
+            binary: self.binary.clone(),
+            accel: self.accel,
+            tsc_khz: self.tsc_khz,
+            host: self.host,
+            options: self.options.clone(),
+            drop_to: self.drop_to.clone(),
+            console_log: prepared.dir.join("console.log"),
+            log: console::LogFile::default(),
+            child: None,
+            pid: None,
+            qmp: None,
+            agent_stream: None,
+            console: console::Tail::default(),
+            stderr: console::Tail::default(),
+            tasks: Vec::new(),
+            argv: Vec::new(),
+            egress: None,
+            memory_file: None,
+            ram_in_file: false,
+            ram_backend: false,
+            runtime: prepared.dir.path().to_path_buf(),
+        })
     }
 
     fn agent_stream(&mut self) -> AgentConnect {
@@ -717,14 +783,29 @@ impl Machine for QemuMachine {
         self.qmp_command("cont").await
     }
 
+    /// Linux only; and the guest's state must be all in its memory: a writable disk (the
+    /// rootfs with `--rootfs-rw`, an image's writable layer) is not part of a snapshot, and
+    /// restoring a network card onto a new netdev and egress proxy is untested, so VMs with
+    /// either are refused.
     fn snapshot_support(&self) -> Result<(), VmError> {
-        if self.host == HostOs::Linux {
-            Ok(())
-        } else {
-            Err(VmError::Unsupported(
+        if self.host != HostOs::Linux {
+            return Err(VmError::Unsupported(
                 "save or restore a QEMU snapshot on this OS (Linux only so far)",
-            ))
+            ));
         }
+        if self.config.rootfs.as_ref().is_some_and(|d| !d.read_only) || self.config.image.is_some()
+        {
+            return Err(VmError::Unsupported(
+                "save, checkpoint or restore a VM with a writable disk (--rootfs-rw, or an \
+                 --image's writable layer): the disk is not part of a snapshot",
+            ));
+        }
+        if self.config.net.has_device() {
+            return Err(VmError::Unsupported(
+                "save, checkpoint or restore a VM with a network card (use --net none)",
+            ));
+        }
+        Ok(())
     }
 
     /// The saved guest's agent is idle in a read of its virtio-serial port, which stays
@@ -735,12 +816,11 @@ impl Machine for QemuMachine {
 
     /// Writes the snapshot directory `path`: the device state (QEMU stopped by the
     /// lifecycle) and a sparse copy of the memory file, so the VM can go on running.
+    /// A VM whose RAM is not in a shared file (booted without one, or restored) has its
+    /// RAM written into the state file instead: slower, and its restores do not share
+    /// memory, but every VM can be saved.
     async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
-        let Some(memory) = self.memory_file.clone() else {
-            return Err(VmError::Unsupported(
-                "save a QEMU VM started without a memory file (QemuMachine::set_memory_file)",
-            ));
-        };
+        let memory = self.memory_file.clone().filter(|_| self.ram_in_file);
         std::fs::create_dir_all(path).map_err(host_err(format!("create {}", path.display())))?;
         let files = snapshot::SnapshotFiles::in_dir(path);
         let state = std::fs::File::create(&files.state)
@@ -754,6 +834,11 @@ impl Machine for QemuMachine {
         snapshot::save(q, &state, false)
             .await
             .map_err(VmError::SnapshotSave)?;
+        let Some(memory) = memory else {
+            return files
+                .mark_ram_in_state(self.ram_backend)
+                .map_err(host_err(format!("write {}", files.ram_marker.display())));
+        };
         let (from, to) = (memory.clone(), files.memory.clone());
         tokio::task::spawn_blocking(move || platform::copy_sparse(&from, &to))
             .await
@@ -774,8 +859,33 @@ impl Machine for QemuMachine {
         let state = files
             .check(self.config.memory_mib)
             .map_err(VmError::SnapshotRestore)?;
+        // RAM in the state file: loaded into memory of the same kind as the saved VM's (a
+        // private mapping of an empty file stands for a memory backend); else the memory
+        // file mapped copy-on-write.
+        let empty = match files.ram_in_state_backend() {
+            None => None,
+            Some(false) => Some(None),
+            Some(true) => {
+                let path = self
+                    .runtime
+                    .join(format!("empty-ram-{:016x}", rand::random::<u64>()));
+                let bytes = u64::from(self.config.memory_mib) << 20;
+                platform::create_memory_file(&path, bytes, self.drop_to.as_ref())
+                    .map_err(host_err(format!("create {}", path.display())))?;
+                Some(Some(path))
+            }
+        };
+        let memory = match &empty {
+            None => Some(files.memory.as_path()),
+            Some(path) => path.as_deref(),
+        };
         crate::timing::mark("qemu: snapshot files checked");
-        self.spawn_qemu(token, Some(&files.memory)).await?;
+        let spawned = self.spawn_qemu(token, Start::Restore(memory)).await;
+        if let Some(Some(path)) = &empty {
+            // QEMU has it mapped (or failed); the name is not needed any more.
+            let _ = std::fs::remove_file(path);
+        }
+        spawned?;
         tracing::debug!("QEMU answers on QMP; loading the device state");
         let (Some(q), Some(child)) = (self.qmp.as_mut(), self.child.as_mut()) else {
             return Err(LaunchError::Failed(VmError::Qmp {
@@ -803,17 +913,15 @@ impl Machine for QemuMachine {
 
 impl QemuMachine {
     /// Spawns QEMU and checks it over QMP: `running` after a boot, `inmigrate` when
-    /// `restore_memory` names a snapshot's memory file (the state is loaded next).
-    async fn spawn_qemu(
-        &mut self,
-        token: &str,
-        restore_memory: Option<&Path>,
-    ) -> Result<(), LaunchError> {
-        let expected = if restore_memory.is_some() {
-            "inmigrate"
-        } else {
-            "running"
+    /// restoring (the state is loaded next).
+    async fn spawn_qemu(&mut self, token: &str, start: Start<'_>) -> Result<(), LaunchError> {
+        self.ram_in_file = matches!(start, Start::Boot) && self.memory_file.is_some();
+        self.ram_backend = match start {
+            Start::Boot => self.memory_file.is_some(),
+            Start::Restore(memory) => memory.is_some(),
         };
+        let restoring = matches!(start, Start::Restore(_));
+        let expected = if restoring { "inmigrate" } else { "running" };
         // Opened once, before QEMU starts, so a refused path (a symlink, another user's file)
         // fails the start with its reason.
         let log = console::LogFile::open(&self.console_log).map_err(host_err(format!(
@@ -828,7 +936,7 @@ impl QemuMachine {
             disk_sets: 0,
         };
         let (plan, [qmp_host, console_host, agent_host]) =
-            self.plan(token, &mut inherited, restore_memory)?;
+            self.plan(token, &mut inherited, start)?;
         self.argv = plan.argv();
         crate::timing::mark("qemu: files opened, command line built");
         tracing::debug!(argv = ?self.argv, "starting QEMU");
@@ -858,7 +966,7 @@ impl QemuMachine {
             crate::timing::mark("qemu: QMP greeting and capabilities");
             // A restore skips the round trip: `migrate-incoming`, sent next, fails with QEMU's
             // own message when QEMU is not waiting for an incoming migration.
-            let status = if restore_memory.is_some() {
+            let status = if restoring {
                 expected.to_string()
             } else {
                 q.query_status().await?
@@ -925,6 +1033,15 @@ impl Lifecycle<QemuMachine> {
             .egress
             .as_ref()
             .map(|(_, port)| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *port)))
+    }
+
+    /// The counters and recent refusals of the VM's egress proxy while QEMU runs
+    /// (allow-list network only); they stay readable after the proxy stopped.
+    pub fn egress_stats(&self) -> Option<std::sync::Arc<vmcp_egress::Stats>> {
+        self.machine()
+            .egress
+            .as_ref()
+            .map(|(handle, _)| handle.shared_stats())
     }
 
     /// QEMU's process id while it runs.

@@ -48,7 +48,7 @@ async def main():
         assert "cpus: must be <=" in r["content"][0]["text"], r
         print("invalid argument ok:", r["content"][0]["text"])
         r = await call(c, "sandbox_fork", {"sandbox_id": "sb-x"})
-        assert r.get("isError") is True and "not available yet" in r["content"][0]["text"], r
+        assert r.get("isError") is True and "no sandbox" in r["content"][0]["text"], r
         if version != "2026-07-28":  # ping is gone in 2026-07-28
             await c.send_ping()
         if vm:

@@ -191,6 +191,46 @@ fn authorities() {
     assert!(Target::parse_authority("a.com", None).is_err());
 }
 
+#[test]
+fn ceilings_cover_only_narrower_rules() {
+    let own = ip("198.51.100.20");
+    let cap = policy(
+        "*.example.com,api.test:443,203.0.113.0/24,0.0.0.0/0:443,10.1.0.0/16,198.51.100.0/24",
+    )
+    .with_host_addrs([own]);
+    let rule = |s: &str| s.parse::<Rule>().unwrap();
+    for ok in [
+        "a.example.com",
+        "*.b.example.com",
+        "*.example.com:80",
+        "api.test:443",
+        "203.0.113.7",
+        "203.0.113.0/25:22",
+        "8.8.8.8:443",
+        "10.1.2.0/24",
+        "198.51.100.21",
+    ] {
+        assert!(cap.covers(&rule(ok)), "{ok} should be covered");
+    }
+    for widens in [
+        "example.com",        // *.example.com is below example.com only
+        "*",                  // any name
+        "api.test",           // every port, the cap allows 443
+        "api.test:80",        // another port
+        "other.test",         // another name
+        "203.0.112.0/23",     // a wider range
+        "10.0.0.0/8",         // more of a private range than the cap opens
+        "10.2.0.1",           // a private address the cap does not list
+        "192.168.0.0/16:443", // inside 0.0.0.0/0:443, but a literal private range opens it
+        "198.51.100.20",      // the host's own address needs that exact rule
+    ] {
+        assert!(!cap.covers(&rule(widens)), "{widens} should not be covered");
+    }
+    let agent = policy("a.example.com,other.test:443");
+    assert_eq!(cap.first_uncovered(&agent), Some(&rule("other.test:443")));
+    assert_eq!(cap.first_uncovered(&policy("api.test:443")), None);
+}
+
 fn arb_v4() -> impl Strategy<Value = IpAddr> {
     any::<u32>().prop_map(|b| IpAddr::V4(Ipv4Addr::from(b)))
 }
@@ -247,5 +287,28 @@ proptest! {
     fn parsers_never_panic(s in ".{0,80}") {
         let _ = s.parse::<Policy>();
         let _ = Target::parse_authority(&s, Some(80));
+    }
+
+    /// A rule the ceiling covers never lets a connection through that the ceiling refuses:
+    /// same targets, same or fewer addresses.
+    #[test]
+    fn covered_rules_allow_nothing_the_ceiling_refuses(
+        cap_net in arb_v4(), cap_prefix in 0u8..=32,
+        net in arb_v4(), prefix in 0u8..=32,
+        addr in arb_v4(), port in 1u16..,
+        cap_port in proptest::option::of(1u16..4), rule_port in proptest::option::of(1u16..4),
+    ) {
+        let cap_rule = Rule { host: HostPattern::Range(Cidr::new(cap_net, cap_prefix).unwrap()), port: cap_port };
+        let rule = Rule { host: HostPattern::Range(Cidr::new(net, prefix).unwrap()), port: rule_port };
+        let cap = Policy::new(vec![cap_rule]).unwrap();
+        let agent = Policy::new(vec![rule.clone()]).unwrap();
+        if cap.covers(&rule) {
+            for port in [port, 1, 2, 3] {
+                let t = Target { host: Host::Ip(addr), port };
+                if agent.decide(&t, &[]).is_ok() {
+                    prop_assert!(cap.decide(&t, &[]).is_ok(), "{rule} allows {t}, {cap} does not");
+                }
+            }
+        }
     }
 }

@@ -44,6 +44,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
+use vmcp_mcp::http::{
+    decode_header_value, HEADER_METHOD, HEADER_NAME, HEADER_PROTOCOL_VERSION, HEADER_SESSION_ID,
+};
 use vmcp_mcp::jsonrpc::{
     self, Message, RequestId, RpcError, HEADER_MISMATCH, INVALID_REQUEST, PARSE_ERROR,
 };
@@ -298,7 +301,7 @@ fn rpc_error(status: StatusCode, id: Option<RequestId>, code: i64, text: String)
     json_resp(status, &error(id, RpcError::new(code, text)))
 }
 
-fn header<'a>(req: &'a hyper::Request<Incoming>, name: &str) -> Option<&'a str> {
+fn header(req: &hyper::Request<Incoming>, name: impl http::header::AsHeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -317,11 +320,7 @@ impl http_body::Body for ChannelBody {
 }
 
 fn sse_event(msg: &Message) -> Bytes {
-    let mut v = Vec::with_capacity(256);
-    v.extend_from_slice(b"event: message\ndata: ");
-    msg.write_to(&mut v);
-    v.extend_from_slice(b"\n\n");
-    Bytes::from(v)
+    Bytes::from(vmcp_mcp::sse::encode_message(msg))
 }
 
 struct SseOut(mpsc::Sender<Bytes>);
@@ -373,7 +372,7 @@ async fn handle(st: &State, req: hyper::Request<Incoming>) -> Resp {
     match *req.method() {
         Method::POST => post(st, req).await,
         Method::DELETE => {
-            let Some(id) = header(&req, "mcp-session-id") else {
+            let Some(id) = header(&req, HEADER_SESSION_ID) else {
                 return simple(
                     StatusCode::BAD_REQUEST,
                     "DELETE needs an Mcp-Session-Id header",
@@ -431,10 +430,10 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
             "accept application/json or text/event-stream",
         );
     }
-    let version_header = header(&req, "mcp-protocol-version").map(str::to_owned);
-    let mcp_method = header(&req, "mcp-method").map(str::to_owned);
-    let mcp_name = header(&req, "mcp-name").map(str::to_owned);
-    let session_header = header(&req, "mcp-session-id").map(str::to_owned);
+    let version_header = header(&req, HEADER_PROTOCOL_VERSION).map(str::to_owned);
+    let mcp_method = header(&req, HEADER_METHOD).map(str::to_owned);
+    let mcp_name = header(&req, HEADER_NAME).map(str::to_owned);
+    let session_header = header(&req, HEADER_SESSION_ID).map(str::to_owned);
     let max = st.config.max_body;
     if req
         .headers()
@@ -534,7 +533,7 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
                 }),
             );
             if let Ok(v) = HeaderValue::from_str(&sid) {
-                r.headers_mut().insert("mcp-session-id", v);
+                r.headers_mut().insert(HEADER_SESSION_ID, v);
             }
         }
         return r;
@@ -563,7 +562,9 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
         session.conn.clone()
     };
     let progress = matches!(&msg, Message::Request(r) if r.params.as_deref().is_some_and(|p| p.get().contains("progressToken")));
-    let stream = want_sse && (progress || !want_json);
+    // A call that may ask the client's user (elicitation) needs a stream for the question.
+    let may_ask = msg.method() == Some("tools/call") && conn.supports_elicitation();
+    let stream = want_sse && (progress || may_ask || !want_json);
     let (tx, rx) = mpsc::channel::<Bytes>(if stream {
         st.config.sse_queue.max(2)
     } else {
@@ -656,21 +657,11 @@ fn check_modern_headers(
                         .or_else(|| v.get("uri"))
                         .and_then(|n| n.as_str().map(str::to_owned))
                 });
-            let decoded = decode_sentinel(h);
-            if body_name.as_deref() != Some(decoded.as_str()) {
+            let decoded = decode_header_value(h);
+            if body_name.as_deref() != Some(decoded.as_ref()) {
                 return Err(format!("Mcp-Name {h:?} does not match the body"));
             }
         }
     }
     Ok(())
-}
-
-/// Decodes the `=?base64?...?=` sentinel of 2026-07-28 header values.
-fn decode_sentinel(v: &str) -> String {
-    use base64::Engine as _;
-    v.strip_prefix("=?base64?")
-        .and_then(|r| r.strip_suffix("?="))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_else(|| v.to_owned())
 }

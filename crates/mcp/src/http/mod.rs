@@ -15,6 +15,7 @@ pub use client::{
 };
 pub use reqwest_client::{ReqwestBody, ReqwestClient, ReqwestClientError, ReqwestOptions};
 pub use streamable::{
-    encode_header_value, EraCache, HttpConfig, HttpTransportError, StreamableHttpTransport,
-    HEADER_LAST_EVENT_ID, HEADER_METHOD, HEADER_NAME, HEADER_PROTOCOL_VERSION, HEADER_SESSION_ID,
+    decode_header_value, encode_header_value, EraCache, HttpConfig, HttpTransportError,
+    StreamableHttpTransport, HEADER_LAST_EVENT_ID, HEADER_METHOD, HEADER_NAME,
+    HEADER_PROTOCOL_VERSION, HEADER_SESSION_ID,
 };

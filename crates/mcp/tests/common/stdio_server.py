@@ -1,10 +1,14 @@
 """A tiny MCP server over stdio for the stdio transport tests (legacy or modern, or silent
-on unknown methods). Usage: stdio_server.py [legacy|modern|silent] [PIDFILE]"""
+on unknown methods, or slow-modern: answers its first server/discover late, then refuses
+initialize as the Python SDK does). Usage: stdio_server.py [legacy|modern|silent|slow-modern] [PIDFILE]"""
 import json
 import os
 import sys
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "legacy"
+slow_start = mode == "slow-modern"
+if slow_start:
+    mode = "modern"
 if len(sys.argv) > 2:
     # Records our pid and our child's, to check both die with the client.
     child = os.fork()
@@ -43,6 +47,10 @@ for line in sys.stdin:
     meta = (msg.get("params") or {}).get("_meta") or {}
     modern_req = "io.modelcontextprotocol/protocolVersion" in meta
     if method == "server/discover":
+        if slow_start:
+            import time
+            time.sleep(0.6)
+            slow_start = False
         if mode == "modern":
             send({"jsonrpc": "2.0", "id": mid, "result": {"supportedVersions": ["2026-07-28"],
                   "capabilities": {"tools": {}}, "serverInfo": {"name": "py", "version": "1"}, "resultType": "complete"}})
@@ -52,7 +60,9 @@ for line in sys.stdin:
             send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32601, "message": "Method not found"}})
         continue
     if method == "initialize":
-        if mode == "modern":
+        if mode == "modern" and len(sys.argv) > 1 and sys.argv[1] == "slow-modern":
+            send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32022, "message": "serving 2026-07-28"}})
+        elif mode == "modern":
             send({"jsonrpc": "2.0", "id": mid, "error": {"code": -32601, "message": "no initialize"}})
         else:
             send({"jsonrpc": "2.0", "id": mid, "result": {"protocolVersion": "2025-06-18",

@@ -22,74 +22,76 @@ use vmcp_guest_proto::{
 use vmcp_mcp_server::{CallContext, ToolOutput, ToolSet};
 use vmcp_sandbox::manager::{FactoryError, Limits, Manager, VmFactory, VmSpec};
 use vmcp_sandbox::tools::SandboxTools;
-use vmcp_vm::fake::{FakeBackend, Faults};
+use vmcp_vm::fake::{FakeBackend, Faults, GuestRam};
 use vmcp_vm::{Backend, Vm, VmConfig};
 
 /// Programs:
 /// `echo ARGS` prints them; `/bin/sh -c "CMD"` runs CMD split on spaces; `cat` copies stdin;
 /// `sleep` waits for a signal; `flood N` prints N bytes; `fail` prints `boom` to stderr and
 /// exits 1; `find P ...` lists two fake entries (fails for `/missing`); `env` prints the env;
-/// `pwd` prints the cwd. Anything else is "not found".
-pub async fn guest(mut s: DuplexStream, token: String) {
-    let hello = GuestMsg::Hello(Hello {
-        protocol_version: PROTOCOL_VERSION,
-        agent_version: "fake-exec".into(),
-        capabilities: Capabilities(Capabilities::FILES | Capabilities::EXEC | Capabilities::SIGNAL),
-        token,
-        boot_ns: 0,
-    });
-    if write_msg_async(&mut s, &hello).await.is_err() {
+/// `pwd` prints the cwd. Anything else is "not found". Files live in `ram` (the guest's
+/// memory, which checkpoints carry); a re-key writes the hostname to `/etc/hostname`.
+pub async fn guest(mut s: DuplexStream, token: String, ram: GuestRam) {
+    let hello = |token: String| {
+        GuestMsg::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: "fake-exec".into(),
+            capabilities: Capabilities(
+                Capabilities::FILES
+                    | Capabilities::EXEC
+                    | Capabilities::SIGNAL
+                    | Capabilities::REKEY,
+            ),
+            token,
+            boot_ns: 0,
+        })
+    };
+    if write_msg_async(&mut s, &hello(token)).await.is_err() {
         return;
     }
-    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     // exec id -> "cat" | "sleep"
     let mut running: HashMap<u32, &'static str> = HashMap::new();
     let mut buf = Vec::new();
     let mut pid = 100;
     while let Ok(Some(msg)) = read_msg_async::<HostMsg, _>(&mut s, &mut buf).await {
+        if let HostMsg::Poweroff { id } = msg {
+            let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
+            return;
+        }
         let mut out: Vec<GuestMsg> = Vec::new();
-        match msg {
-            HostMsg::Ping { id } => out.push(GuestMsg::Pong { id }),
-            HostMsg::WriteFile {
-                id,
-                path,
-                offset,
-                data,
-                ..
-            } => {
-                if path.starts_with("/ro/") {
-                    out.push(GuestMsg::Failed {
-                        id,
-                        kind: FailureKind::PermissionDenied,
-                        message: format!("{path}: read-only"),
-                    });
-                } else {
-                    let f = files.entry(path).or_default();
-                    f.truncate(offset as usize);
-                    f.extend_from_slice(&data);
-                    out.push(GuestMsg::Done { id });
+        {
+            let mut files = ram.lock().unwrap();
+            match msg {
+                HostMsg::Rekey(r) => {
+                    files.insert("/etc/hostname".into(), r.hostname.into_bytes());
+                    out.push(hello(r.token));
                 }
-            }
-            HostMsg::ReadFile { id, path } if path == "/big" => {
-                for _ in 0..100 {
-                    out.push(GuestMsg::FileData {
-                        id,
-                        data: vec![b'b'; 1000],
-                        eof: false,
-                    });
-                }
-                out.push(GuestMsg::FileData {
+                HostMsg::Ping { id } => out.push(GuestMsg::Pong { id }),
+                HostMsg::WriteFile {
                     id,
-                    data: Vec::new(),
-                    eof: true,
-                });
-            }
-            HostMsg::ReadFile { id, path } => match files.get(&path) {
-                Some(data) => {
-                    for c in data.chunks(1000) {
+                    path,
+                    offset,
+                    data,
+                    ..
+                } => {
+                    if path.starts_with("/ro/") {
+                        out.push(GuestMsg::Failed {
+                            id,
+                            kind: FailureKind::PermissionDenied,
+                            message: format!("{path}: read-only"),
+                        });
+                    } else {
+                        let f = files.entry(path).or_default();
+                        f.truncate(offset as usize);
+                        f.extend_from_slice(&data);
+                        out.push(GuestMsg::Done { id });
+                    }
+                }
+                HostMsg::ReadFile { id, path } if path == "/big" => {
+                    for _ in 0..100 {
                         out.push(GuestMsg::FileData {
                             id,
-                            data: c.to_vec(),
+                            data: vec![b'b'; 1000],
                             eof: false,
                         });
                     }
@@ -99,127 +101,141 @@ pub async fn guest(mut s: DuplexStream, token: String) {
                         eof: true,
                     });
                 }
-                None => out.push(GuestMsg::Failed {
-                    id,
-                    kind: FailureKind::NotFound,
-                    message: format!("{path}: no such file"),
-                }),
-            },
-            HostMsg::Exec(req) => {
-                let id = req.id;
-                let mut argv = req.argv.clone();
-                if argv.len() == 3 && argv[0] == "/bin/sh" && argv[1] == "-c" {
-                    argv = argv[2].split_whitespace().map(str::to_owned).collect();
-                }
-                let prog = argv.first().cloned().unwrap_or_default();
-                let known = [
-                    "echo", "cat", "sleep", "flood", "fail", "find", "env", "pwd",
-                ];
-                if !known.contains(&prog.as_str()) {
-                    out.push(GuestMsg::Failed {
+                HostMsg::ReadFile { id, path } => match files.get(&path) {
+                    Some(data) => {
+                        for c in data.chunks(1000) {
+                            out.push(GuestMsg::FileData {
+                                id,
+                                data: c.to_vec(),
+                                eof: false,
+                            });
+                        }
+                        out.push(GuestMsg::FileData {
+                            id,
+                            data: Vec::new(),
+                            eof: true,
+                        });
+                    }
+                    None => out.push(GuestMsg::Failed {
                         id,
                         kind: FailureKind::NotFound,
-                        message: format!("{prog}: not found"),
-                    });
-                } else {
-                    pid += 1;
-                    out.push(GuestMsg::Started { id, pid });
-                    let exit = |code| GuestMsg::Exited {
-                        id,
-                        status: ExitStatus::Code(code),
-                    };
-                    match prog.as_str() {
-                        "echo" => {
-                            out.push(GuestMsg::Stdout {
-                                id,
-                                data: format!("{}\n", argv[1..].join(" ")).into_bytes(),
-                            });
-                            out.push(exit(0));
-                        }
-                        "env" => {
-                            let text: String =
-                                req.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-                            out.push(GuestMsg::Stdout {
-                                id,
-                                data: text.into_bytes(),
-                            });
-                            out.push(exit(0));
-                        }
-                        "pwd" => {
-                            out.push(GuestMsg::Stdout {
-                                id,
-                                data: format!("{}\n", req.cwd.unwrap_or("/".into())).into_bytes(),
-                            });
-                            out.push(exit(0));
-                        }
-                        "flood" => {
-                            let mut n: usize =
-                                argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
-                            while n > 0 {
-                                let c = n.min(60_000);
+                        message: format!("{path}: no such file"),
+                    }),
+                },
+                HostMsg::Exec(req) => {
+                    let id = req.id;
+                    let mut argv = req.argv.clone();
+                    if argv.len() == 3 && argv[0] == "/bin/sh" && argv[1] == "-c" {
+                        argv = argv[2].split_whitespace().map(str::to_owned).collect();
+                    }
+                    let prog = argv.first().cloned().unwrap_or_default();
+                    let known = [
+                        "echo", "cat", "sleep", "flood", "fail", "find", "env", "pwd",
+                    ];
+                    if !known.contains(&prog.as_str()) {
+                        out.push(GuestMsg::Failed {
+                            id,
+                            kind: FailureKind::NotFound,
+                            message: format!("{prog}: not found"),
+                        });
+                    } else {
+                        pid += 1;
+                        out.push(GuestMsg::Started { id, pid });
+                        let exit = |code| GuestMsg::Exited {
+                            id,
+                            status: ExitStatus::Code(code),
+                        };
+                        match prog.as_str() {
+                            "echo" => {
                                 out.push(GuestMsg::Stdout {
                                     id,
-                                    data: vec![b'x'; c],
+                                    data: format!("{}\n", argv[1..].join(" ")).into_bytes(),
                                 });
-                                n -= c;
-                            }
-                            out.push(exit(0));
-                        }
-                        "fail" => {
-                            out.push(GuestMsg::Stderr {
-                                id,
-                                data: b"boom\n".to_vec(),
-                            });
-                            out.push(exit(1));
-                        }
-                        "find" => {
-                            if argv.get(1).map(String::as_str) == Some("/missing") {
-                                out.push(GuestMsg::Stderr {
-                                    id,
-                                    data: b"find: /missing: No such file or directory\n".to_vec(),
-                                });
-                                out.push(exit(1));
-                            } else {
-                                out.push(GuestMsg::Stdout { id, data: b"regular file|5|644|1700000000|/etc/hosts\ndirectory|0|755|1700000001|/etc/ssl\n".to_vec() });
                                 out.push(exit(0));
                             }
-                        }
-                        "cat" => {
-                            running.insert(id, "cat");
-                        }
-                        _ => {
-                            running.insert(id, "sleep");
+                            "env" => {
+                                let text: String =
+                                    req.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+                                out.push(GuestMsg::Stdout {
+                                    id,
+                                    data: text.into_bytes(),
+                                });
+                                out.push(exit(0));
+                            }
+                            "pwd" => {
+                                out.push(GuestMsg::Stdout {
+                                    id,
+                                    data: format!("{}\n", req.cwd.unwrap_or("/".into()))
+                                        .into_bytes(),
+                                });
+                                out.push(exit(0));
+                            }
+                            "flood" => {
+                                let mut n: usize =
+                                    argv.get(1).and_then(|a| a.parse().ok()).unwrap_or(0);
+                                while n > 0 {
+                                    let c = n.min(60_000);
+                                    out.push(GuestMsg::Stdout {
+                                        id,
+                                        data: vec![b'x'; c],
+                                    });
+                                    n -= c;
+                                }
+                                out.push(exit(0));
+                            }
+                            "fail" => {
+                                out.push(GuestMsg::Stderr {
+                                    id,
+                                    data: b"boom\n".to_vec(),
+                                });
+                                out.push(exit(1));
+                            }
+                            "find" => {
+                                if argv.get(1).map(String::as_str) == Some("/missing") {
+                                    out.push(GuestMsg::Stderr {
+                                        id,
+                                        data: b"find: /missing: No such file or directory\n"
+                                            .to_vec(),
+                                    });
+                                    out.push(exit(1));
+                                } else {
+                                    out.push(GuestMsg::Stdout { id, data: b"regular file|5|644|1700000000|/etc/hosts\ndirectory|0|755|1700000001|/etc/ssl\n".to_vec() });
+                                    out.push(exit(0));
+                                }
+                            }
+                            "cat" => {
+                                running.insert(id, "cat");
+                            }
+                            _ => {
+                                running.insert(id, "sleep");
+                            }
                         }
                     }
                 }
-            }
-            HostMsg::Stdin { id, data } => {
-                if running.get(&id) == Some(&"cat") {
-                    out.push(GuestMsg::Stdout { id, data });
+                HostMsg::Stdin { id, data } => {
+                    if running.get(&id) == Some(&"cat") {
+                        out.push(GuestMsg::Stdout { id, data });
+                    }
                 }
-            }
-            HostMsg::StdinEof { id } => {
-                if running.get(&id) == Some(&"cat") {
-                    running.remove(&id);
-                    out.push(GuestMsg::Exited {
-                        id,
-                        status: ExitStatus::Code(0),
-                    });
+                HostMsg::StdinEof { id } => {
+                    if running.get(&id) == Some(&"cat") {
+                        running.remove(&id);
+                        out.push(GuestMsg::Exited {
+                            id,
+                            status: ExitStatus::Code(0),
+                        });
+                    }
                 }
-            }
-            HostMsg::Signal { id, signal } => {
-                if running.remove(&id).is_some() {
-                    out.push(GuestMsg::Exited {
-                        id,
-                        status: ExitStatus::Signal(signal),
-                    });
+                HostMsg::Signal { id, signal } => {
+                    if running.remove(&id).is_some() {
+                        out.push(GuestMsg::Exited {
+                            id,
+                            status: ExitStatus::Signal(signal),
+                        });
+                    }
                 }
+                _ => {}
             }
-            HostMsg::Poweroff { id } => {
-                let _ = write_msg_async(&mut s, &GuestMsg::Done { id }).await;
-                return;
-            }
-            _ => {}
         }
         for m in out {
             if write_msg_async(&mut s, &m).await.is_err() {
@@ -235,6 +251,8 @@ pub struct FakeFactory {
     files: tempfile::TempDir,
     pub alive: Arc<AtomicUsize>,
     pub created: AtomicUsize,
+    /// The `network` of every VM created, as text.
+    pub nets: std::sync::Mutex<Vec<String>>,
 }
 
 struct Counted(Box<dyn Vm>, Arc<AtomicUsize>);
@@ -277,6 +295,31 @@ impl Vm for Counted {
     async fn kill(&mut self) -> Result<(), vmcp_vm::VmError> {
         self.0.kill().await
     }
+    async fn checkpoint(&mut self) -> Result<vmcp_vm::Checkpoint, vmcp_vm::VmError> {
+        self.0.checkpoint().await
+    }
+    async fn rewind(
+        &mut self,
+        c: &vmcp_vm::Checkpoint,
+        t: Duration,
+    ) -> Result<vmcp_vm::AgentInfo, vmcp_vm::VmError> {
+        self.0.rewind(c, t).await
+    }
+    async fn fork(
+        &self,
+        c: &vmcp_vm::Checkpoint,
+        n: usize,
+        t: Duration,
+    ) -> Result<Vec<Box<dyn Vm>>, vmcp_vm::VmError> {
+        let forks = self.0.fork(c, n, t).await?;
+        Ok(forks
+            .into_iter()
+            .map(|vm| {
+                self.1.fetch_add(1, Ordering::SeqCst);
+                Box::new(Counted(vm, self.1.clone())) as Box<dyn Vm>
+            })
+            .collect())
+    }
 }
 
 impl FakeFactory {
@@ -286,9 +329,10 @@ impl FakeFactory {
         std::fs::write(files.path().join("initrd"), b"i").unwrap();
         Arc::new(FakeFactory {
             files,
-            backend: FakeBackend::new(Arc::new(|s, t| Box::pin(guest(s, t))), faults),
+            backend: FakeBackend::with_ram(Arc::new(|s, t, r| Box::pin(guest(s, t, r))), faults),
             alive: Arc::new(AtomicUsize::new(0)),
             created: AtomicUsize::new(0),
+            nets: std::sync::Mutex::new(Vec::new()),
         })
     }
     pub fn alive(&self) -> usize {
@@ -305,6 +349,7 @@ impl VmFactory for FakeFactory {
         );
         c.cpus = spec.cpus;
         c.memory_mib = spec.memory_mib;
+        self.nets.lock().unwrap().push(spec.net.to_string());
         let vm = self.backend.create(c).await?;
         self.alive.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);

@@ -878,7 +878,7 @@ async fn stdin_without_stdin_and_forged_credit() {
     let p = c.exec(ExecSpec::new(["no-stdin"])).await.unwrap();
     assert!(matches!(
         p.control().write_stdin(b"x").await,
-        Err(AgentError::StdinClosed)
+        Err(AgentError::NoStdin)
     ));
     let mut spec = ExecSpec::new(["cat"]);
     spec.stdin = true;
@@ -990,6 +990,111 @@ mod restored {
         let (host, _guest) = duplex(1 << 16);
         let t = Duration::from_millis(100);
         let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, t)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::HelloTimeout(_)), "{e}");
+    }
+
+    /// A restored guest that takes any number of re-keys (as the agent does) and answers
+    /// pings; with `extra`, it sends a pong nobody asked for right after its first hello.
+    async fn rekeyable_guest(s: DuplexStream, extra: bool) {
+        let (r, mut w) = tokio::io::split(s);
+        let mut r = FrameReader::new(r);
+        let mut first = true;
+        loop {
+            match r.next::<HostMsg>().await {
+                Ok(Some(HostMsg::Rekey(k))) => {
+                    // Both frames in one write, so they arrive together.
+                    let mut bytes =
+                        vmcp_guest_proto::encode(&hello(&k.token, PROTOCOL_VERSION)).unwrap();
+                    if extra && first {
+                        bytes.extend(vmcp_guest_proto::encode(&GuestMsg::Pong { id: 7 }).unwrap());
+                    }
+                    first = false;
+                    let _ = w.write_all(&bytes).await;
+                }
+                Ok(Some(HostMsg::Ping { id })) => {
+                    let _ = write_msg_async(&mut w, &GuestMsg::Pong { id }).await;
+                }
+                Ok(Some(HostMsg::Exec(e))) => {
+                    let id = e.id;
+                    let mut bytes = Vec::new();
+                    let out = if e.argv[0] == "loud" { 70_000 } else { 3 };
+                    for m in [
+                        GuestMsg::Started { id, pid: 5 },
+                        GuestMsg::Stdout {
+                            id,
+                            data: vec![b'x'; out],
+                        },
+                        GuestMsg::Exited {
+                            id,
+                            status: ExitStatus::Code(0),
+                        },
+                    ] {
+                        bytes.extend(vmcp_guest_proto::encode(&m).unwrap());
+                    }
+                    let _ = w.write_all(&bytes).await;
+                }
+                Ok(Some(_)) => {}
+                _ => return,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_detached_program_runs_to_its_end_and_leaves_the_channel_clean() {
+        let (mut host, guest) = duplex(1 << 20);
+        tokio::spawn(rekeyable_guest(guest, false));
+        rekey_detached(&mut host, new_identity("pool", "vmcp-p"), T)
+            .await
+            .unwrap();
+        let status = exec_detached(&mut host, &["true"], true, T).await.unwrap();
+        assert_eq!(status, ExitStatus::Code(0));
+        let c = AgentClient::connect_restored(host, new_identity("client", ""), None, T)
+            .await
+            .unwrap();
+        c.ping().await.unwrap();
+        // Output beyond the bound is an error, not a buffer that grows.
+        let (mut host, guest) = duplex(1 << 20);
+        tokio::spawn(rekeyable_guest(guest, false));
+        let e = exec_detached(&mut host, &["loud"], false, T)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::TooLarge { .. }), "{e}");
+        // A guest that never answers: a timeout.
+        let (mut host, _guest) = duplex(1 << 20);
+        let e = exec_detached(&mut host, &["true"], false, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentError::NoAnswer { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_detached_rekey_leaves_the_channel_for_a_second_client() {
+        let (mut host, guest) = duplex(1 << 16);
+        tokio::spawn(rekeyable_guest(guest, false));
+        let h = rekey_detached(&mut host, new_identity("pool", "vmcp-p"), T)
+            .await
+            .unwrap();
+        assert_eq!(h.token, "pool");
+        // The process the channel was handed to re-keys again and serves it.
+        let c = AgentClient::connect_restored(host, new_identity("client", ""), None, T)
+            .await
+            .unwrap();
+        assert_eq!(c.hello().token, "client");
+        c.ping().await.unwrap();
+
+        // Bytes after the hello: the channel is not at a frame boundary, refused.
+        let (mut host, guest) = duplex(1 << 16);
+        tokio::spawn(rekeyable_guest(guest, true));
+        let e = rekey_detached(&mut host, new_identity("pool", "h"), T)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("after the hello"), "{e}");
+
+        // Silent guest: a timeout.
+        let (mut host, _guest) = duplex(1 << 16);
+        let e = rekey_detached(&mut host, new_identity("x", "h"), Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(matches!(e, AgentError::HelloTimeout(_)), "{e}");

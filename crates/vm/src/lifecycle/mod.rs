@@ -32,15 +32,21 @@
 //!
 //! [`Backend`]: crate::Backend
 
+mod checkpoint;
+#[cfg(test)]
+mod checkpoint_tests;
 mod manifest;
 #[cfg(test)]
 mod tests;
 
+pub use checkpoint::{Checkpoint, MAX_CHECKPOINTS, MAX_FORKS};
 pub use manifest::{ManifestError, SnapshotManifest};
 
 use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -157,6 +163,17 @@ pub trait Machine: Send + Sync + 'static {
             "restore a VM snapshot",
         )))
     }
+    /// A new machine like this one (same configuration, nothing running) for the VM of
+    /// `prepared`: the same VM for a rewind, a new one for a fork. It is brought up with
+    /// [`Machine::load_state`] only, so it needs no boot-only settings. The default: this
+    /// backend cannot rewind or fork.
+    fn sibling(&self, prepared: Prepared<'_>) -> Result<Self, VmError>
+    where
+        Self: Sized,
+    {
+        let _ = prepared;
+        Err(VmError::Unsupported("rewind or fork a VM"))
+    }
 }
 
 /// What a backend gets to build its machine in [`Lifecycle::prepare`].
@@ -180,7 +197,8 @@ fn new_token() -> String {
 pub struct Lifecycle<M: Machine> {
     // Field order is drop order: the machine (and its hypervisor) goes before the directory.
     machine: M,
-    dir: RuntimeDir,
+    /// Shared with the machine a rewind brings up until it replaces this one.
+    dir: Arc<RuntimeDir>,
     id: String,
     arch: Arch,
     memory_mib: u32,
@@ -191,6 +209,10 @@ pub struct Lifecycle<M: Machine> {
     started: Option<Instant>,
     /// Brought up from a snapshot whose guest knows this token: re-key before ready.
     restored_from: Option<String>,
+    /// Checkpoints of this VM alive (bounded by [`MAX_CHECKPOINTS`]).
+    checkpoints: Arc<AtomicUsize>,
+    /// Number of the last checkpoint taken (names its directory).
+    checkpoint_seq: u64,
 }
 
 impl<M: Machine> std::fmt::Debug for Lifecycle<M> {
@@ -229,7 +251,7 @@ impl<M: Machine> Lifecycle<M> {
         })?;
         Ok(Lifecycle {
             machine,
-            dir,
+            dir: Arc::new(dir),
             id,
             arch: config.arch,
             memory_mib: config.memory_mib,
@@ -239,7 +261,93 @@ impl<M: Machine> Lifecycle<M> {
             agent: None,
             started: None,
             restored_from: None,
+            checkpoints: Arc::default(),
+            checkpoint_seq: 0,
         })
+    }
+
+    /// A VM like this one, not started, with a machine from [`Machine::sibling`]: in `dir`
+    /// under `id` (this VM's own for a rewind, new ones for a fork) with a new token.
+    fn sibling(&self, id: String, dir: Arc<RuntimeDir>) -> Result<Self, VmError> {
+        let token = new_token();
+        let machine = self.machine.sibling(Prepared {
+            id: &id,
+            dir: &dir,
+            token: &token,
+        })?;
+        Ok(Lifecycle {
+            machine,
+            dir,
+            id,
+            arch: self.arch,
+            memory_mib: self.memory_mib,
+            cpus: self.cpus,
+            token,
+            state: VmState::Created,
+            agent: None,
+            started: None,
+            restored_from: None,
+            checkpoints: Arc::default(),
+            checkpoint_seq: 0,
+        })
+    }
+
+    fn own_checkpoint(&self, checkpoint: &Checkpoint, op: &str) -> Result<(), VmError> {
+        if checkpoint.vm_id() == self.id {
+            return Ok(());
+        }
+        Err(VmError::Checkpoint(format!(
+            "checkpoint {} was taken of VM {}, not of VM {}: {op} through the VM it was taken of",
+            checkpoint.id(),
+            checkpoint.vm_id(),
+            self.id
+        )))
+    }
+
+    /// [`Vm::fork`] with the concrete type: `n` new VMs restored from `checkpoint` (taken of
+    /// this VM), each re-keyed and ready, in the order they became ready. All or nothing:
+    /// when one fails the others are stopped and the first error is returned.
+    pub async fn fork_into(
+        &self,
+        checkpoint: &Checkpoint,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Lifecycle<M>>, VmError> {
+        if n == 0 || n > MAX_FORKS {
+            return Err(VmError::Checkpoint(format!(
+                "cannot fork into {n} VMs: ask for 1 to {MAX_FORKS}"
+            )));
+        }
+        self.own_checkpoint(checkpoint, "fork")?;
+        self.machine.snapshot_support()?;
+        let path = checkpoint.state_path();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let id = new_vm_id();
+            let dir = Arc::new(RuntimeDir::create(&id)?);
+            let mut vm = self.sibling(id, dir)?;
+            let path = path.clone();
+            set.spawn(async move {
+                vm.restore_snapshot(&path).await?;
+                vm.wait_ready(timeout).await?;
+                Ok::<_, VmError>(vm)
+            });
+        }
+        let mut forks = Vec::with_capacity(n);
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(Ok(vm)) => forks.push(vm),
+                // Dropping the set and the forks made so far stops every other VM.
+                Ok(Err(e)) => return Err(e),
+                Err(e) => {
+                    return Err(VmError::Hypervisor {
+                        backend: self.machine.backend(),
+                        what: format!("a fork's restore task failed: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(forks)
     }
 
     /// The backend's machine (for backend-specific queries such as QEMU's pid).
@@ -537,5 +645,84 @@ impl<M: Machine> Vm for Lifecycle<M> {
             }
             Err(e) => Err(self.launch_failed(e).await),
         }
+    }
+
+    async fn checkpoint(&mut self) -> Result<Checkpoint, VmError> {
+        let was = self.expect_state("checkpoint", &[VmState::Running, VmState::Paused])?;
+        self.machine.snapshot_support()?;
+        if self.checkpoints.load(Ordering::SeqCst) >= MAX_CHECKPOINTS {
+            return Err(VmError::Checkpoint(format!(
+                "VM {} already holds {MAX_CHECKPOINTS} checkpoints: drop one first",
+                self.id
+            )));
+        }
+        self.checkpoint_seq += 1;
+        let dir = self
+            .dir
+            .path()
+            .join(format!("checkpoint-{}", self.checkpoint_seq));
+        std::fs::create_dir(&dir).map_err(|source| VmError::Host {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        // From here on the handle owns the directory: any failure below removes it.
+        let checkpoint = Checkpoint::new(
+            dir,
+            &self.id,
+            self.checkpoint_seq,
+            Arc::clone(&self.checkpoints),
+        );
+        let path = checkpoint.state_path();
+        let was_running = was == VmState::Running;
+        if was_running {
+            self.machine.pause().await?;
+        }
+        let saved = self.machine.save_state(&path).await;
+        if was_running {
+            if let Err(e) = self.machine.resume().await {
+                // A guest that stays frozen is no use to anyone: stop it for good.
+                tracing::warn!(error = %e, "the VM did not resume after a checkpoint; killing it");
+                let _ = self.kill().await;
+                return Err(e);
+            }
+        }
+        saved?;
+        self.manifest().write(&path)?;
+        Ok(checkpoint)
+    }
+
+    async fn rewind(
+        &mut self,
+        checkpoint: &Checkpoint,
+        timeout: Duration,
+    ) -> Result<AgentInfo, VmError> {
+        self.expect_state("rewind", &[VmState::Running, VmState::Paused])?;
+        self.own_checkpoint(checkpoint, "rewind")?;
+        self.machine.snapshot_support()?;
+        let mut next = self.sibling(self.id.clone(), Arc::clone(&self.dir))?;
+        // The new machine is this VM once it is ready; until then this one runs on, so a
+        // failed rewind leaves the VM as it was (the failed machine was stopped already).
+        next.restore_snapshot(&checkpoint.state_path()).await?;
+        let info = next.wait_ready(timeout).await?;
+        next.checkpoints = Arc::clone(&self.checkpoints);
+        next.checkpoint_seq = self.checkpoint_seq;
+        std::mem::swap(self, &mut next);
+        if let Err(e) = Vm::kill(&mut next).await {
+            tracing::warn!(error = %e, "stopping the machine a rewind replaced failed");
+        }
+        Ok(info)
+    }
+
+    async fn fork(
+        &self,
+        checkpoint: &Checkpoint,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Box<dyn Vm>>, VmError> {
+        let forks = self.fork_into(checkpoint, n, timeout).await?;
+        Ok(forks
+            .into_iter()
+            .map(|vm| Box::new(vm) as Box<dyn Vm>)
+            .collect())
     }
 }

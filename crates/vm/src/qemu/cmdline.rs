@@ -468,6 +468,8 @@ pub struct KernelNet {
     pub gateway: Option<std::net::Ipv4Addr>,
     /// The egress proxy (allow-list mode only).
     pub proxy: Option<std::net::SocketAddrV4>,
+    /// The resolver the guest's `/etc/resolv.conf` names (NAT only).
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// The `vmcp.rootfs=` and `vmcp.rootfs_ro=` arguments.
@@ -574,6 +576,9 @@ impl KernelArgs {
             }
             if let Some(p) = n.proxy {
                 v.push(format!("vmcp.proxy={p}"));
+            }
+            if let Some(d) = n.dns {
+                v.push(format!("vmcp.dns={d}"));
             }
         }
         for s in &self.shares {

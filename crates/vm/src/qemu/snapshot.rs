@@ -8,6 +8,13 @@
 //!   the file is shared by every VM restored from it, and each VM's writes stay private.
 //! - `state`: the device state (CPU, virtio queues, timers: about 130 KiB), written by QMP
 //!   `migrate` with the `x-ignore-shared` capability, which leaves the shared RAM out.
+//! - Or, saved from a VM whose RAM is not a shared file (a restored VM maps its snapshot's
+//!   memory privately; a VM booted without a memory file has anonymous RAM): `state` holds
+//!   the RAM too (the same `migrate`: only shared RAM is left out), a `ram-in-state` file
+//!   marks it (saying whether the RAM was a memory backend, which names QEMU's RAM block),
+//!   and there is no `memory`. Its restores load the RAM into private memory of the same
+//!   kind: slower than mapping a file and not shared between VMs, but such a VM can be
+//!   saved again (this is how restored VMs are checkpointed).
 //!
 //! # How QEMU reaches the files
 //! QEMU may run as an unprivileged user that cannot open paths in vmcp's cache, so vmcp
@@ -51,12 +58,18 @@ use super::qmp::{self, QmpClient, QmpError};
 pub const STATE_FILE: &str = "state";
 /// The memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// The marker of a snapshot whose RAM is in the state file (no memory file).
+pub const RAM_IN_STATE_FILE: &str = "ram-in-state";
+/// The marker's content when the saved RAM was a memory backend.
+const RAM_BACKEND_MARK: &[u8] = b"memory-backend";
 /// How long saving or loading the device state may take.
 pub const MIGRATE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first bytes of a QEMU migration stream: `QEVM`, version 3.
 const STATE_MAGIC: [u8; 8] = *b"QEVM\0\0\0\x03";
 /// The fd set the state file goes into.
 const STATE_FDSET: u64 = 7;
+/// `max-bandwidth` of a save: 1 TiB/s, i.e. no cap.
+const UNCAPPED_BYTES_PER_SEC: u64 = 1 << 40;
 
 /// Errors of saving or loading QEMU state.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +142,8 @@ pub struct SnapshotFiles {
     pub state: PathBuf,
     /// Guest RAM.
     pub memory: PathBuf,
+    /// Present (empty) when the RAM is in the state file and there is no memory file.
+    pub ram_marker: PathBuf,
 }
 
 impl SnapshotFiles {
@@ -137,11 +152,33 @@ impl SnapshotFiles {
         SnapshotFiles {
             state: dir.join(STATE_FILE),
             memory: dir.join(MEMORY_FILE),
+            ram_marker: dir.join(RAM_IN_STATE_FILE),
         }
     }
 
+    /// Whether the RAM is in the state file (marked by [`RAM_IN_STATE_FILE`]) instead of a
+    /// memory file: saved from a VM whose RAM was not a shared file, e.g. a restored one.
+    pub fn ram_in_state(&self) -> bool {
+        self.ram_marker.exists()
+    }
+
+    /// With the RAM in the state file: whether it was saved from a memory backend (the
+    /// RAM block is then `mem`, else the machine's own). `None`: there is a memory file.
+    pub fn ram_in_state_backend(&self) -> Option<bool> {
+        let marker = std::fs::read(&self.ram_marker).ok()?;
+        Some(marker.starts_with(RAM_BACKEND_MARK))
+    }
+
+    /// Marks the snapshot as one with its RAM in the state file, saved from a VM whose RAM
+    /// was a memory backend (`backend`) or the machine's own.
+    pub fn mark_ram_in_state(&self, backend: bool) -> std::io::Result<()> {
+        let mark: &[u8] = if backend { RAM_BACKEND_MARK } else { b"" };
+        std::fs::write(&self.ram_marker, mark)
+    }
+
     /// Checks what can be checked without QEMU: the state file starts like a QEMU migration
-    /// stream and the memory file is exactly `memory_mib` MiB. Returns the opened state file.
+    /// stream and the memory file, if there is one, is exactly `memory_mib` MiB. Returns the
+    /// opened state file.
     pub fn check(&self, memory_mib: u32) -> Result<File, SnapshotError> {
         let not = |path: &Path, reason: String| SnapshotError::NotASnapshot {
             path: path.to_path_buf(),
@@ -172,6 +209,9 @@ impl SnapshotFiles {
                 "it does not start like a QEMU migration stream (QEVM, version 3)".into(),
             ));
         }
+        if self.ram_in_state() {
+            return reopen(&self.state);
+        }
         let len = std::fs::metadata(&self.memory)
             .map_err(|source| SnapshotError::Io {
                 what: format!("read the size of {}", self.memory.display()),
@@ -187,12 +227,16 @@ impl SnapshotFiles {
                 ),
             ));
         }
-        // QEMU reads from the start: hand over a fresh descriptor.
-        File::open(&self.state).map_err(|source| SnapshotError::Io {
-            what: format!("open {}", self.state.display()),
-            source,
-        })
+        reopen(&self.state)
     }
+}
+
+/// QEMU reads from the start: hand over a fresh descriptor.
+fn reopen(state: &Path) -> Result<File, SnapshotError> {
+    File::open(state).map_err(|source| SnapshotError::Io {
+        what: format!("open {}", state.display()),
+        source,
+    })
 }
 
 fn qmp_err(step: &'static str) -> impl FnOnce(QmpError) -> SnapshotError {
@@ -266,6 +310,14 @@ pub async fn save(
     running: bool,
 ) -> Result<(), SnapshotError> {
     ignore_shared(q).await?;
+    // RAM that is not in the shared file goes into the stream: no bandwidth cap on a
+    // local file (QEMU's default is 128 MiB/s).
+    q.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": UNCAPPED_BYTES_PER_SEC})),
+    )
+    .await
+    .map_err(qmp_err("migrate-set-parameters"))?;
     if running {
         q.execute("stop", None).await.map_err(qmp_err("stop"))?;
     }
@@ -365,6 +417,15 @@ mod tests {
         f.set_len(128 << 20).unwrap();
         let e = files.check(256).unwrap_err().to_string();
         assert!(e.contains("the VM has 256 MiB"), "{e}");
+        // The RAM-in-state marker: no memory file needed (nor looked at).
+        files.mark_ram_in_state(true).unwrap();
+        assert!(files.ram_in_state());
+        assert_eq!(files.ram_in_state_backend(), Some(true));
+        files.check(256).unwrap();
+        files.mark_ram_in_state(false).unwrap();
+        assert_eq!(files.ram_in_state_backend(), Some(false));
+        std::fs::remove_file(&files.ram_marker).unwrap();
+        assert_eq!(files.ram_in_state_backend(), None);
         f.set_len(256 << 20).unwrap();
         let mut state = files.check(256).unwrap();
         let mut head = [0u8; 4];

@@ -376,6 +376,7 @@ fn kernel_args_carry_the_network() {
         prefix: 24,
         gateway: None,
         proxy: Some("10.0.2.100:3128".parse().unwrap()),
+        dns: None,
     });
     let s = k.render();
     assert!(
