@@ -146,12 +146,12 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 /// A `--share` value.
 #[derive(Debug, Clone)]
 pub struct ShareArg {
-    host: PathBuf,
-    guest: String,
-    writable: bool,
+    pub(crate) host: PathBuf,
+    pub(crate) guest: String,
+    pub(crate) writable: bool,
 }
 
-fn parse_share(s: &str) -> Result<ShareArg, String> {
+pub(crate) fn parse_share(s: &str) -> Result<ShareArg, String> {
     let (rest, writable) = if let Some(r) = s.strip_suffix(":rw") {
         (r, true)
     } else if let Some(r) = s.strip_suffix(":ro") {
@@ -276,14 +276,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// An image attached to this run: what the VM config needs, the run defaults, and the
 /// writable layer's file (removed at the end unless kept).
-struct AttachedImage {
-    config: vmcp_vm::ImageConfig,
-    env: Vec<(String, String)>,
-    workdir: Option<String>,
+pub(crate) struct AttachedImage {
+    pub(crate) config: vmcp_vm::ImageConfig,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) workdir: Option<String>,
     _scratch_dir: Option<tempfile::TempDir>,
 }
 
-fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<AttachedImage> {
+pub(crate) fn attach_image(
+    what: &str,
+    keep: Option<&std::path::Path>,
+) -> anyhow::Result<AttachedImage> {
     let cache = vmcp_image::default_cache_dir()?;
     let (path, id, info) = match vmcp_image::rootfs::find(&cache, what) {
         Ok(img) => (img.disk, img.info.key.clone(), Some(img.info)),
@@ -335,13 +338,13 @@ fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<At
 }
 
 /// The ext4 copies of the `--share` directories, in a temporary directory.
-struct Shares {
-    configs: Vec<vmcp_vm::ShareConfig>,
+pub(crate) struct Shares {
+    pub(crate) configs: Vec<vmcp_vm::ShareConfig>,
     hosts: Vec<PathBuf>,
     dir: Option<tempfile::TempDir>,
 }
 
-fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
+pub(crate) fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
     let mut shares = Shares {
         configs: Vec::new(),
         hosts: Vec::new(),
@@ -378,7 +381,7 @@ const MAX_SHARE_CHANGES: u64 = 8 << 30;
 /// Copies the changes of every writable share back into its host directory; under an
 /// approval policy, only what the policy and a person let through (a line per share on
 /// stderr says what happened).
-async fn copy_back(
+pub(crate) async fn copy_back(
     agent: &AgentClient,
     shares: &Shares,
     approvals: Option<&crate::approvals::Approvals>,

@@ -905,6 +905,24 @@ impl Manager {
         }
     }
 
+    /// Destroys sandbox `id` without waiting for its VM to die: it leaves the map and the
+    /// limits at once, and a task kills the VM (dropping it kills it too, should the runtime
+    /// end first). False when there was none.
+    pub fn destroy_soon(&self, id: &str) -> bool {
+        let Some(sb) = self.inner.map().remove(id) else {
+            return false;
+        };
+        self.release(&sb);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move { sb.kill().await });
+            }
+            // No runtime: dropping the last reference kills the VM.
+            Err(_) => drop(sb),
+        }
+        true
+    }
+
     fn release(&self, sb: &Sandbox) {
         let mut r = self
             .inner

@@ -644,10 +644,7 @@ async fn call(
             struct Destroy(Manager, String);
             impl Drop for Destroy {
                 fn drop(&mut self) {
-                    let (m, id) = (self.0.clone(), std::mem::take(&mut self.1));
-                    if let Ok(h) = tokio::runtime::Handle::try_current() {
-                        h.spawn(async move { m.destroy(&id).await });
-                    }
+                    self.0.destroy_soon(&self.1);
                 }
             }
             let _destroy = Destroy(m.clone(), id.clone());
@@ -658,8 +655,8 @@ async fn call(
                 structured["notices"] = json!(notices);
                 *text = structured.to_string();
             }
+            // The result goes out while the VM dies (`_destroy`, just below).
             drop(sb);
-            m.destroy(&id).await;
             Ok(out)
         }
         "sandbox_exec" => {

@@ -895,6 +895,26 @@ async fn boot_progress_and_exec_output_progress() {
     assert_eq!(got[0], "starting a VM (1 vCPU, 256 MiB, network none)");
     assert!(got[1].starts_with("VM ready after "), "{got:?}");
     assert_eq!(got[2], "stdout: streamed\n");
+    // What the factory says while it starts the VM (a snapshot build, a cold boot) goes out
+    // as progress and comes back in the result's notices.
+    *f.boot_note.lock().unwrap() = Some("booted cold: the snapshot is broken".into());
+    out.0.lock().unwrap().clear();
+    let msg = Message::request(
+        2,
+        "tools/call",
+        Some(vmcp_mcp::jsonrpc::to_raw(&params).unwrap()),
+    );
+    let Message::Response(r) = server.handle_now(msg, &conn, out.clone()).await.unwrap() else {
+        panic!("no response");
+    };
+    let v: serde_json::Value = serde_json::from_str(r.result.get()).unwrap();
+    assert_eq!(
+        v["structuredContent"]["notices"],
+        json!(["booted cold: the snapshot is broken"]),
+        "{v}"
+    );
+    let got = out.0.lock().unwrap().clone();
+    assert_eq!(got[1], "booted cold: the snapshot is broken", "{got:?}");
 }
 
 async fn read(

@@ -20,7 +20,9 @@ use vmcp_guest_proto::{
     HostMsg, PROTOCOL_VERSION,
 };
 use vmcp_mcp_server::{CallContext, ToolOutput, ToolSet};
-use vmcp_sandbox::manager::{FactoryError, Limits, Manager, VmFactory, VmSpec};
+use vmcp_sandbox::manager::{
+    Booted, FactoryError, Limits, Manager, SandboxError, VmFactory, VmSpec,
+};
 use vmcp_sandbox::tools::SandboxTools;
 use vmcp_vm::fake::{FakeBackend, Faults, GuestRam};
 use vmcp_vm::{Backend, Vm, VmConfig};
@@ -253,6 +255,9 @@ pub struct FakeFactory {
     pub created: AtomicUsize,
     /// The `network` of every VM created, as text.
     pub nets: std::sync::Mutex<Vec<String>>,
+    /// When set, `boot` reports this as progress and as a notice of the VM (what the CLI's
+    /// factory does for a snapshot build or a cold boot).
+    pub boot_note: std::sync::Mutex<Option<String>>,
 }
 
 struct Counted(Box<dyn Vm>, Arc<AtomicUsize>);
@@ -333,6 +338,7 @@ impl FakeFactory {
             alive: Arc::new(AtomicUsize::new(0)),
             created: AtomicUsize::new(0),
             nets: std::sync::Mutex::new(Vec::new()),
+            boot_note: std::sync::Mutex::new(None),
         })
     }
     pub fn alive(&self) -> usize {
@@ -354,6 +360,24 @@ impl VmFactory for FakeFactory {
         self.alive.fetch_add(1, Ordering::SeqCst);
         self.created.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(Counted(vm, self.alive.clone())))
+    }
+
+    async fn boot(
+        &self,
+        spec: VmSpec,
+        timeout: Duration,
+        progress: &(dyn for<'s> Fn(&'s str) + Send + Sync),
+    ) -> Result<Booted, SandboxError> {
+        let note = self.boot_note.lock().unwrap().clone();
+        if let Some(n) = &note {
+            progress(n);
+        }
+        let mut vm = self.create(spec).await.map_err(SandboxError::Create)?;
+        vm.start().await.map_err(SandboxError::Boot)?;
+        vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
+        let mut booted = Booted::new(vm);
+        booted.notices.extend(note);
+        Ok(booted)
     }
 }
 
