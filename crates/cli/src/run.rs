@@ -441,6 +441,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         return Ok(code);
     }
     let files = boot_files(&args).await?;
+    vmcp_vm::timing::mark("run: guest image found");
     let approvals =
         crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Terminal)
             .await?;
@@ -472,18 +473,21 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.backend = args.backend;
     config.accel = args.accel;
     let selection = select(&mut config).await?;
+    vmcp_vm::timing::mark("run: backend selected");
     let from_snapshot = snapshot_start(&args, &config, selection.backend.name()).await?;
     let disposable = from_snapshot.is_some();
     let mut vm = match from_snapshot {
         Some(vm) => vm,
         None => {
             let mut vm = selection.backend.create(config).await?;
+            vmcp_vm::timing::mark("run: VM created (cold)");
             // After validation, so a bad input gets exactly one line.
             for notice in &selection.notices {
                 eprintln!("vmcp: notice: {notice}");
             }
             vm.start().await?;
             vm.wait_ready(READY_TIMEOUT).await?;
+            vmcp_vm::timing::mark("run: agent ready (cold boot)");
             vm
         }
     };
@@ -519,6 +523,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     if args.diff {
         print_changes(&agent).await;
     }
+    vmcp_vm::timing::mark("run: program exited");
     let copied = copy_back(&agent, &shares, approvals.as_ref(), &program).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
@@ -531,6 +536,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    vmcp_vm::timing::mark("run: VM stopped");
     copied?;
     if let Some(p) = &args.keep_changes {
         eprintln!(
@@ -613,7 +619,9 @@ async fn snapshot_start(
 /// Runs the program and streams its I/O; returns vmcp's exit status.
 pub(crate) async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
     let forward_stdin = spec.stdin;
-    let mut process = match agent.exec(spec).await {
+    let started = agent.exec(spec).await;
+    vmcp_vm::timing::mark("run: exec request answered");
+    let mut process = match started {
         Ok(p) => p,
         Err(AgentError::Failed { kind, message }) => {
             let code = match kind {
