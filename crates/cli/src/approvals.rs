@@ -181,13 +181,21 @@ impl Approvals {
 
     /// Askers for crossings that no MCP call caused (egress): when nobody at all can be
     /// asked (an MCP server without the page), an immediate denial saying so.
-    fn fallback_askers(&self) -> Vec<Arc<dyn Asker>> {
+    pub(crate) fn fallback_askers(&self) -> Vec<Arc<dyn Asker>> {
         if self.frontend == Frontend::Mcp && !self.has_ui() {
             vec![Arc::new(NobodyToAsk(
                 "nobody to ask: vmcp runs as an MCP server without --approval-ui".into(),
             ))]
         } else {
             Vec::new()
+        }
+    }
+
+    /// The command a crossing comes from, for the pending approval's description.
+    pub(crate) fn command_name(&self) -> &'static str {
+        match self.frontend {
+            Frontend::Terminal => "vmcp run",
+            Frontend::Mcp => "vmcp mcp wrap",
         }
     }
 

@@ -135,8 +135,9 @@ struct Guest {
     agent: vmcp_vm::agent::AgentClient,
     shares: crate::run::Shares,
     _image: Option<crate::run::AttachedImage>,
-    /// The page and broker the egress gate asks, alive as long as the VM.
-    _approvals: Option<crate::approvals::Approvals>,
+    /// The page and broker the egress gate and the `:rw` shares' copy-back ask, alive as long
+    /// as the VM.
+    approvals: Option<crate::approvals::Approvals>,
 }
 
 /// How starting the server failed: a VM problem, or the program (exit code as `vmcp run`).
@@ -242,7 +243,7 @@ async fn start(args: &WrapArgs) -> Result<Guest, StartError> {
         agent,
         shares,
         _image: image,
-        _approvals: approvals,
+        approvals,
     })
 }
 
@@ -318,7 +319,7 @@ async fn relay(
     pump_in.abort();
     drop(output);
     let copied = if graceful {
-        crate::run::copy_back(&g.agent, &g.shares, None, program).await
+        crate::run::copy_back(&g.agent, &g.shares, g.approvals.as_ref(), program).await
     } else {
         Ok(())
     };

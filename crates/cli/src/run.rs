@@ -421,10 +421,13 @@ pub(crate) async fn copy_back(
                 tracing::info!(share = %host.display(), bytes, "copied share changes back");
             }
             Some(a) => {
+                let cmd = a.command_name();
                 let origin = crate::share_gate::Origin {
-                    sandbox: format!("vmcp run {program} (pid {})", std::process::id()),
-                    context: Some(format!("vmcp run {program}, share {}", cfg.guest_path)),
-                    askers: Vec::new(),
+                    sandbox: format!("{cmd} {program} (pid {})", std::process::id()),
+                    context: Some(format!("{cmd} {program}, share {}", cfg.guest_path)),
+                    // `vmcp mcp wrap` without the page: denied at once, saying nobody can be
+                    // asked (its stdin carries MCP, not a person's answer).
+                    askers: a.fallback_askers(),
                 };
                 let report = crate::share_gate::settle(a, host, &tar_path, origin, apply).await?;
                 eprintln!("vmcp: {}", report.summary());

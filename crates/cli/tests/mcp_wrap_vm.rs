@@ -152,3 +152,58 @@ fn wrap_takes_the_network_flags_of_run() {
     assert!(err.contains("bad --publish \"0:80\""), "{err}");
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
 }
+
+/// A `:rw` share's copy-back goes through the approval policy: under `ask` with nobody to
+/// ask (no `--approval-ui`; wrap's stdin carries MCP, not a person's answer) nothing reaches
+/// the host directory; without a policy the change comes back as with `vmcp run`.
+#[test]
+fn wrap_share_changes_wait_for_approval() {
+    if !vm::ready_with_tools(VMCP, &["mkfs.ext4"]) {
+        return;
+    }
+    let runtime = tempfile::tempdir().unwrap();
+    let host = tempfile::tempdir().unwrap();
+    let policy = runtime.path().join("policy.toml");
+    std::fs::write(&policy, "default = \"ask\"\n").unwrap();
+    let audit = runtime.path().join("audit.jsonl");
+    let wrap = |gated: bool| {
+        let mut c = Command::new(VMCP);
+        c.args(["mcp", "wrap", "--share"])
+            .arg(format!("{}:/mnt/work:rw", host.path().display()));
+        if gated {
+            c.arg("--policy")
+                .arg(&policy)
+                .arg("--audit-log")
+                .arg(&audit);
+        }
+        c.args([
+            "--",
+            "sh",
+            "-c",
+            "echo new > /mnt/work/made-in-guest; cat >/dev/null",
+        ])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+    };
+    let out = wrap(true);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !host.path().join("made-in-guest").exists(),
+        "a gated change reached the host\n{stderr}"
+    );
+    assert!(stderr.contains("nobody to ask"), "{stderr}");
+    let log = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        log.contains("made-in-guest") || log.contains("denied"),
+        "{log}"
+    );
+    let out = wrap(false);
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("made-in-guest")).unwrap_or_default(),
+        "new\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
