@@ -12,6 +12,9 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-rec
   qemu-system-x86 qemu-system-arm >/dev/null
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
   busybox-static cpio xz-utils zstd ca-certificates e2fsprogs mmdebstrap >/dev/null
+# `vmcp image rootfs --pip` fetches wheels with the host's pip (the host's index settings).
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  python3-pip >/dev/null
 if [ "${VMCP_INSTALL_CROSS:-0}" = "1" ]; then
   log "installing mingw-w64 and wine (Windows cross checks)"
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -531,5 +531,4 @@ pub(crate) mod rfc3339_serde {
 }
 
 #[cfg(test)]
-#[path = "broker_tests.rs"]
 mod tests;

@@ -718,5 +718,4 @@ mod mode {
 }
 
 #[cfg(test)]
-#[path = "change_tests.rs"]
 mod tests;

@@ -56,23 +56,6 @@ pub enum Action {
 }
 
 impl Action {
-    /// The strictest of two actions (deny > ask > allow): how a crossing made of several parts
-    /// (the files of a change list) is decided as a whole.
-    pub fn strictest(self, other: Action) -> Action {
-        fn rank(a: Action) -> u8 {
-            match a {
-                Action::Allow => 0,
-                Action::Ask => 1,
-                Action::Deny => 2,
-            }
-        }
-        if rank(other) > rank(self) {
-            other
-        } else {
-            self
-        }
-    }
-
     /// `allow`, `ask` or `deny`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -412,34 +395,7 @@ impl Policy {
     pub fn matching_rule(&self, subject: &Subject) -> Option<&Rule> {
         self.rules.iter().find(|r| r.matches(subject))
     }
-
-    /// The action for a change list written into `host_dir`: each changed file is decided as a
-    /// subject with its absolute host path (`host_dir` joined with the file's relative path,
-    /// `/`-separated) plus `base`'s tool and command; the result is the strictest of them
-    /// ([`Action::strictest`]). An empty change list is [`Action::Allow`] (nothing crosses;
-    /// refused entries never cross).
-    pub fn decide_changes(
-        &self,
-        base: &Subject,
-        host_dir: &Path,
-        changes: &crate::ChangeSet,
-    ) -> Action {
-        let root = host_dir.to_string_lossy().replace('\\', "/");
-        let root = root.trim_end_matches('/');
-        let mut out = Action::Allow;
-        for f in &changes.entries {
-            let s = base.clone().with_path(format!("{root}/{}", f.path));
-            out = out.strictest(self.decide(&s));
-        }
-        // Entries beyond the cap are unknown here: nothing less than asking covers them
-        // (they are never applied, but the person should see that they exist).
-        if changes.omitted > 0 {
-            out = out.strictest(Action::Ask);
-        }
-        out
-    }
 }
 
 #[cfg(test)]
-#[path = "policy_tests.rs"]
 mod tests;

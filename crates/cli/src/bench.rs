@@ -368,6 +368,8 @@ async fn snapshot_figures(
     vm.set_memory_file(vm.runtime_dir().join("memory"));
     vm.start().await?;
     vm.wait_ready(Duration::from_secs(60)).await?;
+    // As `vmcp run` does before it saves its automatic snapshot.
+    crate::snapshots::quiesce(&vm).await?;
     vm.save_snapshot(&snap).await?;
     let ready = Duration::from_secs(60);
     let mut checkpoint = Vec::with_capacity(args.runs);

@@ -91,6 +91,7 @@ pub fn print_error(err: &anyhow::Error) {
 fn main() -> ExitCode {
     // QEMU starts `vmcp __egress-pipe ADDR` once per guest connection to the egress proxy;
     // that hidden mode skips argument parsing, logging and the runtime to start fast.
+    vmcp_vm::timing::begin();
     let mut raw = std::env::args();
     if raw.nth(1).as_deref() == Some(vmcp_egress::pipe::ARG) {
         return vmcp_egress::pipe::main(&raw.next().unwrap_or_default());
@@ -109,6 +110,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
+    vmcp_vm::timing::mark("cli: arguments parsed, logging set up");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_VMCP_FAILED);
         }
     };
+    vmcp_vm::timing::mark("cli: async runtime built");
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::run(args).await,
@@ -130,6 +133,8 @@ fn main() -> ExitCode {
             Command::Daemon(args) => daemon_cmd::run(args).await,
         }
     });
+    drop(runtime);
+    vmcp_vm::timing::mark("cli: async runtime shut down");
     match result {
         Ok(code) => code,
         Err(err) => {

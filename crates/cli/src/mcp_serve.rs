@@ -238,9 +238,15 @@ fn stdin_pipe() -> tokio::io::DuplexStream {
     r
 }
 
-/// Runs `vmcp mcp serve`.
-pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let token = match &args.token_file {
+/// The HTTP endpoint settings of `--http ADDR`, `--token-file`, `--allowed-host` and
+/// `--allowed-origin` (`vmcp mcp serve` and `vmcp mcp wrap`).
+pub(crate) fn http_config(
+    addr: SocketAddr,
+    token_file: Option<&std::path::Path>,
+    allowed_hosts: &[String],
+    allowed_origins: &[String],
+) -> anyhow::Result<HttpConfig> {
+    let token = match token_file {
         Some(path) => {
             let t = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the token file {}", path.display()))?;
@@ -252,15 +258,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let mut config = HttpConfig::new(addr);
+    config.token = token;
+    config.allowed_hosts = allowed_hosts.to_vec();
+    config.allowed_origins = allowed_origins.to_vec();
+    Ok(config)
+}
+
+/// Runs `vmcp mcp serve`.
+pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Check the address before booting anything.
     let http = match args.http {
-        Some(addr) => {
-            let mut config = HttpConfig::new(addr);
-            config.token = token;
-            config.allowed_hosts = args.allowed_host.clone();
-            config.allowed_origins = args.allowed_origin.clone();
-            Some(HttpServer::bind(config).await?)
-        }
+        Some(addr) => Some(
+            HttpServer::bind(http_config(
+                addr,
+                args.token_file.as_deref(),
+                &args.allowed_host,
+                &args.allowed_origin,
+            )?)
+            .await?,
+        ),
         None => None,
     };
     let (manager, server) = build(&args).await?;

@@ -146,12 +146,12 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 /// A `--share` value.
 #[derive(Debug, Clone)]
 pub struct ShareArg {
-    host: PathBuf,
-    guest: String,
-    writable: bool,
+    pub(crate) host: PathBuf,
+    pub(crate) guest: String,
+    pub(crate) writable: bool,
 }
 
-fn parse_share(s: &str) -> Result<ShareArg, String> {
+pub(crate) fn parse_share(s: &str) -> Result<ShareArg, String> {
     let (rest, writable) = if let Some(r) = s.strip_suffix(":rw") {
         (r, true)
     } else if let Some(r) = s.strip_suffix(":ro") {
@@ -276,14 +276,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// An image attached to this run: what the VM config needs, the run defaults, and the
 /// writable layer's file (removed at the end unless kept).
-struct AttachedImage {
-    config: vmcp_vm::ImageConfig,
-    env: Vec<(String, String)>,
-    workdir: Option<String>,
+pub(crate) struct AttachedImage {
+    pub(crate) config: vmcp_vm::ImageConfig,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) workdir: Option<String>,
     _scratch_dir: Option<tempfile::TempDir>,
 }
 
-fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<AttachedImage> {
+pub(crate) fn attach_image(
+    what: &str,
+    keep: Option<&std::path::Path>,
+) -> anyhow::Result<AttachedImage> {
     let cache = vmcp_image::default_cache_dir()?;
     let (path, id, info) = match vmcp_image::rootfs::find(&cache, what) {
         Ok(img) => (img.disk, img.info.key.clone(), Some(img.info)),
@@ -335,13 +338,13 @@ fn attach_image(what: &str, keep: Option<&std::path::Path>) -> anyhow::Result<At
 }
 
 /// The ext4 copies of the `--share` directories, in a temporary directory.
-struct Shares {
-    configs: Vec<vmcp_vm::ShareConfig>,
+pub(crate) struct Shares {
+    pub(crate) configs: Vec<vmcp_vm::ShareConfig>,
     hosts: Vec<PathBuf>,
     dir: Option<tempfile::TempDir>,
 }
 
-fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
+pub(crate) fn make_shares(args: &[ShareArg]) -> anyhow::Result<Shares> {
     let mut shares = Shares {
         configs: Vec::new(),
         hosts: Vec::new(),
@@ -378,7 +381,7 @@ const MAX_SHARE_CHANGES: u64 = 8 << 30;
 /// Copies the changes of every writable share back into its host directory; under an
 /// approval policy, only what the policy and a person let through (a line per share on
 /// stderr says what happened).
-async fn copy_back(
+pub(crate) async fn copy_back(
     agent: &AgentClient,
     shares: &Shares,
     approvals: Option<&crate::approvals::Approvals>,
@@ -438,6 +441,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
         return Ok(code);
     }
     let files = boot_files(&args).await?;
+    vmcp_vm::timing::mark("run: guest image found");
     let approvals =
         crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Terminal)
             .await?;
@@ -469,18 +473,21 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     config.backend = args.backend;
     config.accel = args.accel;
     let selection = select(&mut config).await?;
+    vmcp_vm::timing::mark("run: backend selected");
     let from_snapshot = snapshot_start(&args, &config, selection.backend.name()).await?;
     let disposable = from_snapshot.is_some();
     let mut vm = match from_snapshot {
         Some(vm) => vm,
         None => {
             let mut vm = selection.backend.create(config).await?;
+            vmcp_vm::timing::mark("run: VM created (cold)");
             // After validation, so a bad input gets exactly one line.
             for notice in &selection.notices {
                 eprintln!("vmcp: notice: {notice}");
             }
             vm.start().await?;
             vm.wait_ready(READY_TIMEOUT).await?;
+            vmcp_vm::timing::mark("run: agent ready (cold boot)");
             vm
         }
     };
@@ -516,6 +523,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     if args.diff {
         print_changes(&agent).await;
     }
+    vmcp_vm::timing::mark("run: program exited");
     let copied = copy_back(&agent, &shares, approvals.as_ref(), &program).await;
     drop(agent);
     tracing::debug!("program done; stopping the VM");
@@ -528,6 +536,7 @@ async fn run_in_vm(args: RunArgs, forward_stdin: bool) -> anyhow::Result<ExitCod
     } else if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
         tracing::warn!(error = %e, "VM shutdown failed; it was killed");
     }
+    vmcp_vm::timing::mark("run: VM stopped");
     copied?;
     if let Some(p) = &args.keep_changes {
         eprintln!(
@@ -610,7 +619,9 @@ async fn snapshot_start(
 /// Runs the program and streams its I/O; returns vmcp's exit status.
 pub(crate) async fn exec(agent: &AgentClient, spec: ExecSpec, program: &str) -> anyhow::Result<u8> {
     let forward_stdin = spec.stdin;
-    let mut process = match agent.exec(spec).await {
+    let started = agent.exec(spec).await;
+    vmcp_vm::timing::mark("run: exec request answered");
+    let mut process = match started {
         Ok(p) => p,
         Err(AgentError::Failed { kind, message }) => {
             let code = match kind {

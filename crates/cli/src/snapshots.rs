@@ -21,8 +21,10 @@ use serde_json::{json, Value};
 use vmcp_vm::qemu::QemuBackend;
 use vmcp_vm::{Vm, VmConfig};
 
-/// Version of `record.json`.
-pub const RECORD_FORMAT: u64 = 1;
+/// Version of `record.json`. 2: the guest was brought to rest ([`quiesce`]) before the save;
+/// format-1 snapshots restore into a guest still loading modules, so they are not used (the
+/// automatic snapshot's name changes with the format, and a new one is built).
+pub const RECORD_FORMAT: u64 = 2;
 /// Largest `record.json` read (a real one is under 2 KiB).
 const MAX_RECORD_BYTES: u64 = 64 * 1024;
 /// The record file in a snapshot directory.
@@ -415,19 +417,7 @@ pub async fn create(
     vm.set_memory_file(memory);
     vm.start().await?;
     vm.wait_ready(ready_timeout).await?;
-    // Quiesce: nothing of the guest's file systems waits in its page cache.
-    let agent = vm.agent()?;
-    let synced = agent
-        .exec(vmcp_vm::agent::ExecSpec::new(["sync"]))
-        .await?
-        .wait_with_output()
-        .await?;
-    anyhow::ensure!(
-        synced.status == vmcp_guest_proto::ExitStatus::Code(0),
-        "`sync` failed in the guest before the snapshot: {:?}",
-        synced.status
-    );
-    drop(agent);
+    quiesce(&vm).await?;
     let tmp = tempfile::Builder::new()
         .prefix(".tmp-")
         .tempdir_in(store)
@@ -453,6 +443,87 @@ pub async fn create(
     Ok(Box::new(vm))
 }
 
+/// The guest command [`quiesce`] runs: wait (bounded: 1000 rounds of at least 10 ms) until
+/// the agent's `modules` thread, which loads the modules not needed before the hello, has
+/// ended, then flush the file systems. Exit status 3 when the wait gave up.
+const QUIESCE_SCRIPT: &str = "i=0; while grep -qsx modules /proc/1/task/*/comm; do \
+     i=$((i+1)); [ $i -ge 1000 ] && { sync; exit 3; }; sleep 0.01; done; sync";
+
+/// How long [`quiesce`] waits at most for QEMU to go idle.
+const SETTLE_LIMIT: Duration = Duration::from_secs(3);
+/// One idle check: QEMU used less than [`SETTLE_CPU`] of CPU in this window.
+const SETTLE_WINDOW: Duration = Duration::from_millis(40);
+/// CPU time of an idle QEMU over [`SETTLE_WINDOW`] (an idle guest costs ~2 % of a core).
+const SETTLE_CPU: Duration = Duration::from_millis(4);
+
+/// Brings a freshly booted guest to rest before it is saved: what runs at the moment of the
+/// save runs again in every VM restored from it, under a cold TCG translation cache. Right
+/// after its hello the agent still loads the deferred kernel modules (signature checks,
+/// relocations: hundreds of milliseconds of guest CPU under TCG), so the snapshot waits for
+/// that to finish and flushes the file systems; then it waits until QEMU is idle (the
+/// kernel's deferred work after those processes ended: RCU, freeing their memory), for two
+/// windows in a row, at most [`SETTLE_LIMIT`]. Where QEMU's CPU time cannot be read the
+/// last wait is skipped (restores are slower, not wrong).
+pub async fn quiesce(vm: &vmcp_vm::qemu::QemuVm) -> anyhow::Result<()> {
+    let agent = vm.agent()?;
+    let out = agent
+        .exec(vmcp_vm::agent::ExecSpec::new(["sh", "-c", QUIESCE_SCRIPT]))
+        .await
+        .context("cannot bring the guest to rest before the snapshot")?
+        .wait_with_output()
+        .await
+        .context("cannot bring the guest to rest before the snapshot")?;
+    match out.status {
+        vmcp_guest_proto::ExitStatus::Code(0) => {}
+        vmcp_guest_proto::ExitStatus::Code(3) => {
+            // Still correct, only slower to restore.
+            tracing::warn!("the guest still loaded modules after 10 s; saving it anyway");
+        }
+        status => anyhow::bail!(
+            "the guest could not be brought to rest before the snapshot (`sync` and the wait \
+             for its module loader ended with {status:?}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+    let Some(pid) = vm.pid() else { return Ok(()) };
+    let until = std::time::Instant::now() + SETTLE_LIMIT;
+    let mut quiet = 0;
+    let Some(mut last) = cpu_time(pid) else {
+        return Ok(());
+    };
+    while quiet < 2 && std::time::Instant::now() < until {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let Some(now) = cpu_time(pid) else { break };
+        quiet = if now.saturating_sub(last) < SETTLE_CPU {
+            quiet + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    if quiet < 2 {
+        tracing::info!("the guest was still busy after {SETTLE_LIMIT:?}; saving it anyway");
+    }
+    Ok(())
+}
+
+/// CPU time all threads of process `pid` have used (Linux: the first field of each
+/// `/proc/<pid>/task/<tid>/schedstat`, nanoseconds; the vCPU is a thread of its own).
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let used: u64 = text.split_whitespace().next()?.parse().ok()?;
+        ns = ns.saturating_add(used);
+    }
+    Some(Duration::from_nanos(ns))
+}
+
 /// Restores snapshot `stored` into a new VM of `config` and waits for its agent.
 pub async fn restore(
     stored: &Stored,
@@ -473,15 +544,18 @@ pub async fn restore(
         stored.name
     );
     let mut vm = QemuBackend::new().create_qemu(config.clone()).await?;
+    vmcp_vm::timing::mark("restore: VM prepared (id, runtime dir, token)");
     vm.restore_snapshot(&stored.vm_path())
         .await
         .with_context(|| format!("cannot restore snapshot {}", stored.name))?;
+    vmcp_vm::timing::mark("restore: state loaded, guest running");
     vm.wait_ready(ready_timeout).await.with_context(|| {
         format!(
             "the VM restored from snapshot {} did not get ready",
             stored.name
         )
     })?;
+    vmcp_vm::timing::mark("restore: agent re-keyed and ready");
     Ok(Box::new(vm))
 }
 
@@ -629,7 +703,7 @@ mod tests {
         std::fs::write(snap.join(RECORD_FILE), b"{not json").unwrap();
         assert!(read_record(&snap).unwrap_err().contains("not JSON"));
         std::fs::write(snap.join(RECORD_FILE), br#"{"format": 99}"#).unwrap();
-        assert!(read_record(&snap).unwrap_err().contains("format 1"));
+        assert!(read_record(&snap).unwrap_err().contains("format 2"));
         // A huge record is read only up to the bound, then fails to parse.
         std::fs::write(snap.join(RECORD_FILE), vec![b' '; 200_000]).unwrap();
         assert!(read_record(&snap).is_err());

@@ -307,12 +307,36 @@ fn python_sdk_client_answers_elicitation_approve_and_deny() {
         assert!(stdout.contains("asked: "), "{stdout}");
         assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
     }
+    // Over Streamable HTTP: the question travels on the call's SSE stream.
+    let mut extra: Vec<String> = vec![
+        "--policy".into(),
+        policy.display().to_string(),
+        "--audit-log".into(),
+        audit.display().to_string(),
+    ];
+    extra.extend(image.clone());
+    let (mut child, url) = serve_http(runtime.path(), &extra);
+    let out = Command::new(&py)
+        .arg(&script)
+        .args(["approve", "http", &url])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("OK"),
+        "py_elicit over http:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[2]["decision"], "approved");
     assert_eq!(lines[0]["kind"], "tool_call");
     assert_eq!(lines[0]["decision"], "approved");
     assert_eq!(lines[0]["by"], "elicitation");

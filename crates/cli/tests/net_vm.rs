@@ -224,3 +224,55 @@ fn published_port_is_reachable_on_loopback_only() {
         None => vmcp_test_support::skipped!("SKIPPED (part): no non-loopback address to check"),
     }
 }
+
+/// `--net allow=...` under an approval policy: a target off the allow list is handed to the
+/// policy's `host` rules (here: denied by a rule) and the guest reads the reason in the
+/// proxy's answer; the allowed host still passes without asking, the refused one is never
+/// dialled, and the decision is in the audit log.
+#[test]
+fn off_list_egress_goes_through_the_approval_policy() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, _) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let rt = tempfile::tempdir().unwrap();
+    let policy = rt.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "default = \"ask\"\n[[rule]]\naction = \"deny\"\nhost = \"127.0.0.*\"\n",
+    )
+    .unwrap();
+    let audit = rt.path().join("audit.jsonl");
+    let script = format!(
+        "export NO_PROXY= no_proxy=
+         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
+         (printf 'GET http://127.0.0.1:{other}/ HTTP/1.0\\r\\nHost: 127.0.0.1:{other}\\r\\n\\r\\n'; sleep 3) \
+           | nc 10.0.2.100 3128"
+    );
+    let out = run(
+        &rt,
+        &[
+            "--net",
+            &format!("allow=127.0.0.1:{allowed}"),
+            "--policy",
+            &policy.display().to_string(),
+            "--audit-log",
+            &audit.display().to_string(),
+        ],
+        &script,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("A:allowed-body"), "{stdout}");
+    assert!(stdout.contains("403"), "{stdout}");
+    assert!(
+        stdout.contains("is not on the allow list and was not approved: denied by rule at line 2"),
+        "{stdout}"
+    );
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    // A rule decided it: nobody was asked, so nothing is pending or audited as a person's.
+    let audited = std::fs::read_to_string(&audit).unwrap_or_default();
+    assert!(audited.is_empty(), "{audited}");
+}

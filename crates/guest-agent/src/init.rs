@@ -657,6 +657,8 @@ fn boot() -> Result<(), InitError> {
         if !later.is_empty() {
             let paths = std::mem::take(&mut later);
             let debug = cfg.debug;
+            // The host's snapshot store waits until no thread of PID 1 is called `modules`
+            // before it saves a guest (crates/cli/src/snapshots.rs, `quiesce`): keep the name.
             let spawned = std::thread::Builder::new()
                 .name("modules".into())
                 .spawn(move || load_modules(paths, debug));

@@ -21,6 +21,16 @@ pub fn encode_message(msg: &crate::jsonrpc::Message) -> Vec<u8> {
     v
 }
 
+/// One message that is already compact JSON (a stdio server's line, passed through
+/// unchanged) as an SSE `message` event; `json` must not contain a line break.
+pub fn encode_json_line(json: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(json.len() + 24);
+    v.extend_from_slice(b"event: message\ndata: ");
+    v.extend_from_slice(json);
+    v.extend_from_slice(b"\n\n");
+    v
+}
+
 /// One dispatched event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Event {

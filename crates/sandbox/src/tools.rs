@@ -290,7 +290,7 @@ impl SandboxTools {
         defs.push(ToolDef::new(
             "sandbox_checkpoint",
             "Checkpoint a sandbox",
-            format!("Saves the sandbox's whole state (memory: files, processes, everything but the network, which is off) and returns a checkpoint id for sandbox_rewind and sandbox_fork. The sandbox pauses only while its state is written and then runs on. At most {} checkpoints per sandbox; they end with their sandbox.", vmcp_vm::lifecycle::MAX_CHECKPOINTS),
+            format!("Saves the sandbox's whole state (its memory: files, processes) and returns a checkpoint id for sandbox_rewind and sandbox_fork. The sandbox pauses only while its state is written and then runs on. Sandboxes with a network cannot be checkpointed. At most {} checkpoints per sandbox; they end with their sandbox.", vmcp_vm::lifecycle::MAX_CHECKPOINTS),
             object(p, &["sandbox_id"]),
             Some(json!({"type": "object", "properties": {"checkpoint_id": {"type": "string"}, "sandbox_id": {"type": "string"}, "checkpoint_ms": {"type": "integer"}}, "required": ["checkpoint_id", "sandbox_id", "checkpoint_ms"]})),
             Annotations::additive(),

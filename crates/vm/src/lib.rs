@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod net;
 pub mod qemu;
 pub mod select;
+pub mod timing;
 pub mod vz;
 
 pub use config::{

@@ -550,6 +550,7 @@ impl QemuMachine {
                 })?;
         }
         self.reaped();
+        crate::timing::mark("qemu: killed and reaped");
         Ok(())
     }
 
@@ -878,6 +879,7 @@ impl Machine for QemuMachine {
             None => Some(files.memory.as_path()),
             Some(path) => path.as_deref(),
         };
+        crate::timing::mark("qemu: snapshot files checked");
         let spawned = self.spawn_qemu(token, Start::Restore(memory)).await;
         if let Some(Some(path)) = &empty {
             // QEMU has it mapped (or failed); the name is not needed any more.
@@ -918,11 +920,8 @@ impl QemuMachine {
             Start::Boot => self.memory_file.is_some(),
             Start::Restore(memory) => memory.is_some(),
         };
-        let expected = if matches!(start, Start::Restore(_)) {
-            "inmigrate"
-        } else {
-            "running"
-        };
+        let restoring = matches!(start, Start::Restore(_));
+        let expected = if restoring { "inmigrate" } else { "running" };
         // Opened once, before QEMU starts, so a refused path (a symlink, another user's file)
         // fails the start with its reason.
         let log = console::LogFile::open(&self.console_log).map_err(host_err(format!(
@@ -939,6 +938,7 @@ impl QemuMachine {
         let (plan, [qmp_host, console_host, agent_host]) =
             self.plan(token, &mut inherited, start)?;
         self.argv = plan.argv();
+        crate::timing::mark("qemu: files opened, command line built");
         tracing::debug!(argv = ?self.argv, "starting QEMU");
         let mut child = platform::spawn(platform::SpawnSpec {
             argv: self.argv.clone(),
@@ -947,6 +947,7 @@ impl QemuMachine {
         })
         .await
         .map_err(VmError::Spawn)?;
+        crate::timing::mark("qemu: process spawned");
         drop(inherited);
         self.pid = child.id();
         let tail = self.console.clone();
@@ -962,7 +963,14 @@ impl QemuMachine {
         self.agent_stream = Some(agent_host);
         let handshake = async {
             let mut q = qmp::QmpClient::connect(qmp_host).await?;
-            let status = q.query_status().await?;
+            crate::timing::mark("qemu: QMP greeting and capabilities");
+            // A restore skips the round trip: `migrate-incoming`, sent next, fails with QEMU's
+            // own message when QEMU is not waiting for an incoming migration.
+            let status = if restoring {
+                expected.to_string()
+            } else {
+                q.query_status().await?
+            };
             Ok::<_, qmp::QmpError>((q, status))
         };
         let qmp_timeout = self.options.qmp_timeout;

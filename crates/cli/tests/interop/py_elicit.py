@@ -1,6 +1,7 @@
 """The Python SDK's client answering vmcp's elicitation (crates/cli/tests/mcp_serve_interop.rs).
 
-usage: py_elicit.py approve|deny SERVER_COMMAND...
+usage: py_elicit.py approve|deny SERVER_COMMAND...   (stdio)
+       py_elicit.py approve|deny http URL           (Streamable HTTP)
 The server runs with a policy that asks before `sandbox_list` and denies `sandbox_destroy`.
 The elicitation callback checks the question, answers approve or deny, and the script checks
 the tool result. Prints one line per check and `OK` at the end.
@@ -22,7 +23,10 @@ async def main():
         assert params.requested_schema["properties"]["approve"]["type"] == "boolean"
         return types.ElicitResult(action="accept", content={"approve": answer == "approve"})
 
-    server = StdioServerParameters(command=target[0], args=target[1:])
+    if target[0] == "http":
+        server = target[1]
+    else:
+        server = StdioServerParameters(command=target[0], args=target[1:])
     async with Client(server, mode="legacy", elicitation_callback=on_elicit) as c:
         r = (await c.call_tool("sandbox_list", {})).model_dump(by_alias=True, exclude_none=True)
         assert len(asked) == 1, asked

@@ -25,6 +25,7 @@
 //! [`HttpConfig::sse_queue`] messages per call (progress beyond it is dropped).
 
 pub mod guard;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -127,8 +128,7 @@ struct Session {
 
 struct State {
     server: Server,
-    config: HttpConfig,
-    allowed: guard::Allowed,
+    front: Front,
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
 }
 
@@ -151,7 +151,7 @@ impl State {
 
     fn sweep(&self) {
         let now = Instant::now();
-        let idle = self.config.session_idle;
+        let idle = self.front.config.session_idle;
         let expired: Vec<Arc<str>> = self
             .sessions()
             .iter()
@@ -165,6 +165,50 @@ impl State {
             .collect();
         for id in expired {
             tracing::info!(session = %id, "MCP session idle for {idle:?}; ended it");
+            self.end_session(&id);
+        }
+    }
+}
+
+/// What differs between the tool server and the relay behind the shared front (path,
+/// `Host`/`Origin`, token, method, body checks): what a POST, a DELETE, the idle sweep and the
+/// final shutdown do.
+trait Endpoint: Send + Sync + 'static {
+    fn front(&self) -> &Front;
+    fn post<'a>(
+        &'a self,
+        req: hyper::Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Resp> + Send + 'a>>;
+    fn delete(&self, session: &str) -> bool;
+    fn sweep(&self);
+    fn end_all(&self);
+}
+
+/// The settings the front checks use.
+struct Front {
+    config: HttpConfig,
+    allowed: guard::Allowed,
+}
+
+impl Endpoint for State {
+    fn front(&self) -> &Front {
+        &self.front
+    }
+    fn post<'a>(
+        &'a self,
+        req: hyper::Request<Incoming>,
+    ) -> Pin<Box<dyn Future<Output = Resp> + Send + 'a>> {
+        Box::pin(post(self, req))
+    }
+    fn delete(&self, session: &str) -> bool {
+        self.end_session(&Arc::from(session))
+    }
+    fn sweep(&self) {
+        State::sweep(self);
+    }
+    fn end_all(&self) {
+        let ids: Vec<Arc<str>> = self.sessions().keys().cloned().collect();
+        for id in ids {
             self.end_session(&id);
         }
     }
@@ -209,67 +253,94 @@ impl HttpServer {
     /// Serves until `shutdown` resolves; then ends every session (so its sandboxes go) and
     /// closes every connection.
     pub async fn serve(self, server: Server, shutdown: impl Future<Output = ()>) {
+        let front = self.front();
+        let state = State {
+            server,
+            front,
+            sessions: Mutex::new(HashMap::new()),
+        };
+        serve_endpoint(self.listener, Arc::new(state), shutdown).await;
+    }
+
+    /// Serves as a relay (`vmcp mcp wrap --http`): every client session gets its own stdio
+    /// server from `upstream` ([`relay`]), ended with the session. Until `shutdown`
+    /// resolves; then ends every session.
+    pub async fn relay(
+        self,
+        upstream: Arc<dyn relay::Upstream>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        let front = self.front();
+        let state = relay::Relay::new(front, upstream);
+        serve_endpoint(self.listener, Arc::new(state), shutdown).await;
+    }
+
+    fn front(&self) -> Front {
         let bound = self.local_addr().unwrap_or(self.config.addr);
         let allowed = guard::Allowed::new(
             bound.ip(),
             &self.config.allowed_hosts,
             &self.config.allowed_origins,
         );
-        let state = Arc::new(State {
-            server,
+        Front {
+            config: self.config.clone(),
             allowed,
-            sessions: Mutex::new(HashMap::new()),
-            config: self.config,
-        });
-        let permits = Arc::new(Semaphore::new(state.config.max_connections.max(1)));
-        let mut conns = tokio::task::JoinSet::new();
-        let sweep_every = (state.config.session_idle / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(30));
-        let mut sweep = tokio::time::interval(sweep_every);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                _ = sweep.tick() => state.sweep(),
-                Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                accepted = self.listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many connections ({}); closed this one", state.config.max_connections);
-                        continue;
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let st = state.clone();
-                    conns.spawn(async move {
-                        let service = hyper::service::service_fn(move |req| {
-                            let st = st.clone();
-                            async move { Ok::<_, Infallible>(handle(&st, req).await) }
-                        });
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await
-                        {
-                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                        }
-                        drop(permit);
-                    });
-                }
-            }
-        }
-        conns.abort_all();
-        let ids: Vec<Arc<str>> = state.sessions().keys().cloned().collect();
-        for id in ids {
-            state.end_session(&id);
         }
     }
+}
+
+async fn serve_endpoint<E: Endpoint>(
+    listener: TcpListener,
+    state: Arc<E>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = &state.front().config;
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let max_connections = config.max_connections;
+    let mut conns = tokio::task::JoinSet::new();
+    let sweep_every =
+        (config.session_idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    let mut sweep = tokio::time::interval(sweep_every);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = sweep.tick() => state.sweep(),
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "too many connections ({max_connections}); closed this one");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let st = state.clone();
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let st = st.clone();
+                        async move { Ok::<_, Infallible>(handle(&*st, req).await) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await
+                    {
+                        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    conns.abort_all();
+    state.end_all();
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -331,7 +402,8 @@ impl Outbound for SseOut {
     }
 }
 
-async fn handle(st: &State, req: hyper::Request<Incoming>) -> Resp {
+async fn handle<E: Endpoint>(ep: &E, req: hyper::Request<Incoming>) -> Resp {
+    let st = ep.front();
     if req.uri().path() != st.config.path {
         return simple(
             StatusCode::NOT_FOUND,
@@ -370,7 +442,7 @@ async fn handle(st: &State, req: hyper::Request<Incoming>) -> Resp {
         }
     }
     match *req.method() {
-        Method::POST => post(st, req).await,
+        Method::POST => ep.post(req).await,
         Method::DELETE => {
             let Some(id) = header(&req, HEADER_SESSION_ID) else {
                 return simple(
@@ -378,8 +450,7 @@ async fn handle(st: &State, req: hyper::Request<Incoming>) -> Resp {
                     "DELETE needs an Mcp-Session-Id header",
                 );
             };
-            let id: Arc<str> = Arc::from(id);
-            if st.end_session(&id) {
+            if ep.delete(id) {
                 simple(StatusCode::OK, "session ended")
             } else {
                 simple(StatusCode::NOT_FOUND, "no such session")
@@ -410,31 +481,58 @@ fn accepts(req: &hyper::Request<Incoming>, what: &str) -> bool {
     }) || req.headers().get(ACCEPT).is_none()
 }
 
-async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
+/// A POSTed message that passed the shared checks.
+struct PostIn {
+    msg: Message,
+    /// The body as received.
+    raw: Bytes,
+    /// The request's id, if it is a request.
+    id: Option<RequestId>,
+    version_header: Option<String>,
+    mcp_method: Option<String>,
+    mcp_name: Option<String>,
+    session_header: Option<String>,
+    /// The client accepts `application/json` / `text/event-stream` answers.
+    want_json: bool,
+    want_sse: bool,
+}
+
+impl PostIn {
+    /// The answer is an SSE stream: the client takes one and wants progress, or takes
+    /// nothing else.
+    fn streams(&self) -> bool {
+        let progress = matches!(&self.msg, Message::Request(r) if r.params.as_deref().is_some_and(|p| p.get().contains("progressToken")));
+        self.want_sse && (progress || !self.want_json)
+    }
+}
+
+/// The checks every POST goes through: content type, accepted answer types, body size,
+/// one JSON-RPC message (no batch), a known protocol version header.
+async fn read_post(front: &Front, req: hyper::Request<Incoming>) -> Result<PostIn, Resp> {
     let ct = header(&req, "content-type").unwrap_or("");
     if !ct
         .split(';')
         .next()
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
     {
-        return simple(
+        return Err(simple(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the body must be JSON (Content-Type: application/json)",
-        );
+        ));
     }
     let want_json = accepts(&req, "application/json");
     let want_sse = accepts(&req, "text/event-stream");
     if !want_json && !want_sse {
-        return simple(
+        return Err(simple(
             StatusCode::NOT_ACCEPTABLE,
             "accept application/json or text/event-stream",
-        );
+        ));
     }
     let version_header = header(&req, HEADER_PROTOCOL_VERSION).map(str::to_owned);
     let mcp_method = header(&req, HEADER_METHOD).map(str::to_owned);
     let mcp_name = header(&req, HEADER_NAME).map(str::to_owned);
     let session_header = header(&req, HEADER_SESSION_ID).map(str::to_owned);
-    let max = st.config.max_body;
+    let max = front.config.max_body;
     if req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -442,7 +540,7 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n > max as u64)
     {
-        return too_large(max);
+        return Err(too_large(max));
     }
     let body = match Limited::new(req.into_body(), max).collect().await {
         Ok(b) => b.to_bytes(),
@@ -450,18 +548,21 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
             {
-                return too_large(max);
+                return Err(too_large(max));
             }
-            return simple(StatusCode::BAD_REQUEST, "cannot read the request body");
+            return Err(simple(
+                StatusCode::BAD_REQUEST,
+                "cannot read the request body",
+            ));
         }
     };
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return rpc_error(
+        return Err(rpc_error(
             StatusCode::BAD_REQUEST,
             None,
             INVALID_REQUEST,
             "JSON-RPC batches are not supported".into(),
-        );
+        ));
     }
     let msg = match jsonrpc::parse_message(&body) {
         Ok(m) => m,
@@ -470,7 +571,12 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
                 jsonrpc::Error::Json(_) => PARSE_ERROR,
                 _ => INVALID_REQUEST,
             };
-            return rpc_error(StatusCode::BAD_REQUEST, None, code, e.to_string());
+            return Err(rpc_error(
+                StatusCode::BAD_REQUEST,
+                None,
+                code,
+                e.to_string(),
+            ));
         }
     };
     let id = match &msg {
@@ -479,7 +585,7 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
     };
     if let Some(v) = &version_header {
         if !LEGACY_VERSIONS.contains(&v.as_str()) && !MODERN_VERSIONS.contains(&v.as_str()) {
-            return rpc_error(
+            return Err(rpc_error(
                 StatusCode::BAD_REQUEST,
                 id,
                 INVALID_REQUEST,
@@ -492,9 +598,38 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
-            );
+            ));
         }
     }
+    Ok(PostIn {
+        msg,
+        raw: body,
+        id,
+        version_header,
+        mcp_method,
+        mcp_name,
+        session_header,
+        want_json,
+        want_sse,
+    })
+}
+
+async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
+    let p = match read_post(&st.front, req).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let stream = p.streams();
+    let want_sse = p.want_sse;
+    let PostIn {
+        msg,
+        id,
+        version_header,
+        mcp_method,
+        mcp_name,
+        session_header,
+        ..
+    } = p;
     let modern = version_header.as_deref().is_some_and(model::is_modern);
     let conn = if modern {
         if let Err(e) = check_modern_headers(&msg, mcp_method.as_deref(), mcp_name.as_deref()) {
@@ -502,16 +637,16 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
         }
         Connection::new(None)
     } else if msg.method() == Some("initialize") && id.is_some() {
-        if st.sessions().len() >= st.config.max_sessions {
+        if st.sessions().len() >= st.front.config.max_sessions {
             st.sweep();
-            if st.sessions().len() >= st.config.max_sessions {
+            if st.sessions().len() >= st.front.config.max_sessions {
                 return rpc_error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     id,
                     jsonrpc::INTERNAL_ERROR,
                     format!(
                         "too many MCP sessions ({}); end one (HTTP DELETE) or wait for one to expire",
-                        st.config.max_sessions
+                        st.front.config.max_sessions
                     ),
                 );
             }
@@ -561,12 +696,11 @@ async fn post(st: &State, req: hyper::Request<Incoming>) -> Resp {
             .unwrap_or_else(PoisonError::into_inner) = Instant::now();
         session.conn.clone()
     };
-    let progress = matches!(&msg, Message::Request(r) if r.params.as_deref().is_some_and(|p| p.get().contains("progressToken")));
     // A call that may ask the client's user (elicitation) needs a stream for the question.
     let may_ask = msg.method() == Some("tools/call") && conn.supports_elicitation();
-    let stream = want_sse && (progress || may_ask || !want_json);
+    let stream = stream || (want_sse && may_ask);
     let (tx, rx) = mpsc::channel::<Bytes>(if stream {
-        st.config.sse_queue.max(2)
+        st.front.config.sse_queue.max(2)
     } else {
         1
     });

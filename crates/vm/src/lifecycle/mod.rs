@@ -480,6 +480,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
                 Ok(Err(e)) => return Waited::Failed(e),
                 Err(_) => return Waited::TimedOut,
             };
+            crate::timing::mark("lifecycle: agent channel connected");
             let left = deadline.saturating_duration_since(Instant::now());
             let connected = match rekey {
                 Some((identity, old_hello)) => {
@@ -633,6 +634,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
         let manifest = SnapshotManifest::read(path)?;
         manifest.check_fits(path, &self.manifest())?;
         self.started = Some(Instant::now());
+        crate::timing::mark("lifecycle: snapshot manifest read");
         match self.machine.load_state(path, &manifest.token).await {
             Ok(()) => {
                 // The restored guest knows the token it was saved with; `wait_ready` gives it

@@ -28,8 +28,14 @@
 //! Save: `migrate-set-capabilities x-ignore-shared`, `stop`, `add-fd`, `migrate`, poll
 //! `query-migrate` until `completed`. Restore: QEMU starts with `-incoming defer` and no
 //! kernel; `migrate-set-capabilities`, `add-fd`, `migrate-incoming` (with `exit-on-error`
-//! off, so a bad file is reported here instead of ending QEMU), poll until `completed`, then
-//! `cont`: a snapshot saved from a stopped VM stays paused after loading.
+//! off, so a bad file is reported here instead of ending QEMU) sent in one burst, poll until
+//! `completed`, then `cont`: a snapshot saved from a stopped VM stays paused after loading.
+//!
+//! # What a restore costs
+//! What the guest was doing when it was saved, it goes on doing in every restored VM, under
+//! a new QEMU whose TCG translation cache is empty: a snapshot must be taken of a guest at
+//! rest (the CLI's snapshot store waits for the agent's background module loading first,
+//! which otherwise costs every restore hundreds of milliseconds of guest CPU).
 //!
 //! # Limits
 //! The restoring QEMU must be the same version with the same devices, memory size and
@@ -328,20 +334,63 @@ pub async fn save(
 
 /// Loads the device state from `state` into a QEMU started with `-incoming defer` and the
 /// snapshot's memory file, then lets the guest run.
+///
+/// The three set-up commands go out in one burst and their answers are read afterwards (QMP
+/// runs a client's commands in order), so the restore waits for one round trip, not three.
+/// A failed command makes the next ones fail too; the first error is the one reported.
 pub async fn load(q: &mut QmpClient<HostStream>, state: &File) -> Result<(), SnapshotError> {
-    ignore_shared(q).await?;
-    let uri = add_fd(q, state).await?;
-    q.execute(
+    use tokio::io::AsyncWriteExt;
+    let caps = qmp::request(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),
+    )
+    .map_err(qmp_err("migrate-set-capabilities"))?;
+    let add = qmp::request("add-fd", Some(json!({"fdset-id": STATE_FDSET})))
+        .map_err(qmp_err("add-fd"))?;
+    let uri = format!("file:/dev/fdset/{STATE_FDSET}");
+    let incoming = qmp::request(
         "migrate-incoming",
         Some(json!({ "uri": uri, "exit-on-error": false })),
     )
-    .await
     .map_err(qmp_err("migrate-incoming"))?;
+    let io = |what: &'static str| {
+        move |source| SnapshotError::Io {
+            what: what.into(),
+            source,
+        }
+    };
+    q.stream_mut()
+        .write_all(&caps)
+        .await
+        .map_err(io("send the migration capabilities to QEMU"))?;
+    platform::send_with_fd(q.stream_mut(), &add, state)
+        .await
+        .map_err(io("pass the state file to QEMU"))?;
+    q.stream_mut()
+        .write_all(&incoming)
+        .await
+        .map_err(io("start loading the state in QEMU"))?;
+    let caps = q.answer("migrate-set-capabilities").await;
+    let added = q.answer("add-fd").await;
+    let started = q.answer("migrate-incoming").await;
+    caps.map_err(qmp_err("migrate-set-capabilities"))?;
+    let set = added.map_err(qmp_err("add-fd"))?["fdset-id"].as_u64();
+    if set != Some(STATE_FDSET) {
+        return Err(SnapshotError::Migration {
+            op: "load",
+            reason: format!("QEMU put the state file in fd set {set:?}, not {STATE_FDSET}"),
+        });
+    }
+    started.map_err(qmp_err("migrate-incoming"))?;
+    crate::timing::mark("qemu: capabilities, add-fd, migrate-incoming");
     wait_migration(q, "load").await?;
+    crate::timing::mark("qemu: device state loaded");
     q.execute("cont", None)
         .await
         .map(drop)
-        .map_err(qmp_err("cont"))
+        .map_err(qmp_err("cont"))?;
+    crate::timing::mark("qemu: cont");
+    Ok(())
 }
 
 #[cfg(test)]

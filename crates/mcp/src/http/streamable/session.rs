@@ -159,7 +159,7 @@ impl<C: HttpClient> Shared<C> {
             return;
         }
         // Over the budget: the client refuses the answer anyway; do not parse it here.
-        if crate::limits::json_nodes(raw, self.config.limits.max_message_bytes).is_err() {
+        if crate::limits::json_nodes(raw, self.config.limits.max_result_nodes).is_err() {
             return;
         }
         let Ok(mut page) = serde_json::from_str::<serde_json::Value>(raw) else {

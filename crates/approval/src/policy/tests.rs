@@ -140,20 +140,6 @@ fn over_long_subjects_fall_to_default() {
     );
 }
 
-#[test]
-fn strictest() {
-    use Action::*;
-    for (a, b, s) in [
-        (Allow, Ask, Ask),
-        (Deny, Ask, Deny),
-        (Allow, Allow, Allow),
-        (Ask, Deny, Deny),
-    ] {
-        assert_eq!(a.strictest(b), s);
-        assert_eq!(b.strictest(a), s);
-    }
-}
-
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![Just(Action::Allow), Just(Action::Ask), Just(Action::Deny)]
 }
@@ -205,52 +191,4 @@ proptest! {
         let text = format!("default = \"deny\"\n[[rule]]\naction = \"allow\"\n{key} = \"x\"\n");
         prop_assert!(Policy::from_toml_str(&text).is_err());
     }
-}
-
-#[test]
-fn change_lists_take_the_strictest_file() {
-    use crate::change::{ChangeKind, ChangeSet, Diff, FileChange};
-    let pol = p(r#"
-default = "ask"
-[[rule]]
-action = "deny"
-path = "**/.git/**"
-[[rule]]
-action = "allow"
-path = "/src/docs/**"
-"#);
-    let set = |paths: &[&str]| ChangeSet {
-        entries: paths
-            .iter()
-            .map(|p| FileChange {
-                path: (*p).into(),
-                kind: ChangeKind::Created,
-                old_size: None,
-                new_size: Some(0),
-                new_sha256: Some(String::new()),
-                diff: Diff::Binary,
-            })
-            .collect(),
-        omitted: 0,
-        refused: vec![],
-    };
-    let base = Subject::default().with_tool("run");
-    let dir = std::path::Path::new("/src/");
-    assert_eq!(pol.decide_changes(&base, dir, &set(&[])), Action::Allow);
-    assert_eq!(
-        pol.decide_changes(&base, dir, &set(&["docs/a.md"])),
-        Action::Allow
-    );
-    assert_eq!(
-        pol.decide_changes(&base, dir, &set(&["docs/a.md", "main.rs"])),
-        Action::Ask
-    );
-    assert_eq!(
-        pol.decide_changes(&base, dir, &set(&["docs/a.md", ".git/config", "main.rs"])),
-        Action::Deny
-    );
-    // Unlisted (omitted) changes are never covered by an allow.
-    let mut many = set(&["docs/a.md"]);
-    many.omitted = 3;
-    assert_eq!(pol.decide_changes(&base, dir, &many), Action::Ask);
 }
