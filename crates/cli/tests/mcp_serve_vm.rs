@@ -15,7 +15,7 @@ use vmcp_mcp::http::{HttpConfig, ReqwestClient, ReqwestOptions, StreamableHttpTr
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle, Transport};
 
-use vmcp_test_support::vm;
+use vmcp_test_support::{http_server, vm};
 
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 
@@ -385,30 +385,6 @@ fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_clean(runtime.path());
-}
-
-/// A loopback HTTP server answering every request with `body`; returns its port and a hit count.
-fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let resp = format!(
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    (port, hits)
 }
 
 /// `network` within the server's `--net-allow` ceiling: the allowed host is reached, a

@@ -9,7 +9,7 @@ use std::process::Command;
 use vmcp_mcp::stdio::{StderrMode, StdioConfig, StdioTransport};
 use vmcp_mcp::{Client, ClientConfig, Lifecycle};
 
-use vmcp_test_support::vm;
+use vmcp_test_support::{http_server, vm};
 
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
 const SERVER: &str = include_str!("data/sh_mcp_server.sh");
@@ -75,30 +75,6 @@ fn a_missing_server_program_is_a_clear_error() {
         "{err}"
     );
     assert!(std::fs::read_dir(runtime.path()).unwrap().next().is_none());
-}
-
-/// A loopback HTTP server answering every request with `body`; returns its port and a hit count.
-fn http_server(body: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{Read, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let resp = format!(
-                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes());
-        }
-    });
-    (port, hits)
 }
 
 #[test]

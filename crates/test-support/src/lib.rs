@@ -1,6 +1,9 @@
 //! Test-only helpers shared by the vmcp crates (a dev-dependency only).
 
+mod http;
 pub mod vm;
+
+pub use http::http_server;
 
 /// Prints why a test is skipped, straight to the process's stderr.
 ///
