@@ -291,33 +291,8 @@ impl Stored {
 
     /// Bytes on disk (allocated blocks where the OS tells).
     pub fn disk_bytes(&self) -> u64 {
-        dir_bytes(&self.dir)
+        vmcp_host_process::disk_usage(&self.dir)
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => allocated(&m),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-#[cfg(unix)]
-fn allocated(m: &std::fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    m.blocks() * 512
-}
-
-#[cfg(not(unix))]
-fn allocated(m: &std::fs::Metadata) -> u64 {
-    m.len()
 }
 
 fn read_record(dir: &Path) -> Result<Record, String> {

@@ -52,9 +52,9 @@ use other as sys;
 #[cfg(windows)]
 use windows as sys;
 
-use sys::{create_private_file, private_tempdir, spawn, Group};
 /// The per-OS contract: every OS module provides exactly these.
-pub use sys::{dir_is_mine, is_root, open_log, rss_kib, start_time};
+pub use sys::{allocated_bytes, dir_is_mine, is_root, open_log, rss_kib, start_time};
+use sys::{create_private_file, private_tempdir, spawn, Group};
 
 pub use ids::{lookup_user, user_ids_from, Ids};
 pub use runtime_dir::{new_vm_id, write_private, RuntimeDir, RuntimeDirError};
@@ -226,3 +226,19 @@ impl Drop for OwnedChild {
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests;
+
+/// Bytes a directory tree occupies on disk ([`allocated_bytes`] of every file below it);
+/// entries that cannot be read count as 0 (a size for a listing, not an exact account).
+pub fn disk_usage(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => allocated_bytes(&m),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -25,8 +25,8 @@ use std::path::Path;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
+pub use crate::unix::{allocated_bytes, is_root, open_log};
 pub(crate) use crate::unix::{create_private_file, private_tempdir};
-pub use crate::unix::{is_root, open_log};
 use crate::SpawnOptions;
 
 /// The watchdog-led process group of one child.

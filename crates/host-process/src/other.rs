@@ -7,8 +7,8 @@
 
 use std::io;
 
+pub use crate::unix::{allocated_bytes, is_root, open_log};
 pub(crate) use crate::unix::{create_private_file, private_tempdir};
-pub use crate::unix::{is_root, open_log};
 use crate::SpawnOptions;
 
 /// The child's own process group.

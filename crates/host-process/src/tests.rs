@@ -249,3 +249,19 @@ fn children_die_with_their_owner() {
         wait_gone(&pids);
     }
 }
+
+#[test]
+fn disk_usage_counts_what_files_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    std::fs::write(dir.path().join("sub/data"), vec![7u8; 64 * 1024]).unwrap();
+    let sparse = std::fs::File::create(dir.path().join("sparse")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    let used = crate::disk_usage(dir.path());
+    assert!(used >= 64 * 1024, "{used}");
+    // A 1 GiB hole holds (almost) nothing where the OS reports allocation.
+    if cfg!(unix) {
+        assert!(used < 1 << 20, "{used}");
+    }
+    assert_eq!(crate::disk_usage(&dir.path().join("missing")), 0);
+}

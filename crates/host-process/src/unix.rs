@@ -5,6 +5,11 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Bytes a file occupies on disk: its allocated blocks (a sparse file counts what it holds).
+pub fn allocated_bytes(m: &std::fs::Metadata) -> u64 {
+    m.blocks().saturating_mul(512)
+}
+
 /// Whether vmcp runs as root.
 pub fn is_root() -> bool {
     euid() == 0

@@ -67,6 +67,11 @@ pub(crate) fn spawn(
     Ok((child, job))
 }
 
+/// Bytes a file occupies on disk; its length here (allocation is not asked for).
+pub fn allocated_bytes(m: &std::fs::Metadata) -> u64 {
+    m.len()
+}
+
 /// vmcp never changes users on Windows.
 pub fn is_root() -> bool {
     false

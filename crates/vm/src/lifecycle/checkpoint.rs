@@ -96,31 +96,6 @@ impl Checkpoint {
 
     /// Bytes the checkpoint's files take on disk (sparse files count what they hold).
     pub fn disk_bytes(&self) -> u64 {
-        disk_usage(&self.inner.dir)
+        vmcp_host_process::disk_usage(&self.inner.dir)
     }
-}
-
-#[cfg(unix)]
-fn allocated(m: &std::fs::Metadata) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    m.blocks() * 512
-}
-
-#[cfg(not(unix))]
-fn allocated(m: &std::fs::Metadata) -> u64 {
-    m.len()
-}
-
-fn disk_usage(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => disk_usage(&e.path()),
-            Ok(m) => allocated(&m),
-            Err(_) => 0,
-        })
-        .sum()
 }
