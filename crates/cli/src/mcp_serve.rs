@@ -27,9 +27,9 @@ use vmcp_vm::{Accel, Arch, NetMode, Vm, VmConfig};
 use crate::run::signal;
 use crate::snapshots::{self, AutoStart};
 
-/// Arguments of `vmcp mcp serve`.
-#[derive(clap::Args, Debug)]
-pub struct ServeArgs {
+/// The Streamable HTTP endpoint flags of `vmcp mcp serve` and `vmcp mcp wrap`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HttpArgs {
     /// Serve Streamable HTTP on this address (e.g. 127.0.0.1:8080) instead of stdio.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Origin accepted besides those of allowed hosts, e.g. https://app.example (repeatable).
     #[arg(long, value_name = "ORIGIN", requires = "http")]
     pub allowed_origin: Vec<String>,
+}
+
+/// Arguments of `vmcp mcp serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub listen: HttpArgs,
     /// Sandboxes alive at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub max_sandboxes: usize,
@@ -238,9 +245,24 @@ fn stdin_pipe() -> tokio::io::DuplexStream {
     r
 }
 
-/// The HTTP endpoint settings of `--http ADDR`, `--token-file`, `--allowed-host` and
-/// `--allowed-origin` (`vmcp mcp serve` and `vmcp mcp wrap`).
-pub(crate) fn http_config(
+impl HttpArgs {
+    /// The endpoint settings for `--http ADDR` (`None` without it): the token file read and
+    /// checked, the extra hosts and origins.
+    pub(crate) fn config(&self) -> anyhow::Result<Option<HttpConfig>> {
+        self.http
+            .map(|addr| {
+                http_config(
+                    addr,
+                    self.token_file.as_deref(),
+                    &self.allowed_host,
+                    &self.allowed_origin,
+                )
+            })
+            .transpose()
+    }
+}
+
+fn http_config(
     addr: SocketAddr,
     token_file: Option<&std::path::Path>,
     allowed_hosts: &[String],
@@ -268,16 +290,8 @@ pub(crate) fn http_config(
 /// Runs `vmcp mcp serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Check the address before booting anything.
-    let http = match args.http {
-        Some(addr) => Some(
-            HttpServer::bind(http_config(
-                addr,
-                args.token_file.as_deref(),
-                &args.allowed_host,
-                &args.allowed_origin,
-            )?)
-            .await?,
-        ),
+    let http = match args.listen.config()? {
+        Some(config) => Some(HttpServer::bind(config).await?),
         None => None,
     };
     let (manager, server) = build(&args).await?;

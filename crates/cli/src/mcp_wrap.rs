@@ -18,7 +18,6 @@
 //! copied back when the server exited by itself or after its stdin closed. SIGINT/SIGTERM
 //! destroy every VM at once.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -71,20 +70,9 @@ pub struct WrapArgs {
     /// ADDRESS:HOST_PORT:GUEST_PORT (repeatable), e.g. for a server that also serves HTTP.
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = crate::run::parse_publish)]
     pub publish: Vec<PortForward>,
-    /// Serve Streamable HTTP on this address (e.g. 127.0.0.1:8080) instead of stdio: one VM
-    /// per client session.
-    #[arg(long, value_name = "ADDR")]
-    pub http: Option<SocketAddr>,
-    /// File holding the bearer token HTTP clients must send (required off loopback).
-    #[arg(long, value_name = "FILE", requires = "http")]
-    pub token_file: Option<PathBuf>,
-    /// Host name accepted in Host/Origin besides localhost and the bound IP (repeatable).
-    #[arg(long, value_name = "HOST", requires = "http")]
-    pub allowed_host: Vec<String>,
-    /// Origin accepted besides those of allowed hosts, e.g. https://app.example (repeatable).
-    #[arg(long, value_name = "ORIGIN", requires = "http")]
-    pub allowed_origin: Vec<String>,
-    /// HTTP client sessions (VMs) alive at once.
+    #[command(flatten)]
+    pub listen: crate::mcp_serve::HttpArgs,
+    /// HTTP client sessions alive at once (one VM each).
     #[arg(long, value_name = "N", default_value_t = 4, requires = "http")]
     pub max_sessions: usize,
     /// QEMU accelerator: kvm or tcg (Linux), whpx or tcg (Windows); probed when absent.
@@ -116,7 +104,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 
 /// Runs `vmcp mcp wrap`.
 pub async fn run(args: WrapArgs) -> anyhow::Result<ExitCode> {
-    if args.http.is_some() {
+    if args.listen.http.is_some() {
         return serve_http(args).await;
     }
     tokio::select! {
@@ -407,15 +395,9 @@ impl Upstream for VmUpstream {
 }
 
 async fn serve_http(args: WrapArgs) -> anyhow::Result<ExitCode> {
-    let Some(addr) = args.http else {
+    let Some(mut config) = args.listen.config()? else {
         anyhow::bail!("--http needs an address");
     };
-    let mut config = crate::mcp_serve::http_config(
-        addr,
-        args.token_file.as_deref(),
-        &args.allowed_host,
-        &args.allowed_origin,
-    )?;
     config.max_sessions = args.max_sessions.max(1);
     let http = vmcp_mcp_server::http::HttpServer::bind(config).await?;
     if let Some(addr) = http.local_addr() {
