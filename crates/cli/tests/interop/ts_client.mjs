@@ -34,7 +34,7 @@ r = await client.callTool({ name: "sandbox_create", arguments: { cpus: 1000 } })
 if (!r.isError || !r.content[0].text.includes("cpus: must be <=")) fail(JSON.stringify(r));
 console.log("invalid argument ok:", r.content[0].text);
 r = await client.callTool({ name: "sandbox_fork", arguments: { sandbox_id: "sb-x" } });
-if (!r.isError || !r.content[0].text.includes("not available yet")) fail(JSON.stringify(r));
+if (!r.isError || !r.content[0].text.includes("no sandbox")) fail(JSON.stringify(r));
 await client.ping();
 const version = transport.protocolVersion ?? client.getServerVersion()?.name;
 await client.close();
