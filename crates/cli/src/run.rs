@@ -280,7 +280,9 @@ pub(crate) struct AttachedImage {
     pub(crate) config: vmcp_vm::ImageConfig,
     pub(crate) env: Vec<(String, String)>,
     pub(crate) workdir: Option<String>,
-    _scratch_dir: Option<tempfile::TempDir>,
+    /// The per-VM writable layer's directory: removed on drop, and (owner file) swept by the
+    /// next vmcp if this one is killed.
+    _scratch_dir: Option<vmcp_host_process::RuntimeDir>,
 }
 
 pub(crate) fn attach_image(
@@ -307,9 +309,7 @@ pub(crate) fn attach_image(
     let (scratch, dir) = match keep {
         Some(p) => (p.to_path_buf(), None),
         None => {
-            let dir = tempfile::Builder::new()
-                .prefix("vmcp-layer-")
-                .tempdir()
+            let dir = vmcp_host_process::RuntimeDir::create_in(&std::env::temp_dir(), "layer")
                 .context("cannot create a directory for the writable layer")?;
             (dir.path().join("layer.ext4"), Some(dir))
         }

@@ -197,3 +197,56 @@ fn two_vms_share_one_image_with_independent_writes_and_can_keep_them() {
         .unwrap();
     assert_eq!(text(&out.stdout), "two\n");
 }
+
+/// A `vmcp run --image` killed with SIGKILL cannot remove its writable layer; the next
+/// `--image` run sweeps it (the layer's directory names its owner, which is gone).
+#[test]
+fn a_killed_runs_writable_layer_is_swept_by_the_next_run() {
+    if !ready() {
+        return;
+    }
+    let img = build_image();
+    let scratch = img.dir.path().join("tmp-killed");
+    let runtime = img.dir.path().join("run-killed");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::create_dir_all(&runtime).unwrap();
+    let mut child = Command::new(VMCP)
+        .env("TMPDIR", &scratch)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .args(["run", "--cold", "--timeout", "120", "--image"])
+        .arg(&img.disk)
+        .args(["--", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let layers = || {
+        std::fs::read_dir(&scratch)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("vmcp-layer"))
+            .count()
+    };
+    let start = std::time::Instant::now();
+    while layers() == 0 && start.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(layers(), 1, "no writable layer appeared");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        layers(),
+        1,
+        "SIGKILL leaves the layer (nothing else could remove it)"
+    );
+    let out = Command::new(VMCP)
+        .env("TMPDIR", &scratch)
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .args(["run", "--cold", "--timeout", "120", "--image"])
+        .arg(&img.disk)
+        .args(["--", "sh", "-c", ":"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(layers(), 0, "the stale layer was not swept");
+}
