@@ -8,11 +8,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 const VMCP: &str = env!("CARGO_BIN_EXE_vmcp");
+
+fn serve_http(runtime: &Path, extra: &[String]) -> (Child, String) {
+    vmcp_test_support::mcp_serve_http(VMCP, runtime, extra)
+}
 
 fn prefix() -> PathBuf {
     std::env::var_os("VMCP_INTEROP_PREFIX")
@@ -69,32 +72,6 @@ fn run_client(py: &Path, args: &[String]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
-}
-
-fn serve_http(runtime: &Path, extra: &[String]) -> (Child, String) {
-    let mut child = Command::new(VMCP)
-        .args(["mcp", "serve", "--http", "127.0.0.1:0"])
-        .args(extra)
-        .env("XDG_RUNTIME_DIR", runtime)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let url = loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "vmcp mcp serve exited early"
-        );
-        if let Some(u) = line.trim().strip_prefix("vmcp: MCP server listening on ") {
-            break u.to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in err.lines() {});
-    (child, url)
 }
 
 #[test]

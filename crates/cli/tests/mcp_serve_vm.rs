@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -264,33 +263,6 @@ fn our_client_drives_every_tool_over_stdio() {
     assert_clean(runtime.path());
 }
 
-/// Starts `vmcp mcp serve --http 127.0.0.1:0`; returns the child and the endpoint URL.
-fn serve_http(runtime: &Path) -> (std::process::Child, String) {
-    let mut child = Command::new(VMCP)
-        .args(["mcp", "serve", "--http", "127.0.0.1:0"])
-        .args(vm::image_args())
-        .env("XDG_RUNTIME_DIR", runtime)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let url = loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "vmcp mcp serve exited early"
-        );
-        if let Some(u) = line.trim().strip_prefix("vmcp: MCP server listening on ") {
-            break u.to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in err.lines() {});
-    (child, url)
-}
-
 async fn http_client(
     url: &str,
     lifecycle: Lifecycle,
@@ -309,7 +281,8 @@ fn http_both_generations_then_sigterm_destroys_every_sandbox() {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
-    let (mut child, url) = serve_http(runtime.path());
+    let (mut child, url) =
+        vmcp_test_support::mcp_serve_http(VMCP, runtime.path(), &vm::image_args());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -352,7 +325,8 @@ fn sigkill_of_the_server_takes_its_vms_down_and_the_next_start_sweeps() {
         return;
     }
     let runtime = tempfile::tempdir().unwrap();
-    let (mut child, url) = serve_http(runtime.path());
+    let (mut child, url) =
+        vmcp_test_support::mcp_serve_http(VMCP, runtime.path(), &vm::image_args());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

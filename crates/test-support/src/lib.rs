@@ -1,9 +1,11 @@
 //! Test-only helpers shared by the vmcp crates (a dev-dependency only).
 
 mod http;
+mod serve;
 pub mod vm;
 
 pub use http::http_server;
+pub use serve::mcp_serve_http;
 
 /// Prints why a test is skipped, straight to the process's stderr.
 ///
