@@ -11,29 +11,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{prerequisites, vm_lock, READY_TIMEOUT};
-use vmcp_guest_proto::ExitStatus;
-use vmcp_vm::agent::{AgentClient, ExecSpec};
+use common::{prerequisites, sh, vm_lock, READY_TIMEOUT};
 use vmcp_vm::qemu::snapshot::RAM_IN_STATE_FILE;
 use vmcp_vm::qemu::QemuBackend;
 use vmcp_vm::{Vm, VmState};
-
-async fn sh(agent: &AgentClient, script: &str) -> String {
-    let out = agent
-        .exec(ExecSpec::new(["sh", "-c", script]))
-        .await
-        .unwrap()
-        .wait_with_output()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status,
-        ExitStatus::Code(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 const FILES: &str = "for f in a b c d; do test -e /root/$f && echo -n $f; done; echo";
 

@@ -11,30 +11,11 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{prerequisites, vm_lock, Image, READY_TIMEOUT};
-use vmcp_guest_proto::ExitStatus;
-use vmcp_vm::agent::{AgentClient, ExecSpec};
+use common::{prerequisites, sh, vm_lock, Image, READY_TIMEOUT};
 use vmcp_vm::lifecycle::SnapshotManifest;
 use vmcp_vm::qemu::snapshot::{MEMORY_FILE, STATE_FILE};
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
 use vmcp_vm::{Vm, VmError, VmState};
-
-async fn sh(agent: &AgentClient, script: &str) -> String {
-    let out = agent
-        .exec(ExecSpec::new(["sh", "-c", script]))
-        .await
-        .unwrap()
-        .wait_with_output()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status,
-        ExitStatus::Code(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Boots a VM with its memory in a file, leaves a file behind, saves it into `snap`, and
 /// checks that the VM runs on after the save (a checkpoint); a file written after the save

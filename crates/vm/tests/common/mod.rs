@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vmcp_guest_proto::ExitStatus;
+use vmcp_vm::agent::{AgentClient, ExecSpec};
 use vmcp_vm::qemu::{QemuBackend, QemuVm};
 use vmcp_vm::{AgentInfo, Arch, Vm, VmConfig};
 
@@ -93,4 +95,22 @@ pub async fn boot(img: &Image, backend: QemuBackend) -> (QemuVm, AgentInfo) {
         Err(e) => panic!("boot failed: {e}"),
     };
     (vm, info)
+}
+
+/// Runs `sh -c script` in the guest, asserts exit 0, returns its stdout.
+pub async fn sh(agent: &AgentClient, script: &str) -> String {
+    let out = agent
+        .exec(ExecSpec::new(["sh", "-c", script]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status,
+        ExitStatus::Code(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
