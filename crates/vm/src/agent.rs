@@ -768,28 +768,51 @@ impl AgentClient {
     /// more than `max` bytes arrived (the guest is told to stop sending the rest), so the
     /// host never holds more than `max` bytes of it.
     pub async fn read_file_max(&self, path: &str, max: usize) -> Result<Vec<u8>, AgentError> {
+        let mut out = Vec::new();
+        let request = |id| HostMsg::ReadFile {
+            id,
+            path: path.to_string(),
+        };
+        let mut sink = |data: &[u8]| {
+            out.extend_from_slice(data);
+            Ok(())
+        };
+        self.collect_chunks(request, "a file read", "the file", max as u64, &mut sink)
+            .await?;
+        Ok(out)
+    }
+
+    /// Sends the request `request(id)` makes and feeds the guest's [`GuestMsg::FileData`]
+    /// answers to `sink` until the last one; returns the bytes received. More than `max` bytes
+    /// in all is [`AgentError::TooLarge`] naming `what`, raised before the chunk that would
+    /// pass the bound reaches `sink` (the rest of the answer is discarded).
+    async fn collect_chunks(
+        &self,
+        request: impl FnOnce(RequestId) -> HostMsg,
+        waiting_for: &'static str,
+        what: &'static str,
+        max: u64,
+        sink: &mut (dyn FnMut(&[u8]) -> Result<(), AgentError> + Send),
+    ) -> Result<u64, AgentError> {
         let (mut answers, _) = self.register(false)?;
         let id = answers.id;
         let res = async {
-            self.send(&HostMsg::ReadFile {
-                id,
-                path: path.to_string(),
-            })
-            .await?;
-            let mut out = Vec::new();
+            self.send(&request(id)).await?;
+            let mut total: u64 = 0;
             loop {
-                match self.one_answer(&mut answers, "a file read").await? {
+                match self.one_answer(&mut answers, waiting_for).await? {
                     GuestMsg::FileData { data, eof, .. } => {
-                        if out.len().saturating_add(data.len()) > max {
+                        total = total.saturating_add(data.len() as u64);
+                        if total > max {
                             return Err(AgentError::TooLarge {
-                                what: "the file",
-                                limit: max,
+                                what,
+                                limit: usize::try_from(max).unwrap_or(usize::MAX),
                                 action: "",
                             });
                         }
-                        out.extend_from_slice(&data);
+                        sink(&data)?;
                         if eof {
-                            return Ok(out);
+                            return Ok(total);
                         }
                     }
                     other => return Err(AgentError::Unexpected(describe(&other))),
@@ -808,36 +831,20 @@ impl AgentClient {
     /// one [`Change`] per created, modified or deleted path. The guest's answer is bounded
     /// by [`MAX_CHANGES_BYTES`]; an agent that sends more is cut off with an error.
     pub async fn list_changes(&self) -> Result<Changes, AgentError> {
-        let (mut answers, _) = self.register(false)?;
-        let id = answers.id;
-        let res = async {
-            self.send(&HostMsg::ListChanges { id }).await?;
-            let mut text = Vec::new();
-            loop {
-                match self.one_answer(&mut answers, "a change list").await? {
-                    GuestMsg::FileData { data, eof, .. } => {
-                        if text.len() + data.len() > MAX_CHANGES_BYTES {
-                            return Err(AgentError::TooLarge {
-                                what: "the change list",
-                                limit: MAX_CHANGES_BYTES,
-                                action: "",
-                            });
-                        }
-                        text.extend_from_slice(&data);
-                        if eof {
-                            return Ok(Changes::parse(&text));
-                        }
-                    }
-                    other => return Err(AgentError::Unexpected(describe(&other))),
-                }
-            }
-        }
-        .await;
-        match &res {
-            Ok(_) => self.unregister(id),
-            Err(_) => self.discard(id),
-        }
-        res
+        let mut text = Vec::new();
+        let mut sink = |data: &[u8]| {
+            text.extend_from_slice(data);
+            Ok(())
+        };
+        self.collect_chunks(
+            |id| HostMsg::ListChanges { id },
+            "a change list",
+            "the change list",
+            MAX_CHANGES_BYTES as u64,
+            &mut sink,
+        )
+        .await?;
+        Ok(Changes::parse(&text))
     }
 
     /// Streams the changes of writable share `index` (in [`crate::VmConfig::shares`] order) as
@@ -849,39 +856,18 @@ impl AgentClient {
         max_bytes: u64,
         sink: &mut (dyn std::io::Write + Send),
     ) -> Result<u64, AgentError> {
-        let (mut answers, _) = self.register(false)?;
-        let id = answers.id;
-        let res = async {
-            self.send(&HostMsg::ExportShare { id, index }).await?;
-            let mut total: u64 = 0;
-            loop {
-                match self.one_answer(&mut answers, "a share's changes").await? {
-                    GuestMsg::FileData { data, eof, .. } => {
-                        total += data.len() as u64;
-                        if total > max_bytes {
-                            return Err(AgentError::TooLarge {
-                                what: "the share's changes",
-                                limit: usize::try_from(max_bytes).unwrap_or(usize::MAX),
-                                action: "",
-                            });
-                        }
-                        sink.write_all(&data).map_err(|e| {
-                            AgentError::Invalid(format!("cannot store the share's changes: {e}"))
-                        })?;
-                        if eof {
-                            return Ok(total);
-                        }
-                    }
-                    other => return Err(AgentError::Unexpected(describe(&other))),
-                }
-            }
-        }
-        .await;
-        match &res {
-            Ok(_) => self.unregister(id),
-            Err(_) => self.discard(id),
-        }
-        res
+        let mut write = |data: &[u8]| {
+            sink.write_all(data)
+                .map_err(|e| AgentError::Invalid(format!("cannot store the share's changes: {e}")))
+        };
+        self.collect_chunks(
+            |id| HostMsg::ExportShare { id, index },
+            "a share's changes",
+            "the share's changes",
+            max_bytes,
+            &mut write,
+        )
+        .await
     }
 
     /// Asks the guest to sync and power off. Returns when the agent has accepted (or the
