@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, Counters, Fake};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use vmcp_mcp::http::{
@@ -113,26 +113,7 @@ async fn progress_arrives_on_the_sse_answer() {
     let s = start(|_| {}).await;
     for lifecycle in [Lifecycle::Initialize, Lifecycle::Discover] {
         let c = client(&s.url(), lifecycle).await;
-        let mut notes = c.notifications();
-        let params = vmcp_mcp::jsonrpc::to_raw(
-            &json!({"name": "slow", "arguments": {"ms": 1}, "_meta": {"progressToken": "tok"}}),
-        )
-        .unwrap();
-        let r: Value = serde_json::from_str(
-            c.request_raw("tools/call", Some(params))
-                .await
-                .unwrap()
-                .get(),
-        )
-        .unwrap();
-        assert_eq!(r["structuredContent"]["slept"], 1);
-        let mut msgs = Vec::new();
-        while let Ok(n) = notes.try_recv() {
-            msgs.push(
-                serde_json::from_str::<Value>(n.params.unwrap().get()).unwrap()["message"].clone(),
-            );
-        }
-        assert_eq!(msgs, [json!("step 0"), json!("step 1"), json!("step 2")]);
+        common::slow_call_reports_progress(&c).await;
         c.close().await;
     }
     s.stop().await;

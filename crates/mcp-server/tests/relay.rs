@@ -159,26 +159,7 @@ async fn each_session_gets_its_own_server_and_ends_it() {
     assert_eq!(r.structured_content.unwrap()["sum"], 5);
     a.ping().await.unwrap();
     // Progress from the server travels on the SSE answer of its call.
-    let mut notes = a.notifications();
-    let params = vmcp_mcp::jsonrpc::to_raw(
-        &json!({"name": "slow", "arguments": {"ms": 1}, "_meta": {"progressToken": "tok"}}),
-    )
-    .unwrap();
-    let r: Value = serde_json::from_str(
-        a.request_raw("tools/call", Some(params))
-            .await
-            .unwrap()
-            .get(),
-    )
-    .unwrap();
-    assert_eq!(r["structuredContent"]["slept"], 1);
-    let mut msgs = Vec::new();
-    while let Ok(n) = notes.try_recv() {
-        msgs.push(
-            serde_json::from_str::<Value>(n.params.unwrap().get()).unwrap()["message"].clone(),
-        );
-    }
-    assert_eq!(msgs, [json!("step 0"), json!("step 1"), json!("step 2")]);
+    common::slow_call_reports_progress(&a).await;
     // Closing a client (DELETE) ends its server only.
     a.close().await;
     eventually("a's server ended", || {

@@ -89,3 +89,28 @@ pub async fn eventually(what: &str, f: impl Fn() -> bool) {
     }
     assert!(f(), "timed out waiting for: {what}");
 }
+
+/// Calls the fake's `slow` tool with a progress token and checks the answer and that its three
+/// progress notifications arrived before it.
+pub async fn slow_call_reports_progress<T: vmcp_mcp::Transport>(c: &vmcp_mcp::Client<T>) {
+    let mut notes = c.notifications();
+    let params = vmcp_mcp::jsonrpc::to_raw(
+        &json!({"name": "slow", "arguments": {"ms": 1}, "_meta": {"progressToken": "tok"}}),
+    )
+    .unwrap();
+    let r: Value = serde_json::from_str(
+        c.request_raw("tools/call", Some(params))
+            .await
+            .unwrap()
+            .get(),
+    )
+    .unwrap();
+    assert_eq!(r["structuredContent"]["slept"], 1);
+    let mut msgs = Vec::new();
+    while let Ok(n) = notes.try_recv() {
+        msgs.push(
+            serde_json::from_str::<Value>(n.params.unwrap().get()).unwrap()["message"].clone(),
+        );
+    }
+    assert_eq!(msgs, [json!("step 0"), json!("step 1"), json!("step 2")]);
+}
