@@ -26,7 +26,18 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => {
             let shown = e.to_string();
             if let Some((before, rest)) = b.split_once('?') {
-                if rest.len() > 8 && !a.contains(rest) && !before.contains(rest) {
+                // The message for the same target without its query is the baseline: text
+                // that the fixed wording ("more than 3 redirects") happens to share with the
+                // query is not a leak.
+                let baseline = redirect::check(a, before, hops, 3)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                if rest.len() > 8
+                    && !a.contains(rest)
+                    && !before.contains(rest)
+                    && !baseline.contains(rest)
+                {
                     assert!(!shown.contains(rest), "query shown: {shown}");
                 }
             }

@@ -14,7 +14,10 @@ for t in $targets; do
   # A private corpus dir per run: nothing is written into the repository.
   corpus=$(mktemp -d)
   rc=0
-  cargo fuzz run "$t" "$corpus" -- -max_total_time="$secs" -print_final_stats=1 >"$corpus.log" 2>&1 || rc=$?
+  # Inputs that once failed (fuzz/regressions/<target>/) are replayed first, every run.
+  seeds=()
+  [ -d "regressions/$t" ] && seeds=("regressions/$t")
+  cargo fuzz run "$t" "$corpus" "${seeds[@]}" -- -max_total_time="$secs" -print_final_stats=1 >"$corpus.log" 2>&1 || rc=$?
   grep -E '^(stat::number_of_executed_units|==[0-9]+==|SUMMARY|Done)' "$corpus.log" >&2 || true
   [ "$rc" = 0 ] || tail -n 40 "$corpus.log" >&2
   rm -rf "$corpus" "$corpus.log"
