@@ -734,7 +734,9 @@ mod tests {
         std::fs::write(snap.join(RECORD_FILE), b"{not json").unwrap();
         assert!(read_record(&snap).unwrap_err().contains("not JSON"));
         std::fs::write(snap.join(RECORD_FILE), br#"{"format": 99}"#).unwrap();
-        assert!(read_record(&snap).unwrap_err().contains("format 2"));
+        assert!(read_record(&snap)
+            .unwrap_err()
+            .contains(&format!("format {RECORD_FORMAT}")));
         // A huge record is read only up to the bound, then fails to parse.
         std::fs::write(snap.join(RECORD_FILE), vec![b' '; 200_000]).unwrap();
         assert!(read_record(&snap).is_err());
