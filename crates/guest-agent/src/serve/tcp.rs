@@ -286,12 +286,11 @@ impl Tunnels {
             finish2();
         };
         let started = spawn_thread("tcp-read", read_side).and_then(|()| {
-            spawn_thread("tcp-write", write_side).map_err(|e| {
-                // The reader runs: closing the socket ends it; it then forgets the connection.
+            spawn_thread("tcp-write", write_side).inspect_err(|_| {
+                // The reader runs: closing the socket ends it.
                 if let Some(c) = lock(&self.conns).get(&id) {
                     let _ = c.socket.shutdown(Shutdown::Both);
                 }
-                e
             })
         });
         if let Err(e) = started {
