@@ -1332,5 +1332,7 @@ impl ProcessControl {
     }
 }
 
+mod tunnel;
+
 #[cfg(test)]
 mod tests;
