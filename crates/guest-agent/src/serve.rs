@@ -479,6 +479,7 @@ impl Server<'_> {
                 token.clone_from(&r.token);
                 hello.token = r.token;
                 drop(token);
+                self.tunnels.forget_requests();
                 self.out.send(&GuestMsg::Hello(hello))
             }
             Err((kind, message)) => self.out.fail(r.id, kind, message),

@@ -348,6 +348,19 @@ impl Tunnels {
         }
     }
 
+    /// After a re-key (a restored snapshot, a rewind, a fork) the host is a new one: accept
+    /// requests of the old one are dropped (else a client would go to an id nobody serves)
+    /// and its connections closed; listeners stay for the new host's requests.
+    pub(super) fn forget_requests(&self) {
+        for l in lock(&self.listeners).values() {
+            lock(&l.waiting).clear();
+        }
+        for c in lock(&self.conns).values_mut() {
+            let _ = c.socket.shutdown(Shutdown::Both);
+            c.tx = None;
+        }
+    }
+
     /// The session ends: listeners close (their ports are free for the next session) and
     /// every connection is shut down.
     pub(super) fn close_all(&self) {

@@ -267,3 +267,52 @@ fn the_end_of_the_session_frees_the_port_and_closes_connections() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+fn accept_rekey(_: &vmcp_guest_proto::Rekey) -> io::Result<u64> {
+    Ok(1)
+}
+
+#[test]
+fn a_rekey_drops_the_old_hosts_accepts_and_connections() {
+    let mut h = Host::with_options(|o| o.apply_rekey = Some(accept_rekey));
+    let port = free_port();
+    h.send(HostMsg::TcpAccept { id: 1, port });
+    h.send(HostMsg::TcpAccept { id: 2, port });
+    let mut old = dial(port);
+    assert_eq!(h.recv(), GuestMsg::Connected { id: 1 });
+    h.send(HostMsg::Rekey(vmcp_guest_proto::Rekey {
+        id: 50,
+        token: "tok-new".into(),
+        entropy: vec![3; 32],
+        unix_time_ns: 1,
+        hostname: "vmcp-fork".into(),
+    }));
+    // The old host's connection is closed; its end of file may come before the hello.
+    let mut rest = Vec::new();
+    let _ = old.read_to_end(&mut rest);
+    loop {
+        match h.recv() {
+            GuestMsg::Hello(hello) => {
+                assert_eq!(hello.token, "tok-new");
+                break;
+            }
+            GuestMsg::TcpEof { id: 1 } | GuestMsg::Failed { id: 1, .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // The new host numbers its requests from 1 again: accept 2 of the old host is gone, so
+    // the next client goes to the new host's request.
+    h.send(HostMsg::TcpAccept { id: 2, port });
+    let _new = dial(port);
+    loop {
+        match h.recv() {
+            GuestMsg::Connected { id } => {
+                assert_eq!(id, 2);
+                break;
+            }
+            GuestMsg::TcpEof { id: 1 } | GuestMsg::Failed { id: 1, .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    h.close().unwrap();
+}
