@@ -5,7 +5,7 @@
 //! - A listener is made by the first accept request for its port, on `127.0.0.1` only, and
 //!   lives until the channel session ends. One thread per listener accepts, and only while an
 //!   accept request is waiting: connections nobody asked for yet stay in the kernel's
-//!   backlog, never in this process.
+//!   backlog (at most one waits here, when its request was withdrawn while it arrived).
 //! - Each connection has two threads: a reader that sends [`GuestMsg::TcpData`] within the
 //!   connection's output window (the same windows as process output, so
 //!   [`HostMsg::Credit`] and [`HostMsg::Discard`] work unchanged) and a writer that puts
@@ -181,12 +181,24 @@ impl Tunnels {
                     continue;
                 }
             };
-            if l.closed.load(Ordering::Acquire) {
-                // The wake-up connection of `close_all`, or a late client: refused by the drop.
-                return;
-            }
-            let Some(id) = lock(&l.waiting).pop_front() else {
-                continue;
+            // The request it was accepted for may have been withdrawn meanwhile: the
+            // connection then waits here (one at most) for the next request.
+            let id = {
+                let mut waiting = lock(&l.waiting);
+                loop {
+                    if l.closed.load(Ordering::Acquire) {
+                        // The wake-up connection of `close_all`, or a late client: closed by
+                        // the drop.
+                        return;
+                    }
+                    if let Some(id) = waiting.pop_front() {
+                        break id;
+                    }
+                    waiting = l
+                        .wake
+                        .wait(waiting)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
             };
             self.open(id, stream);
         }

@@ -31,29 +31,104 @@ impl Drop for Pending {
     }
 }
 
+/// An accept request the guest agent has received: its listener is up (when made by
+/// [`AgentClient::tcp_listen`]) and the next client goes to this request. Dropping it
+/// withdraws the request.
+pub struct PendingAccept {
+    client: AgentClient,
+    answers: Answers,
+    window: Arc<StdinWindow>,
+    /// An answer that arrived while checking the listener.
+    early: Option<GuestMsg>,
+    guard: Pending,
+}
+
+impl std::fmt::Debug for PendingAccept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAccept")
+            .field("id", &self.answers.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAccept {
+    /// Waits for the client (as long as it takes) and returns its connection as a local
+    /// stream.
+    pub async fn connected(mut self) -> Result<DuplexStream, AgentError> {
+        let answer = match self.early.take() {
+            Some(msg) => Some(msg),
+            None => self.answers.recv(&self.client).await,
+        };
+        self.client
+            .tunnel_answer(answer, self.answers, self.window, self.guard)
+    }
+}
+
 impl AgentClient {
     /// Waits for the next TCP connection a guest process makes to `127.0.0.1:port` in the
-    /// guest and returns it as a local stream. The first call for a port makes the agent
-    /// listen there; connections made while no call waits stay in the guest kernel's backlog.
+    /// guest and returns it as a local stream (see [`AgentClient::tcp_accept_request`]).
     /// Waits as long as it takes (no answer timeout); dropping the future withdraws the
-    /// request. Needs the agent's [`Capabilities::TCP`].
+    /// request (a client that arrives while the withdrawal is on its way is closed: it sees
+    /// its connection end, never a hang).
     pub async fn tcp_accept(&self, port: u16) -> Result<DuplexStream, AgentError> {
-        self.open_tunnel(HostMsg::TcpAccept { id: 0, port }, "a TCP accept")
-            .await
+        self.tcp_accept_request(port).await?.connected().await
+    }
+
+    /// Sends an accept request for guest `127.0.0.1:port` and returns once it is sent. The
+    /// first request for a port makes the agent listen there; connections made while no
+    /// request waits stay in the guest kernel's backlog. Needs the agent's
+    /// [`Capabilities::TCP`].
+    pub async fn tcp_accept_request(&self, port: u16) -> Result<PendingAccept, AgentError> {
+        let (answers, window, guard) = self.send_tunnel_request(port, true).await?;
+        Ok(PendingAccept {
+            client: self.clone(),
+            answers,
+            window,
+            early: None,
+            guard,
+        })
+    }
+
+    /// [`AgentClient::tcp_accept_request`], returning only once the agent listens on the
+    /// port (a round trip later), so that a guest process started after this finds the
+    /// listener; fails if the agent cannot listen there.
+    pub async fn tcp_listen(&self, port: u16) -> Result<PendingAccept, AgentError> {
+        let mut pending = self.tcp_accept_request(port).await?;
+        // The agent handles requests in order: once the ping is answered, the accept was
+        // handled, and a failure to listen is already queued for it.
+        self.ping().await?;
+        if let Ok(msg) = pending.answers.rx.try_recv() {
+            pending
+                .answers
+                .queued
+                .fetch_sub(super::queue_cost(&msg), Ordering::AcqRel);
+            match msg {
+                GuestMsg::Failed { kind, message, .. } => return Err(failed(kind, &message)),
+                other => pending.early = Some(other),
+            }
+        }
+        Ok(pending)
     }
 
     /// Connects to `127.0.0.1:port` in the guest and returns the connection as a local
     /// stream; fails if nothing listens there. Needs the agent's [`Capabilities::TCP`].
     pub async fn tcp_connect(&self, port: u16) -> Result<DuplexStream, AgentError> {
-        self.open_tunnel(HostMsg::TcpConnect { id: 0, port }, "a TCP connect")
+        let (mut answers, window, guard) = self.send_tunnel_request(port, false).await?;
+        let after = self.shared.limits.answer_timeout;
+        let answer = tokio::time::timeout(after, answers.recv(self))
             .await
+            .map_err(|_| AgentError::NoAnswer {
+                what: "a TCP connect",
+                after,
+            })?;
+        self.tunnel_answer(answer, answers, window, guard)
     }
 
-    async fn open_tunnel(
+    async fn send_tunnel_request(
         &self,
-        mut req: HostMsg,
-        what: &'static str,
-    ) -> Result<DuplexStream, AgentError> {
+        port: u16,
+        accept: bool,
+    ) -> Result<(Answers, Arc<StdinWindow>, Pending), AgentError> {
         if !self.hello().capabilities.has(Capabilities::TCP) {
             return Err(AgentError::Invalid(
                 "this guest agent cannot tunnel TCP connections: rebuild the image with \
@@ -61,40 +136,38 @@ impl AgentClient {
                     .into(),
             ));
         }
-        let (mut answers, window) = self.register(true)?;
+        let (answers, window) = self.register(true)?;
         let id = answers.id;
         let window = window.ok_or_else(|| AgentError::Invalid("no tunnel window".into()))?;
-        match &mut req {
-            HostMsg::TcpAccept { id: i, .. } | HostMsg::TcpConnect { id: i, .. } => *i = id,
-            _ => {
-                return Err(AgentError::Invalid(format!(
-                    "{what} is not a tunnel request"
-                )))
-            }
-        }
-        let mut pending = Pending {
+        let guard = Pending {
             client: self.clone(),
             id,
             armed: true,
         };
-        self.send(&req).await?;
-        let answer = match &req {
-            // An accept waits for a client for as long as it takes.
-            HostMsg::TcpAccept { .. } => answers.recv(self).await,
-            _ => {
-                let after = self.shared.limits.answer_timeout;
-                tokio::time::timeout(after, answers.recv(self))
-                    .await
-                    .map_err(|_| AgentError::NoAnswer { what, after })?
-            }
+        let req = if accept {
+            HostMsg::TcpAccept { id, port }
+        } else {
+            HostMsg::TcpConnect { id, port }
         };
+        self.send(&req).await?;
+        Ok((answers, window, guard))
+    }
+
+    /// The guest's answer to a tunnel request: a connection (its pump started) or the error.
+    fn tunnel_answer(
+        &self,
+        answer: Option<GuestMsg>,
+        answers: Answers,
+        window: Arc<StdinWindow>,
+        mut guard: Pending,
+    ) -> Result<DuplexStream, AgentError> {
         match answer {
             Some(GuestMsg::Connected { .. }) => {}
             Some(GuestMsg::Failed { kind, message, .. }) => return Err(failed(kind, &message)),
             Some(other) => return Err(AgentError::Unexpected(describe(&other))),
             None => return Err(self.shared.closed_error()),
         }
-        pending.armed = false;
+        guard.armed = false;
         let (near, far) = tokio::io::duplex(PIPE_BYTES);
         tokio::spawn(pump(self.clone(), answers, window, far));
         Ok(near)

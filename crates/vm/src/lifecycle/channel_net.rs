@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, PendingAccept};
 use crate::net::{self, ChannelNet, PortForward};
 use crate::VmError;
 
@@ -45,6 +45,8 @@ impl ChannelNetTasks {
 struct AgentListener {
     client: AgentClient,
     port: u16,
+    /// The request made before the proxy started (so the guest listens from the start).
+    first: Option<PendingAccept>,
 }
 
 impl vmcp_egress::Accept for AgentListener {
@@ -55,12 +57,18 @@ impl vmcp_egress::Accept for AgentListener {
                 // The VM is going away; the proxy stops when its handle is dropped.
                 return std::future::pending().await;
             }
-            match self.client.tcp_accept(self.port).await {
-                Ok(conn) => return Ok(conn),
-                Err(e) if self.client.is_closed() => {
-                    tracing::debug!(error = %e, "the agent channel closed under the egress proxy");
-                }
-                Err(e) => return Err(std::io::Error::other(e)),
+            let pending = match self.first.take() {
+                Some(p) => Ok(p),
+                None => self.client.tcp_accept_request(self.port).await,
+            };
+            match pending.map(PendingAccept::connected) {
+                Ok(connected) => match connected.await {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) if !self.client.is_closed() => return Err(std::io::Error::other(e)),
+                    Err(_) => {}
+                },
+                Err(e) if !self.client.is_closed() => return Err(std::io::Error::other(e)),
+                Err(_) => {}
             }
         }
     }
@@ -88,10 +96,15 @@ pub(super) async fn start(
             .push(tokio::spawn(serve_published(listener, client.clone(), fwd)));
     }
     if let Some((policy, gate)) = net.egress {
+        let port = net::TUNNEL_PROXY.port();
+        // Listening before the first command runs: a process started right after ready
+        // finds the proxy.
+        let first = client.tcp_listen(port).await?;
         let proxy = net::egress_proxy(&policy, gate.as_ref());
         tasks.proxy = Some(proxy.spawn(AgentListener {
             client: client.clone(),
-            port: net::TUNNEL_PROXY.port(),
+            port,
+            first: Some(first),
         }));
     }
     Ok(tasks)

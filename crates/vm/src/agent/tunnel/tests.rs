@@ -130,6 +130,10 @@ async fn a_withdrawn_accept_does_not_swallow_the_next_connection() {
     // Nobody connects: the accept is dropped after a while (and withdrawn in the guest).
     let gave_up = tokio::time::timeout(Duration::from_millis(300), client.tcp_accept(port)).await;
     assert!(gave_up.is_err(), "an accept without a client returned");
+    // Once the agent has handled the withdrawal (it handles requests in order), a client
+    // goes to the next request. (A client that crosses the withdrawal is closed instead:
+    // `a_connection_for_a_request_nobody_waits_for_is_closed`.)
+    client.ping().await.unwrap();
     let guest = guest_client(port, b"for the second accept".to_vec());
     let mut conn = tokio::time::timeout(Duration::from_secs(10), client.tcp_accept(port))
         .await
@@ -164,4 +168,35 @@ async fn an_agent_without_the_capability_is_refused_on_the_host() {
     let err = client.tcp_accept(3128).await.unwrap_err();
     assert!(err.to_string().contains("cannot tunnel TCP"), "{err}");
     drop(guest);
+}
+
+#[tokio::test]
+async fn a_connection_for_a_request_nobody_waits_for_is_closed() {
+    let (host, mut guest) = tokio::io::duplex(4096);
+    let hello = vmcp_guest_proto::GuestMsg::Hello(vmcp_guest_proto::Hello {
+        protocol_version: vmcp_guest_proto::PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        capabilities: Capabilities(Capabilities::TCP),
+        token: TOKEN.into(),
+        boot_ns: 0,
+    });
+    vmcp_guest_proto::write_msg_async(&mut guest, &hello)
+        .await
+        .unwrap();
+    let _client = AgentClient::connect(host, TOKEN, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // The guest hands a connection to request 77, which the host never made (or withdrew).
+    vmcp_guest_proto::write_msg_async(&mut guest, &GuestMsg::Connected { id: 77 })
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let msg = tokio::time::timeout(
+        Duration::from_secs(5),
+        vmcp_guest_proto::read_msg_async::<HostMsg, _>(&mut guest, &mut buf),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(msg, Some(HostMsg::Discard { id: 77 }));
 }
