@@ -63,7 +63,7 @@ pub use init::main;
 #[cfg(unix)]
 pub use serve::{
     serve, RekeyFn, ServeEnd, ServeError, ServeOptions, DEFAULT_PATH, LINGER, MAX_HOSTNAME,
-    MIN_REKEY_ENTROPY,
+    MAX_TUNNEL_CONNECTIONS, MAX_TUNNEL_PORTS, MAX_WAITING_ACCEPTS, MIN_REKEY_ENTROPY,
 };
 #[cfg(not(target_os = "linux"))]
 pub use unsupported::main;
@@ -83,7 +83,8 @@ pub fn capabilities(rootfs: bool) -> Capabilities {
         | Capabilities::FILES
         | Capabilities::POWEROFF
         | Capabilities::SIGNAL
-        | Capabilities::REKEY;
+        | Capabilities::REKEY
+        | Capabilities::TCP;
     if rootfs {
         bits |= Capabilities::ROOTFS;
     }

@@ -60,6 +60,11 @@ use crate::sys::{self, WaitStatus};
 /// reported without waiting for their end of file.
 pub const LINGER: Duration = Duration::from_millis(250);
 
+pub use tcp::{
+    MAX_CONNECTIONS as MAX_TUNNEL_CONNECTIONS, MAX_LISTENERS as MAX_TUNNEL_PORTS,
+    MAX_WAITING_ACCEPTS,
+};
+
 /// `PATH` of processes started by the agent unless the request overrides it.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -299,6 +304,7 @@ struct Server<'a> {
     out: Out,
     procs: Procs,
     windows: Windows,
+    tunnels: Arc<tcp::Tunnels>,
     reaper: Option<Arc<Reaper>>,
     options: &'a ServeOptions,
 }
@@ -327,10 +333,12 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     } else {
         None
     };
+    let windows: Windows = Arc::new(Mutex::new(HashMap::new()));
     let server = Server {
+        tunnels: Arc::new(tcp::Tunnels::new(out.clone(), Arc::clone(&windows))),
         out,
         procs: Arc::new(Mutex::new(HashMap::new())),
-        windows: Arc::new(Mutex::new(HashMap::new())),
+        windows,
         reaper,
         options,
     };
@@ -369,6 +377,7 @@ impl Server<'_> {
                     if let Some(w) = lock(&self.windows).get(&id) {
                         w.discard();
                     }
+                    self.tunnels.discard(id);
                     Ok(())
                 }
                 HostMsg::StdinEof { id } => {
@@ -412,6 +421,16 @@ impl Server<'_> {
                     return Ok(ServeEnd::Poweroff);
                 }
                 HostMsg::Rekey(r) => self.rekey(r),
+                HostMsg::TcpAccept { id, port } => self.tunnels.accept(id, port),
+                HostMsg::TcpConnect { id, port } => self.tunnels.connect(id, port),
+                HostMsg::TcpData { id, data } => {
+                    self.tunnels.data(id, data);
+                    Ok(())
+                }
+                HostMsg::TcpEof { id } => {
+                    self.tunnels.eof(id);
+                    Ok(())
+                }
                 other => {
                     eprintln!("vmcp-agent: ignoring unsupported request {other:?}");
                     Ok(())
@@ -463,6 +482,7 @@ impl Server<'_> {
                 token.clone_from(&r.token);
                 hello.token = r.token;
                 drop(token);
+                self.tunnels.forget_requests();
                 self.out.send(&GuestMsg::Hello(hello))
             }
             Err((kind, message)) => self.out.fail(r.id, kind, message),
@@ -470,6 +490,7 @@ impl Server<'_> {
     }
 
     fn kill_all(&self) {
+        self.tunnels.close_all();
         let mut procs = lock(&self.procs);
         for p in procs.values() {
             let _ = sys::kill(-p.pid, libc::SIGKILL);
@@ -1103,6 +1124,7 @@ fn send_file(
 fn describe(msg: &HostMsg) -> String {
     match msg {
         HostMsg::Stdin { id, data } => format!("stdin id={id} {} bytes", data.len()),
+        HostMsg::TcpData { id, data } => format!("tcp data id={id} {} bytes", data.len()),
         HostMsg::WriteFile {
             id,
             path,
@@ -1117,5 +1139,6 @@ fn describe(msg: &HostMsg) -> String {
     }
 }
 
+mod tcp;
 #[cfg(test)]
 mod tests;

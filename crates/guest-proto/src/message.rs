@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 ///
 /// History: 1 = the first message set; 2 = per-request flow control ([`HostMsg::Credit`],
 /// [`HostMsg::Discard`], [`GuestMsg::StdinCredit`], [`STREAM_WINDOW`]). [`HostMsg::Rekey`]
-/// came without a version change: it is gated by [`Capabilities::REKEY`].
+/// came without a version change: it is gated by [`Capabilities::REKEY`]; so did the TCP
+/// tunnel ([`HostMsg::TcpAccept`], [`HostMsg::TcpConnect`], [`Capabilities::TCP`]).
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Flow-control window of one request, per direction, in credit units (see [`credit_cost`]).
@@ -67,6 +68,9 @@ impl Capabilities {
     /// Host directories are shared in and a writable share's changes can be exported
     /// ([`HostMsg::ExportShare`]).
     pub const SHARES: u64 = 1 << 7;
+    /// Tunnels TCP connections of guest loopback over the channel ([`HostMsg::TcpAccept`],
+    /// [`HostMsg::TcpConnect`]).
+    pub const TCP: u64 = 1 << 8;
 
     /// Whether every bit of `bits` is set.
     pub fn has(self, bits: u64) -> bool {
@@ -245,6 +249,44 @@ pub enum HostMsg {
         /// Share number.
         index: u32,
     },
+    /// Hand over the next TCP connection a guest process makes to `127.0.0.1:port` (capability
+    /// [`Capabilities::TCP`]). The first request for a port makes the agent listen there (on
+    /// guest loopback only; the listener lives as long as the channel session); connections
+    /// wait in the kernel's backlog until a request takes them, in request order. Answered by
+    /// [`GuestMsg::Connected`] once a connection arrives (no answer timeout applies), or by
+    /// [`GuestMsg::Failed`]. From then on `id` names the connection: see
+    /// [`HostMsg::TcpData`].
+    TcpAccept {
+        /// Request id; names the connection once it is answered.
+        id: RequestId,
+        /// Guest loopback port (not 0).
+        port: u16,
+    },
+    /// Connect to `127.0.0.1:port` in the guest (a port published to the host): answered by
+    /// [`GuestMsg::Connected`] or [`GuestMsg::Failed`]; then `id` names the connection.
+    TcpConnect {
+        /// Request id; names the connection once it is answered.
+        id: RequestId,
+        /// Guest loopback port (not 0).
+        port: u16,
+    },
+    /// Bytes for connection `id`, sent within the connection's window of
+    /// [`STREAM_WINDOW`] (the guest gives credit back with [`GuestMsg::StdinCredit`] once
+    /// the bytes are written to the socket).
+    TcpData {
+        /// Connection (its accept or connect request id).
+        id: RequestId,
+        /// Data (at most [`crate::CHUNK_SIZE`] bytes).
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The host sends no more bytes on connection `id` (the guest shuts the socket down for
+    /// writing once the queued bytes are written). [`HostMsg::Discard`] instead closes the
+    /// connection at once in both directions.
+    TcpEof {
+        /// Connection.
+        id: RequestId,
+    },
 }
 
 /// How a guest process ended.
@@ -337,12 +379,34 @@ pub enum GuestMsg {
     },
     /// Stdin of exec `id` worth `credit` units (see [`credit_cost`]) went into the process's
     /// pipe (or was dropped because the process closed it): the host may send that much more
-    /// within [`STREAM_WINDOW`].
+    /// within [`STREAM_WINDOW`]. The same for [`HostMsg::TcpData`] of connection `id`.
     StdinCredit {
-        /// Exec request id.
+        /// Exec request id or connection.
         id: RequestId,
         /// Credit units given back.
         credit: u32,
+    },
+    /// Answer to [`HostMsg::TcpAccept`] and [`HostMsg::TcpConnect`]: connection `id` is open.
+    Connected {
+        /// The request id, from now on the connection's.
+        id: RequestId,
+    },
+    /// Bytes a guest process wrote to connection `id`, sent within its output window like
+    /// [`GuestMsg::Stdout`].
+    TcpData {
+        /// Connection.
+        id: RequestId,
+        /// Data.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The guest process closed its side of connection `id` for writing (or the connection
+    /// ended): no more [`GuestMsg::TcpData`] follows. A connection that broke instead ends
+    /// with [`GuestMsg::Failed`]. The connection is over once both sides sent their end of
+    /// file; the host then forgets the id.
+    TcpEof {
+        /// Connection.
+        id: RequestId,
     },
 }
 
@@ -359,7 +423,10 @@ impl GuestMsg {
             | GuestMsg::Done { id }
             | GuestMsg::Failed { id, .. }
             | GuestMsg::FileData { id, .. }
-            | GuestMsg::StdinCredit { id, .. } => Some(*id),
+            | GuestMsg::StdinCredit { id, .. }
+            | GuestMsg::Connected { id }
+            | GuestMsg::TcpData { id, .. }
+            | GuestMsg::TcpEof { id } => Some(*id),
         }
     }
 
@@ -369,14 +436,17 @@ impl GuestMsg {
         match self {
             GuestMsg::Stdout { data, .. }
             | GuestMsg::Stderr { data, .. }
-            | GuestMsg::FileData { data, .. } => credit_cost(data.len()),
+            | GuestMsg::FileData { data, .. }
+            | GuestMsg::TcpData { data, .. } => credit_cost(data.len()),
             GuestMsg::Hello(_)
             | GuestMsg::Pong { .. }
             | GuestMsg::Started { .. }
             | GuestMsg::Exited { .. }
             | GuestMsg::Done { .. }
             | GuestMsg::Failed { .. }
-            | GuestMsg::StdinCredit { .. } => 0,
+            | GuestMsg::StdinCredit { .. }
+            | GuestMsg::Connected { .. }
+            | GuestMsg::TcpEof { .. } => 0,
         }
     }
 }

@@ -616,20 +616,7 @@ impl AgentClient {
     /// synchronous code too.
     fn discard(&self, id: RequestId) {
         self.unregister(id);
-        let Ok(frame) = encode(&HostMsg::Discard { id }) else {
-            return;
-        };
-        match self.shared.frames.try_send(frame) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(frame)) => {
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let frames = self.shared.frames.clone();
-                    rt.spawn(async move {
-                        let _ = frames.send(frame).await;
-                    });
-                }
-            }
-        }
+        queue_discard(&self.shared, id);
     }
 
     async fn send(&self, msg: &HostMsg) -> Result<(), AgentError> {
@@ -906,6 +893,24 @@ impl AgentClient {
     }
 }
 
+/// Tells the guest to stop request `id` (a discard), from synchronous code too.
+fn queue_discard(shared: &Shared, id: RequestId) {
+    let Ok(frame) = encode(&HostMsg::Discard { id }) else {
+        return;
+    };
+    match shared.frames.try_send(frame) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(frame)) => {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let frames = shared.frames.clone();
+                rt.spawn(async move {
+                    let _ = frames.send(frame).await;
+                });
+            }
+        }
+    }
+}
+
 /// Routes one message to its request. `Err` (with the reason) when the guest broke the
 /// protocol badly enough that the channel must close.
 fn route(shared: &Shared, msg: GuestMsg) -> Result<(), String> {
@@ -916,6 +921,12 @@ fn route(shared: &Shared, msg: GuestMsg) -> Result<(), String> {
     let mut routes = shared.routes();
     let Some(route) = routes.get(&id) else {
         // An answer to a request that ended or never was: dropped (costs nothing to keep).
+        // A connection for a withdrawn accept whose withdrawal crossed it is closed, so the
+        // guest's client sees the end instead of waiting for ever.
+        if matches!(msg, GuestMsg::Connected { .. }) {
+            drop(routes);
+            queue_discard(shared, id);
+        }
         return Ok(());
     };
     if let GuestMsg::StdinCredit { credit, .. } = msg {
@@ -1331,6 +1342,10 @@ impl ProcessControl {
             .await
     }
 }
+
+mod tunnel;
+
+pub use tunnel::PendingAccept;
 
 #[cfg(test)]
 mod tests;

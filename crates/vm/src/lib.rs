@@ -169,6 +169,11 @@ pub trait Vm: Send + Sync {
     fn capabilities(&self) -> VmCapabilities;
     /// The VM's private runtime directory (sockets, logs).
     fn runtime_dir(&self) -> &Path;
+    /// The counters and recent refusals of the VM's egress proxy (allow-list network only;
+    /// they stay readable after the proxy stopped). The default: no proxy.
+    fn egress_stats(&self) -> Option<std::sync::Arc<vmcp_egress::Stats>> {
+        None
+    }
     /// Starts the VM.
     async fn start(&mut self) -> Result<(), VmError>;
     /// Waits until the guest agent is ready, at most `timeout`.

@@ -12,6 +12,14 @@
 //! Published ports ([`PortForward`]) are QEMU `hostfwd` rules, on 127.0.0.1 unless an
 //! address is given; with [`NetMode::None`] they give the guest a restricted card that only
 //! accepts them.
+//!
+//! **Over the agent channel** ([`NetConfig::tunnel`]; always on backends without a
+//! per-connection forward: Virtualization.framework, QEMU on Windows): no card for the
+//! allow-list or for published ports. The guest agent listens on `127.0.0.1:3128`
+//! ([`TUNNEL_PROXY`]) and carries each connection over its channel to the VM's egress
+//! proxy on the host; a published port is a host listener whose connections the agent
+//! makes to the guest port. The lifecycle runs both ([`ChannelNet`]). Without a card the
+//! guest has no route anywhere else, by construction.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -33,6 +41,9 @@ pub const DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 pub const PROXY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
 /// Port of the egress proxy inside the guest's network.
 pub const PROXY_PORT: u16 = 3128;
+/// Where the guest finds the egress proxy when it travels over the agent channel.
+pub const TUNNEL_PROXY: std::net::SocketAddrV4 =
+    std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT);
 /// Most published ports per VM.
 pub const MAX_PUBLISH: usize = 64;
 
@@ -139,6 +150,35 @@ pub struct NetConfig {
     /// Decides about targets off the allow list in [`NetMode::Allow`] (an approval policy)
     /// instead of refusing them at once.
     pub gate: Option<EgressGate>,
+    /// Carry allow-list egress and published ports over the agent channel instead of a
+    /// network card (see the module docs). Backends without a per-connection forward set it
+    /// themselves.
+    pub tunnel: bool,
+}
+
+/// What the lifecycle serves over the agent channel of one VM ([`NetConfig::tunnel`]).
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct ChannelNet {
+    /// The egress policy and its gate, served to the guest's `127.0.0.1:3128`.
+    pub egress: Option<(Policy, Option<EgressGate>)>,
+    /// Host listeners whose connections go to guest ports.
+    pub publish: Vec<PortForward>,
+}
+
+/// The egress proxy of one VM under `policy` (and the host's own addresses, which are
+/// refused unless listed), with `gate` deciding about targets off the list.
+pub fn egress_proxy(policy: &Policy, gate: Option<&EgressGate>) -> vmcp_egress::Proxy {
+    let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
+    let mut limits = vmcp_egress::Limits::default();
+    if let Some(g) = gate {
+        limits.gate_timeout = g.wait;
+    }
+    let proxy = vmcp_egress::Proxy::new(policy, limits);
+    match gate {
+        Some(g) => proxy.with_gate(g.gate.clone()),
+        None => proxy,
+    }
 }
 
 /// An approval gate for the egress proxy and how long a connection may wait for it.
@@ -167,9 +207,38 @@ impl PartialEq for EgressGate {
 impl Eq for EgressGate {}
 
 impl NetConfig {
-    /// Whether the guest gets a network card.
+    /// Whether the guest gets a network card: for NAT, and for an allow-list or published
+    /// ports unless they travel over the agent channel.
     pub fn has_device(&self) -> bool {
-        !matches!(self.mode, NetMode::None) || !self.publish.is_empty()
+        match self.mode {
+            NetMode::Nat => true,
+            NetMode::Allow(_) => !self.tunnel,
+            NetMode::None => !self.tunnel && !self.publish.is_empty(),
+        }
+    }
+
+    /// What travels over the agent channel (nothing unless [`NetConfig::tunnel`]).
+    pub fn channel_net(&self) -> ChannelNet {
+        if !self.tunnel {
+            return ChannelNet::default();
+        }
+        ChannelNet {
+            egress: match &self.mode {
+                NetMode::Allow(p) => Some((p.clone(), self.gate.clone())),
+                NetMode::None | NetMode::Nat => None,
+            },
+            publish: self.publish.clone(),
+        }
+    }
+
+    /// Where the guest's processes find the egress proxy (exported as `HTTP_PROXY` and
+    /// friends): on the card's network, or on guest loopback over the channel.
+    pub fn guest_proxy(&self) -> Option<std::net::SocketAddrV4> {
+        match (&self.mode, self.tunnel) {
+            (NetMode::Allow(_), false) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
+            (NetMode::Allow(_), true) => Some(TUNNEL_PROXY),
+            _ => None,
+        }
     }
 
     /// A warning line for the user, if the mode deserves one.

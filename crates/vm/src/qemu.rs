@@ -52,7 +52,6 @@ mod platform_windows;
 use platform_windows as platform;
 
 use std::ffi::OsString;
-use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -146,13 +145,18 @@ impl QemuBackend {
     }
 
     /// Like [`Backend::create`], returning the concrete type (for the QEMU pid and RSS).
-    pub async fn create_qemu(&self, config: VmConfig) -> Result<QemuVm, VmError> {
+    pub async fn create_qemu(&self, mut config: VmConfig) -> Result<QemuVm, VmError> {
         config.validate()?;
         platform::LAUNCH_SUPPORTED.map_err(|reason| VmError::Unavailable {
             backend: BACKEND,
             reason: reason.to_string(),
         })?;
         let facts = self.host_facts();
+        if facts.os == HostOs::Windows && matches!(config.net.mode, NetMode::Allow(_)) {
+            // QEMU on Windows starts no helper per connection (`guestfwd=...-cmd:`): the
+            // allow-list travels over the agent channel there.
+            config.net.tunnel = true;
+        }
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
@@ -415,16 +419,15 @@ impl QemuMachine {
                 user: i.user,
             }),
             net: self.config.net.has_device().then(|| {
-                let allow = matches!(self.config.net.mode, NetMode::Allow(_));
                 let nat = matches!(self.config.net.mode, NetMode::Nat);
                 KernelNet {
                     addr: net::GUEST_ADDR,
                     prefix: net::GUEST_PREFIX,
                     gateway: nat.then_some(net::GATEWAY),
-                    proxy: allow.then(|| SocketAddrV4::new(net::PROXY_ADDR, net::PROXY_PORT)),
                     dns: nat.then_some(net::DNS),
                 }
             }),
+            proxy: self.config.net.guest_proxy(),
             // Shares follow the rootfs or the image's two disks.
             shares: {
                 let first = if self.config.image.is_some() {
@@ -447,19 +450,15 @@ impl QemuMachine {
         }
     }
 
-    /// Starts the VM's egress proxy on host loopback (allow-list mode only).
+    /// Starts the VM's egress proxy on host loopback (allow-list mode through the card
+    /// only; over the agent channel the lifecycle runs it).
     async fn start_egress(&mut self) -> Result<(), VmError> {
         self.egress = None;
         let NetMode::Allow(policy) = &self.config.net.mode else {
             return Ok(());
         };
-        if self.host == HostOs::Windows {
-            return Err(ConfigError::Network(
-                "--net allow=... needs QEMU to start a forward helper per connection, which \
-                 QEMU does not do on Windows: use --net nat or --net none there"
-                    .into(),
-            )
-            .into());
+        if self.config.net.tunnel {
+            return Ok(());
         }
         let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
             .await
@@ -468,15 +467,7 @@ impl QemuMachine {
             .local_addr()
             .map_err(host_err("read the egress proxy's address"))?
             .port();
-        let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
-        let mut limits = vmcp_egress::Limits::default();
-        if let Some(g) = &self.config.net.gate {
-            limits.gate_timeout = g.wait;
-        }
-        let mut proxy = vmcp_egress::Proxy::new(policy, limits);
-        if let Some(g) = &self.config.net.gate {
-            proxy = proxy.with_gate(g.gate.clone());
-        }
+        let proxy = net::egress_proxy(policy, self.config.net.gate.as_ref());
         let handle = proxy.spawn(listener);
         self.egress = Some((handle, port));
         Ok(())
@@ -802,10 +793,27 @@ impl Machine for QemuMachine {
         }
         if self.config.net.has_device() {
             return Err(VmError::Unsupported(
-                "save, checkpoint or restore a VM with a network card (use --net none)",
+                "save, checkpoint or restore a VM with a network card (use --net none, or an \
+                 allow-list over the agent channel)",
+            ));
+        }
+        if !self.config.net.publish.is_empty() {
+            return Err(VmError::Unsupported(
+                "save, checkpoint or restore a VM with published ports (a fork could not have \
+                 the same host ports)",
             ));
         }
         Ok(())
+    }
+
+    fn channel_net(&self) -> crate::net::ChannelNet {
+        self.config.net.channel_net()
+    }
+
+    fn egress_stats(&self) -> Option<std::sync::Arc<vmcp_egress::Stats>> {
+        self.egress
+            .as_ref()
+            .map(|(handle, _)| handle.shared_stats())
     }
 
     /// The saved guest's agent is idle in a read of its virtio-serial port, which stays
@@ -1033,15 +1041,6 @@ impl Lifecycle<QemuMachine> {
             .egress
             .as_ref()
             .map(|(_, port)| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, *port)))
-    }
-
-    /// The counters and recent refusals of the VM's egress proxy while QEMU runs
-    /// (allow-list network only); they stay readable after the proxy stopped.
-    pub fn egress_stats(&self) -> Option<std::sync::Arc<vmcp_egress::Stats>> {
-        self.machine()
-            .egress
-            .as_ref()
-            .map(|(handle, _)| handle.shared_stats())
     }
 
     /// QEMU's process id while it runs.

@@ -960,3 +960,5 @@ fn processes_run_as_the_default_user() {
     let run = h.collect(1);
     assert_eq!(String::from_utf8_lossy(&run.stdout), "4242\n4343\n4343\n");
 }
+
+mod tcp;

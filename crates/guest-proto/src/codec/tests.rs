@@ -25,16 +25,22 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
         (id, data.clone()).prop_map(|(id, data)| HostMsg::Stdin { id, data }),
         id.prop_map(|id| HostMsg::StdinEof { id }),
         (id, any::<i32>()).prop_map(|(id, signal)| HostMsg::Signal { id, signal }),
-        (id, s, any::<u32>(), any::<u64>(), data, any::<bool>()).prop_map(
-            |(id, path, mode, offset, data, last)| HostMsg::WriteFile {
+        (
+            id,
+            s,
+            any::<u32>(),
+            any::<u64>(),
+            data.clone(),
+            any::<bool>()
+        )
+            .prop_map(|(id, path, mode, offset, data, last)| HostMsg::WriteFile {
                 id,
                 path,
                 mode,
                 offset,
                 data,
                 last
-            }
-        ),
+            }),
         (id, s).prop_map(|(id, path)| HostMsg::ReadFile { id, path }),
         id.prop_map(|id| HostMsg::Poweroff { id }),
         (
@@ -55,6 +61,10 @@ fn host_msg() -> impl Strategy<Value = HostMsg> {
             ),
         (id, any::<u32>()).prop_map(|(id, credit)| HostMsg::Credit { id, credit }),
         id.prop_map(|id| HostMsg::Discard { id }),
+        (id, any::<u16>()).prop_map(|(id, port)| HostMsg::TcpAccept { id, port }),
+        (id, any::<u16>()).prop_map(|(id, port)| HostMsg::TcpConnect { id, port }),
+        (id, data.clone()).prop_map(|(id, data)| HostMsg::TcpData { id, data }),
+        id.prop_map(|id| HostMsg::TcpEof { id }),
     ]
 }
 
@@ -96,8 +106,15 @@ fn guest_msg() -> impl Strategy<Value = GuestMsg> {
             kind: FailureKind::NotFound,
             message
         }),
-        (id, data, any::<bool>()).prop_map(|(id, data, eof)| GuestMsg::FileData { id, data, eof }),
+        (id, data.clone(), any::<bool>()).prop_map(|(id, data, eof)| GuestMsg::FileData {
+            id,
+            data,
+            eof
+        }),
         (id, any::<u32>()).prop_map(|(id, credit)| GuestMsg::StdinCredit { id, credit }),
+        id.prop_map(|id| GuestMsg::Connected { id }),
+        (id, data).prop_map(|(id, data)| GuestMsg::TcpData { id, data }),
+        id.prop_map(|id| GuestMsg::TcpEof { id }),
     ]
 }
 
@@ -287,6 +304,17 @@ fn flow_control_accounting() {
         GuestMsg::StdinCredit { id: 6, credit: 9 }.request_id(),
         Some(6)
     );
+    let tcp = GuestMsg::TcpData {
+        id: 7,
+        data: vec![0; 5],
+    };
+    assert_eq!(
+        (tcp.request_id(), tcp.window_cost()),
+        (Some(7), 5 + MSG_COST)
+    );
+    for control in [GuestMsg::Connected { id: 8 }, GuestMsg::TcpEof { id: 8 }] {
+        assert_eq!((control.request_id(), control.window_cost()), (Some(8), 0));
+    }
     let hello = GuestMsg::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: String::new(),

@@ -32,6 +32,7 @@
 //!
 //! [`Backend`]: crate::Backend
 
+mod channel_net;
 mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
@@ -39,6 +40,7 @@ mod manifest;
 #[cfg(test)]
 mod tests;
 
+pub use channel_net::MAX_PUBLISHED_CONNECTIONS;
 pub use checkpoint::{Checkpoint, MAX_CHECKPOINTS, MAX_FORKS};
 pub use manifest::{ManifestError, SnapshotManifest};
 
@@ -174,6 +176,15 @@ pub trait Machine: Send + Sync + 'static {
         let _ = prepared;
         Err(VmError::Unsupported("rewind or fork a VM"))
     }
+    /// What the lifecycle serves over the agent channel once the agent is ready (egress
+    /// proxy, published ports); see [`crate::net::NetConfig::tunnel`]. Default: nothing.
+    fn channel_net(&self) -> crate::net::ChannelNet {
+        crate::net::ChannelNet::default()
+    }
+    /// The counters of an egress proxy the machine runs itself (one fed by a network card).
+    fn egress_stats(&self) -> Option<Arc<vmcp_egress::Stats>> {
+        None
+    }
 }
 
 /// What a backend gets to build its machine in [`Lifecycle::prepare`].
@@ -213,6 +224,10 @@ pub struct Lifecycle<M: Machine> {
     checkpoints: Arc<AtomicUsize>,
     /// Number of the last checkpoint taken (names its directory).
     checkpoint_seq: u64,
+    /// Networking over the agent channel while the agent is up.
+    channel_net: Option<channel_net::ChannelNetTasks>,
+    /// The counters of the last channel egress proxy (readable after it stopped).
+    channel_egress_stats: Option<Arc<vmcp_egress::Stats>>,
 }
 
 impl<M: Machine> std::fmt::Debug for Lifecycle<M> {
@@ -263,6 +278,8 @@ impl<M: Machine> Lifecycle<M> {
             restored_from: None,
             checkpoints: Arc::default(),
             checkpoint_seq: 0,
+            channel_net: None,
+            channel_egress_stats: None,
         })
     }
 
@@ -289,6 +306,8 @@ impl<M: Machine> Lifecycle<M> {
             restored_from: None,
             checkpoints: Arc::default(),
             checkpoint_seq: 0,
+            channel_net: None,
+            channel_egress_stats: None,
         })
     }
 
@@ -406,6 +425,7 @@ impl<M: Machine> Lifecycle<M> {
             tracing::warn!(error = %k, "kill after a failed boot failed");
         }
         self.agent = None;
+        self.channel_net = None;
         self.state = VmState::Stopped;
         err
     }
@@ -442,6 +462,12 @@ impl<M: Machine> Vm for Lifecycle<M> {
 
     fn runtime_dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    fn egress_stats(&self) -> Option<Arc<vmcp_egress::Stats>> {
+        self.channel_egress_stats
+            .clone()
+            .or_else(|| self.machine.egress_stats())
     }
 
     async fn start(&mut self) -> Result<(), VmError> {
@@ -503,6 +529,13 @@ impl<M: Machine> Vm for Lifecycle<M> {
             Waited::Ready(client) => {
                 tracing::debug!(restored = self.restored_from.is_some(), "agent ready");
                 let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
+                match channel_net::start(&client, self.machine.channel_net()).await {
+                    Ok(tasks) => {
+                        self.channel_egress_stats = tasks.egress_stats();
+                        self.channel_net = Some(tasks);
+                    }
+                    Err(e) => return Err(self.stop_after(e).await),
+                }
                 self.agent = Some(client);
                 self.state = VmState::Running;
                 Ok(info)
@@ -548,6 +581,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
         let was = self.state();
         if matches!(was, VmState::Created | VmState::Stopped) {
             self.agent = None;
+            self.channel_net = None;
             self.state = VmState::Stopped;
             return Ok(ShutdownOutcome::AlreadyStopped);
         }
@@ -585,12 +619,14 @@ impl<M: Machine> Vm for Lifecycle<M> {
             }
         };
         self.agent = None;
+        self.channel_net = None;
         self.state = VmState::Stopped;
         Ok(outcome)
     }
 
     async fn kill(&mut self) -> Result<(), VmError> {
         self.agent = None;
+        self.channel_net = None;
         if self.launched() {
             self.machine.kill().await?;
         }

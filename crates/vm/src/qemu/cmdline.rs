@@ -449,8 +449,11 @@ pub struct KernelArgs {
     pub rootfs: Option<RootfsArg>,
     /// Guest devices of an image and its scratch disk, when attached.
     pub image: Option<ImageArg>,
-    /// Static network configuration of the guest (`vmcp.net`, `vmcp.gw`, `vmcp.proxy`).
+    /// Static network configuration of the guest (`vmcp.net`, `vmcp.gw`, `vmcp.dns`).
     pub net: Option<KernelNet>,
+    /// The egress proxy every guest process is pointed at (`vmcp.proxy`; allow-list mode
+    /// only): on the card's network, or on guest loopback when it travels over the channel.
+    pub proxy: Option<std::net::SocketAddrV4>,
     /// Shared host directories (`vmcp.share=<dev>:<path>:<ro|rw>`).
     pub shares: Vec<ShareArg>,
     /// Caller's extra arguments (already validated: no whitespace).
@@ -466,8 +469,6 @@ pub struct KernelNet {
     pub prefix: u8,
     /// Default gateway (NAT only).
     pub gateway: Option<std::net::Ipv4Addr>,
-    /// The egress proxy (allow-list mode only).
-    pub proxy: Option<std::net::SocketAddrV4>,
     /// The resolver the guest's `/etc/resolv.conf` names (NAT only).
     pub dns: Option<std::net::Ipv4Addr>,
 }
@@ -574,12 +575,12 @@ impl KernelArgs {
             if let Some(gw) = n.gateway {
                 v.push(format!("vmcp.gw={gw}"));
             }
-            if let Some(p) = n.proxy {
-                v.push(format!("vmcp.proxy={p}"));
-            }
             if let Some(d) = n.dns {
                 v.push(format!("vmcp.dns={d}"));
             }
+        }
+        if let Some(p) = self.proxy {
+            v.push(format!("vmcp.proxy={p}"));
         }
         for s in &self.shares {
             let mode = if s.writable { "rw" } else { "ro" };

@@ -43,6 +43,9 @@ pub struct Faults {
     pub crash_after_start: bool,
     /// The guest presents a token other than the one on its command line.
     pub wrong_token: bool,
+    /// Instead of the tiny scripted agent, the real agent's request server runs in this
+    /// process (its processes and TCP tunnels are the test host's own).
+    pub real_agent: bool,
 }
 
 pub type Calls = Arc<Mutex<Vec<String>>>;
@@ -165,6 +168,10 @@ fn spawn_agent(inner: &Arc<Inner>) {
     if inner.faults.no_agent {
         return;
     }
+    if inner.faults.real_agent {
+        spawn_real_agent(inner);
+        return;
+    }
     let (host, mut guest) = tokio::io::duplex(64 * 1024);
     if inner.conns_tx.send(Box::new(host)).is_err() {
         return;
@@ -208,6 +215,33 @@ fn spawn_agent(inner: &Arc<Inner>) {
             if write_msg_async(&mut guest, &reply).await.is_err() {
                 return;
             }
+        }
+    });
+}
+
+/// The real agent server in a thread, over a Unix socket pair; a power-off stops the VM.
+fn spawn_real_agent(inner: &Arc<Inner>) {
+    let Ok((host, guest)) = std::os::unix::net::UnixStream::pair() else {
+        return;
+    };
+    let host = host
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(host));
+    let (Ok(host), Ok(reader)) = (host, guest.try_clone()) else {
+        return;
+    };
+    if inner.conns_tx.send(Box::new(host)).is_err() {
+        return;
+    }
+    let inner = Arc::clone(inner);
+    std::thread::spawn(move || {
+        let mut options =
+            vmcp_guest_agent::ServeOptions::new(vmcp_guest_agent::hello(&inner.token, false));
+        options.apply_rekey = Some(|_| Ok(1));
+        if let Ok(vmcp_guest_agent::ServeEnd::Poweroff) =
+            vmcp_guest_agent::serve(reader, guest, &options)
+        {
+            inner.set(FwState::Stopped);
         }
     });
 }

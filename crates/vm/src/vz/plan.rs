@@ -99,9 +99,6 @@ pub enum PlanError {
     /// A token or extra argument would break the command line.
     #[error("kernel command-line argument {0:?} is empty or contains whitespace")]
     CmdlineArg(String),
-    /// `--net allow=...` or `--publish` (not wired to the VZ NAT attachment yet).
-    #[error("--net allow=... and --publish are not available with Virtualization.framework yet: use --net nat or --net none, or the QEMU backend (`--backend qemu`)")]
-    NetUnsupported,
 }
 
 /// A virtio-block disk in the plan.
@@ -167,9 +164,6 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             max: l.max_cpus,
         });
     }
-    if matches!(config.net.mode, crate::net::NetMode::Allow(_)) || !config.net.publish.is_empty() {
-        return Err(PlanError::NetUnsupported);
-    }
     let memory_bytes = u64::from(config.memory_mib) * MIB;
     if memory_bytes < l.min_memory_bytes || memory_bytes > l.max_memory_bytes {
         return Err(PlanError::Memory {
@@ -223,6 +217,11 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             read_only: true,
         });
     }
+    // An allow-list travels over the agent channel (no card): the guest's processes find
+    // the proxy on loopback, where the agent listens.
+    if let Some(proxy) = config.net.guest_proxy() {
+        extra.push(format!("vmcp.proxy={proxy}"));
+    }
     extra.extend(config.cmdline_extra.iter().cloned());
     let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {
@@ -241,7 +240,7 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             .clone()
             .unwrap_or_else(|| inputs.default_console_log.to_path_buf()),
         agent_port: AGENT_VSOCK_PORT,
-        network: matches!(config.net.mode, crate::net::NetMode::Nat),
+        network: config.net.has_device(),
     })
 }
 
@@ -415,6 +414,7 @@ mod tests {
         let p = plan(&c, inputs(&head, &log)).unwrap();
         assert_eq!(p.console_log, PathBuf::from("/tmp/mine.log"));
         assert!(p.network);
+        assert_eq!(cmdline_value(&p.cmdline, "vmcp.proxy"), None);
         assert_eq!(cmdline_value(&p.cmdline, "vmcp.rootfs_ro"), Some("0"));
         assert!(!p.cmdline.contains(
             "vmcp.token=tok123 vmcp.channel=vsock:7000 vmcp.rootfs=/dev/vda vmcp.rootfs_ro=1"

@@ -75,7 +75,10 @@ impl<F: Framework> VzBackend<F> {
     }
 
     /// [`Backend::create`] with the concrete type (for framework-specific calls).
-    pub fn create_vz(&self, config: VmConfig) -> Result<VzVm<F>, VmError> {
+    pub fn create_vz(&self, mut config: VmConfig) -> Result<VzVm<F>, VmError> {
+        // VZ's NAT attachment has no per-connection forward: an allow-list and published
+        // ports travel over the agent channel (see `crate::net`).
+        config.net.tunnel = true;
         Lifecycle::prepare(&config, |prepared| {
             let default_console_log = prepared.dir.join("console.log");
             let plan = plan_for(
@@ -259,6 +262,12 @@ impl<F: Framework> Machine for VzMachine<F> {
     }
 
     fn snapshot_support(&self) -> Result<(), VmError> {
+        if !self.config.net.publish.is_empty() {
+            return Err(VmError::Unsupported(
+                "save, checkpoint or restore a VM with published ports (a fork could not have \
+                 the same host ports)",
+            ));
+        }
         self.framework.save_restore_support().map_err(|reason| {
             FwError::Unsupported {
                 op: "saving or restoring a VM snapshot",
@@ -266,6 +275,10 @@ impl<F: Framework> Machine for VzMachine<F> {
             }
             .into()
         })
+    }
+
+    fn channel_net(&self) -> crate::net::ChannelNet {
+        self.config.net.channel_net()
     }
 
     async fn save_state(&mut self, path: &Path) -> Result<(), VmError> {

@@ -185,6 +185,7 @@ fn kargs() -> KernelArgs {
         rootfs: None,
         image: None,
         net: None,
+        proxy: None,
         shares: Vec::new(),
         extra: vec!["vmcp.debug=1".into()],
     }
@@ -375,9 +376,9 @@ fn kernel_args_carry_the_network() {
         addr: "10.0.2.15".parse().unwrap(),
         prefix: 24,
         gateway: None,
-        proxy: Some("10.0.2.100:3128".parse().unwrap()),
         dns: None,
     });
+    k.proxy = Some("10.0.2.100:3128".parse().unwrap());
     let s = k.render();
     assert!(
         s.contains("vmcp.net=10.0.2.15/24 vmcp.proxy=10.0.2.100:3128"),
