@@ -619,7 +619,7 @@ impl Server<'_> {
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
             let queued = Arc::new(AtomicU32::new(0));
             let (queued2, out) = (Arc::clone(&queued), self.out.clone());
-            let spawned = spawn_thread(move || {
+            let spawned = spawn_thread("stdin", move || {
                 let mut open = true;
                 for data in rx {
                     // After the process closed its stdin, the rest is dropped, but credit
@@ -673,7 +673,8 @@ impl Server<'_> {
                 Arc::clone(&finished),
                 Arc::clone(&window),
             );
-            if spawn_thread(move || {
+            let name = if is_stdout { "stdout" } else { "stderr" };
+            if spawn_thread(name, move || {
                 pump(pipe, id, is_stdout, &out, &streams2, &finished2, &window2)
             })
             .is_err()
@@ -710,7 +711,7 @@ impl Server<'_> {
                 windows.remove(&id);
             }
         };
-        if let Err(e) = spawn_thread(waiter) {
+        if let Err(e) = spawn_thread("waiter", waiter) {
             let _ = sys::kill(-pid, libc::SIGKILL);
             lock(&self.procs).remove(&id);
             if let Some(w) = lock(&self.windows).remove(&id) {
@@ -756,7 +757,7 @@ impl Server<'_> {
             }
             close_window(&windows, id, &window);
         };
-        match spawn_thread(job) {
+        match spawn_thread("list-changes", job) {
             Ok(()) => Ok(()),
             Err(e) => self.out.fail(
                 id,
@@ -801,7 +802,7 @@ impl Server<'_> {
             }
             close_window(&windows, id, &window);
         };
-        match spawn_thread(job) {
+        match spawn_thread("export-share", job) {
             Ok(()) => Ok(()),
             Err(e) => self.out.fail(
                 id,
@@ -828,7 +829,7 @@ impl Server<'_> {
                 windows.remove(&id);
             }
         };
-        match spawn_thread(job) {
+        match spawn_thread("read-file", job) {
             Ok(()) => Ok(()),
             Err(e) => self.out.fail(
                 id,
@@ -889,8 +890,9 @@ impl Write for ChunkWriter {
     }
 }
 
-/// Runs `f` on a thread of its own (one kept from an earlier job if one is idle).
-fn spawn_thread<F: FnOnce() + Send + 'static>(f: F) -> io::Result<()> {
+/// Runs `f` on a thread of its own (one kept from an earlier job if one is idle). `_what`
+/// says what the job is, for readers: pooled threads all carry the name `agent-worker`.
+fn spawn_thread<F: FnOnce() + Send + 'static>(_what: &str, f: F) -> io::Result<()> {
     crate::threads::AGENT.spawn(f)
 }
 
