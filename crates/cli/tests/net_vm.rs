@@ -111,6 +111,60 @@ fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
+/// `--net-via channel`: the same allow-list with no network card in the guest; the proxy is
+/// on the guest's loopback, where the agent carries each connection over its channel.
+#[test]
+fn allow_mode_over_the_agent_channel_has_no_card_and_the_same_rules() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let rt = tempfile::tempdir().unwrap();
+    let script = format!(
+        "echo \"N:$(ls /sys/class/net | tr '\\n' ' ')\"
+         echo \"X:$HTTPS_PROXY\"
+         export NO_PROXY= no_proxy=
+         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
+         wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\"
+         wget -q -O - http://169.254.169.254/latest/meta-data/ >/dev/null 2>&1; echo \"M:$?\""
+    );
+    let out = run(
+        &rt,
+        &[
+            "--net",
+            &format!("allow=127.0.0.1:{allowed}"),
+            "--net-via",
+            "channel",
+        ],
+        &script,
+    );
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let line = |k: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k}: line in {stdout}"))
+            .to_string()
+    };
+    assert_eq!(line("N"), "lo ", "a network card in channel mode");
+    assert_eq!(line("X"), "http://127.0.0.1:3128");
+    assert_eq!(line("A"), "allowed-body", "{stderr}");
+    assert_ne!(line("B"), "0", "{stdout}");
+    assert_ne!(line("M"), "0", "{stdout}");
+    assert!(
+        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
+        "{stderr}"
+    );
+    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
 #[test]
 fn nat_mode_warns_and_reaches_the_host() {
     let _l = vm::lock();
@@ -143,6 +197,17 @@ fn non_loopback_addr() -> Option<std::net::IpAddr> {
 
 #[test]
 fn published_port_is_reachable_on_loopback_only() {
+    published_port_answers(&[]);
+}
+
+/// Over the agent channel there is no card at all: the host's listener hands each
+/// connection to the guest agent, which connects to the guest port.
+#[test]
+fn published_port_over_the_agent_channel() {
+    published_port_answers(&["--net-via", "channel"]);
+}
+
+fn published_port_answers(flags: &[&str]) {
     let _l = vm::lock();
     if !vm::ready(VMCP) {
         return;
@@ -156,6 +221,7 @@ fn published_port_is_reachable_on_loopback_only() {
         .env("XDG_RUNTIME_DIR", rt.path())
         .args(["run", "--timeout", "40", "--publish"])
         .arg(format!("{host_port}:8000"))
+        .args(flags)
         .args([
             "--",
             "sh",
