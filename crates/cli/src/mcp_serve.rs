@@ -21,8 +21,7 @@ use vmcp_sandbox::manager::{
     Booted, FactoryError, Limits, Manager, SandboxError, VmFactory, VmSpec,
 };
 use vmcp_sandbox::tools::SandboxTools;
-use vmcp_vm::qemu::QemuBackend;
-use vmcp_vm::{Accel, Arch, NetMode, Vm, VmConfig};
+use vmcp_vm::{Accel, Arch, Vm, VmConfig};
 
 use crate::run::signal;
 use crate::snapshots::{self, AutoStart};
@@ -145,29 +144,17 @@ impl VmFactory for SelectedFactory {
             Some(why) => notices.push(format!("booted cold: {why}")),
         }
         progress("booting the VM cold");
-        let mut booted =
-            if matches!(config.net.mode, NetMode::Allow(_)) && self.backend.name() == "qemu" {
-                // The QEMU VM itself, to read its egress proxy's refusals.
-                let mut vm = QemuBackend::new()
-                    .create_qemu(config)
-                    .await
-                    .map_err(|e| SandboxError::Create(Box::new(e)))?;
-                vm.start().await.map_err(SandboxError::Boot)?;
-                vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
-                let egress = vm.egress_stats();
-                let mut b = Booted::new(Box::new(vm));
-                b.egress = egress;
-                b
-            } else {
-                let mut vm = self
-                    .backend
-                    .create(config)
-                    .await
-                    .map_err(|e| SandboxError::Create(Box::new(e)))?;
-                vm.start().await.map_err(SandboxError::Boot)?;
-                vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
-                Booted::new(vm)
-            };
+        let mut vm = self
+            .backend
+            .create(config)
+            .await
+            .map_err(|e| SandboxError::Create(Box::new(e)))?;
+        vm.start().await.map_err(SandboxError::Boot)?;
+        vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
+        // The egress proxy's refusals, to explain them in tool results.
+        let egress = vm.egress_stats();
+        let mut booted = Booted::new(vm);
+        booted.egress = egress;
         booted.notices = notices;
         Ok(booted)
     }
