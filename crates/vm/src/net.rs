@@ -300,4 +300,34 @@ mod tests {
         };
         assert!(nat.has_device() && nat.warning().is_some());
     }
+
+    #[test]
+    fn over_the_channel_only_nat_needs_a_card() {
+        let mut n = NetConfig {
+            mode: "allow=pypi.org".parse().unwrap(),
+            publish: vec!["8080:80".parse().unwrap()],
+            tunnel: true,
+            ..NetConfig::default()
+        };
+        assert!(!n.has_device());
+        assert_eq!(n.guest_proxy(), Some(TUNNEL_PROXY));
+        let c = n.channel_net();
+        assert!(c.egress.is_some());
+        assert_eq!(c.publish, n.publish);
+        n.mode = NetMode::Nat;
+        assert!(n.has_device());
+        assert_eq!(n.guest_proxy(), None);
+        assert!(n.channel_net().egress.is_none(), "no proxy for NAT");
+        n.tunnel = false;
+        let c = n.channel_net();
+        assert!(
+            c.egress.is_none() && c.publish.is_empty(),
+            "nothing without tunnel"
+        );
+        n.mode = "allow=pypi.org".parse().unwrap();
+        assert_eq!(
+            n.guest_proxy(),
+            Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT))
+        );
+    }
 }

@@ -152,11 +152,7 @@ impl QemuBackend {
             reason: reason.to_string(),
         })?;
         let facts = self.host_facts();
-        if facts.os == HostOs::Windows && matches!(config.net.mode, NetMode::Allow(_)) {
-            // QEMU on Windows starts no helper per connection (`guestfwd=...-cmd:`): the
-            // allow-list travels over the agent channel there.
-            config.net.tunnel = true;
-        }
+        adapt_net_to_host(&mut config.net, facts.os);
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
@@ -1029,6 +1025,14 @@ impl Drop for QemuMachine {
         self.log.close();
         // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
         // runtime directory is removed after this.
+    }
+}
+
+/// QEMU on Windows starts no helper per guest connection (`guestfwd=...-cmd:`): there an
+/// allow-list travels over the agent channel.
+fn adapt_net_to_host(net: &mut crate::net::NetConfig, os: HostOs) {
+    if os == HostOs::Windows && matches!(net.mode, NetMode::Allow(_)) {
+        net.tunnel = true;
     }
 }
 

@@ -459,3 +459,48 @@ async fn the_egress_proxy_lives_and_dies_with_qemu() {
         );
     }
 }
+
+#[test]
+fn an_allow_list_goes_over_the_agent_channel_on_windows_only() {
+    let allow = || {
+        let mut n = crate::net::NetConfig::default();
+        n.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
+        n
+    };
+    let mut n = allow();
+    super::adapt_net_to_host(&mut n, HostOs::Linux);
+    assert!(!n.tunnel && n.has_device());
+    let mut n = allow();
+    super::adapt_net_to_host(&mut n, HostOs::Windows);
+    assert!(n.tunnel && !n.has_device());
+    assert_eq!(n.guest_proxy(), Some(crate::net::TUNNEL_PROXY));
+    let mut nat = crate::net::NetConfig::default();
+    nat.mode = crate::NetMode::Nat;
+    super::adapt_net_to_host(&mut nat, HostOs::Windows);
+    assert!(!nat.tunnel && nat.has_device());
+}
+
+/// Over the agent channel QEMU gets no network card and no proxy of its own (the lifecycle
+/// runs the proxy on the agent's listener); the guest is pointed at its own loopback.
+#[tokio::test]
+async fn an_allow_list_over_the_channel_gives_qemu_no_card() {
+    let Some(mut f) = fixture("hang") else { return };
+    f.config.net.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
+    f.config.net.tunnel = true;
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    assert!(
+        vm.egress_proxy_addr().is_none(),
+        "a card proxy in channel mode"
+    );
+    let line = vm
+        .command_line()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!line.contains("-netdev"), "{line}");
+    assert!(line.contains("vmcp.proxy=127.0.0.1:3128"), "{line}");
+    assert!(!line.contains("vmcp.net="), "{line}");
+    vm.kill().await.unwrap();
+}
