@@ -462,10 +462,9 @@ async fn the_egress_proxy_lives_and_dies_with_qemu() {
 
 #[test]
 fn an_allow_list_goes_over_the_agent_channel_on_windows_only() {
-    let allow = || {
-        let mut n = crate::net::NetConfig::default();
-        n.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
-        n
+    let allow = || crate::net::NetConfig {
+        mode: crate::NetMode::Allow("api.example.com:443".parse().unwrap()),
+        ..crate::net::NetConfig::default()
     };
     let mut n = allow();
     super::adapt_net_to_host(&mut n, HostOs::Linux);
@@ -474,8 +473,10 @@ fn an_allow_list_goes_over_the_agent_channel_on_windows_only() {
     super::adapt_net_to_host(&mut n, HostOs::Windows);
     assert!(n.tunnel && !n.has_device());
     assert_eq!(n.guest_proxy(), Some(crate::net::TUNNEL_PROXY));
-    let mut nat = crate::net::NetConfig::default();
-    nat.mode = crate::NetMode::Nat;
+    let mut nat = crate::net::NetConfig {
+        mode: crate::NetMode::Nat,
+        ..crate::net::NetConfig::default()
+    };
     super::adapt_net_to_host(&mut nat, HostOs::Windows);
     assert!(!nat.tunnel && nat.has_device());
 }
