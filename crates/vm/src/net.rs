@@ -166,11 +166,22 @@ pub struct ChannelNet {
     pub publish: Vec<PortForward>,
 }
 
+/// Most connections the egress proxy serves at once when it is fed over the agent channel:
+/// each may hold a window (1 MiB) queued on the host besides the proxy's own buffers, so a
+/// guest that opens many slow connections holds at most about 80 MiB of host memory.
+pub const CHANNEL_PROXY_CONNECTIONS: usize = 64;
+
 /// The egress proxy of one VM under `policy` (and the host's own addresses, which are
-/// refused unless listed), with `gate` deciding about targets off the list.
-pub fn egress_proxy(policy: &Policy, gate: Option<&EgressGate>) -> vmcp_egress::Proxy {
+/// refused unless listed), with `gate` deciding about targets off the list, serving at most
+/// `max_connections` at once.
+pub fn egress_proxy(
+    policy: &Policy,
+    gate: Option<&EgressGate>,
+    max_connections: usize,
+) -> vmcp_egress::Proxy {
     let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
     let mut limits = vmcp_egress::Limits::default();
+    limits.max_connections = max_connections;
     if let Some(g) = gate {
         limits.gate_timeout = g.wait;
     }

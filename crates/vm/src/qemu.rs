@@ -463,7 +463,11 @@ impl QemuMachine {
             .local_addr()
             .map_err(host_err("read the egress proxy's address"))?
             .port();
-        let proxy = net::egress_proxy(policy, self.config.net.gate.as_ref());
+        let proxy = net::egress_proxy(
+            policy,
+            self.config.net.gate.as_ref(),
+            vmcp_egress::Limits::default().max_connections,
+        );
         let handle = proxy.spawn(listener);
         self.egress = Some((handle, port));
         Ok(())

@@ -100,7 +100,7 @@ pub(super) async fn start(
         // Listening before the first command runs: a process started right after ready
         // finds the proxy.
         let first = client.tcp_listen(port).await?;
-        let proxy = net::egress_proxy(&policy, gate.as_ref());
+        let proxy = net::egress_proxy(&policy, gate.as_ref(), net::CHANNEL_PROXY_CONNECTIONS);
         tasks.proxy = Some(proxy.spawn(AgentListener {
             client: client.clone(),
             port,

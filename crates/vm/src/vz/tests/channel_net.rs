@@ -8,6 +8,9 @@ use super::super::plan::cmdline_value;
 use super::{setup, READY};
 use crate::Vm;
 
+/// The agent of these tests listens on the host's own 127.0.0.1:3128: one VM at a time.
+static PORT_3128: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The real agent server in a thread, over a Unix socket pair.
 fn real_agent(
     token: &str,
@@ -68,6 +71,7 @@ async fn through_guest_proxy(target: &str) -> String {
 /// after the VM stops. (The real agent server plays the guest, in this process.)
 #[tokio::test]
 async fn allow_list_and_published_ports_travel_over_the_agent_channel() {
+    let _port = PORT_3128.lock().await;
     let (port, hits) = vmcp_test_support::http_server("hello from the allowed host");
     let allowed = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let guest_server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -130,4 +134,39 @@ async fn allow_list_and_published_ports_travel_over_the_agent_channel() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A guest that opens more connections to the proxy than it serves at once gets the extra
+/// ones refused, so it cannot make the host hold more than that many windows.
+#[tokio::test]
+async fn the_channel_proxy_bounds_the_connections_a_guest_holds() {
+    use tokio::io::AsyncReadExt;
+    let _port = PORT_3128.lock().await;
+    let mut s = setup(Faults {
+        real_agent: Some(real_agent),
+        ..Faults::default()
+    });
+    s.config.net.mode = "allow=api.example.com:443".parse().unwrap();
+    let mut vm = s.backend.create_vz(s.config.clone()).unwrap();
+    vm.start().await.unwrap();
+    vm.wait_ready(READY).await.unwrap();
+    let mut held = Vec::new();
+    for _ in 0..crate::net::CHANNEL_PROXY_CONNECTIONS {
+        held.push(
+            tokio::net::TcpStream::connect(crate::net::TUNNEL_PROXY)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut extra = tokio::net::TcpStream::connect(crate::net::TUNNEL_PROXY)
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(20), extra.read_to_string(&mut answer))
+        .await
+        .expect("the extra connection was neither served nor refused")
+        .unwrap();
+    assert!(answer.contains("too many connections"), "{answer}");
+    drop(held);
+    vm.shutdown(Duration::from_secs(5)).await.unwrap();
 }
