@@ -550,6 +550,10 @@ pub fn cold_reason(config: &VmConfig, backend: &str) -> Option<&'static str> {
         Some("a VM with shared directories is not restored from a snapshot")
     } else if config.net.has_device() {
         Some("a VM with a network card is not restored from a snapshot")
+    } else if config.net.guest_proxy().is_some() || !config.net.publish.is_empty() {
+        // The guest's proxy settings are fixed when it boots: a shared snapshot must not
+        // carry them into VMs without a network, nor miss them.
+        Some("a VM with a network over the agent channel is not restored from a snapshot")
     } else if vmcp_vm::qemu::launch_supported().is_err() {
         Some("QEMU snapshots are not supported on this host")
     } else {
@@ -687,6 +691,37 @@ mod tests {
         assert!(listed[0].record.is_err());
         assert!(find(d.path(), "nope").unwrap().is_none());
         assert!(find(d.path(), "../etc").is_err());
+    }
+
+    #[test]
+    fn networked_vms_boot_cold_whatever_the_path() {
+        let base = VmConfig::new("/k", "/i");
+        let with = |f: &dyn Fn(&mut vmcp_vm::NetConfig)| {
+            let mut c = base.clone();
+            f(&mut c.net);
+            cold_reason(&c, "qemu")
+        };
+        assert_eq!(
+            with(&|_| {}),
+            vmcp_vm::qemu::launch_supported()
+                .err()
+                .map(|_| "QEMU snapshots are not supported on this host")
+        );
+        let allow: vmcp_vm::NetMode = "allow=pypi.org".parse().unwrap();
+        let card = with(&|n| n.mode = allow.clone()).unwrap();
+        assert!(card.contains("network card"), "{card}");
+        let channel = with(&|n| {
+            n.mode = allow.clone();
+            n.tunnel = true;
+        })
+        .unwrap();
+        assert!(channel.contains("over the agent channel"), "{channel}");
+        let published = with(&|n| {
+            n.publish = vec!["8080:80".parse().unwrap()];
+            n.tunnel = true;
+        })
+        .unwrap();
+        assert!(published.contains("over the agent channel"), "{published}");
     }
 
     #[test]
