@@ -479,8 +479,11 @@ impl Server<'_> {
                 token.clone_from(&r.token);
                 hello.token = r.token;
                 drop(token);
+                let sent = self.out.send(&GuestMsg::Hello(hello));
+                // After the hello, before the next request: what the closed connections'
+                // threads still send comes after it, for ids the new host never made.
                 self.tunnels.forget_requests();
-                self.out.send(&GuestMsg::Hello(hello))
+                sent
             }
             Err((kind, message)) => self.out.fail(r.id, kind, message),
         }

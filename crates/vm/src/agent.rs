@@ -160,6 +160,9 @@ pub enum AgentError {
     Invalid(String),
 }
 
+/// Most answers to the old host a restored guest may send before its new hello.
+pub const MAX_STALE_ANSWERS: usize = 1024;
+
 /// Largest change list accepted from a guest ([`AgentClient::list_changes`]).
 pub const MAX_CHANGES_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
@@ -446,6 +449,7 @@ impl AgentClient {
         let (reader, mut writer) = tokio::io::split(stream);
         let mut reader = FrameReader::new(reader);
         let token = rekey.token.clone();
+        let rekey_id = rekey.id;
         let exchange = async {
             if let Some(old) = old_hello {
                 match reader.next::<GuestMsg>().await? {
@@ -460,11 +464,21 @@ impl AgentClient {
                 writer.flush().await
             };
             written.await.map_err(|_| AgentError::Closed)?;
-            match reader.next::<GuestMsg>().await? {
-                Some(GuestMsg::Hello(h)) => Ok(h),
-                Some(GuestMsg::Failed { kind, message, .. }) => Err(failed(kind, &message)),
-                Some(other) => Err(AgentError::NoHello(describe(&other))),
-                None => Err(AgentError::Closed),
+            // Answers the saved guest still owed its old host (output, a tunnel's end) may
+            // come before the new hello: they belong to no request of this session.
+            let mut stale = 0;
+            loop {
+                match reader.next::<GuestMsg>().await? {
+                    Some(GuestMsg::Hello(h)) => return Ok(h),
+                    Some(GuestMsg::Failed {
+                        id, kind, message, ..
+                    }) if id == rekey_id => return Err(failed(kind, &message)),
+                    Some(other) if other.request_id().is_some() && stale < MAX_STALE_ANSWERS => {
+                        stale += 1;
+                    }
+                    Some(other) => return Err(AgentError::NoHello(describe(&other))),
+                    None => return Err(AgentError::Closed),
+                }
             }
         };
         let hello = tokio::time::timeout(timeout, exchange)
@@ -1023,6 +1037,11 @@ fn describe(msg: &GuestMsg) -> String {
         GuestMsg::StdinCredit { id, credit } => {
             format!("{credit} units of stdin credit for request {id}")
         }
+        GuestMsg::Connected { id } => format!("a connection for request {id}"),
+        GuestMsg::TcpData { id, data } => {
+            format!("{} bytes of connection data for request {id}", data.len())
+        }
+        GuestMsg::TcpEof { id } => format!("the end of connection {id}"),
         _ => "a message this vmcp does not know".to_string(),
     }
 }
