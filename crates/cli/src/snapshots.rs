@@ -550,10 +550,8 @@ pub fn cold_reason(config: &VmConfig, backend: &str) -> Option<&'static str> {
         Some("a VM with shared directories is not restored from a snapshot")
     } else if config.net.has_device() {
         Some("a VM with a network card is not restored from a snapshot")
-    } else if config.net.guest_proxy().is_some() || !config.net.publish.is_empty() {
-        // The guest's proxy settings are fixed when it boots: a shared snapshot must not
-        // carry them into VMs without a network, nor miss them.
-        Some("a VM with a network over the agent channel is not restored from a snapshot")
+    } else if !config.net.publish.is_empty() {
+        Some("a VM with published ports is not restored from a snapshot")
     } else if vmcp_vm::qemu::launch_supported().is_err() {
         Some("QEMU snapshots are not supported on this host")
     } else {
@@ -608,13 +606,38 @@ pub async fn auto_start(
             notice(&format!(
                 "building snapshot {name} for fast starts (one time)"
             ));
-            match create(&store, &name, config, &record, ready_timeout).await {
-                Ok(vm) => Ok(AutoStart::Built(vm)),
-                Err(e) => Ok(AutoStart::Cold(Some(format!(
-                    "cannot build the snapshot: {}; booting cold",
-                    chain(&e)
-                )))),
+            // A VM whose allow-list travels over the agent channel is built without it (its
+            // proxy and the agent's listener are not part of a shared snapshot), then
+            // restored from the new snapshot with it.
+            let channel = config.net.channel_net().egress.is_some();
+            let mut plain = config.clone();
+            if channel {
+                plain.net = vmcp_vm::NetConfig::default();
             }
+            let built = match create(&store, &name, &plain, &record, ready_timeout).await {
+                Ok(vm) => vm,
+                Err(e) => {
+                    return Ok(AutoStart::Cold(Some(format!(
+                        "cannot build the snapshot: {}; booting cold",
+                        chain(&e)
+                    ))))
+                }
+            };
+            if !channel {
+                return Ok(AutoStart::Built(built));
+            }
+            drop(built);
+            let restored = match find(&store, &name)? {
+                Some(stored) => restore(&stored, config, &record, ready_timeout).await,
+                None => Err(anyhow::anyhow!("the snapshot just built is gone")),
+            };
+            Ok(match restored {
+                Ok(vm) => AutoStart::Built(vm),
+                Err(e) => AutoStart::Cold(Some(format!(
+                    "cannot restore the snapshot just built: {}; booting cold",
+                    chain(&e)
+                ))),
+            })
         }
     }
 }
@@ -694,7 +717,7 @@ mod tests {
     }
 
     #[test]
-    fn networked_vms_boot_cold_whatever_the_path() {
+    fn which_networked_vms_boot_cold() {
         let base = VmConfig::new("/k", "/i");
         let with = |f: &dyn Fn(&mut vmcp_vm::NetConfig)| {
             let mut c = base.clone();
@@ -710,18 +733,19 @@ mod tests {
         let allow: vmcp_vm::NetMode = "allow=pypi.org".parse().unwrap();
         let card = with(&|n| n.mode = allow.clone()).unwrap();
         assert!(card.contains("network card"), "{card}");
+        // Over the agent channel the guest's boot state holds no network setting: the same
+        // snapshot as a VM without network.
         let channel = with(&|n| {
             n.mode = allow.clone();
             n.tunnel = true;
-        })
-        .unwrap();
-        assert!(channel.contains("over the agent channel"), "{channel}");
+        });
+        assert_eq!(channel, with(&|_| {}));
         let published = with(&|n| {
             n.publish = vec!["8080:80".parse().unwrap()];
             n.tunnel = true;
         })
         .unwrap();
-        assert!(published.contains("over the agent channel"), "{published}");
+        assert!(published.contains("published ports"), "{published}");
     }
 
     #[test]

@@ -468,8 +468,8 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
 }
 
 /// `--net-via channel`: a sandbox's allow-list travels over the agent channel (no card), so
-/// the agent can fork a networked sandbox; the fork reaches the allowed host through its own
-/// proxy and its refusals are reported in its own results.
+/// it starts from the snapshot and the agent can fork it; the fork reaches the allowed host
+/// through its own proxy and its refusals are reported in its own results.
 #[test]
 fn networked_sandbox_over_the_agent_channel_can_be_forked() {
     let _l = vm::lock();
@@ -503,6 +503,11 @@ fn networked_sandbox_over_the_agent_channel_can_be_forked() {
             json!({"network": format!("allow=127.0.0.1:{allowed}")}),
         )
         .await;
+        // No network setting is in the guest's boot state: it starts from the snapshot.
+        assert!(
+            !created["notices"].to_string().contains("booted cold"),
+            "{created}"
+        );
         let id = created["sandbox_id"].as_str().unwrap().to_owned();
         let script = format!(
             "export NO_PROXY= no_proxy=; ls /sys/class/net

@@ -267,6 +267,9 @@ struct Shared {
     close_reason: Mutex<Option<String>>,
     hello: Hello,
     limits: AgentLimits,
+    /// Variables every exec of this session gets under its own (see
+    /// [`AgentClient::set_default_env`]).
+    default_env: Mutex<Vec<(String, String)>>,
 }
 
 impl Shared {
@@ -505,6 +508,7 @@ impl AgentClient {
             close_reason: Mutex::new(None),
             hello,
             limits,
+            default_env: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -575,6 +579,17 @@ impl AgentClient {
             guest_boot: Duration::from_nanos(hello.boot_ns),
             ready_after,
         }
+    }
+
+    /// Variables every later exec of this session (all clones of this client) gets, under
+    /// those of its own spec: how the lifecycle points processes at an egress proxy that
+    /// travels over the agent channel without writing it into the guest's boot state.
+    pub fn set_default_env(&self, env: Vec<(String, String)>) {
+        *self
+            .shared
+            .default_env
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = env;
     }
 
     /// Whether the channel has closed.
@@ -688,10 +703,18 @@ impl AgentClient {
         }
         let (mut answers, stdin) = self.register(spec.stdin)?;
         let id = answers.id;
+        // The session's defaults first: the agent applies later variables over earlier ones.
+        let mut env = self
+            .shared
+            .default_env
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        env.extend(spec.env);
         let req = HostMsg::Exec(ExecRequest {
             id,
             argv: spec.argv,
-            env: spec.env,
+            env,
             cwd: spec.cwd,
             stdin: spec.stdin,
         });

@@ -242,12 +242,13 @@ impl NetConfig {
         }
     }
 
-    /// Where the guest's processes find the egress proxy (exported as `HTTP_PROXY` and
-    /// friends): on the card's network, or on guest loopback over the channel.
-    pub fn guest_proxy(&self) -> Option<std::net::SocketAddrV4> {
+    /// The egress proxy the guest's kernel command line names (`vmcp.proxy=`, exported by
+    /// the agent as `HTTP_PROXY` and friends): the card's, in allow-list mode with a card.
+    /// Over the agent channel the command line names none: the lifecycle sends the same
+    /// variables (for [`TUNNEL_PROXY`]) with every exec instead.
+    pub fn kernel_proxy(&self) -> Option<std::net::SocketAddrV4> {
         match (&self.mode, self.tunnel) {
             (NetMode::Allow(_), false) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
-            (NetMode::Allow(_), true) => Some(TUNNEL_PROXY),
             _ => None,
         }
     }
@@ -321,13 +322,13 @@ mod tests {
             ..NetConfig::default()
         };
         assert!(!n.has_device());
-        assert_eq!(n.guest_proxy(), Some(TUNNEL_PROXY));
+        assert_eq!(n.kernel_proxy(), None);
         let c = n.channel_net();
         assert!(c.egress.is_some());
         assert_eq!(c.publish, n.publish);
         n.mode = NetMode::Nat;
         assert!(n.has_device());
-        assert_eq!(n.guest_proxy(), None);
+        assert_eq!(n.kernel_proxy(), None);
         assert!(n.channel_net().egress.is_none(), "no proxy for NAT");
         n.tunnel = false;
         let c = n.channel_net();
@@ -337,7 +338,7 @@ mod tests {
         );
         n.mode = "allow=pypi.org".parse().unwrap();
         assert_eq!(
-            n.guest_proxy(),
+            n.kernel_proxy(),
             Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT))
         );
     }

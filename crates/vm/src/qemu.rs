@@ -423,7 +423,7 @@ impl QemuMachine {
                     dns: nat.then_some(net::DNS),
                 }
             }),
-            proxy: self.config.net.guest_proxy(),
+            proxy: self.config.net.kernel_proxy(),
             // Shares follow the rootfs or the image's two disks.
             shares: {
                 let first = if self.config.image.is_some() {

@@ -100,6 +100,9 @@ pub(super) async fn start(
         // Listening before the first command runs: a process started right after ready
         // finds the proxy.
         let first = client.tcp_listen(port).await?;
+        // Every process finds the proxy; the guest's boot state (and so a snapshot of it)
+        // holds no network setting.
+        client.set_default_env(vmcp_guest_proto::proxy_env(net::TUNNEL_PROXY));
         let proxy = net::egress_proxy(&policy, gate.as_ref(), net::CHANNEL_PROXY_CONNECTIONS);
         tasks.proxy = Some(proxy.spawn(AgentListener {
             client: client.clone(),

@@ -93,10 +93,29 @@ async fn allow_list_and_published_ports_travel_over_the_agent_channel() {
     assert!(!vm.plan().network, "no network card for an allow-list");
     assert_eq!(
         cmdline_value(&vm.plan().cmdline, "vmcp.proxy"),
-        Some("127.0.0.1:3128")
+        None,
+        "the boot state holds no network setting"
     );
     vm.start().await.unwrap();
     vm.wait_ready(READY).await.unwrap();
+    // Every process is pointed at the proxy by the host, with each exec.
+    let out = vm
+        .agent()
+        .unwrap()
+        .exec(crate::agent::ExecSpec::new([
+            "sh",
+            "-c",
+            "echo $HTTPS_PROXY $NO_PROXY",
+        ]))
+        .await
+        .unwrap()
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"http://127.0.0.1:3128 localhost,127.0.0.1,::1\n"
+    );
 
     let ok = through_guest_proxy(&allowed.to_string()).await;
     assert!(ok.contains(" 200 "), "{ok}");
