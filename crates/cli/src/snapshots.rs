@@ -731,20 +731,17 @@ mod tests {
                 .map(|_| "QEMU snapshots are not supported on this host")
         );
         let allow: vmcp_vm::NetMode = "allow=pypi.org".parse().unwrap();
-        let card = with(&|n| n.mode = allow.clone()).unwrap();
+        let card = with(&|n| {
+            n.mode = allow.clone();
+            n.card = true;
+        })
+        .unwrap();
         assert!(card.contains("network card"), "{card}");
         // Over the agent channel the guest's boot state holds no network setting: the same
         // snapshot as a VM without network.
-        let channel = with(&|n| {
-            n.mode = allow.clone();
-            n.tunnel = true;
-        });
+        let channel = with(&|n| n.mode = allow.clone());
         assert_eq!(channel, with(&|_| {}));
-        let published = with(&|n| {
-            n.publish = vec!["8080:80".parse().unwrap()];
-            n.tunnel = true;
-        })
-        .unwrap();
+        let published = with(&|n| n.publish = vec!["8080:80".parse().unwrap()]).unwrap();
         assert!(published.contains("published ports"), "{published}");
     }
 

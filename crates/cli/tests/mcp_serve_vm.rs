@@ -383,6 +383,8 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
             "serve".to_owned(),
             "--net-allow".to_owned(),
             "127.0.0.1".to_owned(),
+            "--net-via".to_owned(),
+            "card".to_owned(),
         ];
         args.extend(vm::image_args());
         let cfg = StdioConfig::new(VMCP, args)

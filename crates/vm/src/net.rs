@@ -2,24 +2,22 @@
 //! `-netdev user` arguments, see `docs/network.md`).
 //!
 //! - [`NetMode::None`] (default): no network card at all.
-//! - [`NetMode::Allow`]: a card on a QEMU user-mode network with `restrict=on`, so the guest
-//!   can reach nothing but one forward, `PROXY_ADDR:PROXY_PORT`, which QEMU hands to a
-//!   per-connection helper (`vmcp __egress-pipe`) that connects to the VM's
-//!   [`vmcp_egress::Proxy`] on host loopback. The guest gets no resolver; DNS happens on the
-//!   host, inside the proxy.
+//! - [`NetMode::Allow`]: only through the VM's [`vmcp_egress::Proxy`] on the host, under the
+//!   policy. The guest gets no resolver; DNS happens on the host, inside the proxy.
 //! - [`NetMode::Nat`]: unrestricted user-mode NAT (QEMU's slirp), guest DNS through it.
 //!
-//! Published ports ([`PortForward`]) are QEMU `hostfwd` rules, on 127.0.0.1 unless an
-//! address is given; with [`NetMode::None`] they give the guest a restricted card that only
-//! accepts them.
+//! **Over the agent channel** (the default): no card for the allow-list or for published
+//! ports. The guest agent listens on `127.0.0.1:3128` ([`TUNNEL_PROXY`]) and carries each
+//! connection over its channel to the proxy; a published port is a host listener whose
+//! connections the agent makes to the guest port. The lifecycle runs both ([`ChannelNet`])
+//! and points every exec at the proxy, so the guest's boot state holds no network setting.
+//! Without a card the guest has no route anywhere else, by construction.
 //!
-//! **Over the agent channel** ([`NetConfig::tunnel`]; always on backends without a
-//! per-connection forward: Virtualization.framework, QEMU on Windows): no card for the
-//! allow-list or for published ports. The guest agent listens on `127.0.0.1:3128`
-//! ([`TUNNEL_PROXY`]) and carries each connection over its channel to the VM's egress
-//! proxy on the host; a published port is a host listener whose connections the agent
-//! makes to the guest port. The lifecycle runs both ([`ChannelNet`]). Without a card the
-//! guest has no route anywhere else, by construction.
+//! **On a card** ([`NetConfig::card`]; QEMU on Linux and macOS only, about twice the bulk
+//! throughput under TCG): a QEMU user-mode network with `restrict=on`, so the guest can
+//! reach nothing but one forward, `PROXY_ADDR:PROXY_PORT`, which QEMU hands to a
+//! per-connection helper (`vmcp __egress-pipe`) that connects to the proxy on host loopback;
+//! published ports are QEMU `hostfwd` rules, on 127.0.0.1 unless an address is given.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -150,13 +148,13 @@ pub struct NetConfig {
     /// Decides about targets off the allow list in [`NetMode::Allow`] (an approval policy)
     /// instead of refusing them at once.
     pub gate: Option<EgressGate>,
-    /// Carry allow-list egress and published ports over the agent channel instead of a
-    /// network card (see the module docs). Backends without a per-connection forward set it
-    /// themselves.
-    pub tunnel: bool,
+    /// Carry allow-list egress and published ports on a restricted network card instead of
+    /// the agent channel (see the module docs). Only QEMU on Linux and macOS has that;
+    /// backends without a per-connection forward (VZ, QEMU on Windows) clear it.
+    pub card: bool,
 }
 
-/// What the lifecycle serves over the agent channel of one VM ([`NetConfig::tunnel`]).
+/// What the lifecycle serves over the agent channel of one VM (unless [`NetConfig::card`]).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ChannelNet {
@@ -223,14 +221,14 @@ impl NetConfig {
     pub fn has_device(&self) -> bool {
         match self.mode {
             NetMode::Nat => true,
-            NetMode::Allow(_) => !self.tunnel,
-            NetMode::None => !self.tunnel && !self.publish.is_empty(),
+            NetMode::Allow(_) => self.card,
+            NetMode::None => self.card && !self.publish.is_empty(),
         }
     }
 
-    /// What travels over the agent channel (nothing unless [`NetConfig::tunnel`]).
+    /// What travels over the agent channel (nothing with [`NetConfig::card`]).
     pub fn channel_net(&self) -> ChannelNet {
-        if !self.tunnel {
+        if self.card {
             return ChannelNet::default();
         }
         ChannelNet {
@@ -247,8 +245,8 @@ impl NetConfig {
     /// Over the agent channel the command line names none: the lifecycle sends the same
     /// variables (for [`TUNNEL_PROXY`]) with every exec instead.
     pub fn kernel_proxy(&self) -> Option<std::net::SocketAddrV4> {
-        match (&self.mode, self.tunnel) {
-            (NetMode::Allow(_), false) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
+        match (&self.mode, self.card) {
+            (NetMode::Allow(_), true) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
             _ => None,
         }
     }
@@ -305,6 +303,8 @@ mod tests {
         let mut n = NetConfig::default();
         assert!(!n.has_device());
         n.publish.push("8080:80".parse().unwrap());
+        assert!(!n.has_device(), "published over the agent channel by default");
+        n.card = true;
         assert!(n.has_device());
         let nat = NetConfig {
             mode: NetMode::Nat,
@@ -318,7 +318,7 @@ mod tests {
         let mut n = NetConfig {
             mode: "allow=pypi.org".parse().unwrap(),
             publish: vec!["8080:80".parse().unwrap()],
-            tunnel: true,
+
             ..NetConfig::default()
         };
         assert!(!n.has_device());
@@ -330,11 +330,11 @@ mod tests {
         assert!(n.has_device());
         assert_eq!(n.kernel_proxy(), None);
         assert!(n.channel_net().egress.is_none(), "no proxy for NAT");
-        n.tunnel = false;
+        n.card = true;
         let c = n.channel_net();
         assert!(
             c.egress.is_none() && c.publish.is_empty(),
-            "nothing without tunnel"
+            "nothing on the channel with a card"
         );
         n.mode = "allow=pypi.org".parse().unwrap();
         assert_eq!(

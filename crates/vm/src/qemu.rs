@@ -453,7 +453,7 @@ impl QemuMachine {
         let NetMode::Allow(policy) = &self.config.net.mode else {
             return Ok(());
         };
-        if self.config.net.tunnel {
+        if !self.config.net.card {
             return Ok(());
         }
         let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
@@ -1036,7 +1036,7 @@ impl Drop for QemuMachine {
 /// allow-list travels over the agent channel.
 fn adapt_net_to_host(net: &mut crate::net::NetConfig, os: HostOs) {
     if os == HostOs::Windows && matches!(net.mode, NetMode::Allow(_)) {
-        net.tunnel = true;
+        net.card = false;
     }
 }
 

@@ -106,7 +106,6 @@ async fn an_allow_list_over_the_agent_channel_survives_checkpoint_fork_and_rewin
     let (port, hits) = vmcp_test_support::http_server("through-the-channel");
     let mut config = img.config();
     config.net.mode = format!("allow=127.0.0.1:{port}").parse().unwrap();
-    config.net.tunnel = true;
     let mut vm = QemuBackend::new().create_qemu(config).await.unwrap();
     vm.set_memory_file(vm.runtime_dir().join("memory"));
     vm.start().await.unwrap();
