@@ -26,6 +26,10 @@ use std::str::FromStr;
 
 use vmcp_egress::Policy;
 
+mod channel;
+
+pub use channel::{serve_over_channel, ChannelNetHandle, MAX_PUBLISHED_CONNECTIONS};
+
 /// The guest's address on the user-mode network.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 /// Prefix length of the user-mode network.
@@ -303,7 +307,10 @@ mod tests {
         let mut n = NetConfig::default();
         assert!(!n.has_device());
         n.publish.push("8080:80".parse().unwrap());
-        assert!(!n.has_device(), "published over the agent channel by default");
+        assert!(
+            !n.has_device(),
+            "published over the agent channel by default"
+        );
         n.card = true;
         assert!(n.has_device());
         let nat = NetConfig {
