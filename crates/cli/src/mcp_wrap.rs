@@ -70,10 +70,10 @@ pub struct WrapArgs {
     /// ADDRESS:HOST_PORT:GUEST_PORT (repeatable), e.g. for a server that also serves HTTP.
     #[arg(long, value_name = "[ADDR:]HOST_PORT:GUEST_PORT", value_parser = crate::run::parse_publish)]
     pub publish: Vec<PortForward>,
-    /// How an allow-list and published ports reach the guest: card (a restricted network
-    /// card; QEMU on Linux and macOS) or channel (over the guest agent's channel, no card at
-    /// all; always so with Virtualization.framework and with QEMU on Windows).
-    #[arg(long, value_name = "card|channel", value_parser = crate::run::parse_net_via)]
+    /// How an allow-list and published ports reach the guest: channel (the default: over the
+    /// guest agent's channel, no network card at all) or card (a restricted network card,
+    /// about twice the bulk throughput under TCG; QEMU on Linux and macOS only).
+    #[arg(long, value_name = "channel|card", value_parser = crate::run::parse_net_via)]
     pub net_via: Option<bool>,
     #[command(flatten)]
     pub listen: crate::mcp_serve::HttpArgs,
@@ -170,7 +170,7 @@ async fn start(args: &WrapArgs) -> Result<Guest, StartError> {
     config.shares = shares.configs.clone();
     config.net.mode = args.net.clone();
     config.net.publish = args.publish.clone();
-    config.net.tunnel = args.net_via.unwrap_or(false);
+    config.net.card = args.net_via.unwrap_or(false);
     // Kept alive for the VM's life (the page and the broker the egress gate asks).
     let approvals =
         crate::approvals::Approvals::start(&args.approval, crate::approvals::Frontend::Mcp)

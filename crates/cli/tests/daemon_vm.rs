@@ -1,7 +1,8 @@
 //! `vmcp daemon` with real VMs (TCG here), as a user runs it: `vmcp run` works without a
 //! daemon, then through it with the same results (stdout/stderr, exit codes, signals,
-//! `--timeout`), concurrent runs get different VMs, and neither SIGKILL nor SIGTERM of the
-//! daemon leaves a QEMU behind. One test (one snapshot build, one daemon at a time) to keep the
+//! `--timeout`), concurrent runs get different VMs, a run with an allow-list uses a pooled VM
+//! (its proxy runs in `vmcp run`), and neither SIGKILL, SIGTERM nor SIGINT of the daemon
+//! leaves a QEMU behind. One test (one snapshot build, one daemon at a time) to keep the
 //! suite short; its own snapshot store and runtime directory.
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -286,6 +287,34 @@ fn runs_through_the_daemon_match_runs_without_it_and_no_vm_outlives_it() {
     assert_eq!(handed.len(), handed_set.len(), "a VM was handed out twice");
     assert!(handed.len() >= 6, "{log}");
 
+    // An allow-list over the agent channel: a pooled VM, the proxy in this `vmcp run`.
+    wait_full(&env, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    let handed_before = d.drain().matches("handed VM").count();
+    let (port, hits) = vmcp_test_support::http_server("pooled-and-allowed");
+    let fetch = format!("NO_PROXY= wget -q -O - http://127.0.0.1:{port}/; echo");
+    let out = env.run(&[
+        "run",
+        "--net",
+        &format!("allow=127.0.0.1:{port}"),
+        "--",
+        "sh",
+        "-c",
+        &fetch,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("pooled-and-allowed\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.drain().matches("handed VM").count() == handed_before {
+        assert!(Instant::now() < deadline, "the run did not use a pooled VM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let status = env.run(&["daemon", "status"]);
     assert!(status.status.success(), "{}", text(&status.stderr));
     assert!(text(&status.stdout).contains("handed out"));
@@ -312,6 +341,22 @@ fn runs_through_the_daemon_match_runs_without_it_and_no_vm_outlives_it() {
         .status()
         .unwrap();
     assert!(killed.success());
+    let code = d.child.wait().unwrap();
+    assert!(code.success(), "{code:?}");
+    d.wait_for("its VMs are destroyed", Duration::from_secs(5));
+    wait_gone(&pids);
+    assert!(!env.socket().exists());
+
+    // SIGINT (Ctrl-C in the terminal that runs it in the foreground): the same clean stop.
+    let mut d = Daemon::start(&env, &["--pool", "1"]);
+    wait_full(&env, 1);
+    let pids = qemus_of(d.child.id());
+    assert!(!pids.is_empty());
+    let interrupted = Command::new("kill")
+        .args(["-INT", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
     let code = d.child.wait().unwrap();
     assert!(code.success(), "{code:?}");
     d.wait_for("its VMs are destroyed", Duration::from_secs(5));

@@ -383,6 +383,8 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
             "serve".to_owned(),
             "--net-allow".to_owned(),
             "127.0.0.1".to_owned(),
+            "--net-via".to_owned(),
+            "card".to_owned(),
         ];
         args.extend(vm::image_args());
         let cfg = StdioConfig::new(VMCP, args)
@@ -463,6 +465,76 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
         c.close().await;
     });
     assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_clean(runtime.path());
+}
+
+/// `--net-via channel`: a sandbox's allow-list travels over the agent channel (no card), so
+/// it starts from the snapshot and the agent can fork it; the fork reaches the allowed host
+/// through its own proxy and its refusals are reported in its own results.
+#[test]
+fn networked_sandbox_over_the_agent_channel_can_be_forked() {
+    let _l = vm::lock();
+    if !vm::ready(VMCP) {
+        return;
+    }
+    let (allowed, allowed_hits) = http_server("allowed-body");
+    let (other, other_hits) = http_server("other-body");
+    let runtime = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut args: Vec<String> = ["mcp", "serve", "--net-allow", "127.0.0.1", "--net-via", "channel"]
+            .map(String::from)
+            .to_vec();
+        args.extend(vm::image_args());
+        let cfg = StdioConfig::new(VMCP, args)
+            .with_env("XDG_RUNTIME_DIR", runtime.path())
+            .with_stderr(StderrMode::Null);
+        let c = Client::connect(
+            StdioTransport::spawn(&cfg).unwrap(),
+            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
+        )
+        .await
+        .unwrap();
+        let created = call(
+            &c,
+            "sandbox_create",
+            json!({"network": format!("allow=127.0.0.1:{allowed}")}),
+        )
+        .await;
+        // No network setting is in the guest's boot state: it starts from the snapshot.
+        assert!(
+            !created["notices"].to_string().contains("booted cold"),
+            "{created}"
+        );
+        let id = created["sandbox_id"].as_str().unwrap().to_owned();
+        let script = format!(
+            "export NO_PROXY= no_proxy=; ls /sys/class/net
+             wget -q -O - http://127.0.0.1:{allowed}/
+             wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \" B:$?\""
+        );
+        let refused = format!(
+            "connection to 127.0.0.1:{other} (GET request) refused by egress policy (no-rule): no rule allows 127.0.0.1:{other} (127.0.0.1:{allowed} allows another port)"
+        );
+        for sandbox in [id.clone(), String::new()] {
+            let sandbox = if sandbox.is_empty() {
+                let r = call(&c, "sandbox_fork", json!({"sandbox_id": id})).await;
+                r["sandbox_ids"][0].as_str().unwrap().to_owned()
+            } else {
+                sandbox
+            };
+            let r = call(&c, "sandbox_exec", json!({"sandbox_id": sandbox, "command": script})).await;
+            let stdout = r["stdout"].as_str().unwrap();
+            assert!(stdout.starts_with("lo\nallowed-body"), "{r}");
+            assert!(!stdout.contains(" B:0"), "{r}");
+            assert_eq!(r["egress_denied"], json!([refused.clone()]), "{r}");
+        }
+        c.close().await;
+    });
+    assert_eq!(allowed_hits.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(other_hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_clean(runtime.path());
 }

@@ -45,7 +45,7 @@ fn none_mode_has_no_network_card() {
 }
 
 #[test]
-fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
+fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
     let _l = vm::lock();
     if !vm::ready(VMCP) {
         return;
@@ -70,7 +70,12 @@ fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
     );
     let out = run(
         &rt,
-        &["--net", &format!("allow=127.0.0.1:{allowed}")],
+        &[
+            "--net",
+            &format!("allow=127.0.0.1:{allowed}"),
+            "--net-via",
+            "card",
+        ],
         &script,
     );
     let stdout = text(&out.stdout);
@@ -111,8 +116,9 @@ fn allow_mode_reaches_the_allowed_host_and_nothing_else() {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// `--net-via channel`: the same allow-list with no network card in the guest; the proxy is
-/// on the guest's loopback, where the agent carries each connection over its channel.
+/// Over the agent channel (the default): the same allow-list with no network card in the
+/// guest; the proxy is on the guest's loopback, where the agent carries each connection over
+/// its channel.
 #[test]
 fn allow_mode_over_the_agent_channel_has_no_card_and_the_same_rules() {
     let _l = vm::lock();
@@ -196,15 +202,15 @@ fn non_loopback_addr() -> Option<std::net::IpAddr> {
 }
 
 #[test]
-fn published_port_is_reachable_on_loopback_only() {
-    published_port_answers(&[]);
+fn published_port_on_a_card_is_reachable_on_loopback_only() {
+    published_port_answers(&["--net-via", "card"]);
 }
 
-/// Over the agent channel there is no card at all: the host's listener hands each
-/// connection to the guest agent, which connects to the guest port.
+/// Over the agent channel (the default) there is no card at all: the host's listener hands
+/// each connection to the guest agent, which connects to the guest port.
 #[test]
-fn published_port_over_the_agent_channel() {
-    published_port_answers(&["--net-via", "channel"]);
+fn published_port_over_the_agent_channel_is_reachable_on_loopback_only() {
+    published_port_answers(&[]);
 }
 
 fn published_port_answers(flags: &[&str]) {
@@ -298,6 +304,8 @@ fn off_list_egress_goes_through_the_approval_policy() {
         &[
             "--net",
             &format!("allow=127.0.0.1:{allowed}"),
+            "--net-via",
+            "card",
             "--policy",
             &policy.display().to_string(),
             "--audit-log",

@@ -340,23 +340,6 @@ fn write_resolv_conf(etc: &std::path::Path, dns: std::net::Ipv4Addr) -> std::io:
     )
 }
 
-/// Environment that points every process at the host's egress proxy.
-pub fn proxy_env(proxy: Option<std::net::SocketAddrV4>) -> Vec<(String, String)> {
-    let Some(p) = proxy else {
-        return Vec::new();
-    };
-    let url = format!("http://{p}");
-    let no_proxy = "localhost,127.0.0.1,::1".to_string();
-    vec![
-        ("HTTP_PROXY".into(), url.clone()),
-        ("HTTPS_PROXY".into(), url.clone()),
-        ("http_proxy".into(), url.clone()),
-        ("https_proxy".into(), url),
-        ("NO_PROXY".into(), no_proxy.clone()),
-        ("no_proxy".into(), no_proxy),
-    ]
-}
-
 fn wait_for(path: &str, limit: Duration) -> bool {
     let start = Instant::now();
     while !Path::new(path).exists() {
@@ -688,7 +671,9 @@ fn boot() -> Result<(), InitError> {
         options.token = std::sync::Arc::clone(&token);
         options.apply_rekey = Some(apply_rekey);
         options.reap_orphans = true;
-        options.env.extend(proxy_env(cfg.proxy));
+        if let Some(proxy) = cfg.proxy {
+            options.env.extend(vmcp_guest_proto::proxy_env(proxy));
+        }
         options.debug = cfg.debug;
         options.user = cfg.user;
         options.changes = image.as_ref().map(ImageRoot::roots);
@@ -777,16 +762,6 @@ mod tests {
             assert!(!needed_before_hello(m, &plain), "{m}");
             assert!(needed_before_hello(m, &net), "{m}");
         }
-    }
-
-    #[test]
-    fn proxy_environment() {
-        assert!(proxy_env(None).is_empty());
-        let env = proxy_env(Some("10.0.2.100:3128".parse().unwrap()));
-        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        assert_eq!(get("HTTPS_PROXY"), Some("http://10.0.2.100:3128"));
-        assert_eq!(get("http_proxy"), Some("http://10.0.2.100:3128"));
-        assert_eq!(get("NO_PROXY"), Some("localhost,127.0.0.1,::1"));
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! ([`read_msg`], [`write_msg`]) for the guest and async ones for the host (feature `tokio`).
 
 mod codec;
+mod env;
 mod message;
 #[cfg(feature = "tokio")]
 mod tokio_io;
@@ -37,6 +38,7 @@ pub use codec::{
     decode, encode, encode_into, read_msg, write_msg, ProtoError, CHUNK_SIZE, FRAME_VERSION,
     HEADER_LEN, MAX_PAYLOAD,
 };
+pub use env::proxy_env;
 pub use message::{
     credit_cost, Capabilities, ExecRequest, ExitStatus, FailureKind, GuestMsg, Hello, HostMsg,
     Rekey, RequestId, MSG_COST, PROTOCOL_VERSION, STREAM_WINDOW,

@@ -357,7 +357,7 @@ pub struct Sandbox {
     max_processes: usize,
     boot: Duration,
     notices: Vec<String>,
-    egress: Option<Arc<vmcp_egress::Stats>>,
+    egress: Mutex<Option<Arc<vmcp_egress::Stats>>>,
     /// Egress refusals already reported (a count of `egress.denied()`).
     egress_reported: AtomicU64,
 }
@@ -440,7 +440,7 @@ impl Sandbox {
     /// most [`vmcp_egress::proxy::RECENT_DENIALS`], plus a line counting older ones that were
     /// not kept), and the number of the last one.
     pub fn egress_denials_since(&self, mark: u64) -> (Vec<String>, u64) {
-        let Some(stats) = &self.egress else {
+        let Some(stats) = self.egress() else {
             return (Vec::new(), mark);
         };
         let mut new: Vec<vmcp_egress::DenialRecord> = stats
@@ -463,17 +463,24 @@ impl Sandbox {
 
     /// The number of egress refusals so far (0 without an egress proxy).
     pub fn egress_mark(&self) -> u64 {
-        self.egress.as_ref().map_or(0, |s| s.denied())
+        self.egress().map_or(0, |s| s.denied())
     }
 
     /// Whether its VM has an egress proxy (allow-listed network).
     pub fn has_egress(&self) -> bool {
-        self.egress.is_some()
+        self.egress().is_some()
+    }
+
+    fn egress(&self) -> Option<Arc<vmcp_egress::Stats>> {
+        self.egress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Refusals no earlier call reported, now marked reported.
     pub fn take_egress_denials(&self) -> Vec<String> {
-        if self.egress.is_none() {
+        if self.egress().is_none() {
             return Vec::new();
         }
         let mark = self.egress_reported.load(Ordering::Acquire);
@@ -833,6 +840,7 @@ impl Manager {
             notices,
             egress,
         } = booted;
+        let egress = egress.or_else(|| vm.egress_stats());
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             spec: req.spec,
@@ -854,7 +862,7 @@ impl Manager {
             max_processes: l.max_processes,
             boot,
             notices,
-            egress,
+            egress: Mutex::new(egress),
             egress_reported: AtomicU64::new(0),
         });
         // The reservation now belongs to the live sandbox; it is released in `remove`.
@@ -1055,6 +1063,12 @@ impl Manager {
         vm.rewind(&held, self.inner.limits.boot_timeout)
             .await
             .map_err(snap)?;
+        // The rewound VM has a new egress proxy (over the agent channel): its refusals count
+        // from zero.
+        if let Some(stats) = vm.egress_stats() {
+            *sb.egress.lock().unwrap_or_else(PoisonError::into_inner) = Some(stats);
+            sb.egress_reported.store(0, Ordering::Release);
+        }
         let agent = vm.agent().map_err(snap)?;
         *sb.agent.lock().unwrap_or_else(PoisonError::into_inner) = agent;
         sb.procs
@@ -1117,6 +1131,7 @@ impl Manager {
         let l = &self.inner.limits;
         let mut forks = Vec::with_capacity(n);
         for ((vm, agent), reservation) in out.into_iter().zip(reservations) {
+            let vm_egress = vm.egress_stats();
             let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
             let sandbox = Arc::new(Sandbox {
                 id: id.clone(),
@@ -1139,8 +1154,8 @@ impl Manager {
                 max_processes: l.max_processes,
                 boot,
                 notices: Vec::new(),
-                // Checkpoints of VMs with a network card are refused: no egress proxy here.
-                egress: None,
+                // A fork of a VM with an allow-list over the agent channel has its own proxy.
+                egress: Mutex::new(vm_egress),
                 egress_reported: AtomicU64::new(0),
             });
             // The reservation now belongs to the live sandbox; it is released in `remove`.

@@ -160,6 +160,9 @@ pub enum AgentError {
     Invalid(String),
 }
 
+/// Most answers to the old host a restored guest may send before its new hello.
+pub const MAX_STALE_ANSWERS: usize = 1024;
+
 /// Largest change list accepted from a guest ([`AgentClient::list_changes`]).
 pub const MAX_CHANGES_BYTES: usize = 16 * 1024 * 1024 + 64 * 1024;
 
@@ -264,6 +267,9 @@ struct Shared {
     close_reason: Mutex<Option<String>>,
     hello: Hello,
     limits: AgentLimits,
+    /// Variables every exec of this session gets under its own (see
+    /// [`AgentClient::set_default_env`]).
+    default_env: Mutex<Vec<(String, String)>>,
 }
 
 impl Shared {
@@ -446,6 +452,7 @@ impl AgentClient {
         let (reader, mut writer) = tokio::io::split(stream);
         let mut reader = FrameReader::new(reader);
         let token = rekey.token.clone();
+        let rekey_id = rekey.id;
         let exchange = async {
             if let Some(old) = old_hello {
                 match reader.next::<GuestMsg>().await? {
@@ -460,11 +467,21 @@ impl AgentClient {
                 writer.flush().await
             };
             written.await.map_err(|_| AgentError::Closed)?;
-            match reader.next::<GuestMsg>().await? {
-                Some(GuestMsg::Hello(h)) => Ok(h),
-                Some(GuestMsg::Failed { kind, message, .. }) => Err(failed(kind, &message)),
-                Some(other) => Err(AgentError::NoHello(describe(&other))),
-                None => Err(AgentError::Closed),
+            // Answers the saved guest still owed its old host (output, a tunnel's end) may
+            // come before the new hello: they belong to no request of this session.
+            let mut stale = 0;
+            loop {
+                match reader.next::<GuestMsg>().await? {
+                    Some(GuestMsg::Hello(h)) => return Ok(h),
+                    Some(GuestMsg::Failed {
+                        id, kind, message, ..
+                    }) if id == rekey_id => return Err(failed(kind, &message)),
+                    Some(other) if other.request_id().is_some() && stale < MAX_STALE_ANSWERS => {
+                        stale += 1;
+                    }
+                    Some(other) => return Err(AgentError::NoHello(describe(&other))),
+                    None => return Err(AgentError::Closed),
+                }
             }
         };
         let hello = tokio::time::timeout(timeout, exchange)
@@ -491,6 +508,7 @@ impl AgentClient {
             close_reason: Mutex::new(None),
             hello,
             limits,
+            default_env: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&shared);
         tokio::spawn(async move {
@@ -561,6 +579,17 @@ impl AgentClient {
             guest_boot: Duration::from_nanos(hello.boot_ns),
             ready_after,
         }
+    }
+
+    /// Variables every later exec of this session (all clones of this client) gets, under
+    /// those of its own spec: how the lifecycle points processes at an egress proxy that
+    /// travels over the agent channel without writing it into the guest's boot state.
+    pub fn set_default_env(&self, env: Vec<(String, String)>) {
+        *self
+            .shared
+            .default_env
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = env;
     }
 
     /// Whether the channel has closed.
@@ -674,10 +703,18 @@ impl AgentClient {
         }
         let (mut answers, stdin) = self.register(spec.stdin)?;
         let id = answers.id;
+        // The session's defaults first: the agent applies later variables over earlier ones.
+        let mut env = self
+            .shared
+            .default_env
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        env.extend(spec.env);
         let req = HostMsg::Exec(ExecRequest {
             id,
             argv: spec.argv,
-            env: spec.env,
+            env,
             cwd: spec.cwd,
             stdin: spec.stdin,
         });
@@ -1023,6 +1060,11 @@ fn describe(msg: &GuestMsg) -> String {
         GuestMsg::StdinCredit { id, credit } => {
             format!("{credit} units of stdin credit for request {id}")
         }
+        GuestMsg::Connected { id } => format!("a connection for request {id}"),
+        GuestMsg::TcpData { id, data } => {
+            format!("{} bytes of connection data for request {id}", data.len())
+        }
+        GuestMsg::TcpEof { id } => format!("the end of connection {id}"),
         _ => "a message this vmcp does not know".to_string(),
     }
 }

@@ -2,24 +2,22 @@
 //! `-netdev user` arguments, see `docs/network.md`).
 //!
 //! - [`NetMode::None`] (default): no network card at all.
-//! - [`NetMode::Allow`]: a card on a QEMU user-mode network with `restrict=on`, so the guest
-//!   can reach nothing but one forward, `PROXY_ADDR:PROXY_PORT`, which QEMU hands to a
-//!   per-connection helper (`vmcp __egress-pipe`) that connects to the VM's
-//!   [`vmcp_egress::Proxy`] on host loopback. The guest gets no resolver; DNS happens on the
-//!   host, inside the proxy.
+//! - [`NetMode::Allow`]: only through the VM's [`vmcp_egress::Proxy`] on the host, under the
+//!   policy. The guest gets no resolver; DNS happens on the host, inside the proxy.
 //! - [`NetMode::Nat`]: unrestricted user-mode NAT (QEMU's slirp), guest DNS through it.
 //!
-//! Published ports ([`PortForward`]) are QEMU `hostfwd` rules, on 127.0.0.1 unless an
-//! address is given; with [`NetMode::None`] they give the guest a restricted card that only
-//! accepts them.
+//! **Over the agent channel** (the default): no card for the allow-list or for published
+//! ports. The guest agent listens on `127.0.0.1:3128` ([`TUNNEL_PROXY`]) and carries each
+//! connection over its channel to the proxy; a published port is a host listener whose
+//! connections the agent makes to the guest port. The lifecycle runs both ([`ChannelNet`])
+//! and points every exec at the proxy, so the guest's boot state holds no network setting.
+//! Without a card the guest has no route anywhere else, by construction.
 //!
-//! **Over the agent channel** ([`NetConfig::tunnel`]; always on backends without a
-//! per-connection forward: Virtualization.framework, QEMU on Windows): no card for the
-//! allow-list or for published ports. The guest agent listens on `127.0.0.1:3128`
-//! ([`TUNNEL_PROXY`]) and carries each connection over its channel to the VM's egress
-//! proxy on the host; a published port is a host listener whose connections the agent
-//! makes to the guest port. The lifecycle runs both ([`ChannelNet`]). Without a card the
-//! guest has no route anywhere else, by construction.
+//! **On a card** ([`NetConfig::card`]; QEMU on Linux and macOS only, about twice the bulk
+//! throughput under TCG): a QEMU user-mode network with `restrict=on`, so the guest can
+//! reach nothing but one forward, `PROXY_ADDR:PROXY_PORT`, which QEMU hands to a
+//! per-connection helper (`vmcp __egress-pipe`) that connects to the proxy on host loopback;
+//! published ports are QEMU `hostfwd` rules, on 127.0.0.1 unless an address is given.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,6 +25,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use vmcp_egress::Policy;
+
+mod channel;
+
+pub use channel::{serve_over_channel, ChannelNetHandle, MAX_PUBLISHED_CONNECTIONS};
 
 /// The guest's address on the user-mode network.
 pub const GUEST_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -150,13 +152,13 @@ pub struct NetConfig {
     /// Decides about targets off the allow list in [`NetMode::Allow`] (an approval policy)
     /// instead of refusing them at once.
     pub gate: Option<EgressGate>,
-    /// Carry allow-list egress and published ports over the agent channel instead of a
-    /// network card (see the module docs). Backends without a per-connection forward set it
-    /// themselves.
-    pub tunnel: bool,
+    /// Carry allow-list egress and published ports on a restricted network card instead of
+    /// the agent channel (see the module docs). Only QEMU on Linux and macOS has that;
+    /// backends without a per-connection forward (VZ, QEMU on Windows) clear it.
+    pub card: bool,
 }
 
-/// What the lifecycle serves over the agent channel of one VM ([`NetConfig::tunnel`]).
+/// What the lifecycle serves over the agent channel of one VM (unless [`NetConfig::card`]).
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ChannelNet {
@@ -166,11 +168,22 @@ pub struct ChannelNet {
     pub publish: Vec<PortForward>,
 }
 
+/// Most connections the egress proxy serves at once when it is fed over the agent channel:
+/// each may hold a window (1 MiB) queued on the host besides the proxy's own buffers, so a
+/// guest that opens many slow connections holds at most about 80 MiB of host memory.
+pub const CHANNEL_PROXY_CONNECTIONS: usize = 64;
+
 /// The egress proxy of one VM under `policy` (and the host's own addresses, which are
-/// refused unless listed), with `gate` deciding about targets off the list.
-pub fn egress_proxy(policy: &Policy, gate: Option<&EgressGate>) -> vmcp_egress::Proxy {
+/// refused unless listed), with `gate` deciding about targets off the list, serving at most
+/// `max_connections` at once.
+pub fn egress_proxy(
+    policy: &Policy,
+    gate: Option<&EgressGate>,
+    max_connections: usize,
+) -> vmcp_egress::Proxy {
     let policy = policy.clone().with_host_addrs(vmcp_egress::host_addrs());
     let mut limits = vmcp_egress::Limits::default();
+    limits.max_connections = max_connections;
     if let Some(g) = gate {
         limits.gate_timeout = g.wait;
     }
@@ -212,14 +225,14 @@ impl NetConfig {
     pub fn has_device(&self) -> bool {
         match self.mode {
             NetMode::Nat => true,
-            NetMode::Allow(_) => !self.tunnel,
-            NetMode::None => !self.tunnel && !self.publish.is_empty(),
+            NetMode::Allow(_) => self.card,
+            NetMode::None => self.card && !self.publish.is_empty(),
         }
     }
 
-    /// What travels over the agent channel (nothing unless [`NetConfig::tunnel`]).
+    /// What travels over the agent channel (nothing with [`NetConfig::card`]).
     pub fn channel_net(&self) -> ChannelNet {
-        if !self.tunnel {
+        if self.card {
             return ChannelNet::default();
         }
         ChannelNet {
@@ -231,12 +244,13 @@ impl NetConfig {
         }
     }
 
-    /// Where the guest's processes find the egress proxy (exported as `HTTP_PROXY` and
-    /// friends): on the card's network, or on guest loopback over the channel.
-    pub fn guest_proxy(&self) -> Option<std::net::SocketAddrV4> {
-        match (&self.mode, self.tunnel) {
-            (NetMode::Allow(_), false) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
-            (NetMode::Allow(_), true) => Some(TUNNEL_PROXY),
+    /// The egress proxy the guest's kernel command line names (`vmcp.proxy=`, exported by
+    /// the agent as `HTTP_PROXY` and friends): the card's, in allow-list mode with a card.
+    /// Over the agent channel the command line names none: the lifecycle sends the same
+    /// variables (for [`TUNNEL_PROXY`]) with every exec instead.
+    pub fn kernel_proxy(&self) -> Option<std::net::SocketAddrV4> {
+        match (&self.mode, self.card) {
+            (NetMode::Allow(_), true) => Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT)),
             _ => None,
         }
     }
@@ -293,11 +307,46 @@ mod tests {
         let mut n = NetConfig::default();
         assert!(!n.has_device());
         n.publish.push("8080:80".parse().unwrap());
+        assert!(
+            !n.has_device(),
+            "published over the agent channel by default"
+        );
+        n.card = true;
         assert!(n.has_device());
         let nat = NetConfig {
             mode: NetMode::Nat,
             ..NetConfig::default()
         };
         assert!(nat.has_device() && nat.warning().is_some());
+    }
+
+    #[test]
+    fn over_the_channel_only_nat_needs_a_card() {
+        let mut n = NetConfig {
+            mode: "allow=pypi.org".parse().unwrap(),
+            publish: vec!["8080:80".parse().unwrap()],
+
+            ..NetConfig::default()
+        };
+        assert!(!n.has_device());
+        assert_eq!(n.kernel_proxy(), None);
+        let c = n.channel_net();
+        assert!(c.egress.is_some());
+        assert_eq!(c.publish, n.publish);
+        n.mode = NetMode::Nat;
+        assert!(n.has_device());
+        assert_eq!(n.kernel_proxy(), None);
+        assert!(n.channel_net().egress.is_none(), "no proxy for NAT");
+        n.card = true;
+        let c = n.channel_net();
+        assert!(
+            c.egress.is_none() && c.publish.is_empty(),
+            "nothing on the channel with a card"
+        );
+        n.mode = "allow=pypi.org".parse().unwrap();
+        assert_eq!(
+            n.kernel_proxy(),
+            Some(std::net::SocketAddrV4::new(PROXY_ADDR, PROXY_PORT))
+        );
     }
 }

@@ -152,11 +152,7 @@ impl QemuBackend {
             reason: reason.to_string(),
         })?;
         let facts = self.host_facts();
-        if facts.os == HostOs::Windows && matches!(config.net.mode, NetMode::Allow(_)) {
-            // QEMU on Windows starts no helper per connection (`guestfwd=...-cmd:`): the
-            // allow-list travels over the agent channel there.
-            config.net.tunnel = true;
-        }
+        adapt_net_to_host(&mut config.net, facts.os);
         let choice = facts
             .choose(config.arch, config.accel)
             .map_err(|e| ConfigError::Unsupported(e.to_string()))?;
@@ -427,7 +423,7 @@ impl QemuMachine {
                     dns: nat.then_some(net::DNS),
                 }
             }),
-            proxy: self.config.net.guest_proxy(),
+            proxy: self.config.net.kernel_proxy(),
             // Shares follow the rootfs or the image's two disks.
             shares: {
                 let first = if self.config.image.is_some() {
@@ -457,7 +453,7 @@ impl QemuMachine {
         let NetMode::Allow(policy) = &self.config.net.mode else {
             return Ok(());
         };
-        if self.config.net.tunnel {
+        if !self.config.net.card {
             return Ok(());
         }
         let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
@@ -467,7 +463,11 @@ impl QemuMachine {
             .local_addr()
             .map_err(host_err("read the egress proxy's address"))?
             .port();
-        let proxy = net::egress_proxy(policy, self.config.net.gate.as_ref());
+        let proxy = net::egress_proxy(
+            policy,
+            self.config.net.gate.as_ref(),
+            vmcp_egress::Limits::default().max_connections,
+        );
         let handle = proxy.spawn(listener);
         self.egress = Some((handle, port));
         Ok(())
@@ -1029,6 +1029,14 @@ impl Drop for QemuMachine {
         self.log.close();
         // Dropping the owned child kills QEMU's process group and reaps QEMU (bounded). The
         // runtime directory is removed after this.
+    }
+}
+
+/// QEMU on Windows starts no helper per guest connection (`guestfwd=...-cmd:`): there an
+/// allow-list travels over the agent channel.
+fn adapt_net_to_host(net: &mut crate::net::NetConfig, os: HostOs) {
+    if os == HostOs::Windows && matches!(net.mode, NetMode::Allow(_)) {
+        net.card = false;
     }
 }
 

@@ -95,3 +95,37 @@ async fn checkpoint_rewind_and_fork_of_a_running_vm() {
         assert!(!proc_alive(pid), "QEMU {pid} left running");
     }
 }
+
+/// An allow-list over the agent channel needs no network card, so such a VM can be
+/// checkpointed and forked: each fork gets its own egress proxy (its own counters), and the
+/// guest agent drops the source's tunnel requests when it takes the fork's identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allow_list_over_the_agent_channel_survives_checkpoint_fork_and_rewind() {
+    let Some(img) = prerequisites() else { return };
+    let _lock = vm_lock().await;
+    let (port, hits) = vmcp_test_support::http_server("through-the-channel");
+    let mut config = img.config();
+    config.net.mode = format!("allow=127.0.0.1:{port}").parse().unwrap();
+    let mut vm = QemuBackend::new().create_qemu(config).await.unwrap();
+    vm.set_memory_file(vm.runtime_dir().join("memory"));
+    vm.start().await.unwrap();
+    vm.wait_ready(READY_TIMEOUT).await.unwrap();
+    let fetch = format!("export NO_PROXY= no_proxy=; wget -q -O - http://127.0.0.1:{port}/");
+    let agent = vm.agent().unwrap();
+    assert_eq!(sh(&agent, "ls /sys/class/net").await, "lo\n");
+    assert_eq!(sh(&agent, &fetch).await, "through-the-channel");
+    let cp = vm.checkpoint().await.unwrap();
+
+    let forks = vm.fork_into(&cp, 1, READY_TIMEOUT).await.unwrap();
+    let fa = forks[0].agent().unwrap();
+    assert_eq!(sh(&fa, &fetch).await, "through-the-channel");
+    assert_eq!(forks[0].egress_stats().unwrap().allowed(), 1);
+    // The source's proxy still serves the source.
+    assert_eq!(sh(&agent, &fetch).await, "through-the-channel");
+    assert_eq!(vm.egress_stats().unwrap().allowed(), 2);
+
+    vm.rewind(&cp, READY_TIMEOUT).await.unwrap();
+    let agent = vm.agent().unwrap();
+    assert_eq!(sh(&agent, &fetch).await, "through-the-channel");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 4);
+}

@@ -418,8 +418,18 @@ fn status(socket: &Path) -> anyhow::Result<ExitCode> {
 
 /// The daemon request for this `vmcp run`, or `None` when its flags need a VM of its own
 /// (`--no-daemon`, `--cold`, `--snapshot`, `--image`, `--share`, a writable root disk, a
-/// network, a console log).
+/// console log, NAT, a network card, published ports, or an allow-list under an approval
+/// policy). An allow-list over the agent channel runs in a pooled VM: the proxy runs here.
 fn request_for_run(args: &RunArgs) -> Option<VmRequest> {
+    let network_of_its_own = match args.net {
+        vmcp_vm::NetMode::None => false,
+        vmcp_vm::NetMode::Allow(_) => {
+            args.net_via == Some(true)
+                || args.approval.policy.is_some()
+                || args.approval.approval_ui.is_some()
+        }
+        _ => true,
+    };
     let own_vm = args.no_daemon
         || args.cold
         || args.snapshot.is_some()
@@ -427,7 +437,7 @@ fn request_for_run(args: &RunArgs) -> Option<VmRequest> {
         || !args.share.is_empty()
         || args.rootfs_rw
         || args.console_log.is_some()
-        || !matches!(args.net, vmcp_vm::NetMode::None)
+        || network_of_its_own
         || !args.publish.is_empty();
     if own_vm {
         return None;
@@ -490,6 +500,18 @@ pub async fn try_run(args: &RunArgs, forward_stdin: bool) -> anyhow::Result<Opti
         Err(e) => {
             // Nothing ran yet: a VM of our own is as good.
             tracing::warn!(vm = %granted.vm_id, error = %e, "the daemon's VM did not answer; starting a VM here");
+            drop(session);
+            return Ok(None);
+        }
+    };
+    // An allow-list: this process runs the VM's egress proxy over the channel, as the
+    // lifecycle does for a VM of its own.
+    let mut net = vmcp_vm::NetConfig::default();
+    net.mode = args.net.clone();
+    let _net = match vmcp_vm::net::serve_over_channel(&agent, net.channel_net()).await {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::warn!(vm = %granted.vm_id, error = %e, "the daemon's VM cannot serve the network; starting a VM here");
             drop(session);
             return Ok(None);
         }

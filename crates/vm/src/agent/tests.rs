@@ -979,12 +979,36 @@ mod restored {
             .unwrap_err();
         assert!(e.to_string().contains("new identity"), "{e}");
 
-        let (host, guest) = duplex(1 << 16);
-        tokio::spawn(restored_guest(guest, |_| GuestMsg::Pong { id: 1 }));
-        let e = AgentClient::connect_restored(host, new_identity("new", "h"), None, T)
-            .await
-            .unwrap_err();
-        assert!(matches!(e, AgentError::NoHello(_)), "{e}");
+        // Answers owed to the old host before the hello are skipped, within a bound.
+        for (stale, ok) in [(3, true), (MAX_STALE_ANSWERS + 1, false)] {
+            let (host, mut guest) = duplex(1 << 20);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if let Ok(Some(HostMsg::Rekey(r))) =
+                    read_msg_async::<HostMsg, _>(&mut guest, &mut buf).await
+                {
+                    for id in 0..stale {
+                        let msg = GuestMsg::TcpEof {
+                            id: 100 + id as u32,
+                        };
+                        if write_msg_async(&mut guest, &msg).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = write_msg_async(&mut guest, &hello(&r.token, PROTOCOL_VERSION)).await;
+                    let _ = read_msg_async::<HostMsg, _>(&mut guest, &mut buf).await;
+                }
+            });
+            let got = AgentClient::connect_restored(host, new_identity("new", "h"), None, T).await;
+            match got {
+                Ok(_) => assert!(ok, "{stale} stale answers were accepted"),
+                Err(e) => {
+                    assert!(!ok, "{e}");
+                    assert!(matches!(e, AgentError::NoHello(_)), "{e}");
+                    assert!(e.to_string().contains("the end of connection"), "{e}");
+                }
+            }
+        }
 
         // Never answers: a timeout, not a hang.
         let (host, _guest) = duplex(1 << 16);

@@ -250,4 +250,5 @@ async fn pump(
 }
 
 #[cfg(test)]
+#[cfg(unix)]
 mod tests;

@@ -32,7 +32,6 @@
 //!
 //! [`Backend`]: crate::Backend
 
-mod channel_net;
 mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
@@ -40,7 +39,6 @@ mod manifest;
 #[cfg(test)]
 mod tests;
 
-pub use channel_net::MAX_PUBLISHED_CONNECTIONS;
 pub use checkpoint::{Checkpoint, MAX_CHECKPOINTS, MAX_FORKS};
 pub use manifest::{ManifestError, SnapshotManifest};
 
@@ -225,7 +223,7 @@ pub struct Lifecycle<M: Machine> {
     /// Number of the last checkpoint taken (names its directory).
     checkpoint_seq: u64,
     /// Networking over the agent channel while the agent is up.
-    channel_net: Option<channel_net::ChannelNetTasks>,
+    channel_net: Option<crate::net::ChannelNetHandle>,
     /// The counters of the last channel egress proxy (readable after it stopped).
     channel_egress_stats: Option<Arc<vmcp_egress::Stats>>,
 }
@@ -529,7 +527,7 @@ impl<M: Machine> Vm for Lifecycle<M> {
             Waited::Ready(client) => {
                 tracing::debug!(restored = self.restored_from.is_some(), "agent ready");
                 let info = client.info(self.started.map(|t| t.elapsed()).unwrap_or_default());
-                match channel_net::start(&client, self.machine.channel_net()).await {
+                match crate::net::serve_over_channel(&client, self.machine.channel_net()).await {
                     Ok(tasks) => {
                         self.channel_egress_stats = tasks.egress_stats();
                         self.channel_net = Some(tasks);

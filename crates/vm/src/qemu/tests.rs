@@ -414,6 +414,7 @@ async fn the_egress_proxy_lives_and_dies_with_qemu() {
     for (mode, how) in [("agent", "shutdown"), ("hang", "kill")] {
         let Some(mut f) = fixture(mode) else { return };
         f.config.net.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
+        f.config.net.card = true;
         let mut vm = f.backend.create_qemu(f.config).await.unwrap();
         assert!(vm.egress_proxy_addr().is_none(), "a proxy before start");
         vm.start().await.unwrap();
@@ -458,4 +459,54 @@ async fn the_egress_proxy_lives_and_dies_with_qemu() {
             "{how}: the proxy outlived QEMU"
         );
     }
+}
+
+#[test]
+fn an_allow_list_goes_over_the_agent_channel_on_windows_only() {
+    let allow = || crate::net::NetConfig {
+        mode: crate::NetMode::Allow("api.example.com:443".parse().unwrap()),
+        card: true,
+        ..crate::net::NetConfig::default()
+    };
+    let mut n = allow();
+    super::adapt_net_to_host(&mut n, HostOs::Linux);
+    assert!(n.card && n.has_device());
+    let mut n = allow();
+    super::adapt_net_to_host(&mut n, HostOs::Windows);
+    assert!(!n.card && !n.has_device());
+    assert_eq!(
+        n.kernel_proxy(),
+        None,
+        "over the channel the proxy is set per exec"
+    );
+    let mut nat = crate::net::NetConfig {
+        mode: crate::NetMode::Nat,
+        ..crate::net::NetConfig::default()
+    };
+    super::adapt_net_to_host(&mut nat, HostOs::Windows);
+    assert!(nat.has_device());
+}
+
+/// Over the agent channel QEMU gets no network card and no proxy of its own (the lifecycle
+/// runs the proxy on the agent's listener); the guest is pointed at its own loopback.
+#[tokio::test]
+async fn an_allow_list_over_the_channel_gives_qemu_no_card() {
+    let Some(mut f) = fixture("hang") else { return };
+    f.config.net.mode = crate::NetMode::Allow("api.example.com:443".parse().unwrap());
+    let mut vm = f.backend.create_qemu(f.config).await.unwrap();
+    vm.start().await.unwrap();
+    assert!(
+        vm.egress_proxy_addr().is_none(),
+        "a card proxy in channel mode"
+    );
+    let line = vm
+        .command_line()
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(!line.contains("-netdev"), "{line}");
+    assert!(!line.contains("vmcp.proxy="), "{line}");
+    assert!(!line.contains("vmcp.net="), "{line}");
+    vm.kill().await.unwrap();
 }

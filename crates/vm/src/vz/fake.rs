@@ -43,10 +43,14 @@ pub struct Faults {
     pub crash_after_start: bool,
     /// The guest presents a token other than the one on its command line.
     pub wrong_token: bool,
-    /// Instead of the tiny scripted agent, the real agent's request server runs in this
-    /// process (its processes and TCP tunnels are the test host's own).
-    pub real_agent: bool,
+    /// Instead of the tiny scripted agent, this starts a real one (the agent's request
+    /// server in this process, where the OS has it): given the token and what to call when
+    /// the agent powers off, it returns the host end of the channel.
+    pub real_agent: Option<AgentSpawner>,
 }
+
+/// See [`Faults::real_agent`].
+pub type AgentSpawner = fn(&str, Box<dyn FnOnce() + Send>) -> Option<Box<dyn AgentStream>>;
 
 pub type Calls = Arc<Mutex<Vec<String>>>;
 
@@ -168,8 +172,14 @@ fn spawn_agent(inner: &Arc<Inner>) {
     if inner.faults.no_agent {
         return;
     }
-    if inner.faults.real_agent {
-        spawn_real_agent(inner);
+    if let Some(spawn) = inner.faults.real_agent {
+        let stopped = Arc::clone(inner);
+        if let Some(host) = spawn(
+            &inner.token,
+            Box::new(move || stopped.set(FwState::Stopped)),
+        ) {
+            let _ = inner.conns_tx.send(host);
+        }
         return;
     }
     let (host, mut guest) = tokio::io::duplex(64 * 1024);
@@ -215,33 +225,6 @@ fn spawn_agent(inner: &Arc<Inner>) {
             if write_msg_async(&mut guest, &reply).await.is_err() {
                 return;
             }
-        }
-    });
-}
-
-/// The real agent server in a thread, over a Unix socket pair; a power-off stops the VM.
-fn spawn_real_agent(inner: &Arc<Inner>) {
-    let Ok((host, guest)) = std::os::unix::net::UnixStream::pair() else {
-        return;
-    };
-    let host = host
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixStream::from_std(host));
-    let (Ok(host), Ok(reader)) = (host, guest.try_clone()) else {
-        return;
-    };
-    if inner.conns_tx.send(Box::new(host)).is_err() {
-        return;
-    }
-    let inner = Arc::clone(inner);
-    std::thread::spawn(move || {
-        let mut options =
-            vmcp_guest_agent::ServeOptions::new(vmcp_guest_agent::hello(&inner.token, false));
-        options.apply_rekey = Some(|_| Ok(1));
-        if let Ok(vmcp_guest_agent::ServeEnd::Poweroff) =
-            vmcp_guest_agent::serve(reader, guest, &options)
-        {
-            inner.set(FwState::Stopped);
         }
     });
 }

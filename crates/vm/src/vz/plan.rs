@@ -217,11 +217,6 @@ pub fn plan(config: &VmConfig, inputs: PlanInputs<'_>) -> Result<VzPlan, PlanErr
             read_only: true,
         });
     }
-    // An allow-list travels over the agent channel (no card): the guest's processes find
-    // the proxy on loopback, where the agent listens.
-    if let Some(proxy) = config.net.guest_proxy() {
-        extra.push(format!("vmcp.proxy={proxy}"));
-    }
     extra.extend(config.cmdline_extra.iter().cloned());
     let cmdline = cmdline(inputs.token, AGENT_VSOCK_PORT, &extra)?;
     Ok(VzPlan {

@@ -78,7 +78,7 @@ impl<F: Framework> VzBackend<F> {
     pub fn create_vz(&self, mut config: VmConfig) -> Result<VzVm<F>, VmError> {
         // VZ's NAT attachment has no per-connection forward: an allow-list and published
         // ports travel over the agent channel (see `crate::net`).
-        config.net.tunnel = true;
+        config.net.card = false;
         Lifecycle::prepare(&config, |prepared| {
             let default_console_log = prepared.dir.join("console.log");
             let plan = plan_for(

@@ -1,7 +1,8 @@
-//! Networking that travels over the agent channel ([`crate::net::NetConfig::tunnel`]): the
-//! VM's egress proxy fed by the agent's listener on guest `127.0.0.1:3128`, and published
-//! ports whose host connections the agent makes to guest ports. Started when the agent is
-//! ready; everything stops when this is dropped (with the VM).
+//! Networking that travels over the agent channel (unless [`crate::net::NetConfig::card`]):
+//! the VM's egress proxy fed by the agent's listener on guest `127.0.0.1:3128`, and
+//! published ports whose host connections the agent makes to guest ports. The lifecycle
+//! starts it when the agent is ready (and so does `vmcp run` with a VM from the warm pool);
+//! everything stops when the handle is dropped.
 
 use std::sync::Arc;
 
@@ -10,21 +11,23 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::{ChannelNet, PortForward};
 use crate::agent::{AgentClient, PendingAccept};
-use crate::net::{self, ChannelNet, PortForward};
+use crate::net;
 use crate::VmError;
 
 /// Most connections one published port carries at once (the guest agent's own bound is
 /// [`vmcp_guest_agent`]'s `MAX_TUNNEL_CONNECTIONS` for all of them together).
 pub const MAX_PUBLISHED_CONNECTIONS: usize = 64;
 
-/// The running channel network of one VM.
-pub(super) struct ChannelNetTasks {
+/// The running channel network of one VM; dropping it stops the proxy and the published
+/// ports.
+pub struct ChannelNetHandle {
     proxy: Option<vmcp_egress::ProxyHandle>,
     publish: Vec<JoinHandle<()>>,
 }
 
-impl Drop for ChannelNetTasks {
+impl Drop for ChannelNetHandle {
     fn drop(&mut self) {
         for t in &self.publish {
             t.abort();
@@ -32,9 +35,18 @@ impl Drop for ChannelNetTasks {
     }
 }
 
-impl ChannelNetTasks {
+impl std::fmt::Debug for ChannelNetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelNetHandle")
+            .field("proxy", &self.proxy.is_some())
+            .field("published", &self.publish.len())
+            .finish()
+    }
+}
+
+impl ChannelNetHandle {
     /// The proxy's counters (kept readable after the proxy stopped by whoever cloned them).
-    pub(super) fn egress_stats(&self) -> Option<Arc<vmcp_egress::Stats>> {
+    pub fn egress_stats(&self) -> Option<Arc<vmcp_egress::Stats>> {
         self.proxy
             .as_ref()
             .map(vmcp_egress::ProxyHandle::shared_stats)
@@ -74,13 +86,15 @@ impl vmcp_egress::Accept for AgentListener {
     }
 }
 
-/// Starts what `net` asks for over `client`'s channel. Fails when a published host port
-/// cannot be bound (nothing is left running then).
-pub(super) async fn start(
+/// Starts what `net` asks for over `client`'s channel: the agent listens for the proxy
+/// before this returns, and every later exec of the session is pointed at it. Fails when a
+/// published host port cannot be bound or the agent cannot listen (nothing is left running
+/// then).
+pub async fn serve_over_channel(
     client: &AgentClient,
     net: ChannelNet,
-) -> Result<ChannelNetTasks, VmError> {
-    let mut tasks = ChannelNetTasks {
+) -> Result<ChannelNetHandle, VmError> {
+    let mut tasks = ChannelNetHandle {
         proxy: None,
         publish: Vec::new(),
     };
@@ -100,7 +114,10 @@ pub(super) async fn start(
         // Listening before the first command runs: a process started right after ready
         // finds the proxy.
         let first = client.tcp_listen(port).await?;
-        let proxy = net::egress_proxy(&policy, gate.as_ref());
+        // Every process finds the proxy; the guest's boot state (and so a snapshot of it)
+        // holds no network setting.
+        client.set_default_env(vmcp_guest_proto::proxy_env(net::TUNNEL_PROXY));
+        let proxy = net::egress_proxy(&policy, gate.as_ref(), net::CHANNEL_PROXY_CONNECTIONS);
         tasks.proxy = Some(proxy.spawn(AgentListener {
             client: client.clone(),
             port,
