@@ -164,13 +164,14 @@ impl SandboxTools {
         defs.push(ToolDef::new(
             "sandbox_exec_poll",
             "Read a background process's output",
-            "Returns the output written since `cursor` (stdout and stderr separately), the cursor to pass next, and the exit status once the process ended and all its output was read. Polling again with the same cursor returns the same output, so a client that lost an answer (reconnect) can repeat it.",
+            "Returns the output written since `cursor` (stdout and stderr separately), the cursor to pass next, and the exit status once the process ended and all its output was read. Polling again with the same cursor returns the same output, so a client that lost an answer (reconnect) can repeat it. Connections the egress policy refused since the previous call are listed in egress_denied.",
             object(p, &["sandbox_id", "process_id"]),
             Some(json!({"type": "object", "properties": {
                 "stdout": {"type": "string"}, "stderr": {"type": "string"}, "next_cursor": {"type": "integer"},
                 "missed_bytes": {"type": "integer"}, "more": {"type": "boolean"}, "running": {"type": "boolean"},
-                "exit_code": {"type": ["integer", "null"]}, "signal": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]}},
-                "required": ["stdout", "stderr", "next_cursor", "missed_bytes", "more", "running", "exit_code", "signal", "error"]})),
+                "exit_code": {"type": ["integer", "null"]}, "signal": {"type": ["integer", "null"]}, "error": {"type": ["string", "null"]},
+                "egress_denied": {"type": "array", "items": {"type": "string"}, "description": "Connections the egress policy refused since the previous call (allow-listed network)"}},
+                "required": ["stdout", "stderr", "next_cursor", "missed_bytes", "more", "running", "exit_code", "signal", "error", "egress_denied"]})),
             Annotations::read_only(),
         ));
 
@@ -715,6 +716,7 @@ async fn call(
                 "exit_code": code,
                 "signal": signal,
                 "error": error,
+                "egress_denied": sb.take_egress_denials(),
             })))
         }
         "sandbox_exec_write_stdin" => {
