@@ -570,10 +570,12 @@ impl Server<'_> {
             )));
         }
         // The agent searches `PATH` itself so that `Command` can use `posix_spawn` (see
-        // `program_path`); the last `PATH` of the environment below is the child's.
+        // `program_path`); the last `PATH` of the environment below is the child's. Not for
+        // processes of another user: `Command` forks for those anyway, and `execvp` then
+        // judges execute permission as that user, which the agent (root) would not.
         let path = (self.options.env.iter().chain(&req.env))
             .rev()
-            .find(|(k, _)| k == "PATH")
+            .find(|(k, _)| k == "PATH" && self.options.user.is_none())
             .map(|(_, v)| v.as_str());
         let mut cmd = match program_path::resolve(program, path, &cwd) {
             Resolved::AsIs => Command::new(program),

@@ -959,6 +959,22 @@ fn processes_run_as_the_default_user() {
     h.exec(1, &["sh", "-c", "id -u; id -g; id -G"]);
     let run = h.collect(1);
     assert_eq!(String::from_utf8_lossy(&run.stdout), "4242\n4343\n4343\n");
+    // `PATH` is searched as that user: a program only root may execute is skipped for the
+    // next one, as `execvp` does.
+    use std::os::unix::fs::PermissionsExt;
+    let (a, b) = (probe.path().join("a"), probe.path().join("b"));
+    for (dir, mode, says) in [(&a, 0o700, "root-only"), (&b, 0o755, "everyone")] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let prog = dir.join("vmcp-test-who");
+        std::fs::write(&prog, format!("#!/bin/sh\necho {says}\n")).unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::set_permissions(probe.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.exec_with(2, &["vmcp-test-who"], |r| {
+        r.env = vec![("PATH".into(), format!("{}:{}", a.display(), b.display()))];
+    });
+    assert_eq!(h.collect(2).out(), "everyone\n");
 }
 
 mod tcp;
