@@ -17,7 +17,9 @@
 //!   dropped, bodies streamed both ways.
 //! - **Gate** ([`Proxy::with_gate`]): a target that no rule allows is not refused at once but
 //!   handed to the gate (an approval policy that may ask a person); the connection waits at
-//!   most [`Limits::gate_timeout`] for its answer. Approved targets are remembered for the
+//!   most [`Limits::gate_timeout`] for its answer. Connections to a target the gate is
+//!   already deciding about wait for that answer instead of asking again (one question per
+//!   target, however many connections a guest opens). Approved targets are remembered for the
 //!   proxy's life (an address-literal rule for the approved `host:port` only); the address
 //!   rule still holds for them (a special address needs a literal rule). A refusal names the
 //!   gate's reason.
@@ -172,6 +174,21 @@ impl Accept for TcpListener {
     }
 }
 
+/// A gate's decision: `Err` holds the reason shown to the client.
+type GateAnswer = Result<(), String>;
+
+/// Removes a target's in-progress decision from the map when its decider is done or gone.
+struct DecidingEntry<'a> {
+    map: &'a Mutex<std::collections::HashMap<Target, watch::Receiver<Option<GateAnswer>>>>,
+    target: &'a Target,
+}
+
+impl Drop for DecidingEntry<'_> {
+    fn drop(&mut self) {
+        lock(self.map).remove(self.target);
+    }
+}
+
 /// One refused attempt, as kept in [`ProxyHandle::recent_denials`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -225,6 +242,9 @@ struct Ctx {
     gate: Option<Arc<dyn Gate>>,
     /// Targets the gate approved, with the one-target policy that lets them through.
     approved: Mutex<std::collections::HashMap<Target, Policy>>,
+    /// Targets the gate is deciding about; the answer (once there) for the connections that
+    /// wait for it. At most one entry per target; entries go when their decision ends.
+    deciding: Mutex<std::collections::HashMap<Target, watch::Receiver<Option<GateAnswer>>>>,
     stats: Arc<Stats>,
     log_limit: Mutex<RateLimit>,
     shutdown: watch::Receiver<()>,
@@ -322,6 +342,7 @@ impl Proxy {
             dialer: self.dialer,
             gate: self.gate,
             approved: Mutex::new(std::collections::HashMap::new()),
+            deciding: Mutex::new(std::collections::HashMap::new()),
             stats: Arc::clone(&stats),
             log_limit: Mutex::new(RateLimit::new(20, Duration::from_secs(3))),
             shutdown: rx,
@@ -502,22 +523,17 @@ impl Ctx {
         let Some(gate) = &self.gate else {
             return Err(self.deny(method, &denial));
         };
-        if let Some(p) = lock(&self.approved).get(target) {
-            return Ok(p.clone());
-        }
-        let answer = tokio::time::timeout(self.limits.gate_timeout, gate.decide(target)).await;
-        let reason = match answer {
-            Ok(Ok(())) => {
-                let p = self.one_target_policy(target);
-                lock(&self.approved).insert(target.clone(), p.clone());
-                tracing::info!(target: "vmcp::egress", "{method} {target} approved through the gate");
-                return Ok(p);
+        let waited = self.gate_answer(gate, target).await;
+        let reason = match waited {
+            Ok(()) => {
+                if let Some(p) = lock(&self.approved).get(target) {
+                    tracing::info!(target: "vmcp::egress", "{method} {target} approved through the gate");
+                    return Ok(p.clone());
+                }
+                // Approved, then forgotten: cannot happen (approvals are never removed).
+                "the approval was lost".to_string()
             }
-            Ok(Err(reason)) => reason,
-            Err(_) => format!(
-                "no decision within {}s (denied)",
-                self.limits.gate_timeout.as_secs()
-            ),
+            Err(reason) => reason,
         };
         Err(self.deny(
             method,
@@ -526,6 +542,65 @@ impl Ctx {
                 reason,
             },
         ))
+    }
+
+    /// The gate's answer for `target`: from the decision already in progress for it, or from
+    /// a new one (bounded by [`Limits::gate_timeout`]); an approval is recorded before the
+    /// waiting connections hear of it.
+    async fn gate_answer(&self, gate: &Arc<dyn Gate>, target: &Target) -> GateAnswer {
+        let deadline = tokio::time::Instant::now() + self.limits.gate_timeout;
+        let timed_out = || {
+            Err(format!(
+                "no decision within {}s (denied)",
+                self.limits.gate_timeout.as_secs()
+            ))
+        };
+        loop {
+            if lock(&self.approved).contains_key(target) {
+                return Ok(());
+            }
+            let joined = {
+                let mut deciding = lock(&self.deciding);
+                match deciding.get(target) {
+                    Some(rx) => Ok(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        deciding.insert(target.clone(), rx);
+                        Err(tx)
+                    }
+                }
+            };
+            match joined {
+                Ok(mut rx) => {
+                    let waited =
+                        tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+                    match waited {
+                        Ok(Ok(answer)) => return answer.clone().unwrap_or_else(timed_out),
+                        // The deciding connection went away before the answer: ask anew.
+                        Ok(Err(_)) => continue,
+                        Err(_) => return timed_out(),
+                    }
+                }
+                Err(tx) => {
+                    // Removes the entry however this ends (also if the connection is dropped).
+                    let _entry = DecidingEntry {
+                        map: &self.deciding,
+                        target,
+                    };
+                    let answer = match tokio::time::timeout_at(deadline, gate.decide(target)).await
+                    {
+                        Ok(answer) => answer,
+                        Err(_) => timed_out(),
+                    };
+                    if answer.is_ok() {
+                        let p = self.one_target_policy(target);
+                        lock(&self.approved).insert(target.clone(), p);
+                    }
+                    let _ = tx.send(Some(answer.clone()));
+                    return answer;
+                }
+            }
+        }
     }
 
     fn one_target_policy(&self, target: &Target) -> Policy {

@@ -564,8 +564,9 @@ async fn dropping_the_handle_closes_open_tunnels() {
     );
 }
 
-/// A gate that approves `yes.test`, refuses `no.test` with a reason, never answers for the
-/// rest, and counts how often it was asked.
+/// A gate that approves `yes.test`, refuses `no.test` with a reason, approves `later.test`
+/// and refuses `nolater.test` after 300 ms, never answers for the rest, and counts how often
+/// it was asked.
 struct TestGate(Arc<AtomicUsize>);
 
 impl vmcp_egress::Gate for TestGate {
@@ -579,6 +580,14 @@ impl vmcp_egress::Gate for TestGate {
             match host.as_str() {
                 "yes.test" | "10.0.0.1" => Ok(()),
                 "no.test" => Err("denied by policy rule 2 (host = \"no.*\")".into()),
+                "later.test" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok(())
+                }
+                "nolater.test" => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Err("a person said no".into())
+                }
                 _ => std::future::pending().await,
             }
         })
@@ -647,4 +656,46 @@ async fn the_gate_decides_targets_off_the_allow_list_within_a_bounded_wait() {
     let _ = exchange(proxy, &get("api.test")).await;
     assert_eq!(asked.load(Ordering::SeqCst), before);
     assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+/// Many connections to one target the gate is still deciding about make one question, not
+/// one each (a guest retrying or opening parallel connections must not flood a person with
+/// the same question); all of them get its answer.
+#[tokio::test]
+async fn concurrent_connections_to_one_target_make_one_question() {
+    let (srv, hits) = http_server().await;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let dns = [("later.test", PUBLIC), ("nolater.test", PUBLIC)]
+        .iter()
+        .map(|(n, a)| (n.to_string(), vec![a.parse().unwrap()]))
+        .collect();
+    let _h = Proxy::new("api.test:80".parse().unwrap(), Limits::default())
+        .with_resolver(Arc::new(FakeDns(dns)))
+        .with_dialer(Arc::new(Redirect {
+            map: [(SocketAddr::new(PUBLIC.parse().unwrap(), 80), srv)].into(),
+            dials: Arc::new(AtomicUsize::new(0)),
+        }))
+        .with_gate(Arc::new(TestGate(asked.clone())))
+        .spawn(listener);
+    for (host, want) in [("later.test", 200), ("nolater.test", 403)] {
+        let before = asked.load(Ordering::SeqCst);
+        let req =
+            format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let all = (0..5).map(|_| {
+            let req = req.clone();
+            tokio::spawn(async move { exchange(proxy, &req).await })
+        });
+        for t in all.collect::<Vec<_>>() {
+            let (head, body) = t.await.unwrap();
+            assert_eq!(status(&head), want, "{host}: {head}{body}");
+        }
+        assert_eq!(
+            asked.load(Ordering::SeqCst) - before,
+            1,
+            "{host}: asked more than once"
+        );
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 5);
 }
