@@ -512,17 +512,14 @@ impl Server<'_> {
         let mut procs = lock(&self.procs);
         let Some(p) = procs.get_mut(&id) else { return };
         let Some(q) = &p.stdin else { return };
-        let cost = credit_cost(data.len());
-        let queued = q.queued.load(Ordering::Acquire);
-        if u64::from(queued) + u64::from(cost) > u64::from(STREAM_WINDOW) {
+        if !take_window(&q.queued, data.len()) {
             eprintln!(
-                "vmcp-agent: the host sent stdin of request {id} beyond its window \
-                 ({queued} + {cost} > {STREAM_WINDOW}); closing that stdin"
+                "vmcp-agent: the host sent stdin of request {id} beyond its window; closing \
+                 that stdin"
             );
             p.stdin = None;
             return;
         }
-        q.queued.fetch_add(cost, Ordering::AcqRel);
         if q.tx.send(data).is_err() {
             p.stdin = None;
         }
@@ -625,15 +622,7 @@ impl Server<'_> {
             let queued = Arc::new(AtomicU32::new(0));
             let (queued2, out) = (Arc::clone(&queued), self.out.clone());
             let spawned = spawn_thread("stdin", move || {
-                let mut open = true;
-                for data in rx {
-                    // After the process closed its stdin, the rest is dropped, but credit
-                    // still goes back so the host's writer is not left waiting.
-                    open = open && stdin.write_all(&data).is_ok();
-                    let credit = credit_cost(data.len());
-                    queued2.fetch_sub(credit, Ordering::AcqRel);
-                    let _ = out.send(&GuestMsg::StdinCredit { id, credit });
-                }
+                feed_host_bytes(&mut stdin, id, &out, &rx, &queued2);
             });
             spawned.map(|()| StdinQueue { tx, queued })
         });
@@ -842,6 +831,39 @@ impl Server<'_> {
                 format!("cannot start a thread: {e}"),
             ),
         }
+    }
+}
+
+/// Counts `len` more host bytes (stdin, connection data) against a window whose queued
+/// credit units are `queued`; false, counting nothing, when they do not fit (the host broke
+/// the flow control).
+fn take_window(queued: &AtomicU32, len: usize) -> bool {
+    let cost = credit_cost(len);
+    let now = queued.load(Ordering::Acquire);
+    if u64::from(now) + u64::from(cost) > u64::from(STREAM_WINDOW) {
+        return false;
+    }
+    queued.fetch_add(cost, Ordering::AcqRel);
+    true
+}
+
+/// Writes the host's queued chunks for request `id` to `w` (a process's stdin, a socket)
+/// until the host's end of file, giving each chunk's credit back once written. After a write
+/// failed the rest is dropped, but credit still goes back so the host's writer is not left
+/// waiting.
+fn feed_host_bytes<W: Write>(
+    w: &mut W,
+    id: RequestId,
+    out: &Out,
+    rx: &mpsc::Receiver<Vec<u8>>,
+    queued: &AtomicU32,
+) {
+    let mut open = true;
+    for data in rx {
+        open = open && w.write_all(&data).is_ok();
+        let credit = credit_cost(data.len());
+        queued.fetch_sub(credit, Ordering::AcqRel);
+        let _ = out.send(&GuestMsg::StdinCredit { id, credit });
     }
 }
 

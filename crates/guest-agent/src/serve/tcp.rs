@@ -13,9 +13,10 @@
 //!   [`GuestMsg::StdinCredit`].
 //!
 //! Bounds: [`MAX_LISTENERS`] ports, [`MAX_WAITING_ACCEPTS`] accept requests per port,
-//! [`MAX_CONNECTIONS`] open connections, one [`STREAM_WINDOW`] of host bytes queued per
-//! connection (a host that sends more gets the connection closed) and one chunk of guest
-//! bytes in flight per connection beyond the host's credit.
+//! [`MAX_CONNECTIONS`] open connections, one window
+//! ([`vmcp_guest_proto::STREAM_WINDOW`]) of host bytes queued per connection (a host that
+//! sends more gets the connection closed) and one chunk of guest bytes in flight per
+//! connection beyond the host's credit.
 //!
 //! [`HostMsg::TcpAccept`]: vmcp_guest_proto::HostMsg::TcpAccept
 //! [`HostMsg::TcpConnect`]: vmcp_guest_proto::HostMsg::TcpConnect
@@ -24,13 +25,13 @@
 //! [`HostMsg::Discard`]: vmcp_guest_proto::HostMsg::Discard
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use vmcp_guest_proto::{credit_cost, FailureKind, GuestMsg, RequestId, CHUNK_SIZE, STREAM_WINDOW};
+use vmcp_guest_proto::{credit_cost, FailureKind, GuestMsg, RequestId, CHUNK_SIZE};
 
 use super::{lock, spawn_thread, Out, Window, Windows};
 
@@ -324,18 +325,15 @@ impl Tunnels {
         let mut conns = lock(&self.conns);
         let Some(c) = conns.get_mut(&id) else { return };
         let Some(tx) = &c.tx else { return };
-        let cost = credit_cost(data.len());
-        let queued = c.queued.load(Ordering::Acquire);
-        if u64::from(queued) + u64::from(cost) > u64::from(STREAM_WINDOW) {
+        if !super::take_window(&c.queued, data.len()) {
             eprintln!(
-                "vmcp-agent: the host sent data on connection {id} beyond its window \
-                 ({queued} + {cost} > {STREAM_WINDOW}); closing the connection"
+                "vmcp-agent: the host sent data on connection {id} beyond its window; closing \
+                 the connection"
             );
             let _ = c.socket.shutdown(Shutdown::Both);
             c.tx = None;
             return;
         }
-        c.queued.fetch_add(cost, Ordering::AcqRel);
         if tx.send(data).is_err() {
             c.tx = None;
         }
@@ -432,14 +430,6 @@ fn write_loop(
     rx: &mpsc::Receiver<Vec<u8>>,
     queued: &AtomicU32,
 ) {
-    let mut open = true;
-    for data in rx {
-        // After a write failed the rest is dropped, but credit still goes back so the host's
-        // writer is not left waiting.
-        open = open && socket.write_all(&data).is_ok();
-        let credit = credit_cost(data.len());
-        queued.fetch_sub(credit, Ordering::AcqRel);
-        let _ = out.send(&GuestMsg::StdinCredit { id, credit });
-    }
+    super::feed_host_bytes(&mut socket, id, out, rx, queued);
     let _ = socket.shutdown(Shutdown::Write);
 }
