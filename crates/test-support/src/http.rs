@@ -36,6 +36,16 @@ pub fn http_server(body: &'static str) -> (u16, Arc<AtomicUsize>) {
     (port, hits)
 }
 
+/// A port on `127.0.0.1` that nothing listens on right now (bound, read and released; a
+/// test that hands it to a server of its own may, rarely, race another process for it).
+#[allow(clippy::expect_used)] // a test that cannot bind loopback cannot run at all
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a loopback port")
+        .port()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

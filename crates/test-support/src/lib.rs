@@ -4,7 +4,7 @@ mod http;
 mod serve;
 pub mod vm;
 
-pub use http::http_server;
+pub use http::{free_port, http_server};
 pub use serve::mcp_serve_http;
 
 /// Prints why a test is skipped, straight to the process's stderr.

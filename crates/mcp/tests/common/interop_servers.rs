@@ -3,7 +3,7 @@
 //! loud-skip rule (`SKIPPED: ...` on stderr, or a failure when `VMCP_REQUIRE_INTEROP=1`).
 #![allow(dead_code)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -108,11 +108,6 @@ fn python() -> Result<PathBuf, String> {
     }
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// A reference server running over Streamable HTTP on 127.0.0.1; killed on drop.
 pub struct HttpServer {
     pub url: String,
@@ -127,7 +122,7 @@ impl HttpServer {
     pub async fn start(sdk: Sdk, mode: HttpMode) -> Result<Self, String> {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::start_on(sdk, mode, free_port()).await {
+            match Self::start_on(sdk, mode, vmcp_test_support::free_port()).await {
                 Ok(s) => return Ok(s),
                 Err(e) if e.contains("exited early") => last = e,
                 Err(e) => return Err(e),

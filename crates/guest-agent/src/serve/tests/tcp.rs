@@ -6,15 +6,6 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 
 use super::*;
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Connects to the agent's listener, retrying until the accept request made it listen.
 fn dial(port: u16) -> TcpStream {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -45,7 +36,7 @@ fn tcp_bytes(h: &mut Host, id: u32) -> Vec<u8> {
 #[test]
 fn accepted_connection_carries_both_directions_and_half_closes() {
     let mut h = Host::start();
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     h.send(HostMsg::TcpAccept { id: 1, port });
     let client = std::thread::spawn(move || {
         let mut s = dial(port);
@@ -88,7 +79,7 @@ fn accepted_connection_carries_both_directions_and_half_closes() {
 #[test]
 fn accepts_are_answered_in_request_order_and_wait_for_a_client() {
     let mut h = Host::start();
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     h.send(HostMsg::TcpAccept { id: 10, port });
     h.send(HostMsg::TcpAccept { id: 11, port });
     // Nothing is answered before a client comes.
@@ -141,7 +132,7 @@ fn connect_reaches_a_guest_port_and_a_closed_port_fails() {
 
     h.send(HostMsg::TcpConnect {
         id: 4,
-        port: free_port(),
+        port: vmcp_test_support::free_port(),
     });
     match h.recv() {
         GuestMsg::Failed { id: 4, message, .. } => {
@@ -182,7 +173,7 @@ fn bad_tunnel_requests_are_refused() {
         other => panic!("{other:?}"),
     }
     // The same id twice, and more waiting accepts than the bound.
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     for id in 100..100 + MAX_WAITING_ACCEPTS as u32 {
         h.send(HostMsg::TcpAccept { id, port });
     }
@@ -211,7 +202,7 @@ fn bad_tunnel_requests_are_refused() {
 fn guest_bytes_stop_at_the_window_and_discard_closes_the_connection() {
     let mut h = Host::start();
     h.auto_credit = false;
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     h.send(HostMsg::TcpAccept { id: 1, port });
     let client = std::thread::spawn(move || {
         let mut s = dial(port);
@@ -251,7 +242,7 @@ fn guest_bytes_stop_at_the_window_and_discard_closes_the_connection() {
 #[test]
 fn the_end_of_the_session_frees_the_port_and_closes_connections() {
     let mut h = Host::start();
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     h.send(HostMsg::TcpAccept { id: 1, port });
     h.send(HostMsg::TcpAccept { id: 2, port });
     let mut client = dial(port);
@@ -275,7 +266,7 @@ fn accept_rekey(_: &vmcp_guest_proto::Rekey) -> io::Result<u64> {
 #[test]
 fn a_rekey_drops_the_old_hosts_accepts_and_connections() {
     let mut h = Host::with_options(|o| o.apply_rekey = Some(accept_rekey));
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     h.send(HostMsg::TcpAccept { id: 1, port });
     h.send(HostMsg::TcpAccept { id: 2, port });
     let mut old = dial(port);

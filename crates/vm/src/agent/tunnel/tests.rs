@@ -26,14 +26,6 @@ async fn agent() -> AgentClient {
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A "guest process" that connects to `port` (retrying until the agent listens), sends
 /// `send`, closes its writing side and returns what it read.
 fn guest_client(port: u16, send: Vec<u8>) -> std::thread::JoinHandle<Vec<u8>> {
@@ -69,7 +61,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 #[tokio::test]
 async fn accepted_connection_moves_megabytes_both_ways() {
     let client = agent().await;
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     let up = pattern(5 * 1024 * 1024 + 17, 1);
     let down = pattern(3 * 1024 * 1024 + 5, 2);
     let guest = guest_client(port, up.clone());
@@ -116,7 +108,10 @@ async fn connect_reaches_a_guest_server_and_a_closed_port_is_an_error() {
     conn.read_to_end(&mut got).await.unwrap();
     assert_eq!(got, b"cba");
 
-    let err = client.tcp_connect(free_port()).await.unwrap_err();
+    let err = client
+        .tcp_connect(vmcp_test_support::free_port())
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("cannot connect to 127.0.0.1:"),
         "{err}"
@@ -126,7 +121,7 @@ async fn connect_reaches_a_guest_server_and_a_closed_port_is_an_error() {
 #[tokio::test]
 async fn a_withdrawn_accept_does_not_swallow_the_next_connection() {
     let client = agent().await;
-    let port = free_port();
+    let port = vmcp_test_support::free_port();
     // Nobody connects: the accept is dropped after a while (and withdrawn in the guest).
     let gave_up = tokio::time::timeout(Duration::from_millis(300), client.tcp_accept(port)).await;
     assert!(gave_up.is_err(), "an accept without a client returned");

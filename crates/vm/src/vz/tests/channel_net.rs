@@ -34,15 +34,6 @@ fn real_agent(
     Some(Box::new(host))
 }
 
-/// A loopback port free right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One plain-HTTP request through the proxy on the guest's `127.0.0.1:3128` (this test
 /// process plays the guest); returns the status line.
 async fn through_guest_proxy(target: &str) -> String {
@@ -82,7 +73,7 @@ async fn allow_list_and_published_ports_travel_over_the_agent_channel() {
             let _ = c.write_all(b"served in the guest").await;
         }
     });
-    let host_port = free_port();
+    let host_port = vmcp_test_support::free_port();
     let mut s = setup(Faults {
         real_agent: Some(real_agent),
         ..Faults::default()
@@ -120,7 +111,7 @@ async fn allow_list_and_published_ports_travel_over_the_agent_channel() {
     let ok = through_guest_proxy(&allowed.to_string()).await;
     assert!(ok.contains(" 200 "), "{ok}");
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let other = format!("127.0.0.1:{}", free_port());
+    let other = format!("127.0.0.1:{}", vmcp_test_support::free_port());
     let refused = through_guest_proxy(&other).await;
     assert!(refused.contains(" 403 "), "{refused}");
     let stats = vm.egress_stats().expect("no egress stats");
