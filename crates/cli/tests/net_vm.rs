@@ -32,6 +32,16 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The rest of the line of `stdout` that starts with `KEY:` (the scripts below print one such
+/// line per check).
+fn keyed_line(stdout: &str, key: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key}: line in {stdout}"))
+        .to_string()
+}
+
 #[test]
 fn none_mode_has_no_network_card() {
     let _l = vm::lock();
@@ -81,13 +91,7 @@ fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let line = |k: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}:")))
-            .unwrap_or_else(|| panic!("no {k}: line in {stdout}"))
-            .to_string()
-    };
+    let line = |k: &str| keyed_line(&stdout, k);
     assert_eq!(line("A"), "allowed-body", "{stderr}");
     for k in ["B", "M", "P"] {
         assert_ne!(line(k), "0", "{k} was not refused: {stdout}");
@@ -149,13 +153,7 @@ fn allow_mode_over_the_agent_channel_has_no_card_and_the_same_rules() {
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let line = |k: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}:")))
-            .unwrap_or_else(|| panic!("no {k}: line in {stdout}"))
-            .to_string()
-    };
+    let line = |k: &str| keyed_line(&stdout, k);
     assert_eq!(line("N"), "lo ", "a network card in channel mode");
     assert_eq!(line("X"), "http://127.0.0.1:3128");
     assert_eq!(line("A"), "allowed-body", "{stderr}");
