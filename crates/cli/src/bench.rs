@@ -63,6 +63,14 @@ pub struct BenchArgs {
     /// `vmcp run -- true`, alternating, `--runs` rounds (bench_mcp.rs).
     #[arg(long, conflicts_with = "share")]
     pub mcp: bool,
+    /// Measure an allow-listed guest's network instead: a `--mb` MB download and new
+    /// connections over the agent channel and through a card, against the host, and the
+    /// start of a networked `vmcp run`, alternating, `--runs` rounds (bench_net.rs).
+    #[arg(long, conflicts_with_all = ["share", "mcp"])]
+    pub net: bool,
+    /// Size of the `--net` download in MB.
+    #[arg(long, default_value_t = 100, value_name = "MB", requires = "net")]
+    pub mb: usize,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -122,6 +130,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     config.accel = args.accel;
     if args.share {
         crate::bench_share::run(&config, args.runs).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.net {
+        crate::bench_net::run(args.runs, args.mb)?;
         return Ok(ExitCode::SUCCESS);
     }
     if args.mcp {

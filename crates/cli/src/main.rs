@@ -7,6 +7,7 @@ mod bench;
 mod bench_backend;
 mod bench_daemon;
 mod bench_mcp;
+mod bench_net;
 mod bench_share;
 mod daemon_cmd;
 mod doctor;
