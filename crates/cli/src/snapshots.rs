@@ -23,8 +23,10 @@ use vmcp_vm::{Vm, VmConfig};
 
 /// Version of `record.json`. 2: the guest was brought to rest ([`quiesce`]) before the save;
 /// format-1 snapshots restore into a guest still loading modules, so they are not used (the
-/// automatic snapshot's name changes with the format, and a new one is built).
-pub const RECORD_FORMAT: u64 = 2;
+/// automatic snapshot's name changes with the format, and a new one is built). 3: the guest's
+/// CRNG is initialized and the agent's exec threads wait idle in the saved guest ([`quiesce`]),
+/// which makes the first exec after a restore cheaper.
+pub const RECORD_FORMAT: u64 = 3;
 /// Largest `record.json` read (a real one is under 2 KiB).
 const MAX_RECORD_BYTES: u64 = 64 * 1024;
 /// The record file in a snapshot directory.
@@ -424,6 +426,8 @@ pub async fn create(
 const QUIESCE_SCRIPT: &str = "i=0; while grep -qsx modules /proc/1/task/*/comm; do \
      i=$((i+1)); [ $i -ge 1000 ] && { sync; exit 3; }; sleep 0.01; done; sync";
 
+/// How long [`quiesce`] waits at most for the guest's CRNG (see [`wait_crng`]).
+const CRNG_LIMIT: Duration = Duration::from_secs(10);
 /// How long [`quiesce`] waits at most for QEMU to go idle.
 const SETTLE_LIMIT: Duration = Duration::from_secs(3);
 /// One idle check: QEMU used less than [`SETTLE_CPU`] of CPU in this window.
@@ -435,16 +439,30 @@ const SETTLE_CPU: Duration = Duration::from_millis(4);
 /// save runs again in every VM restored from it, under a cold TCG translation cache. Right
 /// after its hello the agent still loads the deferred kernel modules (signature checks,
 /// relocations: hundreds of milliseconds of guest CPU under TCG), so the snapshot waits for
-/// that to finish and flushes the file systems; then it waits until QEMU is idle (the
+/// that to finish and flushes the file systems. Before that it lets the kernel's CRNG finish
+/// initializing ([`wait_crng`]), and it runs the command with stdin so that the agent's
+/// exec threads are idle in the saved guest. Then it waits until QEMU is idle (the
 /// kernel's deferred work after those processes ended: RCU, freeing their memory), for two
 /// windows in a row, at most [`SETTLE_LIMIT`]. Where QEMU's CPU time cannot be read the
 /// last wait is skipped (restores are slower, not wrong).
 pub async fn quiesce(vm: &vmcp_vm::qemu::QemuVm) -> anyhow::Result<()> {
     let agent = vm.agent()?;
-    let out = agent
-        .exec(vmcp_vm::agent::ExecSpec::new(["sh", "-c", QUIESCE_SCRIPT]))
+    wait_crng(&agent).await?;
+    let mut spec = vmcp_vm::agent::ExecSpec::new(["sh", "-c", QUIESCE_SCRIPT]);
+    // With stdin, as `vmcp run` execs when its stdin is not a terminal: that takes the most
+    // agent threads (stdin, stdout, stderr, waiter), which then wait idle in the saved guest
+    // for the first exec after a restore (crates/guest-agent/src/threads.rs).
+    spec.stdin = true;
+    let process = agent
+        .exec(spec)
         .await
-        .context("cannot bring the guest to rest before the snapshot")?
+        .context("cannot bring the guest to rest before the snapshot")?;
+    process
+        .control()
+        .close_stdin()
+        .await
+        .context("cannot bring the guest to rest before the snapshot")?;
+    let out = process
         .wait_with_output()
         .await
         .context("cannot bring the guest to rest before the snapshot")?;
@@ -480,6 +498,44 @@ pub async fn quiesce(vm: &vmcp_vm::qemu::QemuVm) -> anyhow::Result<()> {
         tracing::info!("the guest was still busy after {SETTLE_LIMIT:?}; saving it anyway");
     }
     Ok(())
+}
+
+/// Waits, at most [`CRNG_LIMIT`], until the guest kernel's CRNG is initialized: reading one
+/// byte of `/dev/random` waits for it (Linux 6.1 then gathers timer-jitter entropy, about a
+/// second of guest time under TCG). A guest saved before that point initializes it in every
+/// restore instead, when the re-key credits the host's entropy: a printk, a workqueue and a
+/// static-key patch of kernel text, all run untranslated in the new QEMU. The re-key reseeds
+/// the CRNG of every restore with the host's entropy either way. If the wait runs out, the
+/// snapshot is saved anyway (its restores are slower, not wrong).
+async fn wait_crng(agent: &vmcp_vm::agent::AgentClient) -> anyhow::Result<()> {
+    let context = "cannot wait for the guest's random number generator before the snapshot";
+    let spec = vmcp_vm::agent::ExecSpec::new(["head", "-c", "1", "/dev/random"]);
+    let mut process = agent.exec(spec).await.context(context)?;
+    let wait = async {
+        while let Some(event) = process.next_event().await? {
+            if let vmcp_vm::agent::ProcessEvent::Exited(status) = event {
+                return Ok(Some(status));
+            }
+        }
+        Ok::<_, vmcp_vm::agent::AgentError>(None)
+    };
+    match tokio::time::timeout(CRNG_LIMIT, wait).await {
+        Ok(Ok(Some(vmcp_guest_proto::ExitStatus::Code(0)))) => Ok(()),
+        Ok(Ok(status)) => {
+            tracing::warn!(
+                ?status,
+                "reading /dev/random in the guest failed; saving it anyway"
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e).context(context),
+        Err(_) => {
+            tracing::info!("the guest's CRNG was not ready after {CRNG_LIMIT:?}; saving it anyway");
+            // SIGKILL, by its number in the Linux guest.
+            let _ = process.control().signal(9).await;
+            Ok(())
+        }
+    }
 }
 
 /// CPU time all threads of process `pid` have used (Linux: the first field of each
@@ -705,7 +761,9 @@ mod tests {
         std::fs::write(snap.join(RECORD_FILE), b"{not json").unwrap();
         assert!(read_record(&snap).unwrap_err().contains("not JSON"));
         std::fs::write(snap.join(RECORD_FILE), br#"{"format": 99}"#).unwrap();
-        assert!(read_record(&snap).unwrap_err().contains("format 2"));
+        assert!(read_record(&snap)
+            .unwrap_err()
+            .contains(&format!("format {RECORD_FORMAT}")));
         // A huge record is read only up to the bound, then fails to parse.
         std::fs::write(snap.join(RECORD_FILE), vec![b' '; 200_000]).unwrap();
         assert!(read_record(&snap).is_err());

@@ -48,9 +48,13 @@ pub mod export;
 #[cfg(target_os = "linux")]
 pub mod init;
 #[cfg(unix)]
+mod program_path;
+#[cfg(unix)]
 mod serve;
 #[cfg(unix)]
 mod sys;
+#[cfg(unix)]
+mod threads;
 #[cfg(not(target_os = "linux"))]
 mod unsupported;
 

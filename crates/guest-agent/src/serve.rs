@@ -8,6 +8,8 @@
 //!   from different threads never interleave.
 //! - Per exec: a thread per output stream reads the pipe in [`CHUNK_SIZE`] pieces, a thread
 //!   feeds stdin from an in-memory queue, and a waiter thread collects the exit status.
+//!   These threads come from a pool (`threads`): a finished job's thread waits for the next
+//!   one, so the first exec after a snapshot restore starts none (issue 12).
 //!   The waiter sends [`GuestMsg::Exited`] only after both output streams reached end of
 //!   file, so every byte of output comes before the exit. If the process exits but a
 //!   background child keeps its stdout or stderr open and idle for [`LINGER`], the exit is
@@ -51,6 +53,7 @@ use vmcp_guest_proto::{
     ProtoError, Rekey, RequestId, CHUNK_SIZE, STREAM_WINDOW,
 };
 
+use crate::program_path::{self, Resolved};
 use crate::sys::{self, WaitStatus};
 
 /// How long an exited process's output pipes may stay open and idle before its exit is
@@ -563,7 +566,26 @@ impl Server<'_> {
                 cwd.display()
             )));
         }
-        let mut cmd = Command::new(program);
+        // The agent searches `PATH` itself so that `Command` can use `posix_spawn` (see
+        // `program_path`); the last `PATH` of the environment below is the child's. Not for
+        // processes of another user: `Command` forks for those anyway, and `execvp` then
+        // judges execute permission as that user, which the agent (root) would not.
+        let path = (self.options.env.iter().chain(&req.env))
+            .rev()
+            .find(|(k, _)| k == "PATH" && self.options.user.is_none())
+            .map(|(_, v)| v.as_str());
+        let mut cmd = match program_path::resolve(program, path, &cwd) {
+            Resolved::AsIs => Command::new(program),
+            Resolved::Found(file) => {
+                let mut cmd = Command::new(file);
+                cmd.arg0(program);
+                cmd
+            }
+            Resolved::Missing => {
+                let e = io::Error::from(io::ErrorKind::NotFound);
+                return Err(spawn_failure(program, &e));
+            }
+        };
         cmd.args(&req.argv[1..])
             .env_clear()
             .envs(self.options.env.iter().map(|(k, v)| (k, v)))
@@ -895,12 +917,10 @@ impl Write for ChunkWriter {
     }
 }
 
-fn spawn_thread<F: FnOnce() + Send + 'static>(name: &str, f: F) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .stack_size(256 * 1024)
-        .spawn(f)
-        .map(drop)
+/// Runs `f` on a thread of its own (one kept from an earlier job if one is idle). `_what`
+/// says what the job is, for readers: pooled threads all carry the name `agent-worker`.
+fn spawn_thread<F: FnOnce() + Send + 'static>(_what: &str, f: F) -> io::Result<()> {
+    crate::threads::AGENT.spawn(f)
 }
 
 fn spawn_failure(program: &str, e: &io::Error) -> (FailureKind, String) {

@@ -234,6 +234,37 @@ fn duplicate_running_id_is_refused() {
 }
 
 #[test]
+fn programs_are_found_in_the_childs_path_and_keep_their_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Host::start();
+    // argv[0] stays the name the request gave, not the file found in PATH.
+    let r = h.run(1, &["sh", "-c", "tr '\\0' ' ' < /proc/$$/cmdline"]);
+    assert_eq!(r.out(), "sh -c tr '\\0' ' ' < /proc/$$/cmdline ");
+    // The request's PATH is searched, relative entries from the request's cwd.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("bin")).unwrap();
+    let prog = dir.path().join("bin/vmcp-test-prog");
+    std::fs::write(&prog, "#!/bin/sh\necho found \"$@\"\n").unwrap();
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.exec_with(2, &["vmcp-test-prog", "a b"], |r| {
+        r.env = vec![("PATH".into(), "/nonexistent:bin".into())];
+        r.cwd = Some(dir.path().to_str().unwrap().into());
+    });
+    let r = h.collect(2);
+    assert_eq!(
+        (r.out().as_str(), r.status),
+        ("found a b\n", Some(ExitStatus::Code(0)))
+    );
+    // Not in that PATH (though in the default one): not found.
+    h.exec_with(3, &["sh", "-c", "true"], |r| {
+        r.env = vec![("PATH".into(), dir.path().to_str().unwrap().into())];
+    });
+    let (kind, msg) = h.collect(3).failed.unwrap();
+    assert_eq!(kind, FailureKind::NotFound);
+    assert!(msg.contains("sh: command not found"), "{msg}");
+}
+
+#[test]
 fn env_and_cwd() {
     let mut h = Host::start();
     let dir = tempfile::tempdir().unwrap();
@@ -928,6 +959,22 @@ fn processes_run_as_the_default_user() {
     h.exec(1, &["sh", "-c", "id -u; id -g; id -G"]);
     let run = h.collect(1);
     assert_eq!(String::from_utf8_lossy(&run.stdout), "4242\n4343\n4343\n");
+    // `PATH` is searched as that user: a program only root may execute is skipped for the
+    // next one, as `execvp` does.
+    use std::os::unix::fs::PermissionsExt;
+    let (a, b) = (probe.path().join("a"), probe.path().join("b"));
+    for (dir, mode, says) in [(&a, 0o700, "root-only"), (&b, 0o755, "everyone")] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let prog = dir.join("vmcp-test-who");
+        std::fs::write(&prog, format!("#!/bin/sh\necho {says}\n")).unwrap();
+        std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    std::fs::set_permissions(probe.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    h.exec_with(2, &["vmcp-test-who"], |r| {
+        r.env = vec![("PATH".into(), format!("{}:{}", a.display(), b.display()))];
+    });
+    assert_eq!(h.collect(2).out(), "everyone\n");
 }
 
 mod tcp;
