@@ -5,7 +5,8 @@
 //! of `--runs` rounds, alternately (so a load change on the host hits every side alike):
 //! - **host**: this process downloads the big body (wall clock);
 //! - **channel** and **card**: `vmcp run --net allow=127.0.0.1:PORT [--net-via card]`
-//!   (this executable) runs a script in the guest that downloads the big body and then makes
+//!   (this executable) runs a script in the guest that downloads the big body (to
+//!   `/dev/null`: a pipe to a counter would share the guest's one vCPU) and then makes
 //!   20 small requests, each a new `wget` and connection, timed with the guest's
 //!   `/proc/uptime` (so the VM's start is not in these figures); and the whole `vmcp run ...
 //!   -- true`, spawn to exit, times the start of a networked VM.
@@ -111,7 +112,9 @@ fn guest_times(stdout: &str, big: usize) -> anyhow::Result<(Duration, Duration)>
             .and_then(|v| v.parse::<f64>().ok())
             .with_context(|| format!("no {what} in the guest's output {stdout:?}"))
     };
+    // wget fails on a body shorter than its Content-Length; the script then reports 0.
     let bytes = next("byte count")?;
+    anyhow::ensure!(bytes != 0.0, "the download in the guest failed (wget)");
     anyhow::ensure!(
         bytes as usize == big,
         "the guest downloaded {bytes} bytes, not {big}"
@@ -135,7 +138,7 @@ pub fn run(runs: usize, mb: usize) -> anyhow::Result<()> {
     let port = serve(big)?;
     let script = format!(
         "export NO_PROXY= no_proxy=; u() {{ cut -d' ' -f1 /proc/uptime; }}; s=$(u); \
-         n=$(wget -q -O - http://127.0.0.1:{port}/big | wc -c); e=$(u); \
+         n=0; wget -q -O /dev/null http://127.0.0.1:{port}/big && n={big}; e=$(u); \
          i=0; while [ $i -lt {SMALL_REQUESTS} ]; do wget -q -O /dev/null http://127.0.0.1:{port}/small; i=$((i+1)); done; \
          f=$(u); echo $n $s $e $f"
     );
@@ -199,6 +202,8 @@ mod tests {
         assert_eq!(s, Duration::from_secs(1));
         let short = guest_times("12 1.00 3.50 4.50", 5_000_000).unwrap_err();
         assert!(short.to_string().contains("downloaded 12 bytes"), "{short}");
+        let failed = guest_times("0 1.00 3.50 4.50", 5_000_000).unwrap_err();
+        assert!(failed.to_string().contains("failed"), "{failed}");
         let garbled = guest_times("5000000 x", 5_000_000).unwrap_err();
         assert!(garbled.to_string().contains("no start"), "{garbled}");
     }
