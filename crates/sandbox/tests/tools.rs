@@ -11,7 +11,18 @@ use common::{call, create, ctx, eventually, tools, FakeFactory};
 use serde_json::json;
 use vmcp_mcp_server::tool::Canceller;
 use vmcp_mcp_server::ToolSet;
+use vmcp_sandbox::tools::SandboxTools;
 use vmcp_vm::fake::Faults;
+
+/// A call with no session that must succeed.
+async fn ok(t: &SandboxTools, tool: &str, args: serde_json::Value) -> serde_json::Value {
+    call(t, tool, args, ctx(None)).await.unwrap()
+}
+
+/// A call with no session that must fail; its error text.
+async fn fail(t: &SandboxTools, tool: &str, args: serde_json::Value) -> String {
+    call(t, tool, args, ctx(None)).await.unwrap_err()
+}
 
 #[tokio::test]
 async fn create_exec_files_destroy() {
@@ -42,173 +53,137 @@ async fn create_exec_files_destroy() {
         (r["exit_code"].clone(), r["stderr"].clone()),
         (json!(1), json!("boom\n"))
     );
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["cat"], "stdin": "fed"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["stdout"], "fed");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["env"], "env": {"A": "1"}}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["stdout"], "A=1\n");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["pwd"], "cwd": "/tmp"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["stdout"], "/tmp\n");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["nope"]}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(
         e.contains("cannot run nope in the sandbox: not found"),
         "{e}"
     );
     // Files, text and base64.
-    call(
+    ok(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "/tmp/a", "content": "hello"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
-    let r = call(
+    .await;
+    let r = ok(
         &t,
         "sandbox_read_file",
         json!({"sandbox_id": id, "path": "/tmp/a"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (r["content"].clone(), r["size"].clone()),
         (json!("hello"), json!(5))
     );
-    call(
+    ok(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "/tmp/b", "content": "AAEC/w==", "encoding": "base64"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
-    let r = call(
+    .await;
+    let r = ok(
         &t,
         "sandbox_read_file",
         json!({"sandbox_id": id, "path": "/tmp/b", "encoding": "base64"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["content"], "AAEC/w==");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_read_file",
         json!({"sandbox_id": id, "path": "/nope"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(
         e.contains("cannot read /nope") && e.contains("no such file"),
         "{e}"
     );
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "/ro/x", "content": ""}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("read-only"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "rel", "content": ""}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("path: must be an absolute path"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "/x", "content": "!!", "encoding": "base64"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("content: not valid base64"), "{e}");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_list_files",
         json!({"sandbox_id": id, "path": "/etc"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         r["entries"][0],
         json!({"name": "hosts", "type": "file", "size": 5, "mode": "644", "mtime_unix": 1_700_000_000})
     );
     assert_eq!(r["entries"][1]["type"], "dir");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_list_files",
         json!({"sandbox_id": id, "path": "/missing"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(
         e.contains("cannot list /missing: find: /missing: No such file"),
         "{e}"
     );
     // List, destroy.
-    let r = call(&t, "sandbox_list", json!({}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_list", json!({})).await;
     assert_eq!(r["sandboxes"][0]["sandbox_id"], json!(id));
     assert_eq!(r["limits"]["sandboxes_in_use"], 1);
     assert_eq!(f.alive(), 1);
-    call(&t, "sandbox_destroy", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap();
+    ok(&t, "sandbox_destroy", json!({"sandbox_id": id})).await;
     assert_eq!(f.alive(), 0);
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "command": "echo"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(
         e.contains("no sandbox") && e.contains("sandbox_list"),
         "{e}"
     );
-    let e = call(&t, "sandbox_destroy", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_destroy", json!({"sandbox_id": id})).await;
     assert!(e.contains("no sandbox"), "{e}");
 }
 
@@ -216,75 +191,48 @@ async fn create_exec_files_destroy() {
 async fn argument_errors_name_the_field() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |l| l.max_cpus = 2);
-    let e = call(&t, "sandbox_create", json!({"cpus": 3}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_create", json!({"cpus": 3})).await;
     assert_eq!(e, "cpus: must be <= 2, got 3");
-    let e = call(&t, "sandbox_create", json!({"network": true}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_create", json!({"network": true})).await;
     assert!(e.starts_with("network: say which network"), "{e}");
-    let e = call(&t, "sandbox_create", json!({"image": "python"}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_create", json!({"image": "python"})).await;
     assert!(e.starts_with("image: not available yet"), "{e}");
     let id = create(&t, None).await;
-    let e = call(&t, "sandbox_exec", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_exec", json!({"sandbox_id": id})).await;
     assert!(e.starts_with("command, argv: one is required"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "command": "x", "argv": ["x"]}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("not both"), "{e}");
-    let e = call(
-        &t,
-        "sandbox_exec",
-        json!({"sandbox_id": id, "argv": []}),
-        ctx(None),
-    )
-    .await
-    .unwrap_err();
+    let e = fail(&t, "sandbox_exec", json!({"sandbox_id": id, "argv": []})).await;
     assert!(e.starts_with("argv: must name a program"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["echo"], "cwd": "tmp"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.starts_with("cwd: must be an absolute path"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["echo"], "env": {"A=B": "1"}}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.starts_with("env.A=B: not a valid variable name"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_fork",
         json!({"sandbox_id": id, "checkpoint_id": "ck-1"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("give one of them"), "{e}");
-    let e = call(&t, "sandbox_fork", json!({}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_fork", json!({})).await;
     assert!(e.contains("one is required"), "{e}");
-    let e = call(&t, "sandbox_rewind", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_rewind", json!({"sandbox_id": id})).await;
     assert!(e.contains("checkpoint_id"), "{e}");
     // Every published schema is one the server accepts.
     vmcp_mcp_server::Server::new(t.clone(), Default::default()).unwrap();
@@ -310,9 +258,7 @@ async fn network_requests_stay_within_what_the_server_permits() {
         ),
         ("allow=a..b", "network: bad allow list: bad host \"a..b\""),
     ] {
-        let e = call(&t, "sandbox_create", json!({"network": net}), ctx(None))
-            .await
-            .unwrap_err();
+        let e = fail(&t, "sandbox_create", json!({"network": net})).await;
         assert!(e.starts_with(want), "{net}: {e}");
     }
     // A ceiling: an allow list within it passes, one entry beyond it is named.
@@ -321,47 +267,37 @@ async fn network_requests_stay_within_what_the_server_permits() {
         l.net_ceiling = Some("*.example.com:443,203.0.113.0/24".parse().unwrap());
         l.allow_nat = true;
     });
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_create",
         json!({"network": "allow=a.example.com:443,203.0.113.9,10.0.0.1:443"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_eq!(
         e,
         "network: 10.0.0.1:443 is not within the allow list this server permits (*.example.com:443,203.0.113.0/24); ask only for hosts inside it"
     );
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_create",
         json!({"network": "allow=*.example.com"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("*.example.com is not within"), "{e}");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_create",
         json!({"network": "allow=a.example.com:443,203.0.113.9"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["network"], "allow=a.example.com:443,203.0.113.9");
     assert_eq!(r["notices"], json!([]));
-    let r = call(&t, "sandbox_create", json!({"network": "nat"}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_create", json!({"network": "nat"})).await;
     assert!(
         r["notices"][0].as_str().unwrap().contains("unrestricted"),
         "{r}"
     );
-    let r = call(&t, "sandbox_create", json!({"network": false}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_create", json!({"network": false})).await;
     assert_eq!(r["network"], "none");
     assert_eq!(
         *f.nets.lock().unwrap(),
@@ -374,14 +310,12 @@ async fn output_is_capped_with_a_marker() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |l| l.max_output = 1000);
     let id = create(&t, None).await;
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "command": "flood 250000"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["stdout_truncated_bytes"], 249_000);
     let out = r["stdout"].as_str().unwrap();
     assert!(out.starts_with(&"x".repeat(1000)));
@@ -396,33 +330,27 @@ async fn file_size_limit() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |l| l.max_file = 5000);
     let id = create(&t, None).await;
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_read_file",
         json!({"sandbox_id": id, "path": "/big"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_eq!(e, "cannot read /big: the file is larger than 5000 bytes");
     // The channel still works after the abandoned read.
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["echo", "ok"]}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["stdout"], "ok\n");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_write_file",
         json!({"sandbox_id": id, "path": "/x", "content": "y".repeat(5001)}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert_eq!(
         e,
         "content: 5001 bytes is more than the limit of 5000 bytes"
@@ -437,25 +365,17 @@ async fn limits_are_enforced_with_clear_errors() {
         l.memory_budget_mib = 600;
     });
     let a = create(&t, None).await;
-    let e = call(&t, "sandbox_create", json!({"memory_mib": 512}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_create", json!({"memory_mib": 512})).await;
     assert_eq!(e, "the memory budget is used up: 256 of 600 MiB are taken and 512 MiB were asked for; destroy a sandbox or ask for less memory");
     create(&t, None).await;
-    let e = call(&t, "sandbox_create", json!({}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_create", json!({})).await;
     assert_eq!(
         e,
         "too many sandboxes: 2 of 2 are alive; destroy one with sandbox_destroy first"
     );
-    let e = call(&t, "run", json!({"command": "echo"}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "run", json!({"command": "echo"})).await;
     assert!(e.starts_with("too many sandboxes"), "{e}");
-    call(&t, "sandbox_destroy", json!({"sandbox_id": a}), ctx(None))
-        .await
-        .unwrap();
+    ok(&t, "sandbox_destroy", json!({"sandbox_id": a})).await;
     create(&t, None).await;
     // A VM that never boots does not keep its slot.
     let mut faults = Faults::default();
@@ -463,9 +383,7 @@ async fn limits_are_enforced_with_clear_errors() {
     let f = FakeFactory::new(faults);
     let t = tools(f.clone(), |l| l.max_sandboxes = 1);
     for _ in 0..3 {
-        let e = call(&t, "sandbox_create", json!({}), ctx(None))
-            .await
-            .unwrap_err();
+        let e = fail(&t, "sandbox_create", json!({})).await;
         assert!(e.starts_with("the VM did not boot: "), "{e}");
     }
     assert_eq!(f.alive(), 0);
@@ -481,14 +399,10 @@ async fn run_boots_runs_and_destroys() {
     assert_eq!(r["stdout"], "once\n");
     eventually("the run VM is gone", || f.alive() == 0).await;
     assert_eq!(f.created.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let r = call(&t, "sandbox_list", json!({}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_list", json!({})).await;
     assert_eq!(r["sandboxes"], json!([]));
     // A failing program still destroys the VM.
-    let e = call(&t, "run", json!({"argv": ["nope"]}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "run", json!({"argv": ["nope"]})).await;
     assert!(e.contains("not found"));
     eventually("the run VM is gone", || f.alive() == 0).await;
 }
@@ -508,14 +422,12 @@ async fn background_process_poll_stdin_signal() {
     .unwrap();
     let pid = p["process_id"].as_str().unwrap().to_owned();
     assert_eq!(pid, "p1");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": pid}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (
             r["stdout"].clone(),
@@ -524,53 +436,43 @@ async fn background_process_poll_stdin_signal() {
         ),
         (json!(""), json!(0), json!(true))
     );
-    call(
+    ok(
         &t,
         "sandbox_exec_write_stdin",
         json!({"sandbox_id": id, "process_id": pid, "data": "abc"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
-    let r = call(
+    .await;
+    let r = ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": pid, "wait_ms": 2000}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (r["stdout"].clone(), r["next_cursor"].clone()),
         (json!("abc"), json!(3))
     );
     // The same cursor again gives the same output (a client that lost the answer).
-    let again = call(
+    let again = ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": pid}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(again["stdout"], "abc");
     // More than the 8-byte buffer between polls: the oldest bytes are reported missed.
-    call(
+    ok(
         &t,
         "sandbox_exec_write_stdin",
         json!({"sandbox_id": id, "process_id": pid, "data": "0123456789"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
-    let r = call(
+    .await;
+    let r = ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": pid, "cursor": 3, "wait_ms": 2000}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     eventually("all bytes arrived", || true).await;
     assert_eq!(r["missed_bytes"], 2, "{r}");
     assert_eq!(r["stdout"], "23456789");
@@ -589,14 +491,12 @@ async fn background_process_poll_stdin_signal() {
         .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    call(
+    ok(
         &t,
         "sandbox_exec_write_stdin",
         json!({"sandbox_id": id, "process_id": pid, "close": true}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     let r = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .unwrap()
@@ -606,72 +506,58 @@ async fn background_process_poll_stdin_signal() {
         (json!(false), json!(0)),
         "{r}"
     );
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec_write_stdin",
         json!({"sandbox_id": id, "process_id": pid, "data": "x"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("has ended"), "{e}");
     // Signals.
-    let p = call(
+    let p = ok(
         &t,
         "sandbox_exec_start",
         json!({"sandbox_id": id, "command": "sleep 100"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     let pid = p["process_id"].as_str().unwrap().to_owned();
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec_write_stdin",
         json!({"sandbox_id": id, "process_id": pid, "data": "x"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("started without stdin_open"), "{e}");
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec_signal",
         json!({"sandbox_id": id, "process_id": pid, "signal": "SIGKILL"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["signal"], 9);
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": pid, "wait_ms": 2000}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (r["signal"].clone(), r["exit_code"].clone()),
         (json!(9), json!(null))
     );
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": "p99"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("no process \"p99\""), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec_signal",
         json!({"sandbox_id": id, "process_id": pid, "signal": "SIGFOO"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.starts_with("signal: must be one of"), "{e}");
 }
 
@@ -681,52 +567,42 @@ async fn process_limit() {
     let t = tools(f.clone(), |l| l.max_processes = 2);
     let id = create(&t, None).await;
     for _ in 0..2 {
-        call(
+        ok(
             &t,
             "sandbox_exec_start",
             json!({"sandbox_id": id, "argv": ["sleep"]}),
-            ctx(None),
         )
-        .await
-        .unwrap();
+        .await;
     }
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_exec_start",
         json!({"sandbox_id": id, "argv": ["sleep"]}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(
         e.starts_with("too many background processes in this sandbox (2)"),
         "{e}"
     );
-    call(
+    ok(
         &t,
         "sandbox_exec_signal",
         json!({"sandbox_id": id, "process_id": "p1"}),
-        ctx(None),
     )
-    .await
-    .unwrap();
-    call(
+    .await;
+    ok(
         &t,
         "sandbox_exec_poll",
         json!({"sandbox_id": id, "process_id": "p1", "wait_ms": 2000}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     // The finished one is forgotten to make room.
-    let p = call(
+    let p = ok(
         &t,
         "sandbox_exec_start",
         json!({"sandbox_id": id, "argv": ["sleep"]}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(p["process_id"], "p3");
 }
 
@@ -735,14 +611,12 @@ async fn exec_timeout_and_cancellation_kill_the_process() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |_| {});
     let id = create(&t, None).await;
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_exec",
         json!({"sandbox_id": id, "argv": ["sleep"], "timeout_secs": 0.1}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (r["timed_out"].clone(), r["signal"].clone()),
         (json!(true), json!(9))
@@ -776,24 +650,13 @@ async fn exec_timeout_and_cancellation_kill_the_process() {
 async fn idle_timeout_and_lifetime_end_sandboxes() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |_| {});
-    call(
-        &t,
-        "sandbox_create",
-        json!({"idle_timeout_secs": 1}),
-        ctx(None),
-    )
-    .await
-    .unwrap();
-    call(&t, "sandbox_create", json!({"timeout_secs": 1}), ctx(None))
-        .await
-        .unwrap();
+    ok(&t, "sandbox_create", json!({"idle_timeout_secs": 1})).await;
+    ok(&t, "sandbox_create", json!({"timeout_secs": 1})).await;
     let keep = create(&t, None).await;
     assert_eq!(f.alive(), 3);
     tokio::time::sleep(Duration::from_millis(1300)).await;
     eventually("two sandboxes timed out", || f.alive() == 1).await;
-    let r = call(&t, "sandbox_list", json!({}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_list", json!({})).await;
     assert_eq!(r["sandboxes"][0]["sandbox_id"], json!(keep));
 }
 
@@ -817,9 +680,7 @@ async fn session_end_grace_and_takeover() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
     eventually("b ended after the grace", || f.alive() == 3).await;
-    let r = call(&t, "sandbox_list", json!({}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_list", json!({})).await;
     let mut ids: Vec<String> = r["sandboxes"]
         .as_array()
         .unwrap()
@@ -844,14 +705,12 @@ async fn shutdown_and_drop_leave_no_vm() {
         create(&t, None).await;
     }
     let id = create(&t, None).await;
-    call(
+    ok(
         &t,
         "sandbox_exec_start",
         json!({"sandbox_id": id, "argv": ["sleep"]}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(f.alive(), 4);
     t.manager().shutdown_all().await;
     assert_eq!(f.alive(), 0);
@@ -949,14 +808,7 @@ async fn checkpoint_rewind_and_fork_keep_what_was_written_before_the_checkpoint(
     let t = tools(f.clone(), |l| l.max_sandboxes = 4);
     let id = create(&t, Some("s1")).await;
     write(&t, &id, "/a", "before").await;
-    let r = call(
-        &t,
-        "sandbox_checkpoint",
-        json!({"sandbox_id": id}),
-        ctx(None),
-    )
-    .await
-    .unwrap();
+    let r = ok(&t, "sandbox_checkpoint", json!({"sandbox_id": id})).await;
     let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
     assert!(ck.starts_with("ck-"), "{r}");
     assert_eq!(r["sandbox_id"], json!(id));
@@ -988,96 +840,69 @@ async fn checkpoint_rewind_and_fork_keep_what_was_written_before_the_checkpoint(
             .contains("no such file"));
         hosts.push(read(&t, f, "/etc/hostname").await.unwrap());
         // A fork runs programs like any sandbox.
-        let r = call(
+        let r = ok(
             &t,
             "sandbox_exec",
             json!({"sandbox_id": f, "argv": ["echo", "hi"]}),
-            ctx(None),
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(r["stdout"], "hi\n");
     }
     assert_ne!(hosts[0], hosts[1]);
     assert_eq!(f.alive(), 3);
-    let r = call(&t, "sandbox_list", json!({}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_list", json!({})).await;
     assert_eq!(r["limits"]["sandboxes_in_use"], 3);
     assert_eq!(r["limits"]["memory_in_use_mib"], 3 * 256);
 
     // Fork the sandbox as it is now: B is there.
-    let r = call(&t, "sandbox_fork", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap();
+    let r = ok(&t, "sandbox_fork", json!({"sandbox_id": id})).await;
     let now_fork = r["sandbox_ids"][0].as_str().unwrap().to_owned();
     assert_eq!(read(&t, &now_fork, "/b").await.unwrap(), "after");
     // The sandbox limit counts forks: 4 are alive.
-    let e = call(&t, "sandbox_fork", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap_err();
+    let e = fail(&t, "sandbox_fork", json!({"sandbox_id": id})).await;
     assert!(e.contains("too many sandboxes"), "{e}");
     assert_eq!(f.alive(), 4);
-    let e = call(
-        &t,
-        "sandbox_fork",
-        json!({"sandbox_id": id, "count": 5}),
-        ctx(None),
-    )
-    .await
-    .unwrap_err();
+    let e = fail(&t, "sandbox_fork", json!({"sandbox_id": id, "count": 5})).await;
     assert!(e.contains("count"), "{e}");
 
     // Rewind: B is gone, A stays, programs run, the checkpoint can be used again.
-    let r = call(
+    let r = ok(
         &t,
         "sandbox_rewind",
         json!({"sandbox_id": id, "checkpoint_id": ck}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r["sandbox_id"], json!(id));
     assert_eq!(read(&t, &id, "/a").await.unwrap(), "before");
     assert!(read(&t, &id, "/b").await.is_err());
     write(&t, &id, "/b", "again").await;
-    call(
+    ok(
         &t,
         "sandbox_rewind",
         json!({"sandbox_id": id, "checkpoint_id": ck}),
-        ctx(None),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(read(&t, &id, "/b").await.is_err());
 
     // A checkpoint rewinds only its own sandbox; unknown ids are named.
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_rewind",
         json!({"sandbox_id": forks[0], "checkpoint_id": ck}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("belongs to sandbox"), "{e}");
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_rewind",
         json!({"sandbox_id": id, "checkpoint_id": "ck-nope"}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("no checkpoint \"ck-nope\""), "{e}");
 
     // Checkpoints end with their sandbox.
-    call(&t, "sandbox_destroy", json!({"sandbox_id": id}), ctx(None))
-        .await
-        .unwrap();
-    let e = call(&t, "sandbox_fork", json!({"checkpoint_id": ck}), ctx(None))
-        .await
-        .unwrap_err();
+    ok(&t, "sandbox_destroy", json!({"sandbox_id": id})).await;
+    let e = fail(&t, "sandbox_fork", json!({"checkpoint_id": ck})).await;
     assert!(e.contains("no checkpoint"), "{e}");
     t.manager().shutdown_all().await;
     assert_eq!(f.alive(), 0);
@@ -1091,34 +916,18 @@ async fn failed_rewinds_and_forks_leave_sandboxes_and_limits_as_they_were() {
     let t = tools(f.clone(), |_| {});
     let id = create(&t, None).await;
     write(&t, &id, "/a", "1").await;
-    let r = call(
-        &t,
-        "sandbox_checkpoint",
-        json!({"sandbox_id": id}),
-        ctx(None),
-    )
-    .await
-    .unwrap();
+    let r = ok(&t, "sandbox_checkpoint", json!({"sandbox_id": id})).await;
     let ck = r["checkpoint_id"].as_str().unwrap().to_owned();
     write(&t, &id, "/b", "2").await;
-    let e = call(
+    let e = fail(
         &t,
         "sandbox_rewind",
         json!({"sandbox_id": id, "checkpoint_id": ck}),
-        ctx(None),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(e.contains("load failed"), "{e}");
     assert_eq!(read(&t, &id, "/b").await.unwrap(), "2", "unchanged");
-    let e = call(
-        &t,
-        "sandbox_fork",
-        json!({"checkpoint_id": ck, "count": 2}),
-        ctx(None),
-    )
-    .await
-    .unwrap_err();
+    let e = fail(&t, "sandbox_fork", json!({"checkpoint_id": ck, "count": 2})).await;
     assert!(e.contains("cannot fork"), "{e}");
     assert_eq!(f.alive(), 1);
     assert_eq!(t.manager().usage(), (1, 256));
@@ -1127,14 +936,7 @@ async fn failed_rewinds_and_forks_leave_sandboxes_and_limits_as_they_were() {
     let f = FakeFactory::new(Faults::default());
     let t = tools(f.clone(), |l| l.memory_budget_mib = 600);
     let id = create(&t, None).await;
-    let e = call(
-        &t,
-        "sandbox_fork",
-        json!({"sandbox_id": id, "count": 2}),
-        ctx(None),
-    )
-    .await
-    .unwrap_err();
+    let e = fail(&t, "sandbox_fork", json!({"sandbox_id": id, "count": 2})).await;
     assert!(e.contains("memory budget"), "{e}");
     assert_eq!(t.manager().usage(), (1, 256));
     assert_eq!(f.alive(), 1);
