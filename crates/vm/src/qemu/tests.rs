@@ -506,6 +506,10 @@ async fn an_allow_list_over_the_channel_gives_qemu_no_card() {
         .collect::<Vec<_>>()
         .join(" ");
     assert!(!line.contains("-netdev"), "{line}");
+    assert!(
+        line.contains("spawn=deny") && !line.contains("spawn=allow"),
+        "QEMU may spawn without a forward helper: {line}"
+    );
     assert!(!line.contains("vmcp.proxy="), "{line}");
     assert!(!line.contains("vmcp.net="), "{line}");
     vm.kill().await.unwrap();
