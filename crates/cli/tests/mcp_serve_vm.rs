@@ -243,24 +243,33 @@ fn our_client_drives_every_tool_over_stdio() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut args = vec!["mcp".to_owned(), "serve".to_owned()];
-        args.extend(vm::image_args());
-        let cfg = StdioConfig::new(VMCP, args)
-            .with_env("XDG_RUNTIME_DIR", runtime.path())
-            .with_stderr(StderrMode::Null);
-        let t = StdioTransport::spawn(&cfg).unwrap();
-        let c = Client::connect(
-            t,
-            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
-        )
-        .await
-        .unwrap();
+        let c = stdio_client(runtime.path(), &[]).await;
         drive(&c, true).await;
         // A sandbox left alive is killed when the session ends (stdin closed).
         call(&c, "sandbox_create", json!({})).await;
         c.close().await;
     });
     assert_clean(runtime.path());
+}
+
+/// `vmcp mcp serve FLAGS` (with the test image) over stdio, its runtime directory
+/// `runtime`, initialized.
+async fn stdio_client(runtime: &Path, flags: &[&str]) -> Client<StdioTransport> {
+    let mut args: Vec<String> = ["mcp", "serve"]
+        .into_iter()
+        .chain(flags.iter().copied())
+        .map(String::from)
+        .collect();
+    args.extend(vm::image_args());
+    let cfg = StdioConfig::new(VMCP, args)
+        .with_env("XDG_RUNTIME_DIR", runtime)
+        .with_stderr(StderrMode::Null);
+    Client::connect(
+        StdioTransport::spawn(&cfg).unwrap(),
+        ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
+    )
+    .await
+    .unwrap()
 }
 
 async fn http_client(
@@ -378,25 +387,8 @@ fn sandbox_network_stays_within_the_ceiling_and_reports_refusals() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut args = vec![
-            "mcp".to_owned(),
-            "serve".to_owned(),
-            "--net-allow".to_owned(),
-            "127.0.0.1".to_owned(),
-            "--net-via".to_owned(),
-            "card".to_owned(),
-        ];
-        args.extend(vm::image_args());
-        let cfg = StdioConfig::new(VMCP, args)
-            .with_env("XDG_RUNTIME_DIR", runtime.path())
-            .with_stderr(StderrMode::Null);
-        let t = StdioTransport::spawn(&cfg).unwrap();
-        let c = Client::connect(
-            t,
-            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
-        )
-        .await
-        .unwrap();
+        let flags = ["--net-allow", "127.0.0.1", "--net-via", "card"];
+        let c = stdio_client(runtime.path(), &flags).await;
         for (net, want) in [
             ("allow=127.0.0.0/8", "network: 127.0.0.0/8 is not within the allow list this server permits (127.0.0.1)"),
             ("nat", "network: nat (unrestricted network) is not permitted by this server"),
@@ -489,19 +481,8 @@ fn networked_sandbox_over_the_agent_channel_can_be_forked() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut args: Vec<String> = ["mcp", "serve", "--net-allow", "127.0.0.1", "--net-via", "channel"]
-            .map(String::from)
-            .to_vec();
-        args.extend(vm::image_args());
-        let cfg = StdioConfig::new(VMCP, args)
-            .with_env("XDG_RUNTIME_DIR", runtime.path())
-            .with_stderr(StderrMode::Null);
-        let c = Client::connect(
-            StdioTransport::spawn(&cfg).unwrap(),
-            ClientConfig::default().with_lifecycle(Lifecycle::Initialize),
-        )
-        .await
-        .unwrap();
+        let flags = ["--net-allow", "127.0.0.1", "--net-via", "channel"];
+        let c = stdio_client(runtime.path(), &flags).await;
         let created = call(
             &c,
             "sandbox_create",
