@@ -54,17 +54,18 @@ fn none_mode_has_no_network_card() {
     assert_eq!(text(&out.stdout), "lo\n0\n");
 }
 
-#[test]
-fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
+/// `--net allow=127.0.0.1:ALLOWED --net-via VIA`: the allowed host is reached (A), another
+/// port of it (B), the metadata address (M) and a private address (P) are refused, each
+/// refusal is explained on vmcp's stderr, the allowed server saw exactly the proxied request
+/// and the other nothing, and nothing is left behind. `extra(allowed)` is run after these in
+/// the guest; its stdout comes back for the caller's own checks.
+fn allow_mode_checks(via: &str, extra: &dyn Fn(u16) -> String) -> Option<String> {
     let _l = vm::lock();
     if !vm::ready(VMCP) {
-        return;
+        return None;
     }
     let (allowed, allowed_hits) = http_server("allowed-body");
     let (other, other_hits) = http_server("other-body");
-    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
-    udp.set_nonblocking(true).unwrap();
-    let udp_port = udp.local_addr().unwrap().port();
     let rt = tempfile::tempdir().unwrap();
     // The guest's proxy settings exclude 127.0.0.1, which in the guest is the guest itself;
     // clearing NO_PROXY sends these requests for the host's 127.0.0.1 through the proxy.
@@ -74,50 +75,58 @@ fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
          wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\"
          wget -q -O - http://169.254.169.254/latest/meta-data/ >/dev/null 2>&1; echo \"M:$?\"
          wget -q -O - http://10.0.0.1/ >/dev/null 2>&1; echo \"P:$?\"
-         echo \"D:$(echo x | nc -w 2 10.0.2.2 {allowed} 2>/dev/null | head -c 40)\"
-         echo ping | nc -u -w 1 10.0.2.2 {udp_port}
-         echo \"R:$(grep -c nameserver /etc/resolv.conf 2>/dev/null || echo 0)\""
+         {}",
+        extra(allowed)
     );
-    let out = run(
-        &rt,
-        &[
-            "--net",
-            &format!("allow=127.0.0.1:{allowed}"),
-            "--net-via",
-            "card",
-        ],
-        &script,
-    );
+    let allow = format!("allow=127.0.0.1:{allowed}");
+    let out = run(&rt, &["--net", &allow, "--net-via", via], &script);
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    let line = |k: &str| keyed_line(&stdout, k);
-    assert_eq!(line("A"), "allowed-body", "{stderr}");
+    assert_eq!(keyed_line(&stdout, "A"), "allowed-body", "{stderr}");
     for k in ["B", "M", "P"] {
-        assert_ne!(line(k), "0", "{k} was not refused: {stdout}");
+        assert_ne!(keyed_line(&stdout, k), "0", "{k} was not refused: {stdout}");
     }
-    // Direct TCP to the host through QEMU's gateway gets nowhere.
-    assert_eq!(line("D"), "", "{stdout}");
-    assert_eq!(line("R"), "0", "the guest has a resolver configured");
-    // Refusals are explained on vmcp's stderr, naming the target and the reason.
-    assert!(
-        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("no rule allows 169.254.169.254:80"),
-        "{stderr}"
-    );
-    // The allowed server saw exactly the proxied request; the others nothing.
+    for target in [format!("127.0.0.1:{other}"), "169.254.169.254:80".into()] {
+        assert!(
+            stderr.contains(&format!("no rule allows {target}")),
+            "{stderr}"
+        );
+    }
     assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
     assert_eq!(other_hits.load(Ordering::SeqCst), 0);
+    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    Some(stdout)
+}
+
+#[test]
+fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let extra = |allowed: u16| {
+        format!(
+            "echo \"D:$(echo x | nc -w 2 10.0.2.2 {allowed} 2>/dev/null | head -c 40)\"
+             echo ping | nc -u -w 1 10.0.2.2 {udp_port}
+             echo \"R:$(grep -c nameserver /etc/resolv.conf 2>/dev/null || echo 0)\""
+        )
+    };
+    let Some(stdout) = allow_mode_checks("card", &extra) else {
+        return;
+    };
+    // Direct TCP to the host through QEMU's gateway gets nowhere.
+    assert_eq!(keyed_line(&stdout, "D"), "", "{stdout}");
+    assert_eq!(
+        keyed_line(&stdout, "R"),
+        "0",
+        "the guest has a resolver configured"
+    );
     let mut buf = [0u8; 64];
     assert!(
         udp.recv_from(&mut buf).is_err(),
         "a UDP datagram left the guest"
     );
-    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// Over the agent channel (the default): the same allow-list with no network card in the
@@ -125,48 +134,20 @@ fn allow_mode_on_a_card_reaches_the_allowed_host_and_nothing_else() {
 /// its channel.
 #[test]
 fn allow_mode_over_the_agent_channel_has_no_card_and_the_same_rules() {
-    let _l = vm::lock();
-    if !vm::ready(VMCP) {
-        return;
-    }
-    let (allowed, allowed_hits) = http_server("allowed-body");
-    let (other, other_hits) = http_server("other-body");
-    let rt = tempfile::tempdir().unwrap();
-    let script = format!(
+    let extra = |_: u16| {
         "echo \"N:$(ls /sys/class/net | tr '\\n' ' ')\"
-         echo \"X:$HTTPS_PROXY\"
-         export NO_PROXY= no_proxy=
-         echo \"A:$(wget -q -O - http://127.0.0.1:{allowed}/)\"
-         wget -q -O - http://127.0.0.1:{other}/ >/dev/null 2>&1; echo \"B:$?\"
-         wget -q -O - http://169.254.169.254/latest/meta-data/ >/dev/null 2>&1; echo \"M:$?\""
+         echo \"X:$HTTPS_PROXY\""
+            .to_string()
+    };
+    let Some(stdout) = allow_mode_checks("channel", &extra) else {
+        return;
+    };
+    assert_eq!(
+        keyed_line(&stdout, "N"),
+        "lo ",
+        "a network card in channel mode"
     );
-    let out = run(
-        &rt,
-        &[
-            "--net",
-            &format!("allow=127.0.0.1:{allowed}"),
-            "--net-via",
-            "channel",
-        ],
-        &script,
-    );
-    let stdout = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    let line = |k: &str| keyed_line(&stdout, k);
-    assert_eq!(line("N"), "lo ", "a network card in channel mode");
-    assert_eq!(line("X"), "http://127.0.0.1:3128");
-    assert_eq!(line("A"), "allowed-body", "{stderr}");
-    assert_ne!(line("B"), "0", "{stdout}");
-    assert_ne!(line("M"), "0", "{stdout}");
-    assert!(
-        stderr.contains(&format!("no rule allows 127.0.0.1:{other}")),
-        "{stderr}"
-    );
-    assert_eq!(allowed_hits.load(Ordering::SeqCst), 1);
-    assert_eq!(other_hits.load(Ordering::SeqCst), 0);
-    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(keyed_line(&stdout, "X"), "http://127.0.0.1:3128");
 }
 
 #[test]
