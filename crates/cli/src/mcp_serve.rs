@@ -160,10 +160,7 @@ impl VmFactory for SelectedFactory {
             .map_err(|e| SandboxError::Create(Box::new(e)))?;
         vm.start().await.map_err(SandboxError::Boot)?;
         vm.wait_ready(timeout).await.map_err(SandboxError::Boot)?;
-        // The egress proxy's refusals, to explain them in tool results.
-        let egress = vm.egress_stats();
         let mut booted = Booted::new(vm);
-        booted.egress = egress;
         booted.notices = notices;
         Ok(booted)
     }

@@ -67,17 +67,14 @@ pub struct Booted {
     /// What the client should know about this start (e.g. why it booted cold instead of
     /// restoring a snapshot); returned in the tool result.
     pub notices: Vec<String>,
-    /// The counters and recent refusals of the VM's egress proxy (allow-list network).
-    pub egress: Option<Arc<vmcp_egress::Stats>>,
 }
 
 impl Booted {
-    /// A VM with no notices and no egress proxy.
+    /// A VM with no notices.
     pub fn new(vm: Box<dyn Vm>) -> Self {
         Booted {
             vm,
             notices: Vec::new(),
-            egress: None,
         }
     }
 }
@@ -835,12 +832,9 @@ impl Manager {
         progress(&format!("VM ready after {} ms", boot.as_millis()));
         let id = format!("sb-{:024x}", rand::random::<u128>() >> 32);
         let now = Instant::now();
-        let Booted {
-            vm,
-            notices,
-            egress,
-        } = booted;
-        let egress = egress.or_else(|| vm.egress_stats());
+        let Booted { vm, notices } = booted;
+        // The counters and recent refusals of the VM's egress proxy (allow-list network).
+        let egress = vm.egress_stats();
         let sandbox = Arc::new(Sandbox {
             id: id.clone(),
             spec: req.spec,
