@@ -73,13 +73,14 @@ impl vmcp_egress::Accept for AgentListener {
                 Some(p) => Ok(p),
                 None => self.client.tcp_accept_request(self.port).await,
             };
-            match pending.map(PendingAccept::connected) {
-                Ok(connected) => match connected.await {
-                    Ok(conn) => return Ok(conn),
-                    Err(e) if !self.client.is_closed() => return Err(std::io::Error::other(e)),
-                    Err(_) => {}
-                },
+            let connected = match pending {
+                Ok(p) => p.connected().await,
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok(conn) => return Ok(conn),
                 Err(e) if !self.client.is_closed() => return Err(std::io::Error::other(e)),
+                // The channel closed under the request: wait above for the handle's drop.
                 Err(_) => {}
             }
         }
